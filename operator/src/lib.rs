@@ -1,0 +1,15 @@
+//! noexit operator library. Each module has one job; the binaries in `main.rs` and
+//! `bin/noexit.rs` only parse arguments and call into these.
+
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod controllers;
+pub mod mirror;
+pub mod pki;
+pub mod render;
+pub mod telemetry;
+pub mod webhook;
+
+/// The one field manager noexit uses for server-side apply.
+pub const FIELD_MANAGER: &str = "noexit-operator";

@@ -1,0 +1,67 @@
+//! `noexit-operator`: one binary, one subcommand per component.
+
+use clap::{Parser, Subcommand};
+use noexit_operator::{api, controllers, mirror, render, telemetry, webhook};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "noexit-operator",
+    version,
+    about = "noexit: secure research workspaces on Kubernetes"
+)]
+struct Cli {
+    /// Log as JSON lines (for log shippers) instead of human-readable text.
+    #[arg(long, global = true, env = "NOEXIT_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controllers (Project, Workspace, Dataset, WorkspaceRequest).
+    Controller(controllers::Args),
+    /// Run the validating admission webhook.
+    Webhook(webhook::Args),
+    /// Run the control-plane API (agents, analysts, admins, auditors).
+    Api(api::Args),
+    /// Run the CRAN-only package mirror.
+    Mirror(mirror::Args),
+    /// Print every object the operator would apply for the given manifests (no cluster needed).
+    Render(render::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Command::Render(args) = cli.command {
+        // Render is synchronous and prints to stdout; keep logs off it.
+        return render::main(args);
+    }
+    telemetry::init_logging(cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("noexit-operator: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Controller(args) => controllers::run(args).await,
+            Command::Webhook(args) => webhook::run(args).await,
+            Command::Api(args) => api::run(args).await,
+            Command::Mirror(args) => mirror::run(args).await,
+            Command::Render(_) => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("noexit-operator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
