@@ -75,10 +75,7 @@ impl WorkspaceIdentity {
         let rest = uri.strip_prefix("noexit://workspace/")?;
         let (project, name) = rest.split_once('/')?;
         let label = |s: &str| crate::names::check_dns1123_label(s, 63).is_ok();
-        (label(project) && label(name)).then(|| Self {
-            project: project.into(),
-            name: name.into(),
-        })
+        (label(project) && label(name)).then(|| Self { project: project.into(), name: name.into() })
     }
 }
 
@@ -340,19 +337,10 @@ mod tests {
 
     #[test]
     fn identity_uri_round_trips_and_rejects_junk() {
-        let id = WorkspaceIdentity {
-            project: "ward-7".into(),
-            name: "alice-r".into(),
-        };
+        let id = WorkspaceIdentity { project: "ward-7".into(), name: "alice-r".into() };
         assert_eq!(WorkspaceIdentity::from_uri(&id.uri()), Some(id));
-        assert_eq!(
-            WorkspaceIdentity::from_uri("noexit://workspace/ward-7"),
-            None
-        );
-        assert_eq!(
-            WorkspaceIdentity::from_uri("noexit://workspace/ward-7/../x"),
-            None
-        );
+        assert_eq!(WorkspaceIdentity::from_uri("noexit://workspace/ward-7"), None);
+        assert_eq!(WorkspaceIdentity::from_uri("noexit://workspace/ward-7/../x"), None);
         assert_eq!(WorkspaceIdentity::from_uri("https://workspace/a/b"), None);
     }
 

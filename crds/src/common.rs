@@ -6,9 +6,7 @@ use serde::{Deserialize, Serialize};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 /// What a person may do in a project. Everything not granted to a role is refused.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Role {
     /// Works inside workspaces; submits outputs to the airlock.
@@ -26,14 +24,8 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
-        Role::Researcher,
-        Role::DataAnalyst,
-        Role::Admin,
-        Role::OutputChecker,
-        Role::Auditor,
-        Role::Sre,
-    ];
+    pub const ALL: [Role; 6] =
+        [Role::Researcher, Role::DataAnalyst, Role::Admin, Role::OutputChecker, Role::Auditor, Role::Sre];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,7 +51,9 @@ impl std::str::FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.as_str().eq_ignore_ascii_case(s) || r.as_str().eq_ignore_ascii_case(&s.replace(['-', '_'], "")))
-            .ok_or_else(|| format!("unknown role {s:?} (one of researcher, dataAnalyst, admin, outputChecker, auditor, sre)"))
+            .ok_or_else(|| {
+                format!("unknown role {s:?} (one of researcher, dataAnalyst, admin, outputChecker, auditor, sre)")
+            })
     }
 }
 

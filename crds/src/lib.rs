@@ -21,16 +21,9 @@ pub const GROUP: &str = "noexit.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// Every CRD noexit installs, in the order an installer should apply them.
-pub fn all_crds()
--> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
+pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![
-        Project::crd(),
-        Dataset::crd(),
-        Workspace::crd(),
-        WorkspaceRequest::crd(),
-    ]
+    vec![Project::crd(), Dataset::crd(), Workspace::crd(), WorkspaceRequest::crd()]
 }
 
 /// The CRD YAML files kept in `crds/`, as the generator writes them.

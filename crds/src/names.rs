@@ -20,10 +20,7 @@ pub fn check_dns1123_label(value: &str, max: usize) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if value.len() > max {
-        return Err(format!(
-            "must be at most {max} characters (is {})",
-            value.len()
-        ));
+        return Err(format!("must be at most {max} characters (is {})", value.len()));
     }
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     if !value.chars().all(ok_char) {

@@ -112,10 +112,7 @@ fn yes() -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct PackageRule {
     /// Package name as on CRAN (case-sensitive).
-    #[schemars(
-        regex(pattern = r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$"),
-        length(max = 100)
-    )]
+    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9.]*[A-Za-z0-9]$"), length(max = 100))]
     pub name: String,
     /// Versions this rule applies to; empty means all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -143,11 +140,7 @@ fn default_idle() -> u32 {
 
 impl Default for DesktopPolicy {
     fn default() -> Self {
-        Self {
-            clipboard_in: false,
-            idle_timeout_minutes: default_idle(),
-            require_mfa: true,
-        }
+        Self { clipboard_in: false, idle_timeout_minutes: default_idle(), require_mfa: true }
     }
 }
 
@@ -215,10 +208,7 @@ fn default_reviewers() -> u32 {
 
 impl Default for OutputPolicy {
     fn default() -> Self {
-        Self {
-            min_cell_count: default_min_cell(),
-            reviewers: default_reviewers(),
-        }
+        Self { min_cell_count: default_min_cell(), reviewers: default_reviewers() }
     }
 }
 
@@ -244,11 +234,7 @@ pub struct ProjectStatus {
 impl ProjectSpec {
     /// Roles of `user` in this project (empty if not a member).
     pub fn roles_of(&self, user: &str) -> Vec<Role> {
-        self.members
-            .iter()
-            .filter(|m| m.user == user)
-            .flat_map(|m| m.roles.iter().copied())
-            .collect()
+        self.members.iter().filter(|m| m.user == user).flat_map(|m| m.roles.iter().copied()).collect()
     }
 
     pub fn has_role(&self, user: &str, role: Role) -> bool {
@@ -257,12 +243,8 @@ impl ProjectSpec {
 
     /// Members holding `role`, sorted, for deterministic rendering.
     pub fn users_with(&self, role: Role) -> Vec<&str> {
-        let mut users: Vec<&str> = self
-            .members
-            .iter()
-            .filter(|m| m.roles.contains(&role))
-            .map(|m| m.user.as_str())
-            .collect();
+        let mut users: Vec<&str> =
+            self.members.iter().filter(|m| m.roles.contains(&role)).map(|m| m.user.as_str()).collect();
         users.sort_unstable();
         users.dedup();
         users

@@ -100,11 +100,7 @@ fn default_home() -> Quantity {
 
 impl Default for WorkspaceResources {
     fn default() -> Self {
-        Self {
-            cpu: default_cpu(),
-            memory: default_memory(),
-            home_size: default_home(),
-        }
+        Self { cpu: default_cpu(), memory: default_memory(), home_size: default_home() }
     }
 }
 
@@ -129,11 +125,7 @@ fn yes() -> bool {
 
 impl Default for Lifecycle {
     fn default() -> Self {
-        Self {
-            running: true,
-            idle_timeout_minutes: 0,
-            expires: None,
-        }
+        Self { running: true, idle_timeout_minutes: 0, expires: None }
     }
 }
 

@@ -70,11 +70,7 @@ pub struct WorkspaceRequestStatus {
 impl WorkspaceRequestStatus {
     /// The decision as the conditions state it: `Denied` wins over `Approved` if both are set.
     pub fn decision_from_conditions(&self) -> Option<Decision> {
-        let is_true = |t: &str| {
-            self.conditions
-                .iter()
-                .any(|c| c.type_ == t && c.status == "True")
-        };
+        let is_true = |t: &str| self.conditions.iter().any(|c| c.type_ == t && c.status == "True");
         if is_true(crate::common::condition::DENIED) {
             Some(Decision::Denied)
         } else if is_true(crate::common::condition::APPROVED) {

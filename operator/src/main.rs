@@ -4,11 +4,7 @@ use clap::{Parser, Subcommand};
 use noexit_operator::{api, controllers, mirror, render, telemetry, webhook};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "noexit-operator",
-    version,
-    about = "noexit: secure research workspaces on Kubernetes"
-)]
+#[command(name = "noexit-operator", version, about = "noexit: secure research workspaces on Kubernetes")]
 struct Cli {
     /// Log as JSON lines (for log shippers) instead of human-readable text.
     #[arg(long, global = true, env = "NOEXIT_LOG_JSON")]
@@ -38,10 +34,7 @@ fn main() -> std::process::ExitCode {
         return render::main(args);
     }
     telemetry::init_logging(cli.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("noexit-operator: cannot start the async runtime: {e}");

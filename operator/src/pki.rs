@@ -5,8 +5,8 @@
 use chrono::{DateTime, Utc};
 use noexit_crds::agent::WorkspaceIdentity;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber, string::Ia5String,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber, string::Ia5String,
 };
 
 /// Secret keys for the CA material.
@@ -33,9 +33,7 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca")
-            .field("cert_pem", &self.cert_pem)
-            .finish_non_exhaustive()
+        f.debug_struct("Ca").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
     }
 }
 
@@ -54,17 +52,10 @@ impl Ca {
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "noexit");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::OrganizationName, "noexit");
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(random_serial());
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
@@ -73,22 +64,14 @@ impl Ca {
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
-        Ok(Self {
-            issuer: Issuer::new(params, key),
-            cert_pem,
-            key_pem,
-        })
+        Ok(Self { issuer: Issuer::new(params, key), cert_pem, key_pem })
     }
 
     /// Load a CA from the PEM pair stored in its Secret.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self {
-            issuer,
-            cert_pem: cert_pem.to_owned(),
-            key_pem: key_pem.to_owned(),
-        })
+        Ok(Self { issuer, cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned() })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -108,51 +91,29 @@ impl Ca {
     ) -> Result<IssuedCert, PkiError> {
         let uri = id.uri();
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("workspace:{}/{}", id.project, id.name),
-        );
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "noexit");
-        params.subject_alt_names = vec![SanType::URI(
-            Ia5String::try_from(uri.clone()).map_err(|_| PkiError::Name(uri))?,
-        )];
+        params.distinguished_name.push(DnType::CommonName, format!("workspace:{}/{}", id.project, id.name));
+        params.distinguished_name.push(DnType::OrganizationName, "noexit");
+        params.subject_alt_names =
+            vec![SanType::URI(Ia5String::try_from(uri.clone()).map_err(|_| PkiError::Name(uri))?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params, validity)
     }
 
     /// Server certificate for `dns_names` (and IP addresses written as names).
-    pub fn issue_server(
-        &self,
-        dns_names: &[String],
-        validity: chrono::Duration,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn issue_server(&self, dns_names: &[String], validity: chrono::Duration) -> Result<IssuedCert, PkiError> {
         let mut params = CertificateParams::new(dns_names.to_vec())?;
-        let cn = dns_names
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "noexit".into());
+        let cn = dns_names.first().cloned().unwrap_or_else(|| "noexit".into());
         params.distinguished_name.push(DnType::CommonName, cn);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "noexit");
+        params.distinguished_name.push(DnType::OrganizationName, "noexit");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params, validity)
     }
 
-    fn sign(
-        &self,
-        mut params: CertificateParams,
-        validity: chrono::Duration,
-    ) -> Result<IssuedCert, PkiError> {
+    fn sign(&self, mut params: CertificateParams, validity: chrono::Duration) -> Result<IssuedCert, PkiError> {
         let serial = random_serial();
         let serial_hex = hex::encode(serial.to_bytes());
         params.serial_number = Some(serial);
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.use_authority_key_identifier_extension = true;
         let now = Utc::now();
         let not_after = now + validity;
@@ -160,18 +121,12 @@ impl Ca {
         params.not_after = to_offset(not_after);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            serial: serial_hex,
-            not_after,
-        })
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem(), serial: serial_hex, not_after })
     }
 }
 
 fn to_offset(t: DateTime<Utc>) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(t.timestamp())
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    time::OffsetDateTime::from_unix_timestamp(t.timestamp()).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// 16 random bytes with the top bit clear, so the DER integer stays positive.
@@ -189,25 +144,14 @@ mod tests {
     fn ca_round_trips_through_pem_and_issues_distinct_serials() {
         let ca = Ca::generate("noexit test CA").expect("ca");
         let again = Ca::from_pem(ca.cert_pem(), ca.key_pem()).expect("reload");
-        let id = WorkspaceIdentity {
-            project: "ward-7".into(),
-            name: "alice".into(),
-        };
-        let a = again
-            .issue_workspace_client(&id, chrono::Duration::days(30))
-            .expect("client");
-        let b = again
-            .issue_workspace_client(&id, chrono::Duration::days(30))
-            .expect("client");
+        let id = WorkspaceIdentity { project: "ward-7".into(), name: "alice".into() };
+        let a = again.issue_workspace_client(&id, chrono::Duration::days(30)).expect("client");
+        let b = again.issue_workspace_client(&id, chrono::Duration::days(30)).expect("client");
         assert_ne!(a.serial, b.serial);
         assert!(a.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(a.key_pem.contains("PRIVATE KEY"));
-        let server = ca
-            .issue_server(
-                &["noexit-api.noexit-system.svc".into()],
-                chrono::Duration::days(90),
-            )
-            .expect("server");
+        let server =
+            ca.issue_server(&["noexit-api.noexit-system.svc".into()], chrono::Duration::days(90)).expect("server");
         assert!(server.not_after > Utc::now() + chrono::Duration::days(89));
     }
 }

@@ -28,10 +28,7 @@ fn main() -> ExitCode {
         }
     }
     if !drift.is_empty() {
-        eprintln!(
-            "crdgen: out of date (run `cargo run -p noexit-crds --bin crdgen -- crds/`): {}",
-            drift.join(", ")
-        );
+        eprintln!("crdgen: out of date (run `cargo run -p noexit-crds --bin crdgen -- crds/`): {}", drift.join(", "));
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
