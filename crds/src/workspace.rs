@@ -26,7 +26,7 @@ use crate::common::Condition;
     printcolumn = r#"{"name":"Owner","type":"string","jsonPath":".spec.owner"}"#,
     printcolumn = r#"{"name":"Runtime","type":"string","jsonPath":".spec.runtime"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Sessions","type":"integer","jsonPath":".status.activeSessions","priority":1}"#,
+    printcolumn = r#"{"name":"Sessions","type":"integer","jsonPath":".status.agent.activeSessions","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -152,14 +152,25 @@ pub struct WorkspaceStatus {
     /// In-cluster address of the desktop service (`host:port`), for the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// Sessions open now, as the agent last reported.
+    /// What the agent last reported. Written by the control-plane API (field manager
+    /// `noexit-api`); the controller derives `AgentConnected`/`EgressLocked`/`Ready` from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub active_sessions: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_version: Option<String>,
+    pub agent: Option<AgentReport>,
     /// Serial number of the agent certificate in the workspace Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_certificate_serial: Option<String>,
+}
+
+/// The agent's last heartbeat, as the control-plane API reflected it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    pub last_heartbeat: chrono::DateTime<chrono::Utc>,
+    pub version: String,
+    /// The agent confirmed the egress wall (nftables in a VM, probes in a pod).
+    pub egress_locked: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_detail: Option<String>,
+    pub active_sessions: u32,
+    pub spool_depth: u64,
 }
