@@ -35,13 +35,13 @@ pub fn validate(dataset: &Dataset) -> Result<(), Invalid> {
             return Err(bad("spec.source.csi.volumeHandle", "must not be empty".into()));
         }
     }
-    if let Some(host) = &src.host_path {
-        if !absolute(&host.path) || host.path == "/" {
-            return Err(bad(
-                "spec.source.hostPath.path",
-                format!("{:?} must be an absolute directory other than /, without '..'", host.path),
-            ));
-        }
+    if let Some(host) = &src.host_path
+        && (!absolute(&host.path) || host.path == "/")
+    {
+        return Err(bad(
+            "spec.source.hostPath.path",
+            format!("{:?} must be an absolute directory other than /, without '..'", host.path),
+        ));
     }
     if !quantity::is_valid(&dataset.spec.size.0) {
         return Err(bad("spec.size", format!("{:?} is not a quantity", dataset.spec.size.0)));

@@ -69,7 +69,7 @@ pub fn validate(project: &Project, datasets: &[Dataset], today: NaiveDate) -> Re
     for (i, wanted) in spec.datasets.iter().enumerate() {
         check_dns1123_label(wanted, 40).map_err(|m| bad(format!("spec.datasets[{i}]"), m))?;
         match datasets.iter().find(|d| d.name_any() == *wanted) {
-            Some(d) if d.spec.granted_to.iter().any(|p| *p == name) => resolved.push(d.clone()),
+            Some(d) if d.spec.granted_to.contains(&name) => resolved.push(d.clone()),
             _ => ungranted.push(wanted.clone()),
         }
     }
