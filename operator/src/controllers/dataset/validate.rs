@@ -70,6 +70,8 @@ fn check_dns1123_subdomain(value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Case = (fn(&mut Dataset), &'static str);
     use crate::controllers::testdata;
     use noexit_crds::dataset::{HostPathSource, NfsSource};
 
@@ -82,7 +84,7 @@ mod tests {
 
     #[test]
     fn refusals_name_the_field() {
-        let cases: Vec<(fn(&mut Dataset), &str)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 |d| d.spec.source.host_path = Some(HostPathSource { path: "/data".into() }),
                 "dataset icu-2019: spec.source: must set exactly one of nfs, csi, hostPath (has 2)",

@@ -80,6 +80,8 @@ pub fn validate(project: &Project, datasets: &[Dataset], today: NaiveDate) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Case = (fn(&mut Project), &'static str);
     use crate::controllers::testdata;
 
     fn today() -> NaiveDate {
@@ -113,7 +115,7 @@ mod tests {
 
     #[test]
     fn refusals_name_the_field() {
-        let cases: Vec<(fn(&mut Project), &str)> = vec![
+        let cases: Vec<Case> = vec![
             (|p| p.spec.members.clear(), "project ward-7: spec.members: a project needs at least one member"),
             (
                 |p| p.spec.members[1].user = "alice@ward7.example".into(),

@@ -123,6 +123,8 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Case = (fn(&mut Workspace, &mut Project), Reason);
     use crate::controllers::testdata;
 
     fn now() -> DateTime<Utc> {
@@ -170,7 +172,7 @@ mod tests {
 
     #[test]
     fn each_problem_has_its_reason() {
-        let cases: Vec<(fn(&mut Workspace, &mut Project), Reason)> = vec![
+        let cases: Vec<Case> = vec![
             (|w, _| w.spec.datasets.push("nope".into()), Reason::DatasetNotFound),
             (|w, _| w.spec.owner = "bob@ward7.example".into(), Reason::OwnerNotResearcher),
             (|w, _| w.spec.owner = "mallory@evil.example".into(), Reason::OwnerNotResearcher),
