@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the system packages noexit's tests use (Debian 12). Idempotent; needs root.
+#   nftables, iproute2  egress-lock tests in network namespaces
+#   postgresql          audit store on PostgreSQL (tests start private servers)
+#   r-base-core         real R packages for the CRAN mirror tests
+#   nginx, wrk          reference server and load generator for benchmarks
+#   libvirt-dev, pkg-config  libvirt platform (virt crate)
+set -euo pipefail
+packages=(nftables iproute2 procps postgresql r-base-core nginx-light wrk pkg-config ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all present"
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing ${missing[*]}; run as root (sudo $0)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: installed ${missing[*]}"
