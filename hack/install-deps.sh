@@ -3,10 +3,9 @@
 #   nftables, iproute2  egress-lock tests in network namespaces
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
-#   nginx, wrk          reference server and load generator for benchmarks
-#   libvirt-dev, pkg-config  libvirt platform (virt crate)
+# Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
 set -euo pipefail
-packages=(nftables iproute2 procps postgresql r-base-core nginx-light wrk pkg-config ca-certificates)
+packages=(nftables iproute2 procps postgresql r-base-core ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
