@@ -1,0 +1,2 @@
+//! Reconcile benchmark.
+fn main() {}
