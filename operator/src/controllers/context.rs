@@ -70,6 +70,10 @@ impl Outcome {
 
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
+/// Called after every reconcile with `(kind, object key, duration, succeeded)`; benchmarks use it
+/// for exact latency percentiles (the histogram's buckets are too coarse).
+pub type ReconcileObserver = Arc<dyn Fn(&'static str, &str, Duration, bool) + Send + Sync>;
+
 pub struct Context {
     pub client: Client,
     pub site: Site,
@@ -80,6 +84,7 @@ pub struct Context {
     pub ca: CaStore,
     pub backoff: Backoff,
     pub clock: Clock,
+    pub observer: Option<ReconcileObserver>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -103,6 +108,7 @@ impl Context {
             revoker,
             backoff: Backoff::default(),
             clock: Arc::new(Utc::now),
+            observer: None,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -121,7 +127,11 @@ impl Context {
     ) -> Result<Action, Error> {
         let start = Instant::now();
         let result = reconcile.await;
-        let seconds = start.elapsed().as_secs_f64();
+        let elapsed = start.elapsed();
+        let seconds = elapsed.as_secs_f64();
+        if let Some(observe) = &self.observer {
+            observe(kind, key, elapsed, result.is_ok());
+        }
         match &result {
             Ok(o) => self.metrics.observe(kind, if o.invalid { "invalid" } else { "success" }, seconds),
             Err(e) => {

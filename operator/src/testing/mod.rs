@@ -17,7 +17,6 @@ use crate::telemetry::Metrics;
 
 /// The controllers running against a fake API.
 pub struct Running {
-    pub api: FakeApi,
     pub ctx: Arc<Context>,
     pub revoker: Arc<RecordingRevoker>,
     stop: watch::Sender<bool>,
@@ -26,7 +25,17 @@ pub struct Running {
 
 impl Running {
     /// Start the four controllers with `client` (talking to `api`), short backoffs for tests.
-    pub fn start(api: FakeApi, client: kube::Client, backoff: Backoff, concurrency: u16) -> Self {
+    pub fn start(client: kube::Client, backoff: Backoff, concurrency: u16) -> Self {
+        Self::start_observed(client, backoff, concurrency, None)
+    }
+
+    /// As `start`, with a reconcile observer (benchmarks).
+    pub fn start_observed(
+        client: kube::Client,
+        backoff: Backoff,
+        concurrency: u16,
+        observer: Option<crate::controllers::context::ReconcileObserver>,
+    ) -> Self {
         let revoker = Arc::new(RecordingRevoker::default());
         let mut ctx = Context::new(
             client,
@@ -37,16 +46,16 @@ impl Running {
             "test".into(),
         );
         ctx.backoff = backoff;
+        ctx.observer = observer;
         let ctx = Arc::new(ctx);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run_controllers(ctx.clone(), stop_rx, concurrency));
-        Self { api, ctx, revoker, stop, task }
+        Self { ctx, revoker, stop, task }
     }
 
     /// In-process client, test backoff (50 ms doubling to 1 s).
     pub fn in_process(api: FakeApi) -> Self {
-        let client = api.client();
-        Self::start(api, client, Backoff { base: Duration::from_millis(50), max: Duration::from_secs(1) }, 16)
+        Self::start(api.client(), Backoff { base: Duration::from_millis(50), max: Duration::from_secs(1) }, 16)
     }
 
     /// Stop the controllers and wait for them (bounded).
