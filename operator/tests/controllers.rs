@@ -445,3 +445,37 @@ async fn health_and_metrics_endpoints() {
     let text = String::from_utf8_lossy(&body);
     assert!(text.contains(r#"noexit_reconcile_total{kind="Project",outcome="success"} 1"#), "{text}");
 }
+
+fn heartbeat(api: &FakeApi, locked: bool) {
+    let report = json!({ "agent": {
+        "lastHeartbeat": chrono::Utc::now().to_rfc3339(), "version": "0.1.0", "egressLocked": locked,
+        "activeSessions": 1, "spoolDepth": 0,
+    }});
+    api.set_status::<Workspace>(Some(NS), "alice-r", report).expect("heartbeat");
+}
+
+#[tokio::test]
+async fn the_agent_report_makes_a_workspace_ready_and_heartbeats_alone_wake_nothing() {
+    let api = FakeApi::new();
+    seed(&api, &["alice-r"]);
+    let running = Running::in_process(api.clone());
+    wait("the pod", || pod(&api, "alice-r")).await;
+
+    heartbeat(&api, true);
+    wait("Ready=True", || (ws_condition(&api, "alice-r", "Ready")? == ("True".into(), "Running".into())).then_some(()))
+        .await;
+    assert_eq!(ws_condition(&api, "alice-r", "EgressLocked").map(|c| c.0).as_deref(), Some("True"));
+    quiet(&api, "alice-r").await;
+
+    for _ in 0..3 {
+        heartbeat(&api, true);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reconciles = api.calls().into_iter().filter(|c| c.path.ends_with("/secrets/ws-alice-r-agent")).count();
+    assert_eq!(reconciles, 0, "heartbeats woke the reconciler");
+
+    // The egress wall failing is a change the controller must see.
+    heartbeat(&api, false);
+    wait("Ready=False", || (ws_condition(&api, "alice-r", "Ready")?.1 == "WaitingForEgressLock").then_some(())).await;
+    running.stop().await;
+}

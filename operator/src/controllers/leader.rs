@@ -143,7 +143,7 @@ impl LeaderElector {
 
     /// Keep trying to acquire, then keep renewing, publishing whether we lead on `leading`,
     /// until `stop` turns true; then release the Lease if we hold it. Leadership is given up
-    /// (`false`) when the Lease could not be renewed for a whole lease duration.
+    /// (`false`) when the Lease could not be renewed for two thirds of its duration.
     pub async fn run(self, leading: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
         let mut last_renewal: Option<tokio::time::Instant> = None;
         while !*stop.borrow() {
@@ -158,7 +158,8 @@ impl LeaderElector {
                 }
                 Err(e) => {
                     tracing::warn!(lease = %self.name, error = %e, "cannot read or renew the lease");
-                    if last_renewal.is_some_and(|t| t.elapsed() >= self.lease_duration) {
+                    // Give up before the Lease can expire, so two leaders never overlap.
+                    if last_renewal.is_some_and(|t| t.elapsed() >= self.lease_duration * 2 / 3) {
                         last_renewal = None;
                         leading.send_if_modified(|l| std::mem::replace(l, false));
                     }

@@ -17,8 +17,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::core::{DeserializeGuard, DynamicObject};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use noexit_crds::{Dataset, Project, Workspace, WorkspaceRequest};
 use serde::de::DeserializeOwned;
@@ -211,6 +211,22 @@ fn stopped(stop: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sy
     }
 }
 
+/// Remembers the generation (and deletion mark) last seen per object, so that a watch mapper
+/// fires on spec changes only: a Project's status write must not re-reconcile every workspace
+/// of the project.
+#[derive(Clone, Default)]
+struct SpecChanges(Arc<std::sync::Mutex<std::collections::HashMap<String, (i64, bool)>>>);
+
+impl SpecChanges {
+    fn changed<K: Resource>(&self, obj: &K) -> bool {
+        let meta = obj.meta();
+        let key =
+            format!("{}/{}", meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+        let seen = (meta.generation.unwrap_or(0), meta.deletion_timestamp.is_some());
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, seen) != Some(seen)
+    }
+}
+
 fn managed_by(owner_kind: &str) -> watcher::Config {
     watcher::Config::default().labels(&format!("{MANAGED},{}={owner_kind}", labels::OWNER_KIND))
 }
@@ -245,7 +261,11 @@ fn project_controller(client: &Client, config: ControllerConfig) -> Controller<D
     let c = child::<RoleBinding>(c, client);
     let c = child::<PersistentVolumeClaim>(c, client);
     // A dataset's grant changes which volumes its projects get.
+    let gate = SpecChanges::default();
     c.watches(Api::<DeserializeGuard<Dataset>>::all(client.clone()), watcher::Config::default(), move |d| {
+        if !gate.changed(&d) {
+            return Vec::new();
+        }
         let name = d.name_any();
         datasets_of
             .state()
@@ -256,12 +276,37 @@ fn project_controller(client: &Client, config: ControllerConfig) -> Controller<D
     })
 }
 
+/// What in a Workspace should wake its reconciler: not the agent's heartbeat time, session count
+/// or spool depth, which the API rewrites every few seconds. Staleness of the heartbeat is
+/// caught by the periodic requeue instead.
+pub fn workspace_trigger(ws: &DeserializeGuard<Workspace>) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let meta = ws.meta();
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    meta.labels.hash(&mut h);
+    if let Ok(ws) = &ws.0
+        && let Some(agent) = ws.status.as_ref().and_then(|s| s.agent.as_ref())
+    {
+        (&agent.version, agent.egress_locked, &agent.egress_detail).hash(&mut h);
+    }
+    Some(h.finish())
+}
+
 fn workspace_controller(client: &Client, config: ControllerConfig) -> Controller<DeserializeGuard<Workspace>> {
     let vm = virtual_machine_resource();
-    let c = Controller::new(Api::<DeserializeGuard<Workspace>>::all(client.clone()), watcher::Config::default())
-        .with_config(config);
+    let (reader, writer) = reflector::store();
+    let main = watcher(Api::<DeserializeGuard<Workspace>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(workspace_trigger, Default::default());
+    let c = Controller::for_stream(main, reader).with_config(config);
     let by_project = c.store();
     let by_dataset = c.store();
+    let (project_gate, dataset_gate) = (SpecChanges::default(), SpecChanges::default());
     c.owns(Api::<Secret>::all(client.clone()), managed_by("Workspace"))
         .owns(Api::<PersistentVolumeClaim>::all(client.clone()), managed_by("Workspace"))
         .owns(Api::<Service>::all(client.clone()), managed_by("Workspace"))
@@ -269,6 +314,9 @@ fn workspace_controller(client: &Client, config: ControllerConfig) -> Controller
         .owns_with(Api::<DynamicObject>::all_with(client.clone(), &vm), vm, managed_by("Workspace"))
         // Project and dataset changes can block or unblock workspaces.
         .watches(Api::<DeserializeGuard<Project>>::all(client.clone()), watcher::Config::default(), move |p| {
+            if !project_gate.changed(&p) {
+                return Vec::new();
+            }
             let name = p.name_any();
             by_project
                 .state()
@@ -278,6 +326,9 @@ fn workspace_controller(client: &Client, config: ControllerConfig) -> Controller
                 .collect::<Vec<_>>()
         })
         .watches(Api::<DeserializeGuard<Dataset>>::all(client.clone()), watcher::Config::default(), move |d| {
+            if !dataset_gate.changed(&d) {
+                return Vec::new();
+            }
             let name = d.name_any();
             by_dataset
                 .state()
@@ -289,9 +340,13 @@ fn workspace_controller(client: &Client, config: ControllerConfig) -> Controller
 }
 
 fn dataset_controller(client: &Client, config: ControllerConfig) -> Controller<DeserializeGuard<Dataset>> {
+    let gate = SpecChanges::default();
     Controller::new(Api::<DeserializeGuard<Dataset>>::all(client.clone()), watcher::Config::default())
         .with_config(config)
-        .watches(Api::<DeserializeGuard<Project>>::all(client.clone()), watcher::Config::default(), |p| {
+        .watches(Api::<DeserializeGuard<Project>>::all(client.clone()), watcher::Config::default(), move |p| {
+            if !gate.changed(&p) {
+                return Vec::new();
+            }
             p.0.map(|p| p.spec.datasets.iter().map(|d| ObjectRef::new(d)).collect::<Vec<_>>()).unwrap_or_default()
         })
 }
@@ -331,4 +386,37 @@ pub async fn run_controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>, con
         .run(workspace_request::reconcile::reconcile, workspace_request::reconcile::error_policy, ctx.clone())
         .for_each(drain("WorkspaceRequest"));
     tokio::join!(projects, workspaces, datasets, requests);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controllers::testdata;
+    use noexit_crds::WorkspaceStatus;
+    use noexit_crds::workspace::AgentReport;
+
+    #[test]
+    fn heartbeats_do_not_wake_the_workspace_reconciler_but_spec_and_agent_state_do() {
+        let mut ws = testdata::workspaces().remove(0);
+        let report = |at: &str, locked: bool| AgentReport {
+            last_heartbeat: at.parse().expect("time"),
+            version: "0.1.0".into(),
+            egress_locked: locked,
+            active_sessions: 1,
+            ..AgentReport::default()
+        };
+        let hash = |ws: &Workspace| workspace_trigger(&DeserializeGuard(Ok(ws.clone())));
+        ws.status =
+            Some(WorkspaceStatus { agent: Some(report("2026-12-01T08:00:00Z", true)), ..WorkspaceStatus::default() });
+        let first = hash(&ws);
+        ws.status =
+            Some(WorkspaceStatus { agent: Some(report("2026-12-01T08:00:05Z", true)), ..WorkspaceStatus::default() });
+        assert_eq!(hash(&ws), first, "a heartbeat alone");
+        ws.status =
+            Some(WorkspaceStatus { agent: Some(report("2026-12-01T08:00:10Z", false)), ..WorkspaceStatus::default() });
+        assert_ne!(hash(&ws), first, "the egress lock changed");
+        let before = hash(&ws);
+        ws.metadata.generation = Some(2);
+        assert_ne!(hash(&ws), before, "the spec changed");
+    }
 }

@@ -27,6 +27,8 @@ use crate::controllers::{ca, workspace};
 pub const KIND: &str = "Workspace";
 /// Held while the agent certificate may still be valid at the API.
 pub const FINALIZER: &str = "noexit.io/revoke-agent-certificate";
+/// How often a running workspace is looked at for a stale agent heartbeat.
+pub const AGENT_CHECK: Duration = Duration::from_secs(30);
 
 pub async fn reconcile(guard: Arc<DeserializeGuard<Workspace>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ws = match &guard.0 {
@@ -134,6 +136,10 @@ async fn apply(ws: &Workspace, api: &Api<Workspace>, ctx: &Context) -> Result<Ou
         Outcome::invalid()
     } else if !applied.waiting.is_empty() {
         Outcome::requeue(Duration::from_secs(5))
+    } else if seen.running {
+        // Heartbeat times do not wake the reconciler (see `run::workspace_trigger`): look
+        // again before a heartbeat can go stale unnoticed.
+        Outcome::requeue(AGENT_CHECK)
     } else {
         Outcome::requeue(RESYNC)
     })
