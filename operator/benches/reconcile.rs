@@ -74,7 +74,7 @@ fn fixtures() -> Fixtures {
 
 /// Child process: seed and serve the fake API until the parent closes our stdin.
 fn serve_fake_api() -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
         let api = FakeApi::new();
         api.record_calls(false);
@@ -106,6 +106,20 @@ fn vm_hwm_kib() -> u64 {
             s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) of process `pid` ("self" for this one).
+fn cpu_seconds(pid: &str) -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -151,7 +165,6 @@ fn bench_render(f: &Fixtures) {
 #[derive(Default)]
 struct Stats {
     durations: Vec<Duration>,
-    errors: usize,
     done: HashSet<String>,
 }
 
@@ -190,8 +203,6 @@ fn main() -> ExitCode {
                 s.durations.push(took);
                 if ok {
                     s.done.insert(key.to_owned());
-                } else {
-                    s.errors += 1;
                 }
             })
         };
@@ -218,14 +229,25 @@ fn main() -> ExitCode {
             last = n;
         }
         let settled = start.elapsed();
+        let errors: Vec<String> = running
+            .ctx
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("noexit_reconcile_errors_total"))
+            .map(str::to_owned)
+            .collect();
         running.stop().await;
         let s = stats.lock().expect("stats");
-        (first_pass, settled, s.durations.clone(), s.errors, s.done.len())
+        (first_pass, settled, s.durations.clone(), errors, s.done.len())
     });
+    let child_cpu = cpu_seconds(&child.id().to_string());
+    let own_cpu = cpu_seconds("self");
     drop(child.stdin.take());
     let _ = child.wait();
 
-    let (first_pass, settled, mut durations, errors, done) = result;
+    let (first_pass, settled, mut durations, error_lines, done) = result;
+    let errors = error_lines.len();
     durations.sort();
     let Some(first_pass) = first_pass else {
         eprintln!("only {done} of {total} workspaces were reconciled within 300 s");
@@ -238,7 +260,7 @@ fn main() -> ExitCode {
         total as f64 / first_pass.as_secs_f64()
     );
     println!(
-        "           {} workspace reconciles ({errors} errors) in {:.2} s = {:.0} reconciles/s",
+        "           {} workspace reconciles ({errors} error series) in {:.2} s = {:.0} reconciles/s",
         durations.len(),
         active.as_secs_f64(),
         durations.len() as f64 / active.as_secs_f64()
@@ -248,6 +270,19 @@ fn main() -> ExitCode {
         percentile(&durations, 0.50).as_secs_f64() * 1e3,
         percentile(&durations, 0.99).as_secs_f64() * 1e3,
         durations.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+    for line in &error_lines {
+        println!("           {line}");
+    }
+    println!(
+        "cpu:       operator {own_cpu:.2} s ({:.2} ms per reconcile), fake API {child_cpu:.2} s; load average {}",
+        own_cpu * 1e3 / durations.len().max(1) as f64,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "memory:    operator process peak RSS (VmHWM) {:.1} MiB (fake API in a separate process)",

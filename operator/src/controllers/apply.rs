@@ -83,7 +83,8 @@ pub async fn apply_all(client: &Client, children: &[Child]) -> Result<Applied, E
 
 /// Delete every object in `scopes` that matches `selector` (our labels for one owner) and is
 /// not in `keep`. A resource the cluster does not serve (e.g. KubeVirt absent) has nothing to
-/// prune.
+/// prune. The lists may be served from the API server's cache (`resourceVersion=0`): a stale
+/// list can only miss an object (pruned on a later pass) or name one already gone (404).
 pub async fn prune(client: &Client, selector: &str, scopes: &[Scope], keep: &[Child]) -> Result<Vec<String>, Error> {
     let wanted: BTreeSet<(String, Option<String>, String)> = keep
         .iter()
@@ -93,7 +94,7 @@ pub async fn prune(client: &Client, selector: &str, scopes: &[Scope], keep: &[Ch
     for scope in scopes {
         let api = api(client, &scope.resource, scope.namespace.as_deref());
         let kind = &scope.resource.kind;
-        let list = match api.list_metadata(&ListParams::default().labels(selector)).await {
+        let list = match api.list_metadata(&ListParams::default().labels(selector).match_any()).await {
             Ok(list) => list,
             Err(e) if is_not_found(&e) => continue,
             Err(e) => return Err(Error::kube("list", format!("{kind} ({selector})"), e)),

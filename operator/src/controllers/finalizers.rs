@@ -1,5 +1,6 @@
-//! Adding and removing our finalizer with JSON patches guarded by the resourceVersion we read,
-//! so a concurrent writer's finalizers are never lost (the write fails and is retried).
+//! Adding and removing our finalizer with JSON patches guarded by `test` operations on the
+//! finalizer list we read (as kube's finalizer helper does), so a concurrent writer's finalizers
+//! are never lost: the write fails and is retried. Other changes (status writes) do not conflict.
 
 use std::fmt::Debug;
 
@@ -9,10 +10,6 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::controllers::error::Error;
-
-fn guard<K: Resource>(obj: &K) -> Value {
-    json!({ "op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version() })
-}
 
 fn describe<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!("{} {}", K::kind(&()), crate::controllers::context::key_of(obj))
@@ -37,12 +34,18 @@ where
     if obj.finalizers().iter().any(|f| f == finalizer) {
         return Ok(());
     }
-    let add = if obj.finalizers().is_empty() {
-        json!({ "op": "add", "path": "/metadata/finalizers", "value": [finalizer] })
+    let ops = if obj.finalizers().is_empty() {
+        json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": null },
+            { "op": "add", "path": "/metadata/finalizers", "value": [finalizer] },
+        ])
     } else {
-        json!({ "op": "add", "path": "/metadata/finalizers/-", "value": finalizer })
+        json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": obj.finalizers() },
+            { "op": "add", "path": "/metadata/finalizers/-", "value": finalizer },
+        ])
     };
-    json_patch(api, obj, json!([guard(obj), add]), "add finalizer to").await
+    json_patch(api, obj, ops, "add finalizer to").await
 }
 
 /// Remove `finalizer` from `obj` (nothing if absent).
@@ -52,6 +55,6 @@ where
 {
     let Some(i) = obj.finalizers().iter().position(|f| f == finalizer) else { return Ok(()) };
     let path = format!("/metadata/finalizers/{i}");
-    let ops = json!([guard(obj), { "op": "test", "path": path, "value": finalizer }, { "op": "remove", "path": path }]);
+    let ops = json!([{ "op": "test", "path": path, "value": finalizer }, { "op": "remove", "path": path }]);
     json_patch(api, obj, ops, "remove finalizer from").await
 }

@@ -70,6 +70,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Site::from_file(path)?,
         None => Site::default(),
     };
+    if site.operator_namespace != args.namespace {
+        tracing::warn!(
+            site = %site.operator_namespace,
+            namespace = %args.namespace,
+            "the site's operatorNamespace differs from --namespace: network policies name the site's"
+        );
+    }
     let client = Client::try_default().await.context("cannot configure a Kubernetes client")?;
     let metrics = Arc::new(Metrics::default());
     let identity = args.identity.clone().unwrap_or_else(default_identity);

@@ -696,6 +696,8 @@ fn dispatch(
             let mut new = old.clone();
             match patch_kind {
                 Some("json") => {
+                    // Like the API server, a `test` for null passes on a missing path.
+                    let patch = drop_null_tests_of_missing(&old, patch);
                     let ops: json_patch::Patch = match serde_json::from_value(patch) {
                         Ok(p) => p,
                         Err(e) => return error(400, "BadRequest", format!("bad JSON patch: {e}")),
@@ -723,6 +725,18 @@ fn dispatch(
         }
         _ => error(405, "MethodNotAllowed", format!("{method} {path} is not supported by the fake API")),
     }
+}
+
+fn drop_null_tests_of_missing(obj: &Value, mut patch: Value) -> Value {
+    if let Some(ops) = patch.as_array_mut() {
+        ops.retain(|op| {
+            let is_null_test =
+                op.get("op").and_then(Value::as_str) == Some("test") && op.get("value") == Some(&Value::Null);
+            let path = op.get("path").and_then(Value::as_str).unwrap_or_default();
+            !(is_null_test && obj.pointer(path).is_none())
+        });
+    }
+    patch
 }
 
 fn metadata_only_value(o: &Value) -> Value {
