@@ -1,6 +1,7 @@
 //! Render + reconcile of 1,000 Workspaces across 50 Projects against the fake API.
 //!
 //! `cargo bench -p noexit-operator --features testing --bench reconcile`
+//! (`NOEXIT_BENCH_CONCURRENCY=<n>`: reconciles in flight per controller, default 4)
 //!
 //! The fake API server runs in a child process (this binary re-executed with
 //! `NOEXIT_BENCH_FAKE_API=1`, serving on loopback HTTP), so the peak RSS reported is the
@@ -172,6 +173,9 @@ fn main() -> ExitCode {
     if std::env::var_os(CHILD_ENV).is_some() {
         return serve_fake_api();
     }
+    // Reconciles in flight per controller (the operator's --concurrency).
+    let concurrency: u16 = std::env::var("NOEXIT_BENCH_CONCURRENCY").ok().and_then(|c| c.parse().ok()).unwrap_or(4);
+    println!("concurrency {concurrency} (NOEXIT_BENCH_CONCURRENCY)");
     let f = fixtures();
     let total = f.workspaces.len();
     bench_render(&f);
@@ -207,7 +211,7 @@ fn main() -> ExitCode {
             })
         };
         let start = Instant::now();
-        let running = Running::start_observed(client, Backoff::default(), 16, Some(observer));
+        let running = Running::start_observed(client, Backoff::default(), concurrency, Some(observer));
         let deadline = start + Duration::from_secs(300);
         let first_pass = loop {
             if stats.lock().expect("stats").done.len() >= total {

@@ -26,8 +26,27 @@ where
         .map_err(|e| Error::kube(action, describe(obj), e))
 }
 
-/// Make sure `finalizer` is on `obj`.
+/// A `test` operation failed: the object changed since we read it.
+fn test_failed(e: &Error) -> bool {
+    matches!(e, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409 || s.code == 422)
+}
+
+/// Make sure `finalizer` is on `obj`. `obj` may come from a cache that has not yet seen our
+/// own earlier addition: when the guarded patch fails, read the object again and decide on that.
 pub async fn ensure<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    match add(api, obj, finalizer).await {
+        Err(e) if test_failed(&e) => {
+            let fresh = api.get(&obj.name_any()).await.map_err(|e| Error::kube("read", describe(obj), e))?;
+            add(api, &fresh, finalizer).await
+        }
+        other => other,
+    }
+}
+
+async fn add<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
