@@ -466,11 +466,12 @@ impl Store {
         .map_err(unavailable)
     }
 
-    /// Entries with `from <= seq <= to` as stored, with their stored hash (to diagnose a broken chain).
-    pub async fn entries_between(&self, from: Seq, to: Seq) -> Result<Vec<(EntryRaw, Hash)>, AuditError> {
-        let sql = format!("SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq");
+    /// Up to `limit` entries with `seq >= from` as stored, with their stored hash (to diagnose a
+    /// broken chain).
+    pub async fn entries_from(&self, from: Seq, limit: i64) -> Result<Vec<(EntryRaw, Hash)>, AuditError> {
+        let sql = format!("SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT $2");
         let rows: Vec<EntryRow> = with_pool!(&self.pool, p => {
-            sqlx::query_as::<_, EntryRow>(&sql).bind(from).bind(to).fetch_all(p).await
+            sqlx::query_as::<_, EntryRow>(&sql).bind(from).bind(limit).fetch_all(p).await
         })
         .map_err(unavailable)?;
         Ok(rows.into_iter().map(EntryRaw::from_row).collect())
@@ -630,7 +631,8 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
         Some(_) => unsealed_count(&pool).await.unwrap_or(1) as u64,
         None => 0,
     };
-    let mut tick = tokio::time::interval(options.checkpoint_interval.max(Duration::from_millis(10)));
+    let period = options.checkpoint_interval.max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(max_batch);
     let mut closing = Vec::new();
@@ -670,6 +672,7 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                     && seal(&pool, key).await
                 {
                     unsealed = 0;
+                    tick.reset();
                 }
                 if !closing.is_empty() {
                     break;
