@@ -176,13 +176,15 @@ async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> R
             for e in &entries {
                 print_entry(out, e, json).map_err(io)?;
             }
-            while follow {
-                out.flush().map_err(io)?;
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                let filter = Filter { after_seq: Some(last), ..Filter::default() };
-                for e in store.query(&filter).await.map_err(show)? {
-                    print_entry(out, &e, json).map_err(io)?;
-                    last = e.seq;
+            if follow {
+                loop {
+                    out.flush().map_err(io)?;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let filter = Filter { after_seq: Some(last), ..Filter::default() };
+                    for e in store.query(&filter).await.map_err(show)? {
+                        print_entry(out, &e, json).map_err(io)?;
+                        last = e.seq;
+                    }
                 }
             }
             0
