@@ -622,6 +622,9 @@ fn pool_backend<P: BackendOf>(_: &P) -> Backend {
     P::BACKEND
 }
 
+/// Rows per INSERT statement: 13 parameters each stays under every backend's limit.
+const INSERT_ROWS: usize = 1000;
+
 /// Key for PostgreSQL's transaction-scoped advisory lock that serialises appends ("noexit-a").
 const PG_APPEND_LOCK: i64 = 0x6e6f_6578_6974_2d61;
 
@@ -723,10 +726,10 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
 
         let keys: Vec<&str> = batch.iter().filter_map(|e| e.key.as_deref()).collect();
         let mut known: HashMap<String, i64> = HashMap::new();
-        if !keys.is_empty() {
+        for keys in keys.chunks(INSERT_ROWS) {
             let mut q = sqlx::QueryBuilder::new("SELECT idempotency_key, seq FROM audit_log WHERE idempotency_key IN (");
             let mut list = q.separated(", ");
-            for k in &keys {
+            for k in keys {
                 list.push_bind(*k);
             }
             q.push(")");
@@ -771,9 +774,10 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
             results.push((seq, false));
         }
 
-        if !rows.is_empty() {
+        // Both databases cap bind parameters per statement (SQLite 32766, PostgreSQL 65535).
+        for rows in rows.chunks(INSERT_ROWS) {
             let mut q = sqlx::QueryBuilder::new(format!("INSERT INTO audit_log ({ENTRY_COLUMNS}) "));
-            q.push_values(&rows, |mut b, (f, prev, h)| {
+            q.push_values(rows, |mut b, (f, prev, h)| {
                 b.push_bind(f.seq)
                     .push_bind(f.time_us)
                     .push_bind(f.actor)
