@@ -6,7 +6,6 @@
 //! (64), NOEXIT_BENCH_VERIFY (1000000). NOEXIT_BENCH_BACKENDS=sqlite,postgres.
 
 #[path = "../tests/support/pg.rs"]
-#[allow(dead_code)]
 mod pg;
 
 use std::{sync::Arc, time::Instant};
