@@ -56,6 +56,17 @@ pub enum AuditError {
     Corrupt(String),
 }
 
+impl AuditError {
+    /// A fixed label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            AuditError::Unavailable(_) => "unavailable",
+            AuditError::Rejected(_) => "rejected",
+            AuditError::Corrupt(_) => "corrupt",
+        }
+    }
+}
+
 /// Records events in memory, for other components' tests.
 #[derive(Debug, Default)]
 pub struct MemorySink {

@@ -55,14 +55,17 @@ impl Pool {
 
 /// Runs `$body` once per backend with `$p` bound to the concrete pool: the SQL is shared (`$1`
 /// placeholders work on both), the Rust types differ.
+/// Other modules of this crate may use it too: `crate::audit::store::with_pool!(store.pool(), p => …)`.
 macro_rules! with_pool {
     ($pool:expr, $p:ident => $body:expr) => {
         match $pool {
-            Pool::Sqlite($p) => $body,
-            Pool::Postgres($p) => $body,
+            $crate::audit::store::Pool::Sqlite($p) => $body,
+            $crate::audit::store::Pool::Postgres($p) => $body,
         }
     };
 }
+#[allow(unused_imports)] // exported for the API's own tables
+pub(crate) use with_pool;
 
 /// Knobs of the writer; the defaults suit the API.
 #[derive(Clone, Debug)]
@@ -353,13 +356,11 @@ impl Store {
     /// Opens an existing store for reading only (the CLI): no migrations, no writer.
     pub async fn open_read_only(url: &str) -> Result<Store, AuditError> {
         let pool = open_pool(url, true).await?;
-        let has_log: bool = with_pool!(&pool, p => {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = 1").fetch_one(p).await
-        })
-        .map(|n| n > 0)
-        .unwrap_or(false);
-        if !has_log {
-            return Err(AuditError::Unavailable(format!("{} holds no audit log (never migrated)", redact(url))));
+        let probe = with_pool!(&pool, p => {
+            sqlx::query("SELECT seq FROM audit_log WHERE seq = 0").fetch_optional(p).await.map(|_| ())
+        });
+        if let Err(e) = probe {
+            return Err(AuditError::Unavailable(format!("cannot read the audit log in {}: {e}", redact(url))));
         }
         Ok(Store { pool, writer: None, task: Mutex::new(None) })
     }
@@ -671,7 +672,7 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                     }
                 }
                 if let Some(key) = &options.signing_key
-                    && (unsealed >= options.checkpoint_every || (!closing.is_empty() && unsealed > 0))
+                    && unsealed >= options.checkpoint_every
                     && seal(&pool, key).await
                 {
                     unsealed = 0;
@@ -687,6 +688,12 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                 }
             }
         }
+    }
+    // Closed or dropped: seal the tail so the next verify has nothing unsigned.
+    if let Some(key) = &options.signing_key
+        && unsealed > 0
+    {
+        seal(&pool, key).await;
     }
     for done in closing {
         let _ = done.send(());
