@@ -85,12 +85,17 @@ pub fn verify(cfg: &AgentConfig, root: &Path) -> HardeningReport {
         DesktopKind::None => (true, true),
         DesktopKind::Vnc => {
             let text = read(root, VNC_MANDATORY, &mut problems);
-            let mut ok = true;
+            let mut out_off = text.is_some();
             for (key, want) in vnc_settings(cfg.clipboard_in) {
-                ok &= check(VNC_MANDATORY, key, want, text.as_deref().and_then(|t| kv_get(t, key)), &mut problems);
+                let ok = check(VNC_MANDATORY, key, want, text.as_deref().and_then(|t| kv_get(t, key)), &mut problems);
+                // Only SendCutText carries data out; with it off SendPrimary has nothing to send.
+                // The other keys are policy (pasting in) and show up as problems.
+                if key == "SendCutText" {
+                    out_off &= ok;
+                }
             }
             // VNC has no drive or printer redirection.
-            (ok && text.is_some(), true)
+            (out_off, true)
         }
         DesktopKind::Xrdp => {
             let xrdp = read(root, XRDP_INI, &mut problems);
@@ -282,21 +287,47 @@ fn rewrite(path: &Path, edit: &Edit) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-// ---- key=value files (TigerVNC) -----------------------------------------------------------
+// ---- TigerVNC config files ---------------------------------------------------------------
+//
+// Two syntaxes share the path: Debian's `tigervncserver` wrapper reads Perl assignments
+// (`$SendCutText = "0";`), upstream `vncsession` reads `SendCutText=0`. We keep whichever the
+// file already uses; a new file gets the Perl form (Debian is what the images run).
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VncSyntax {
+    Perl,
+    KeyValue,
+}
+
+fn vnc_syntax(text: &str) -> VncSyntax {
+    let assignments = text.lines().map(str::trim).filter(|l| !l.starts_with('#') && l.contains('='));
+    match assignments.map(|l| l.starts_with('$')).next() {
+        Some(false) => VncSyntax::KeyValue,
+        _ => VncSyntax::Perl,
+    }
+}
 
 fn kv_key(line: &str) -> Option<&str> {
     let line = line.trim();
     if line.starts_with('#') {
         return None;
     }
-    line.split_once('=').map(|(k, _)| k.trim())
+    line.split_once('=').map(|(k, _)| k.trim().trim_start_matches('$').trim())
+}
+
+/// `"0";` → `0`
+fn kv_value(line: &str) -> Option<&str> {
+    let (_, v) = line.split_once('=')?;
+    let v = v.trim().trim_end_matches(';').trim();
+    Some(v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v))
 }
 
 /// Drops every line setting one of `settings` (and our old block), appends our block.
 fn kv_set(text: &str, settings: &[(&str, &str)]) -> String {
+    let syntax = vnc_syntax(text);
     let mut out: Vec<&str> = text
         .lines()
-        .filter(|l| *l != MANAGED_MARK)
+        .filter(|l| *l != MANAGED_MARK && !(syntax == VncSyntax::Perl && l.trim() == "1;"))
         .filter(|l| !kv_key(l).is_some_and(|k| settings.iter().any(|(s, _)| s.eq_ignore_ascii_case(k))))
         .collect();
     while out.last().is_some_and(|l| l.trim().is_empty()) {
@@ -309,17 +340,21 @@ fn kv_set(text: &str, settings: &[(&str, &str)]) -> String {
     s.push_str(MANAGED_MARK);
     s.push('\n');
     for (k, v) in settings {
-        s.push_str(&format!("{k}={v}\n"));
+        match syntax {
+            VncSyntax::Perl => s.push_str(&format!("${k} = \"{v}\";\n")),
+            VncSyntax::KeyValue => s.push_str(&format!("{k}={v}\n")),
+        }
+    }
+    // Perl's `do FILE` wants a true last value.
+    if syntax == VncSyntax::Perl {
+        s.push_str("1;\n");
     }
     s
 }
 
 /// Effective value of `key`: the last line setting it wins.
 fn kv_get<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines()
-        .filter(|l| kv_key(l).is_some_and(|k| k.eq_ignore_ascii_case(key)))
-        .filter_map(|l| l.split_once('=').map(|(_, v)| v.trim()))
-        .next_back()
+    text.lines().filter(|l| kv_key(l).is_some_and(|k| k.eq_ignore_ascii_case(key))).filter_map(kv_value).next_back()
 }
 
 // ---- INI files (xrdp) ---------------------------------------------------------------------
@@ -473,7 +508,7 @@ desktop: none
         let root = root_with_modules(MODULES);
         let path = root.path().join(VNC_MANDATORY);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, "session=xfce\nSendCutText=1\n# SendPrimary=1 (comment)\n").unwrap();
+        fs::write(&path, "session=xfce\nSendCutText=1\n# SendPrimary=1 (comment)\n").unwrap(); // vncsession syntax
         let cfg = config(AgentMode::Vm, DesktopKind::Vnc, true);
         let report = apply_and_report(&cfg, root.path());
         assert_eq!(report.problems, Vec::<String>::new());
@@ -492,6 +527,32 @@ desktop: none
         apply_and_verify(&cfg, root.path());
         assert_eq!(fs::read_to_string(&path).unwrap(), text);
         assert_eq!(fs::read_to_string(root.path().join(USB_STORAGE_CONF)).unwrap(), USB_STORAGE_RULES);
+    }
+
+    #[test]
+    fn vnc_debian_perl_syntax_is_kept() {
+        let root = root_with_modules(MODULES);
+        let path = root.path().join(VNC_MANDATORY);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, "# image default\n$SendCutText = \"1\";\n$localhost = \"no\";\n1;\n").unwrap();
+        let cfg = config(AgentMode::Pod, DesktopKind::Vnc, false);
+        let report = apply_and_report(&cfg, root.path());
+        assert_eq!(report.problems, Vec::<String>::new());
+        assert!(report.state.clipboard_out_disabled);
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "# image default\n$localhost = \"no\";\n\n{MANAGED_MARK}\n$SendCutText = \"0\";\n$SendPrimary = \"0\";\n\
+                 $AcceptCutText = \"0\";\n$SetPrimary = \"0\";\n1;\n"
+            )
+        );
+        apply_and_verify(&cfg, root.path());
+        assert_eq!(fs::read_to_string(&path).unwrap(), text, "idempotent");
+        // A new file gets the Perl form too (Debian's tigervncserver evaluates it).
+        fs::remove_file(&path).unwrap();
+        assert!(apply_and_verify(&cfg, root.path()).clipboard_out_disabled);
+        assert!(fs::read_to_string(&path).unwrap().contains("$SendCutText = \"0\";"));
     }
 
     #[test]
@@ -556,6 +617,35 @@ desktop: none
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].kind, ViolationKind::UsbStorage);
         assert!(v[0].detail.contains("usb_storage, uas"));
+    }
+
+    #[tokio::test]
+    async fn watch_rewrites_changed_settings_and_reports_usb_once() {
+        let root = root_with_modules(MODULES);
+        let cfg = config(AgentMode::Vm, DesktopKind::Vnc, false);
+        let (tx, mut rx) = mpsc::channel(8);
+        let (state_tx, mut state_rx) = tokio_watch::channel(HardeningState::default());
+        let task = tokio::spawn(watch(cfg, root.path().to_path_buf(), Duration::from_millis(20), tx, state_tx));
+        let bound = Duration::from_secs(10);
+        tokio::time::timeout(bound, state_rx.wait_for(|s| s.clipboard_out_disabled)).await.unwrap().unwrap();
+
+        let path = root.path().join(VNC_MANDATORY);
+        fs::write(&path, "$SendCutText = \"1\";\n").unwrap();
+        let v = tokio::time::timeout(bound, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(v.kind, ViolationKind::Tamper);
+        assert!(v.detail.contains("SendCutText is `1`"), "{}", v.detail);
+        assert_eq!(kv_get(&fs::read_to_string(&path).unwrap(), "SendCutText"), Some("0"), "rewritten");
+
+        fs::write(root.path().join(PROC_MODULES), "usb_storage 81920 0 - Live 0x0\n").unwrap();
+        let v = tokio::time::timeout(bound, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(v.kind, ViolationKind::UsbStorage);
+        tokio::time::timeout(bound, state_rx.wait_for(|s| s.usb_storage_blocked == Some(false)))
+            .await
+            .unwrap()
+            .unwrap();
+        // Still loaded on the next checks: no second report.
+        assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err());
+        task.abort();
     }
 
     #[test]
