@@ -135,14 +135,14 @@ fn short(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::egress::plan::{plan, tests::config};
     use serde_json::json;
 
     /// The plan as `nft -j list ruleset` would print it: handles, counter values, metainfo and
     /// another table around it.
-    fn listing_of(rs: &Ruleset) -> Value {
+    pub(crate) fn listing_of(rs: &Ruleset) -> Value {
         let mut objects = vec![json!({"metainfo": {"version": "1.0.6", "json_schema_version": 1}})];
         objects.push(json!({"table": {"family": "ip", "name": "other", "handle": 9}}));
         for (i, o) in rs.objects().into_iter().enumerate() {

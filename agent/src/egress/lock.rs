@@ -4,9 +4,10 @@
 //! nft transaction, so when it fails the previous state (old table or none) stays as it was.
 
 use std::ffi::OsString;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use nftables::helper::{self, NftablesError};
 use noexit_crds::agent::{AgentConfig, AgentMode, EgressState};
 use serde_json::Value;
 
@@ -108,19 +109,42 @@ impl EgressLock {
     }
 
     fn replace(&self) -> Result<(), EgressError> {
+        const ACTION: &str = "applying the egress table";
         let payload = serde_json::to_string(&self.plan.replace_batch())
-            .map_err(|e| EgressError::Nft { action: "serialising the egress table", message: e.to_string() })?;
-        helper::apply_ruleset_raw(&payload, Some(&self.nft), helper::DEFAULT_ARGS)
-            .map(drop)
-            .map_err(|e| nft_error("applying the egress table", e))
+            .map_err(|e| EgressError::Nft { action: ACTION, message: e.to_string() })?;
+        self.nft(ACTION, &["-j", "-f", "-"], Some(&payload)).map(drop)
     }
 
     /// The whole ruleset: a missing table is then an empty result, not an error to interpret.
     fn list(&self) -> Result<Value, EgressError> {
-        let raw = helper::get_current_ruleset_raw(Some(&self.nft), ["list", "ruleset"])
-            .map_err(|e| nft_error("listing the ruleset", e))?;
+        const ACTION: &str = "listing the ruleset";
+        let raw = self.nft(ACTION, &["-j", "list", "ruleset"], None)?;
         serde_json::from_str(&raw)
-            .map_err(|e| EgressError::Nft { action: "listing the ruleset", message: format!("unreadable JSON: {e}") })
+            .map_err(|e| EgressError::Nft { action: ACTION, message: format!("unreadable JSON: {e}") })
+    }
+
+    /// Runs nft with stderr captured (the `nftables` crate's helper lets it through to ours, and
+    /// the reason for a failure belongs in the reported state).
+    fn nft(&self, action: &'static str, args: &[&str], input: Option<&str>) -> Result<String, EgressError> {
+        let fail = |message: String| EgressError::Nft { action, message };
+        let program = self.nft.to_string_lossy().into_owned();
+        let mut child = Command::new(&self.nft)
+            .args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input.as_bytes()).map_err(|e| fail(format!("writing to {program}: {e}")))?;
+        }
+        let out = child.wait_with_output().map_err(|e| fail(format!("waiting for {program}: {e}")))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let reason = if stderr.trim().is_empty() { out.status.to_string() } else { stderr.trim().to_string() };
+            return Err(fail(format!("nft failed: {reason}")));
+        }
+        String::from_utf8(out.stdout).map_err(|e| fail(format!("output is not UTF-8: {e}")))
     }
 }
 
@@ -134,17 +158,6 @@ fn same_comments(a: &Canonical, b: &Canonical) -> bool {
     a.rules.keys().eq(b.rules.keys()) && comments(a) == comments(b)
 }
 
-fn nft_error(action: &'static str, e: NftablesError) -> EgressError {
-    let message = match e {
-        NftablesError::NftFailed { stderr, stdout, .. } => {
-            let text = if stderr.trim().is_empty() { stdout } else { stderr };
-            format!("nft failed: {}", text.trim())
-        }
-        other => other.to_string(),
-    };
-    EgressError::Nft { action, message }
-}
-
 pub(crate) fn locked_state(detail: String) -> EgressState {
     EgressState { locked: true, mode: AgentMode::Vm, detail: Some(detail), blocked_since_last: 0 }
 }
@@ -156,5 +169,129 @@ pub fn not_locked(error: &impl std::fmt::Display) -> EgressState {
         mode: AgentMode::Vm,
         detail: Some(format!("egress lock not in force: {error}")),
         blocked_since_last: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::egress::live::tests::listing_of;
+    use crate::egress::plan::tests::config;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+
+    /// A stand-in `nft`: `-j -f -` stores the batch and makes `after-apply.json` the live
+    /// listing (or fails when `fail-apply` exists); `-j list ruleset` prints `listing.json`.
+    struct FakeNft {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeNft {
+        fn new(after_apply: &Value) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().display();
+            let script = format!(
+                "#!/bin/sh\nif [ \"$2\" = \"-f\" ]; then\n  cat > {d}/applied.json\n  \
+                 if [ -e {d}/fail-apply ]; then echo 'Error: Could not process rule: Operation not supported' >&2; exit 1; fi\n  \
+                 cp {d}/after-apply.json {d}/listing.json; exit 0\nfi\ncat {d}/listing.json\n"
+            );
+            fs::write(dir.path().join("nft"), script).unwrap();
+            fs::set_permissions(dir.path().join("nft"), fs::Permissions::from_mode(0o755)).unwrap();
+            let fake = Self { dir };
+            fake.set("after-apply.json", after_apply);
+            fake.set("listing.json", &serde_json::json!({"nftables": []}));
+            fake
+        }
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+        fn set(&self, name: &str, v: &Value) {
+            fs::write(self.path(name), v.to_string()).unwrap();
+        }
+        fn lock(&self) -> EgressLock {
+            EgressLock::new(&config()).unwrap().with_nft(self.path("nft"))
+        }
+    }
+
+    fn applied(path: &Path) -> Value {
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn apply_confirms_then_check_finds_it_intact() {
+        let plan = plan::plan(&config()).unwrap();
+        let fake = FakeNft::new(&listing_of(&plan));
+        let lock = fake.lock();
+        let state = lock.apply().unwrap();
+        assert!(state.locked);
+        assert_eq!(state.detail.as_deref(), Some("nftables table inet noexit applied (18 rules)"));
+        assert_eq!(applied(&fake.path("applied.json")), serde_json::to_value(plan.replace_batch()).unwrap());
+        assert_eq!(lock.check_and_restore(), CheckOutcome::Intact);
+        assert_eq!(lock.blocked_counts().unwrap(), BlockedCounts { outbound: 7, inbound: 7 });
+    }
+
+    #[test]
+    fn a_flushed_table_is_restored_and_named() {
+        let plan = plan::plan(&config()).unwrap();
+        let fake = FakeNft::new(&listing_of(&plan));
+        let lock = fake.lock();
+        lock.apply().unwrap();
+        fake.set("listing.json", &serde_json::json!({"nftables": [{"metainfo": {}}]}));
+        assert_eq!(
+            lock.check_and_restore(),
+            CheckOutcome::Restored { tamper: "table inet noexit is gone (deleted or flushed)".into() }
+        );
+        assert_eq!(lock.check_and_restore(), CheckOutcome::Intact);
+    }
+
+    #[test]
+    fn a_failed_restore_is_failed_with_the_tamper_and_nft_message() {
+        let plan = plan::plan(&config()).unwrap();
+        let fake = FakeNft::new(&listing_of(&plan));
+        let lock = fake.lock();
+        lock.apply().unwrap();
+        fake.set("listing.json", &serde_json::json!({"nftables": []}));
+        fs::write(fake.path("fail-apply"), "").unwrap();
+        let CheckOutcome::Failed { tamper, error } = lock.check_and_restore() else { panic!("not failed") };
+        assert!(tamper.unwrap().contains("is gone"));
+        assert!(error.contains("Operation not supported"), "{error}");
+        assert!(not_locked(&error).detail.unwrap().starts_with("egress lock not in force: restoring"));
+    }
+
+    #[test]
+    fn an_apply_that_does_not_take_effect_is_an_error() {
+        let plan = plan::plan(&config()).unwrap();
+        let mut listing = listing_of(&plan);
+        listing["nftables"].as_array_mut().unwrap().retain(|o| o.get("chain").is_none_or(|c| c["name"] != "forward"));
+        let fake = FakeNft::new(&listing);
+        let err = fake.lock().apply().unwrap_err();
+        assert_eq!(err.category(), "verify");
+        assert!(err.to_string().contains("missing or changed: {\"chain\""), "{err}");
+    }
+
+    #[test]
+    fn an_equivalent_rendering_becomes_the_reference() {
+        // Same rules, one printed differently (as another nft version might): accepted, and
+        // later checks compare against what the kernel printed.
+        let plan = plan::plan(&config()).unwrap();
+        let mut listing = listing_of(&plan);
+        for o in listing["nftables"].as_array_mut().unwrap() {
+            if o["rule"]["comment"] == "noexit: log blocked (rate-limited)" {
+                o["rule"]["expr"][0]["limit"]["burst"] = serde_json::json!(6);
+            }
+        }
+        let fake = FakeNft::new(&listing);
+        let lock = fake.lock();
+        assert!(lock.apply().unwrap().locked);
+        assert_eq!(lock.check_and_restore(), CheckOutcome::Intact);
+    }
+
+    #[test]
+    fn missing_nft_is_an_nft_error() {
+        let lock = EgressLock::new(&config()).unwrap().with_nft("/nonexistent/nft");
+        let err = lock.apply().unwrap_err();
+        assert_eq!(err.category(), "nft");
+        assert!(err.to_string().starts_with("applying the egress table: cannot run /nonexistent/nft"), "{err}");
     }
 }
