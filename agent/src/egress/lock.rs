@@ -135,8 +135,12 @@ impl EgressLock {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin.write_all(input.as_bytes()).map_err(|e| fail(format!("writing to {program}: {e}")))?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take())
+            && let Err(e) = stdin.write_all(input.as_bytes())
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(format!("writing to {program}: {e}")));
         }
         let out = child.wait_with_output().map_err(|e| fail(format!("waiting for {program}: {e}")))?;
         if !out.status.success() {
