@@ -177,7 +177,7 @@ pub fn not_locked(error: &impl std::fmt::Display) -> EgressState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::egress::live::tests::listing_of;
     use crate::egress::plan::tests::config;
@@ -186,19 +186,22 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     /// A stand-in `nft`: `-j -f -` stores the batch and makes `after-apply.json` the live
-    /// listing (or fails when `fail-apply` exists); `-j list ruleset` prints `listing.json`.
-    struct FakeNft {
+    /// listing (or fails when `fail-apply` exists); `-j list ruleset` prints `listing.json`
+    /// (or fails when `fail-list` exists).
+    pub(crate) struct FakeNft {
         dir: tempfile::TempDir,
     }
 
     impl FakeNft {
-        fn new(after_apply: &Value) -> Self {
+        pub(crate) fn new(after_apply: &Value) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path().display();
             let script = format!(
                 "#!/bin/sh\nif [ \"$2\" = \"-f\" ]; then\n  cat > {d}/applied.json\n  \
                  if [ -e {d}/fail-apply ]; then echo 'Error: Could not process rule: Operation not supported' >&2; exit 1; fi\n  \
-                 cp {d}/after-apply.json {d}/listing.json; exit 0\nfi\ncat {d}/listing.json\n"
+                 cp {d}/after-apply.json {d}/listing.json; exit 0\nfi\n\
+                 if [ -e {d}/fail-list ]; then echo 'netlink: Error: cache initialization failed' >&2; exit 1; fi\n\
+                 cat {d}/listing.json\n"
             );
             fs::write(dir.path().join("nft"), script).unwrap();
             fs::set_permissions(dir.path().join("nft"), fs::Permissions::from_mode(0o755)).unwrap();
@@ -207,13 +210,16 @@ mod tests {
             fake.set("listing.json", &serde_json::json!({"nftables": []}));
             fake
         }
-        fn path(&self, name: &str) -> PathBuf {
+        pub(crate) fn path(&self, name: &str) -> PathBuf {
             self.dir.path().join(name)
         }
-        fn set(&self, name: &str, v: &Value) {
-            fs::write(self.path(name), v.to_string()).unwrap();
+        /// Atomically, so the watcher never reads half a file.
+        pub(crate) fn set(&self, name: &str, v: &Value) {
+            let tmp = self.path(&format!("{name}.tmp"));
+            fs::write(&tmp, v.to_string()).unwrap();
+            fs::rename(tmp, self.path(name)).unwrap();
         }
-        fn lock(&self) -> EgressLock {
+        pub(crate) fn lock(&self) -> EgressLock {
             EgressLock::new(&config()).unwrap().with_nft(self.path("nft"))
         }
     }

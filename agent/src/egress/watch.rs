@@ -167,6 +167,52 @@ impl BlockedTally {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::egress::live::tests::listing_of;
+    use crate::egress::lock::tests::FakeNft;
+    use crate::egress::plan::{plan, tests::config};
+    use serde_json::{Value, json};
+
+    fn with_blocked_out(mut listing: Value, packets: u64) -> Value {
+        for o in listing["nftables"].as_array_mut().unwrap() {
+            if o["counter"]["name"] == "blocked_out" {
+                o["counter"]["packets"] = json!(packets);
+            }
+        }
+        listing
+    }
+
+    #[tokio::test]
+    async fn watch_applies_restores_tamper_and_reports_blocked() {
+        let fresh = with_blocked_out(listing_of(&plan(&config()).unwrap()), 0);
+        let fake = FakeNft::new(&fresh);
+        let (tx, mut rx) = mpsc::channel(8);
+        let (state_tx, mut state_rx) = tokio_watch::channel(not_locked(&"starting"));
+        let opts = WatchOptions { interval: Duration::from_millis(20), blocked_report_every: Duration::ZERO };
+        let task = tokio::spawn(watch_with(fake.lock(), opts, tx, state_tx));
+        let bound = Duration::from_secs(10);
+        tokio::time::timeout(bound, state_rx.wait_for(|s| s.locked)).await.unwrap().unwrap();
+
+        fake.set("listing.json", &json!({"nftables": []}));
+        let v = tokio::time::timeout(bound, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(v.kind, ViolationKind::Tamper);
+        assert!(v.detail.contains("is gone"), "{}", v.detail);
+
+        fake.set("listing.json", &with_blocked_out(fresh.clone(), 5));
+        let v = tokio::time::timeout(bound, rx.recv()).await.unwrap().unwrap();
+        assert_eq!((v.kind, v.count), (ViolationKind::EgressBlocked, 5), "{}", v.detail);
+        assert!(state_rx.borrow().locked);
+
+        // nft stops working: not locked, with the reason; nothing is reported as tamper.
+        std::fs::write(fake.path("fail-list"), "").unwrap();
+        let s = tokio::time::timeout(bound, state_rx.wait_for(|s| !s.locked)).await.unwrap().unwrap().clone();
+        let detail = s.detail.unwrap();
+        assert!(
+            detail.contains("listing the ruleset: nft failed: netlink: Error: cache initialization failed"),
+            "{detail}"
+        );
+        assert!(rx.try_recv().is_err(), "a failing nft is not tamper");
+        task.abort();
+    }
 
     fn out(n: u64) -> BlockedCounts {
         BlockedCounts { outbound: n, inbound: 0 }
