@@ -30,7 +30,7 @@ fn missing_tools() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root".into());
     }
-    for (tool, arg) in [("ip", "-V"), ("nft", "--version"), ("ping", "-V")] {
+    for (tool, arg) in [("ip", "-V"), ("nft", "--version"), ("ping", "-V"), ("sysctl", "-V")] {
         if !Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success()) {
             return Some(format!("`{tool}` not available (apt-get install nftables iproute2 iputils-ping)"));
         }
@@ -199,6 +199,7 @@ egress:
     - {{ name: mirror, address: {mirror}, port: 443 }}
     - {{ name: mirrorV6, address: "{mirror6}", port: 443 }}
     - {{ name: controlPlane, address: {cp}, port: 8443 }}
+    - {{ name: cpEcho, address: {cp}, port: 7 }}
   gatewaySources: [{gw}/32]
   desktopPort: 5901
   canary: {{ name: outside, address: {outside}, port: 443 }}
@@ -251,6 +252,37 @@ fn serve_udp(ns: &str, port: u16, tag: &'static str) {
             let _ = socket.send_to(&reply, from);
         }
     });
+}
+
+/// Echo server on `[::]:port` in `ns`, one thread per connection.
+fn serve_echo(ns: &str, port: u16) {
+    let listener = in_netns(ns, move || TcpListener::bind(("::", port)).unwrap());
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A connection from `ns` kept open across steps (the socket stays in `ns`).
+fn hold(ns: &str, ip: IpAddr, port: u16) -> TcpStream {
+    let s = in_netns(ns, move || TcpStream::connect_timeout(&SocketAddr::new(ip, port), SHORT).unwrap());
+    s.set_read_timeout(Some(SHORT)).unwrap();
+    s.set_write_timeout(Some(SHORT)).unwrap();
+    s
+}
+
+/// Whether one message still makes it there and back on an open connection.
+fn echoes(mut s: &TcpStream) -> bool {
+    let mut buf = [0u8; 4];
+    s.write_all(b"ping").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"ping"
 }
 
 /// Connects from `ns`; `Ok(greeting)` or the error text.
@@ -407,6 +439,8 @@ fn egress_lock_holds_in_network_namespaces() {
         serve_udp(&lab.host_ns(host), 53, tag);
     }
     serve_tcp(&ws, 5901, "desktop");
+    serve_echo(&lab.host_ns(Outside), 7);
+    serve_echo(&lab.host_ns(ControlPlane), 7);
     let config = lab.path("agent.yaml");
     std::fs::write(&config, config_yaml()).unwrap();
     let config = config.to_str().unwrap();
@@ -415,6 +449,8 @@ fn egress_lock_holds_in_network_namespaces() {
     let open: Vec<String> = forbidden(&lab).into_iter().filter(|(_, r)| !*r).map(|(w, _)| w).collect();
     assert!(open.is_empty(), "lab broken, unreachable before the lock: {open:?}");
     assert_allowed_paths_work(&lab, "before the lock");
+    let opened_before = hold(&ws, Outside.v4(), 7);
+    assert!(echoes(&opened_before));
 
     let (code, state) = lab.egress(&ws, &["apply", "--config", config]);
     assert_eq!(code, Some(0), "{state}");
@@ -427,6 +463,10 @@ fn egress_lock_holds_in_network_namespaces() {
     let err = tcp(&ws, Outside.v4(), 443).unwrap_err();
     assert!(err.contains("No route to host") || err.contains("not permitted"), "{err}");
 
+    // A connection opened before the lock does not survive it: only flows that started
+    // through an allow rule (and carry its conntrack mark) pass as established.
+    assert!(!echoes(&opened_before), "a flow from before the lock still gets out");
+
     // The live table equals the plan exactly (a fresh process has only the plan to go by).
     let (code, check) = lab.egress(&ws, &["check", "--config", config]);
     assert_eq!((code, &check["outcome"]), (Some(0), &Value::from("intact")), "{check}");
@@ -438,12 +478,27 @@ fn egress_lock_holds_in_network_namespaces() {
     assert!(probe["detail"].as_str().unwrap().contains("canary outside 10.77.3.2:443 blocked"), "{probe}");
 
     // A rule slipped in by hand is found and removed by `check`.
-    sh(&["ip", "netns", "exec", &ws, "nft", "insert", "rule", "inet", "noexit", "output", "accept"]);
-    assert!(tcp(&ws, Outside.v4(), 443).is_ok(), "the inserted rule should open the wall");
+    // (Both directions: replies of an unmarked flow are not let in either.)
+    for chain in ["output", "input"] {
+        sh(&["ip", "netns", "exec", &ws, "nft", "insert", "rule", "inet", "noexit", chain, "accept"]);
+    }
+    assert!(tcp(&ws, Outside.v4(), 443).is_ok(), "the inserted rules should open the wall");
     let (code, check) = lab.egress(&ws, &["check", "--config", config]);
     assert_eq!((code, &check["outcome"]), (Some(0), &Value::from("restored")), "{check}");
     assert!(check["tamper"].as_str().unwrap().contains("chain output"), "{check}");
     assert_all_blocked(&lab, "after check restored an inserted rule");
+
+    // Whatever is opened while the table is gone is cut when it comes back; allowed flows
+    // opened under the lock keep working across the restore.
+    let allowed = hold(&ws, ControlPlane.v4(), 7);
+    assert!(echoes(&allowed));
+    sh(&["ip", "netns", "exec", &ws, "nft", "flush", "ruleset"]);
+    let opened_in_gap = hold(&ws, Outside.v4(), 7);
+    assert!(echoes(&opened_in_gap));
+    let (_, check) = lab.egress(&ws, &["check", "--config", config]);
+    assert_eq!(check["outcome"], "restored", "{check}");
+    assert!(!echoes(&opened_in_gap), "a flow opened while the table was gone survived the restore");
+    assert!(echoes(&allowed), "an allowed flow was cut by the restore");
 
     // The watcher: flush everything by hand, it is put back and reported as tamper.
     let mut watcher = Command::new("ip")

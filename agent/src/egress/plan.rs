@@ -9,6 +9,11 @@
 //!   sources, IPv6 neighbour discovery; everything else counted in `blocked_in` and dropped.
 //! - `forward`: nothing (a workspace never routes).
 //!
+//! "Established" is not enough on its own: a connection opened before the lock (or while
+//! someone had flushed it) would stay open after. So every flow the lock allows gets the
+//! conntrack mark [`FLOW_MARK`] when it starts, and only marked flows pass as established;
+//! restoring the table therefore also cuts whatever was opened in the gap.
+//!
 //! Every rule carries a comment so `nft list table inet noexit` explains itself.
 
 use std::borrow::Cow;
@@ -18,7 +23,7 @@ use std::str::FromStr;
 
 use nftables::expr::{CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
 use nftables::schema::{Chain, Counter, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
-use nftables::stmt::{Limit, Log, Match, Operator, Reject, RejectType, Statement};
+use nftables::stmt::{Limit, Log, Mangle, Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 use noexit_crds::agent::AgentConfig;
 
@@ -36,6 +41,8 @@ pub const BLOCKED_IN: &str = "blocked_in";
 /// Kernel log prefix of blocked outbound packets (`journalctl -k | grep noexit-egress`).
 pub const LOG_PREFIX: &str = "noexit-egress-blocked: ";
 const DNS_PORT: u32 = 53;
+/// Conntrack mark of flows the lock allowed ("noex").
+pub const FLOW_MARK: u32 = 0x6e6f_6578;
 
 /// An address or a CIDR block, host bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,27 +209,30 @@ pub fn plan(cfg: &AgentConfig) -> Result<Ruleset, EgressError> {
     let mut rules = Vec::new();
     let mut out = |comment: String, expr: Vec<Statement<'static>>| rules.push(rule("output", comment, expr));
     out("loopback".into(), vec![eq(meta(MetaKey::Oif), s("lo")), accept()]);
-    out("replies and related flows".into(), vec![established(), accept()]);
+    out("allowed flows: replies and related".into(), vec![established(), marked(), accept()]);
     out("ipv6 neighbour discovery".into(), vec![neighbour_discovery(), accept()]);
     for r in &resolvers {
         for proto in ["udp", "tcp"] {
-            out(format!("dns {proto} {r}"), vec![addr("daddr", r), port(proto, DNS_PORT), accept()]);
+            out(format!("dns {proto} {r}"), vec![addr("daddr", r), port(proto, DNS_PORT), mark(), accept()]);
         }
     }
     for (name, net, p) in &endpoints {
-        out(format!("{name} tcp {net} port {p}"), vec![addr("daddr", net), port("tcp", u32::from(*p)), accept()]);
+        out(
+            format!("{name} tcp {net} port {p}"),
+            vec![addr("daddr", net), port("tcp", u32::from(*p)), mark(), accept()],
+        );
     }
     out("log blocked (rate-limited)".into(), vec![log_limit(), log()]);
     out("blocked".into(), vec![counter(BLOCKED_OUT), reject()]);
 
     let mut inp = |comment: String, expr: Vec<Statement<'static>>| rules.push(rule("input", comment, expr));
     inp("loopback".into(), vec![eq(meta(MetaKey::Iif), s("lo")), accept()]);
-    inp("replies and related flows".into(), vec![established(), accept()]);
+    inp("allowed flows: replies and related".into(), vec![established(), marked(), accept()]);
     inp("ipv6 neighbour discovery".into(), vec![neighbour_discovery(), accept()]);
     for g in &gateways {
         inp(
             format!("desktop from gateway {g} port {}", egress.desktop_port),
-            vec![addr("saddr", g), port("tcp", u32::from(egress.desktop_port)), accept()],
+            vec![addr("saddr", g), port("tcp", u32::from(egress.desktop_port)), mark(), accept()],
         );
     }
     inp("blocked".into(), vec![counter(BLOCKED_IN), Statement::Drop(None)]);
@@ -293,6 +303,19 @@ fn neighbour_discovery() -> Statement<'static> {
             nftables::expr::SetItem::Element(s("nd-neighbor-advert")),
         ])),
     )
+}
+
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT { key: "mark".into(), family: None, dir: None }))
+}
+
+/// Only flows that started through one of our allow rules.
+fn marked() -> Statement<'static> {
+    eq(ct_mark(), Expression::Number(FLOW_MARK))
+}
+
+fn mark() -> Statement<'static> {
+    Statement::Mangle(Mangle { key: ct_mark(), value: Expression::Number(FLOW_MARK) })
 }
 
 fn accept() -> Statement<'static> {
@@ -370,7 +393,7 @@ desktop: vnc
             rs.comments("output"),
             [
                 "noexit: loopback",
-                "noexit: replies and related flows",
+                "noexit: allowed flows: replies and related",
                 "noexit: ipv6 neighbour discovery",
                 "noexit: dns udp 10.96.0.10",
                 "noexit: dns tcp 10.96.0.10",
@@ -388,7 +411,7 @@ desktop: vnc
             rs.comments("input"),
             [
                 "noexit: loopback",
-                "noexit: replies and related flows",
+                "noexit: allowed flows: replies and related",
                 "noexit: ipv6 neighbour discovery",
                 "noexit: desktop from gateway 10.0.5.0/24 port 5901",
                 "noexit: blocked",
