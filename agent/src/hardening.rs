@@ -135,9 +135,6 @@ pub fn verify(cfg: &AgentConfig, root: &Path) -> HardeningReport {
             Ok(modules) => usb_modules_loaded = loaded_usb_modules(&modules),
             Err(e) => problems.push(format!("{PROC_MODULES}: cannot read: {e}")),
         }
-        for m in &usb_modules_loaded {
-            problems.push(format!("kernel module {m} is loaded"));
-        }
         rules_ok && usb_modules_loaded.is_empty()
     });
     HardeningReport {
@@ -147,8 +144,10 @@ pub fn verify(cfg: &AgentConfig, root: &Path) -> HardeningReport {
     }
 }
 
-/// Re-verifies every `interval`; settings changed behind our back are reported as tamper and
-/// rewritten, a USB storage module that appears is reported once per appearance.
+/// Re-verifies every `interval`. A setting that goes wrong after we wrote and verified it is
+/// reported as tamper and written again; a problem that persists (a read-only file system in a
+/// pod) is logged once per change, not reported on every pass. A USB storage module that
+/// appears is reported once per appearance.
 pub async fn watch(
     cfg: AgentConfig,
     root: PathBuf,
@@ -159,27 +158,31 @@ pub async fn watch(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut usb_reported = false;
-    let mut first = true;
+    // Problems left after our own last write; `None` before the first one.
+    let mut known: Option<Vec<String>> = None;
     while !tx.is_closed() {
         ticker.tick().await;
-        let (c, r) = (cfg.clone(), root.clone());
-        let was_first = first;
-        let report = tokio::task::spawn_blocking(move || {
+        let (c, r, k) = (cfg.clone(), root.clone(), known.clone());
+        let pass = tokio::task::spawn_blocking(move || {
             let seen = verify(&c, &r);
-            let settings_wrong = seen.problems.len() > seen.usb_modules_loaded.len();
-            if was_first || settings_wrong {
-                (apply_and_report(&c, &r), (!was_first && settings_wrong).then_some(seen.problems))
-            } else {
-                (seen, None)
-            }
+            let new: Vec<String> = match &k {
+                None => Vec::new(),
+                Some(k) => seen.problems.iter().filter(|p| !k.contains(p)).cloned().collect(),
+            };
+            if k.is_none() || !new.is_empty() { (apply_and_report(&c, &r), true, new) } else { (seen, false, new) }
         })
         .await;
-        let Ok((report, tampered)) = report else { continue };
-        first = false;
-        if let Some(problems) = tampered {
-            let detail = format!("desktop/device settings changed and rewritten: {}", problems.join("; "));
+        let Ok((report, rewritten, tampered)) = pass else { continue };
+        if !tampered.is_empty() {
+            let detail = format!("desktop/device settings changed and rewritten: {}", tampered.join("; "));
             tracing::warn!(%detail, "hardening tamper");
             let _ = tx.send(Violation { kind: ViolationKind::Tamper, count: 1, detail }).await;
+        }
+        if rewritten {
+            if !report.problems.is_empty() {
+                tracing::warn!(problems = %report.problems.join("; "), "hardening not complete");
+            }
+            known = Some(report.problems.clone());
         }
         let usb_now = !report.usb_modules_loaded.is_empty();
         if usb_now && !usb_reported {
@@ -188,9 +191,6 @@ pub async fn watch(
             }
         }
         usb_reported = usb_now;
-        if !report.problems.is_empty() {
-            tracing::warn!(problems = %report.problems.join("; "), "hardening not complete");
-        }
         state.send_replace(report.state);
     }
 }
@@ -645,6 +645,21 @@ desktop: none
             .unwrap();
         // Still loaded on the next checks: no second report.
         assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn watch_does_not_repeat_a_problem_it_cannot_fix() {
+        let root = root_with_modules(MODULES);
+        // A file where the directory must go: every write fails, every pass sees the same.
+        fs::write(root.path().join("etc"), "not a dir").unwrap();
+        let cfg = config(AgentMode::Pod, DesktopKind::Vnc, false);
+        let (tx, mut rx) = mpsc::channel(8);
+        let (state_tx, mut state_rx) = tokio_watch::channel(HardeningState::default());
+        let task = tokio::spawn(watch(cfg, root.path().to_path_buf(), Duration::from_millis(10), tx, state_tx));
+        tokio::time::timeout(Duration::from_secs(10), state_rx.changed()).await.unwrap().unwrap();
+        assert!(!state_rx.borrow().clipboard_out_disabled);
+        assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err(), "not tamper");
         task.abort();
     }
 

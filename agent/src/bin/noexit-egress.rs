@@ -153,7 +153,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Harden { config, root } => {
             let report = hardening::apply_and_report(&load(&config)?, &root);
-            let ok = report.problems.is_empty();
+            let ok = report.problems.is_empty() && report.usb_modules_loaded.is_empty();
             print(json!({"state": report.state, "problems": report.problems, "violations": report.violations()}));
             Ok(status(ok))
         }
