@@ -46,8 +46,14 @@ pub async fn watch_with(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut applied = false;
     let mut blocked = BlockedTally::new(Instant::now());
+    // While nft keeps failing, try less often (the wall stays as it is meanwhile: closed).
+    let mut failures = 0u32;
+    let mut next_try = Instant::now();
     while !tx.is_closed() {
         ticker.tick().await;
+        if Instant::now() < next_try {
+            continue;
+        }
         let (step, counts) = {
             let lock = lock.clone();
             let was_applied = applied;
@@ -62,6 +68,9 @@ pub async fn watch_with(
                 Err(e) => (Step::Applied(Err(super::EgressError::Verify(format!("check task failed: {e}")))), None),
             }
         };
+        let failed = matches!(step, Step::Applied(Err(_)) | Step::Checked(CheckOutcome::Failed { .. }));
+        failures = if failed { failures.saturating_add(1) } else { 0 };
+        next_try = Instant::now() + retry_after(opts.interval, failures);
         let mut next = match step {
             Step::Applied(Ok(s)) => {
                 applied = true;
@@ -105,6 +114,17 @@ pub async fn watch_with(
             changed
         });
     }
+}
+
+/// Ceiling of the retry backoff.
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Next attempt after `failures` failures in a row: the interval, then doubling up to a minute.
+fn retry_after(interval: Duration, failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    interval.saturating_mul(1 << (failures - 1).min(16)).min(MAX_RETRY.max(interval))
 }
 
 enum Step {
@@ -216,6 +236,14 @@ mod tests {
 
     fn out(n: u64) -> BlockedCounts {
         BlockedCounts { outbound: n, inbound: 0 }
+    }
+
+    #[test]
+    fn retries_back_off_up_to_a_minute() {
+        let i = Duration::from_secs(2);
+        let waits: Vec<u64> = (0..9).map(|n| retry_after(i, n).as_secs()).collect();
+        assert_eq!(waits, [0, 0, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_after(Duration::from_secs(90), 3), Duration::from_secs(90), "never below the interval");
     }
 
     #[test]
