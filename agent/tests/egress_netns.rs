@@ -451,6 +451,10 @@ fn egress_lock_holds_in_network_namespaces() {
     assert_allowed_paths_work(&lab, "before the lock");
     let opened_before = hold(&ws, Outside.v4(), 7);
     assert!(echoes(&opened_before));
+    // The pod-mode probe sees the open wall for what it is.
+    let (code, probe) = lab.egress(&ws, &["probe", "--config", config]);
+    assert_eq!(code, Some(3), "{probe}");
+    assert!(probe["detail"].as_str().unwrap().contains("is reachable: the network wall is open"), "{probe}");
 
     let (code, state) = lab.egress(&ws, &["apply", "--config", config]);
     assert_eq!(code, Some(0), "{state}");
