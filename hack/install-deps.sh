@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages noexit's tests use (Debian 12). Idempotent; needs root.
 #   nftables, iproute2  egress-lock tests in network namespaces
+#   iputils-ping        ICMP checks of the egress lock (agent/tests/egress_netns.rs)
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
 # Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
