@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -f charts/noexit/crds/*.yaml
 cp crds/*.yaml charts/noexit/crds/
-echo "sync-chart-crds: $(ls charts/noexit/crds | wc -l) CRDs copied to charts/noexit/crds/"
+set -- charts/noexit/crds/*.yaml
+echo "sync-chart-crds: $# CRDs copied to charts/noexit/crds/"

@@ -175,12 +175,20 @@ async fn the_webhook_refuses_what_cel_cannot_see() -> anyhow::Result<()> {
         let msg = refusal(workspaces.create(&PostParams::default(), &ws).await)?;
         anyhow::ensure!(msg.contains("spec.owner"), "{msg}");
 
-        // A grant to a project that does not exist.
-        let mut ds = ex.datasets[0].clone();
-        ds.metadata.name = Some(format!("{project}-orphan"));
-        ds.spec.granted_to = vec![format!("{project}-missing")];
-        let msg = refusal(Api::<Dataset>::all(client.clone()).create(&PostParams::default(), &ds).await)?;
-        anyhow::ensure!(msg.contains("does not exist"), "{msg}");
+        // A request filed in someone else's name.
+        let bob = as_user("bob@ward7.example").await?;
+        let mut forged = ex.request.clone();
+        forged.metadata.name = Some("forged".into());
+        forged.spec.requester = "dave@ward7.example".into();
+        let requests: Api<WorkspaceRequest> = Api::namespaced(bob, &ex.namespace());
+        let msg = wait_for("bob's request role (RBAC from the controller)", LONG, || async {
+            match requests.create(&PostParams::default(), &forged).await {
+                Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("cannot create resource") => Ok(None),
+                other => refusal(other).map(Some),
+            }
+        })
+        .await?;
+        anyhow::ensure!(msg.contains("in the name of"), "{msg}");
         Ok(())
     })
     .await
@@ -202,7 +210,7 @@ async fn a_request_is_approved_by_an_admin_and_never_by_its_requester() -> anyho
         wait_for("bob may file requests (RBAC from the controller)", LONG, || async {
             match as_bob.create(&PostParams::default(), &ex.request).await {
                 Ok(r) => Ok(Some(r)),
-                Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("forbidden") => Ok(None),
+                Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("cannot create resource") => Ok(None),
                 Err(e) => Err(e.into()),
             }
         })

@@ -248,10 +248,11 @@ async fn warnings_reach_the_client() {
 }
 
 #[tokio::test]
-async fn a_dataset_granted_to_a_missing_project_is_refused() {
+async fn a_dataset_granted_to_a_missing_project_is_admitted_with_a_warning() {
     let r = judge(cluster(), Review::create(example("cohort-2024"), "steward@ward7.example")).await;
-    assert_eq!(r["status"]["reason"], "GrantToMissingProject");
-    assert!(message(&r).contains(r#"spec.grantedTo[1]: project "ward-9" does not exist"#), "{r}");
+    assert_eq!(r["allowed"], true);
+    let warning = r["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.contains(r#"spec.grantedTo[1]: project "ward-9" does not exist (yet)"#), "{r}");
 }
 
 #[tokio::test]

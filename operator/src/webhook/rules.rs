@@ -23,8 +23,6 @@ use super::lookup::Lookup;
 pub mod reason {
     /// The object does not parse as its kind.
     pub const MALFORMED: &str = "Malformed";
-    /// A grant to a project that does not exist.
-    pub const GRANT_TO_MISSING_PROJECT: &str = "GrantToMissingProject";
     /// `status.decidedBy` names someone other than the authenticated user.
     pub const DECIDER_MISMATCH: &str = "DeciderMismatch";
     /// An approval or denial, once recorded, may not be changed or withdrawn.
@@ -129,13 +127,13 @@ pub fn check_project(new: &Project, old: Option<&Project>, lookup: &dyn Lookup, 
     v
 }
 
-/// Dataset: the controller's checks (one source, absolute paths, digest format), and every
-/// project it is newly granted to must exist.
+/// Dataset: the controller's checks (one source, absolute paths, digest format, project names),
+/// and a warning for each newly granted project that does not exist.
 ///
-/// Refused rather than warned: a grant to a missing project is a key waiting for whoever next
-/// creates a project of that name (or a typo of the intended one). Stewards grant to projects
-/// that exist; GitOps repositories apply Projects before Datasets. Grants kept from the old
-/// object are not re-checked, so deleting a project never locks its datasets against edits.
+/// Warned, not refused: a grant is only one of two keys (the project must also list the
+/// dataset), a steward may grant ahead of the project's creation, and GitOps tools apply
+/// cluster-scoped objects in no fixed order (`examples/ward-7.yaml` grants `cohort-2024` to a
+/// `ward-9` that is not part of it). The warning catches typos at the moment they are made.
 pub fn check_dataset(new: &Dataset, old: Option<&Dataset>, lookup: &dyn Lookup) -> Verdict {
     let mut v = Verdict::default();
     let object = describe("dataset", None, &new.name_any());
@@ -146,11 +144,8 @@ pub fn check_dataset(new: &Dataset, old: Option<&Dataset>, lookup: &dyn Lookup) 
     let before: BTreeSet<&String> = old.map(|o| o.spec.granted_to.iter().collect()).unwrap_or_default();
     for (i, project) in new.spec.granted_to.iter().enumerate() {
         if !before.contains(project) && lookup.project(project).is_none() {
-            v.refuse(Refusal::new(
-                &object,
-                &format!("spec.grantedTo[{i}]"),
-                reason::GRANT_TO_MISSING_PROJECT,
-                format!("project {project:?} does not exist; create the project before granting it data"),
+            v.warn(format!(
+                "{object}: spec.grantedTo[{i}]: project {project:?} does not exist (yet); the grant takes effect when it exists and lists this dataset"
             ));
         }
     }
@@ -557,26 +552,40 @@ mod tests {
     }
 
     #[test]
-    fn a_grant_to_a_missing_project_is_refused() {
+    fn a_grant_to_a_missing_project_is_admitted_with_a_warning() {
         let d = testdata::datasets().remove(1); // cohort-2024, granted to ward-7 and ward-9
         let v = check_dataset(&d, None, &cluster());
+        assert!(v.allowed());
         assert_eq!(
-            v.refusals.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            v.warnings,
             [
-                r#"dataset cohort-2024: spec.grantedTo[1]: project "ward-9" does not exist; create the project before granting it data"#
+                r#"dataset cohort-2024: spec.grantedTo[1]: project "ward-9" does not exist (yet); the grant takes effect when it exists and lists this dataset"#
             ]
         );
-        assert_eq!(reasons(&v), [reason::GRANT_TO_MISSING_PROJECT]);
+        assert!(check_dataset(&d, None, &cluster().with_project(ward_9())).warnings.is_empty());
     }
 
     #[test]
-    fn an_old_grant_to_a_deleted_project_does_not_block_edits() {
+    fn only_new_grants_to_missing_projects_warn() {
         let old = testdata::datasets().remove(1);
         let mut new = old.clone();
         new.spec.description = Some("cohort 2024, v2".into());
-        assert!(check_dataset(&new, Some(&old), &cluster()).allowed());
+        let v = check_dataset(&new, Some(&old), &cluster());
+        assert!(v.allowed() && v.warnings.is_empty(), "{v:?}");
         new.spec.granted_to.push("ward-11".into());
-        assert_eq!(reasons(&check_dataset(&new, Some(&old), &cluster())), [reason::GRANT_TO_MISSING_PROJECT]);
+        let v = check_dataset(&new, Some(&old), &cluster());
+        assert!(v.allowed());
+        assert_eq!(v.warnings.len(), 1);
+        assert!(v.warnings[0].contains(r#"spec.grantedTo[2]: project "ward-11""#));
+    }
+
+    #[test]
+    fn a_grant_to_an_invalid_project_name_is_refused() {
+        let mut d = testdata::datasets().remove(0);
+        d.spec.granted_to.push("Ward 9".into());
+        let v = check_dataset(&d, None, &cluster());
+        assert_eq!(reasons(&v), ["DatasetInvalid"]);
+        assert_eq!(v.refusals[0].field, "spec.grantedTo[1]");
     }
 
     #[test]
