@@ -312,6 +312,12 @@ async fn health_and_readiness() {
     assert_eq!(get(router(state(Unsynced)), "/healthz").await, StatusCode::OK);
     assert_eq!(get(router(state(Unsynced)), "/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(get(router(state(cluster())), "/readyz").await, StatusCode::OK);
+
+    // Before the caches sync, reviews are refused saying so, not with "project not found".
+    let r = judge(Unsynced, Review::create(example("alice-r"), "carol@ward7.example")).await;
+    assert_eq!(r["allowed"], false);
+    assert_eq!(r["status"]["reason"], "NotReady");
+    assert!(message(&r).starts_with("workspace ward-7/alice-r: (webhook): the noexit webhook has not loaded"), "{r}");
 }
 
 // --- over TLS ---
@@ -422,4 +428,95 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(post_tls(server.addr, &old_ca, body).await.is_err(), "the old CA no longer verifies");
+}
+
+// --- the real process, against a fake Kubernetes API ---
+
+/// A fake API server: answers the webhook's list calls with the shipped example and holds its
+/// watches open, like a quiet cluster.
+async fn fake_api() -> std::net::SocketAddr {
+    use axum::extract::{Path, RawQuery};
+    async fn list(Path(plural): Path<String>, RawQuery(query): RawQuery) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        if query.unwrap_or_default().contains("watch=true") {
+            return Body::from_stream(futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>())
+                .into_response();
+        }
+        let kind = match plural.as_str() {
+            "projects" => "Project",
+            "datasets" => "Dataset",
+            "workspaces" => "Workspace",
+            _ => return StatusCode::NOT_FOUND.into_response(),
+        };
+        let text = include_str!("../../examples/ward-7.yaml");
+        let items: Vec<Value> = serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &Value| v["kind"] == kind)
+            .map(|mut v| {
+                v["metadata"]["resourceVersion"] = json!("1");
+                v
+            })
+            .collect();
+        axum::Json(json!({"apiVersion": "noexit.io/v1alpha1", "kind": format!("{kind}List"),
+            "metadata": {"resourceVersion": "1"}, "items": items}))
+        .into_response()
+    }
+    let app = axum::Router::new().route("/apis/noexit.io/v1alpha1/{plural}", axum::routing::get(list));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn the_webhook_process_serves_reviews_from_its_caches_and_stops_on_sigterm() {
+    let api = fake_api().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{api}'}}}}]\n\
+             users: [{{name: fake, user: {{token: test}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let ca = Ca::generate("noexit test CA").unwrap();
+    write_cert(&ca, dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args(["webhook", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // Ready once the caches have listed the example; then a review is judged against them.
+    let mut ws = example("alice-r");
+    ws["spec"]["owner"] = json!("carol@ward7.example");
+    let body = Review::create(ws, "carol@ward7.example").json().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let response = loop {
+        if let Ok(r) = post_tls(addr, &ca, body.clone()).await
+            && r["response"]["status"]["reason"] == "OwnerNotResearcher"
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the webhook did not judge with its caches within 20 s");
+        assert!(child.try_wait().unwrap().is_none(), "the webhook exited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(response["response"]["allowed"], false);
+
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("stops within 15 s").unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
 }

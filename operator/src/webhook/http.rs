@@ -121,7 +121,12 @@ async fn validate(State(state): State<AppState>, body: Bytes) -> Result<Response
             };
         }
     };
-    let outcome = review::review(&req, state.lookup.as_ref(), &state.policy, (state.clock)());
+    let outcome = if state.lookup.ready() {
+        review::review(&req, state.lookup.as_ref(), &state.policy, (state.clock)())
+    } else {
+        // Judging against empty caches would refuse with misleading reasons (project not found).
+        review::not_ready(&req)
+    };
     log(&req.uid, &outcome);
     state.metrics.record(&outcome);
     Ok(axum::Json(review::respond(&req, &outcome)).into_response())
@@ -137,7 +142,7 @@ fn log(uid: &str, outcome: &Outcome) {
             object = %r.object,
             field = %r.field,
             reason = r.reason,
-            message = %r.message,
+            detail = %r.message,
             "admission refused"
         );
     }
@@ -160,4 +165,57 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::webhook::rules::{Refusal, Verdict};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn refusals_are_logged_as_json_with_object_field_and_reason() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish();
+        let outcome = Outcome {
+            kind: "workspace",
+            operation: "CREATE",
+            user: "carol@ward7.example".into(),
+            verdict: Verdict {
+                refusals: vec![Refusal::new(
+                    "workspace ward-7/alice",
+                    "spec.datasets[1]",
+                    "DatasetNotGranted",
+                    r#"dataset "icu-2019" is not granted to project "ward-7""#,
+                )],
+                warnings: vec![],
+            },
+        };
+        tracing::subscriber::with_default(subscriber, || log("uid-1", &outcome));
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        let fields = &line["fields"];
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(fields["message"], "admission refused");
+        assert_eq!(fields["object"], "workspace ward-7/alice");
+        assert_eq!(fields["field"], "spec.datasets[1]");
+        assert_eq!(fields["reason"], "DatasetNotGranted");
+        assert_eq!(fields["user"], "carol@ward7.example");
+        assert_eq!(fields["detail"], r#"dataset "icu-2019" is not granted to project "ward-7""#);
+    }
 }

@@ -51,39 +51,55 @@ pub fn review(
 ) -> Outcome {
     let username = req.user_info.username.clone().unwrap_or_default();
     let caller = policy.caller(&username);
-    let operation = match req.operation {
+    let (kind, operation) = (kind_of(req), operation_of(req));
+    let verdict = if kind == "unknown" {
+        let object = describe(kind, req.namespace.as_deref(), &req.name);
+        let message = format!("the noexit webhook does not judge {}/{}", req.kind.group, req.kind.kind);
+        Verdict { refusals: vec![Refusal::new(&object, "kind", reason::UNSUPPORTED, message)], warnings: vec![] }
+    } else {
+        judge(kind, req, &caller, lookup, now).unwrap_or_else(|r| Verdict { refusals: vec![r], warnings: vec![] })
+    };
+    Outcome { kind, operation, user: username, verdict }
+}
+
+/// The outcome while the caches have not synced: refused, saying so (fail closed).
+pub fn not_ready(req: &AdmissionRequest<DynamicObject>) -> Outcome {
+    let kind = kind_of(req);
+    let refusal = Refusal::new(
+        &describe(kind, req.namespace.as_deref(), &req.name),
+        "(webhook)",
+        reason::NOT_READY,
+        "the noexit webhook has not loaded projects and datasets yet; retry in a few seconds",
+    );
+    Outcome {
+        kind,
+        operation: operation_of(req),
+        user: req.user_info.username.clone().unwrap_or_default(),
+        verdict: Verdict { refusals: vec![refusal], warnings: vec![] },
+    }
+}
+
+/// The kind as a fixed label: one of ours, or `unknown`.
+fn kind_of(req: &AdmissionRequest<DynamicObject>) -> &'static str {
+    if req.kind.group != noexit_crds::GROUP {
+        return "unknown";
+    }
+    match req.kind.kind.as_str() {
+        "Project" => "project",
+        "Dataset" => "dataset",
+        "Workspace" => "workspace",
+        "WorkspaceRequest" => "workspacerequest",
+        _ => "unknown",
+    }
+}
+
+fn operation_of(req: &AdmissionRequest<DynamicObject>) -> &'static str {
+    match req.operation {
         Operation::Create => "CREATE",
         Operation::Update => "UPDATE",
         Operation::Delete => "DELETE",
         Operation::Connect => "CONNECT",
-    };
-    let group_ok = req.kind.group == noexit_crds::GROUP;
-    let kind: &'static str = match req.kind.kind.as_str() {
-        "Project" if group_ok => "project",
-        "Dataset" if group_ok => "dataset",
-        "Workspace" if group_ok => "workspace",
-        "WorkspaceRequest" if group_ok => "workspacerequest",
-        _ => "unknown",
-    };
-    let object = describe(kind, req.namespace.as_deref(), &req.name);
-    let verdict = match judge(kind, req, &caller, lookup, now) {
-        Ok(v) => v,
-        Err(r) => Verdict { refusals: vec![r], warnings: vec![] },
-    };
-    let verdict = if kind == "unknown" {
-        Verdict {
-            refusals: vec![Refusal::new(
-                &object,
-                "kind",
-                reason::UNSUPPORTED,
-                format!("the noexit webhook does not judge {}/{}", req.kind.group, req.kind.kind),
-            )],
-            warnings: vec![],
-        }
-    } else {
-        verdict
-    };
-    Outcome { kind, operation, user: username, verdict }
+    }
 }
 
 fn judge(
@@ -127,6 +143,7 @@ fn judge(
             let (new, old) = objects(req, &object)?;
             rules::check_request(&new, old.as_ref(), caller, lookup, now)
         }
+        // `review` refuses unknown kinds before judging.
         _ => Verdict::default(),
     })
 }

@@ -27,6 +27,8 @@ pub mod reason {
     pub const DECIDER_MISMATCH: &str = "DeciderMismatch";
     /// An approval or denial, once recorded, may not be changed or withdrawn.
     pub const DECISION_FINAL: &str = "DecisionFinal";
+    /// The webhook's caches have not synced; it cannot judge yet.
+    pub const NOT_READY: &str = "NotReady";
     /// A kind, operation or sub-resource this webhook does not judge.
     pub const UNSUPPORTED: &str = "Unsupported";
 }
