@@ -472,16 +472,7 @@ async fn fake_api() -> std::net::SocketAddr {
 async fn the_webhook_process_serves_reviews_from_its_caches_and_stops_on_sigterm() {
     let api = fake_api().await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{api}'}}}}]\n\
-             users: [{{name: fake, user: {{token: test}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
-             current-context: fake\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = kubeconfig(dir.path(), api);
     let ca = Ca::generate("noexit test CA").unwrap();
     write_cert(&ca, dir.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -492,7 +483,7 @@ async fn the_webhook_process_serves_reviews_from_its_caches_and_stops_on_sigterm
         .arg("--tls-key")
         .arg(dir.path().join("tls.key"))
         .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -519,4 +510,136 @@ async fn the_webhook_process_serves_reviews_from_its_caches_and_stops_on_sigterm
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("stops within 15 s").unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+/// What the fake API saw of the webhook's certificate bootstrap.
+#[derive(Default)]
+struct Recorded {
+    ca_secret: Option<Value>,
+    vwc_patch: Option<(String, Value)>,
+}
+
+/// A fake API that also serves the CA Secret (absent at first) and the webhook configuration.
+async fn fake_api_with_pki(recorded: Arc<std::sync::Mutex<Recorded>>) -> std::net::SocketAddr {
+    use axum::extract::State;
+    use axum::response::IntoResponse;
+    type Shared = Arc<std::sync::Mutex<Recorded>>;
+    let vwc = || {
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": "noexit-webhook", "resourceVersion": "1"},
+            "webhooks": [{"name": "validate.noexit.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "clientConfig": {"service": {"name": "noexit-webhook", "namespace": "noexit-system", "path": "/validate"}}}]})
+    };
+    let get_secret = |State(s): State<Shared>| async move {
+        match s.lock().unwrap().ca_secret.clone() {
+            Some(secret) => axum::Json(secret).into_response(),
+            None => (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "secrets \"noexit-ca\" not found"})),
+            )
+                .into_response(),
+        }
+    };
+    let create_secret = |State(s): State<Shared>, axum::Json(body): axum::Json<Value>| async move {
+        s.lock().unwrap().ca_secret = Some(body.clone());
+        (StatusCode::CREATED, axum::Json(body))
+    };
+    let get_vwc = move || async move { axum::Json(vwc()) };
+    let patch_vwc = move |State(s): State<Shared>, headers: http::HeaderMap, axum::Json(body): axum::Json<Value>| async move {
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        s.lock().unwrap().vwc_patch = Some((content_type, body));
+        axum::Json(vwc())
+    };
+    let lists = |axum::extract::Path(plural): axum::extract::Path<String>, q: axum::extract::RawQuery| async move {
+        if q.0.unwrap_or_default().contains("watch=true") {
+            return Body::from_stream(futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>())
+                .into_response();
+        }
+        axum::Json(json!({"apiVersion": "noexit.io/v1alpha1", "kind": format!("{plural}List"),
+            "metadata": {"resourceVersion": "1"}, "items": []}))
+        .into_response()
+    };
+    let app = axum::Router::new()
+        .route("/apis/noexit.io/v1alpha1/{plural}", axum::routing::get(lists))
+        .route("/api/v1/namespaces/noexit-system/secrets/noexit-ca", axum::routing::get(get_secret))
+        .route("/api/v1/namespaces/noexit-system/secrets", axum::routing::post(create_secret))
+        .route(
+            "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/noexit-webhook",
+            axum::routing::get(get_vwc).patch(patch_vwc),
+        )
+        .with_state(recorded);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn kubeconfig(dir: &std::path::Path, api: std::net::SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{api}'}}}}]\n\
+             users: [{{name: fake, user: {{token: test}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn the_webhook_creates_the_ca_issues_its_certificate_and_sets_the_ca_bundle() {
+    use base64::Engine;
+    let recorded = Arc::new(std::sync::Mutex::new(Recorded::default()));
+    let api = fake_api_with_pki(recorded.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--ca-secret", "noexit-ca"])
+        .args(["--namespace", "noexit-system", "--dns-name", "localhost", "--webhook-configuration", "noexit-webhook"])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .env("KUBECONFIG", kubeconfig(dir.path(), api))
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // The CA the webhook created is in the Secret it posted; its certificate verifies with it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ca = loop {
+        let secret = recorded.lock().unwrap().ca_secret.clone();
+        if let Some(secret) = secret {
+            let field = |k: &str| {
+                let b64 = secret["data"][k].as_str().unwrap().to_owned();
+                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+            };
+            break Ca::from_pem(&field("ca.crt"), &field("ca.key")).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no CA Secret created within 20 s");
+        assert!(child.try_wait().unwrap().is_none(), "the webhook exited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let body = Review::create(example("alice-r"), "carol@ward7.example").json().to_string();
+    loop {
+        if let Ok(r) = post_tls(addr, &ca, body.clone()).await {
+            // Empty caches: the project does not exist.
+            assert_eq!(r["response"]["status"]["reason"], "ProjectNotFound", "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the webhook did not serve a certificate from its CA within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (content_type, patch) = recorded.lock().unwrap().vwc_patch.clone().expect("the caBundle was patched");
+    assert_eq!(content_type, "application/strategic-merge-patch+json");
+    assert_eq!(patch["webhooks"][0]["name"], "validate.noexit.io");
+    let bundle = patch["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap();
+    let bundle = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundle).unwrap()).unwrap();
+    assert_eq!(bundle, ca.cert_pem());
 }
