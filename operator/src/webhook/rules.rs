@@ -98,6 +98,11 @@ pub fn check_project(new: &Project, old: Option<&Project>, lookup: &dyn Lookup, 
     let datasets: Vec<Dataset> =
         new.spec.datasets.iter().filter_map(|d| lookup.dataset(d)).map(|d| d.as_ref().clone()).collect();
     match project::validate(new, &datasets, now.date_naive()) {
+        Err(invalid)
+            if old.is_some_and(|o| same_problem(&project::validate(o, &datasets, now.date_naive()), &invalid)) =>
+        {
+            v.warn(format!("{invalid} (as before this change)"));
+        }
         Err(invalid) => v.refuse(invalid),
         Ok(resolved) => {
             for missing in &resolved.ungranted {
@@ -140,7 +145,11 @@ pub fn check_dataset(new: &Dataset, old: Option<&Dataset>, lookup: &dyn Lookup) 
     let mut v = Verdict::default();
     let object = describe("dataset", None, &new.name_any());
     if let Err(invalid) = dataset::validate(new) {
-        v.refuse(invalid);
+        if old.is_some_and(|o| same_problem(&dataset::validate(o), &invalid)) {
+            v.warn(format!("{invalid} (as before this change)"));
+        } else {
+            v.refuse(invalid);
+        }
         return v;
     }
     let before: BTreeSet<&String> = old.map(|o| o.spec.granted_to.iter().collect()).unwrap_or_default();
@@ -184,6 +193,12 @@ pub fn check_workspace(new: &Workspace, old: Option<&Workspace>, lookup: &dyn Lo
         }
     }
     v
+}
+
+/// The old object already had this problem: an object that predates the webhook (or a rule)
+/// must stay editable, so the change is not refused for it.
+fn same_problem<T>(old: &Result<T, Invalid>, new: &Invalid) -> bool {
+    old.as_ref().err().is_some_and(|o| o.field == new.field && o.reason == new.reason)
 }
 
 fn workspace_problems(ws: &Workspace, lookup: &dyn Lookup, now: DateTime<Utc>) -> Vec<Invalid> {
@@ -516,6 +531,22 @@ mod tests {
     }
 
     #[test]
+    fn an_update_keeping_an_old_project_problem_is_admitted_with_a_warning() {
+        let mut old = testdata::project();
+        old.spec.members.retain(|m| !m.roles.contains(&Role::Admin));
+        let mut new = old.clone();
+        new.spec.display_name = Some("renamed".into());
+        let v = check_project(&new, Some(&old), &cluster(), now());
+        assert!(v.allowed(), "{v:?}");
+        assert!(v.warnings[0].ends_with("(as before this change)"), "{:?}", v.warnings);
+
+        let mut worse = testdata::project();
+        worse.spec.members[0].roles.clear();
+        let v = check_project(&worse, Some(&testdata::project()), &cluster(), now());
+        assert_eq!(reasons(&v), ["InvalidField"]);
+    }
+
+    #[test]
     fn project_listing_an_ungranted_dataset_is_admitted_with_a_warning() {
         let mut p = testdata::project();
         p.spec.datasets.push("genomes-2025".into());
@@ -597,6 +628,17 @@ mod tests {
         let v = check_dataset(&d, None, &cluster());
         assert_eq!(reasons(&v), ["DatasetInvalid"]);
         assert_eq!(v.refusals[0].field, "spec.source");
+    }
+
+    #[test]
+    fn an_invalid_dataset_stays_editable_but_may_not_get_worse() {
+        let mut old = testdata::datasets().remove(0);
+        old.spec.digest = Some("md5:abc".into());
+        let mut new = old.clone();
+        new.spec.description = Some("v2".into());
+        assert!(check_dataset(&new, Some(&old), &cluster()).allowed());
+        new.spec.source.nfs = None;
+        assert_eq!(reasons(&check_dataset(&new, Some(&old), &cluster())), ["DatasetInvalid"]);
     }
 
     #[test]
