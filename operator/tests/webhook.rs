@@ -643,3 +643,62 @@ async fn the_webhook_creates_the_ca_issues_its_certificate_and_sets_the_ca_bundl
     let bundle = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundle).unwrap()).unwrap();
     assert_eq!(bundle, ca.cert_pem());
 }
+
+/// Every leaf and object of `value`, as JSON pointers.
+fn pointers(value: &Value, at: String, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                pointers(v, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                pointers(v, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+    if !at.is_empty() {
+        out.push(at);
+    }
+}
+
+#[tokio::test]
+async fn no_mangled_review_makes_the_webhook_fail() {
+    let mut old = example("alice-stats");
+    old["status"] = json!({"conditions": [{"type": "Approved", "status": "True", "reason": "R", "message": "",
+        "lastTransitionTime": "2026-11-22T10:00:00Z"}], "decidedBy": "carol@ward7.example"});
+    let mut review = Review::update(old.clone(), old, "carol@ward7.example");
+    review.sub_resource = Some("status");
+    let reviews = [
+        Review::create(example("ward-7"), "carol@ward7.example").json(),
+        Review::create(example("icu-2019"), "carol@ward7.example").json(),
+        Review::update(example("alice-r"), example("alice-r"), "carol@ward7.example").json(),
+        review.json(),
+    ];
+    let app = router(state(cluster()));
+    let mut checked = 0;
+    for original in reviews {
+        let mut paths = Vec::new();
+        pointers(&original, String::new(), &mut paths);
+        for path in paths {
+            for wrong in [Value::Null, json!(-1), json!("x"), json!([]), json!({}), json!(true)] {
+                let mut mangled = original.clone();
+                if let Some(slot) = mangled.pointer_mut(&path) {
+                    *slot = wrong;
+                }
+                let (status, body) = send(app.clone(), mangled.to_string()).await;
+                assert!(
+                    status == StatusCode::OK || status == StatusCode::BAD_REQUEST,
+                    "{path}: status {status}, body {body}"
+                );
+                if status == StatusCode::OK {
+                    assert!(body["response"]["allowed"].is_boolean(), "{path}: {body}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 1000, "only {checked} mangled reviews");
+}
