@@ -14,7 +14,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use noexit_crds::{Dataset, Project, Workspace, WorkspaceRequest};
-use noexit_e2e::{Example, apply, as_user, cluster, refusal, wait_for, with_project};
+use noexit_e2e::{Example, apply, apply_admitted, as_user, cluster, refusal, wait_for, with_project};
 use serde_json::json;
 
 const SHORT: Duration = Duration::from_secs(60);
@@ -29,6 +29,14 @@ async fn create_project(client: &Client, ex: &Example) -> anyhow::Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns = ex.namespace();
     wait_for(&format!("namespace {ns}"), LONG, || async { Ok(namespaces.get_opt(&ns).await?) }).await?;
+    // The webhook judges from its caches: wait until they hold the project and its datasets
+    // (a server-side dry run of the example workspace is admitted).
+    let workspaces: Api<Workspace> = Api::namespaced(client.clone(), &ns);
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    wait_for("the webhook to admit the example workspace (dry run)", SHORT, || async {
+        Ok(workspaces.create(&dry_run, &ex.workspaces[0]).await.ok().map(|_| ()))
+    })
+    .await?;
     Ok(())
 }
 
@@ -98,7 +106,7 @@ async fn a_pod_workspace_runs_stops_and_keeps_its_home() -> anyhow::Result<()> {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
         let ws = ex.workspaces.iter().find(|w| w.name_any() == "alice-r").cloned().ok_or(anyhow::anyhow!("alice-r"))?;
-        apply(&workspaces, &ws).await?;
+        apply_admitted(&workspaces, &ws).await?;
 
         wait_for("pod ws-alice-r", LONG, || async { Ok(pods.get_opt("ws-alice-r").await?) }).await?;
         wait_for("workspace status for the current generation", LONG, || async {
@@ -128,7 +136,7 @@ async fn revoking_a_grant_blocks_the_workspace_with_dataset_not_granted() -> any
         let ns = ex.namespace();
         let workspaces: Api<Workspace> = Api::namespaced(client.clone(), &ns);
         let ws = ex.workspaces.iter().find(|w| w.name_any() == "alice-r").cloned().ok_or(anyhow::anyhow!("alice-r"))?;
-        apply(&workspaces, &ws).await?;
+        apply_admitted(&workspaces, &ws).await?;
 
         // The steward revokes: admitted (with a warning), and the workspace stops.
         let mut icu = ex.datasets[0].clone();
@@ -164,7 +172,11 @@ async fn the_webhook_refuses_what_cel_cannot_see() -> anyhow::Result<()> {
         other.metadata.name = Some(format!("{project}-other"));
         apply(&Api::<Dataset>::all(client.clone()), &other).await?;
         ws.spec.datasets = vec![ex.datasets[1].name_any(), other.name_any()];
-        let msg = refusal(workspaces.create(&PostParams::default(), &ws).await)?;
+        let msg = wait_for("the webhook's cache to hold the new dataset", SHORT, || async {
+            let msg = refusal(workspaces.create(&PostParams::default(), &ws).await)?;
+            Ok((!msg.contains("does not exist")).then_some(msg))
+        })
+        .await?;
         let expected =
             format!("workspace {project}/alice-x: spec.datasets[1]: dataset \"{project}-other\" is not granted to project \"{project}\"");
         anyhow::ensure!(msg.contains(&expected), "refusal {msg:?} lacks {expected:?}");

@@ -71,6 +71,27 @@ where
     api.patch(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await
 }
 
+/// [`apply`], retried for up to 30 s while the webhook refuses because its caches have not
+/// seen an object created a moment ago (a Project, a Dataset); any other refusal is returned.
+pub async fn apply_admitted<K>(api: &Api<K>, obj: &K) -> anyhow::Result<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match apply(api, obj).await {
+            Ok(applied) => return Ok(applied),
+            Err(kube::Error::Api(e))
+                if Instant::now() < deadline
+                    && (e.message.contains("does not exist") || e.message.contains("has not loaded")) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("applying {}", obj.name_any())),
+        }
+    }
+}
+
 /// The API server's refusal message, or an error if the call succeeded or failed otherwise.
 pub fn refusal<T>(result: Result<T, kube::Error>) -> anyhow::Result<String> {
     match result {
