@@ -190,6 +190,23 @@ desktop: none
         assert!(s.detail.unwrap().starts_with("probe inconclusive: mirror"));
     }
 
+    #[tokio::test]
+    async fn watch_publishes_and_follows_changes() {
+        let mirror = TcpListener::bind("127.0.0.1:0").unwrap();
+        let canary = TcpListener::bind("127.0.0.1:0").unwrap();
+        let canary_port = canary.local_addr().unwrap().port();
+        let cfg = config(mirror.local_addr().unwrap().port(), Some(("127.0.0.1", canary_port)));
+        let (tx, mut rx) = tokio_watch::channel(state(false, "starting".into()));
+        let task = tokio::spawn(watch(cfg, Duration::from_millis(20), tx));
+        let bound = Duration::from_secs(10);
+        let s = tokio::time::timeout(bound, rx.wait_for(|s| s.detail.as_deref() != Some("starting"))).await;
+        assert!(!s.unwrap().unwrap().locked, "canary reachable");
+        drop(canary); // the wall closes
+        let s = tokio::time::timeout(bound, rx.wait_for(|s| s.locked)).await.unwrap().unwrap().clone();
+        assert!(s.detail.unwrap().contains("blocked (refused)"));
+        task.abort();
+    }
+
     #[test]
     fn missing_or_block_canary_is_refused() {
         let mirror = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -125,6 +125,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             let (state_tx, mut state_rx) = tokio::sync::watch::channel(egress::not_locked(&"not applied yet"));
             let task = tokio::spawn(egress::watch_with(lock, opts, tx, state_tx));
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             loop {
                 tokio::select! {
                     Some(v) = rx.recv() => print(json!({"event": "violation", "violation": v})),
@@ -134,6 +135,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                         print(json!({"event": "state", "state": s}));
                     }
                     _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
                 }
             }
             // Leaves the table in place: stopping the watcher never opens the wall.
