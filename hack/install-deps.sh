@@ -3,9 +3,10 @@
 #   nftables, iproute2  egress-lock tests in network namespaces
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
+#   curl                the mirror tests fetch from inside network namespaces
 # Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
 set -euo pipefail
-packages=(nftables iproute2 procps postgresql r-base-core ca-certificates)
+packages=(nftables iproute2 procps postgresql r-base-core ca-certificates curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,11 +1,12 @@
 //! Connection-level protection: a connection that makes no progress (neither reads nor
-//! writes) for the idle timeout is closed, and each client address may hold only a few
+//! writes) for the idle timeout, while no request of it is being worked on, is closed, and each client address may hold only a few
 //! connections. A slow client therefore holds at most its own few connections, never a
 //! worker: every connection is its own task and waits without blocking others.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,12 +20,34 @@ pub struct IdleTimeout<S> {
     idle: Duration,
     last_progress: Instant,
     timer: Pin<Box<Sleep>>,
+    busy: Busy,
+}
+
+/// Requests of one connection being worked on (e.g. waiting for upstream): the connection is
+/// not idle then, although no bytes move.
+#[derive(Clone, Default)]
+pub struct Busy(Arc<AtomicUsize>);
+
+/// Held while a request is being handled.
+pub struct BusyGuard(Arc<AtomicUsize>);
+
+impl Busy {
+    pub fn enter(&self) -> BusyGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        BusyGuard(self.0.clone())
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<S> IdleTimeout<S> {
-    pub fn new(inner: S, idle: Duration) -> Self {
+    pub fn new(inner: S, idle: Duration, busy: Busy) -> Self {
         let now = Instant::now();
-        Self { inner, idle, last_progress: now, timer: Box::pin(tokio::time::sleep_until(now + idle)) }
+        Self { inner, idle, last_progress: now, timer: Box::pin(tokio::time::sleep_until(now + idle)), busy }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -37,6 +60,11 @@ impl<S> IdleTimeout<S> {
 
     /// Called when the inner stream is pending: error out if idle too long.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        if self.busy.0.load(Ordering::Acquire) > 0 {
+            // Handler at work; the response it produces will poll us again.
+            self.progressed();
+            return Poll::Pending;
+        }
         let deadline = self.last_progress + self.idle;
         if self.timer.deadline() != deadline {
             self.timer.as_mut().reset(deadline);
@@ -164,7 +192,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_stops_reading_is_cut_off() {
         let (client, server) = tokio::io::duplex(1024);
-        let mut server = IdleTimeout::new(server, Duration::from_millis(200));
+        let mut server = IdleTimeout::new(server, Duration::from_millis(200), Busy::default());
         // The client never reads: the write blocks once the pipe is full, then times out.
         let err = server.write_all(&[0u8; 64 * 1024]).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
@@ -172,9 +200,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_waiting_on_its_handler_is_not_idle() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let busy = Busy::default();
+        let mut server = IdleTimeout::new(server, Duration::from_millis(100), busy.clone());
+        let guard = busy.enter();
+        let mut buf = [0u8; 8];
+        // Nothing arrives for longer than the idle limit while the request is being handled.
+        let waited = tokio::time::timeout(Duration::from_millis(400), server.read(&mut buf)).await;
+        assert!(waited.is_err(), "the read must still be pending, not failed");
+        drop(guard);
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(server.read(&mut buf).await.unwrap(), 1);
+        // Now idle for real.
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
     async fn progress_keeps_the_connection_alive() {
         let (mut client, server) = tokio::io::duplex(16);
-        let mut server = IdleTimeout::new(server, Duration::from_millis(300));
+        let mut server = IdleTimeout::new(server, Duration::from_millis(300), Busy::default());
         // A slow reader (a pause shorter than the idle limit between reads) is never cut off,
         // although the whole transfer takes longer than the limit.
         let reader = tokio::spawn(async move {

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use super::clients::{ClientId, ClientMap, identity_from_certificate};
 use super::conditional::{self, Answer, Validators};
-use super::conn::{IdleTimeout, PerClient};
+use super::conn::{Busy, IdleTimeout, PerClient};
 use super::index::{Rendered, valid_name, valid_version};
 use super::policy::{self, PolicyFile};
 use super::reload::Watched;
@@ -421,7 +421,8 @@ pub async fn serve(
             match tls {
                 None => {
                     let peer = Peer { addr, certified: None };
-                    serve_io(IdleTimeout::new(stream, limits.idle), peer, mirror, &limits).await;
+                    let busy = Busy::default();
+                    serve_io(IdleTimeout::new(stream, limits.idle, busy.clone()), busy, peer, mirror, &limits).await;
                 }
                 Some(acceptor) => {
                     let tls_stream = match tokio::time::timeout(limits.tls_handshake, acceptor.accept(stream)).await {
@@ -436,21 +437,26 @@ pub async fn serve(
                         .and_then(|certs| certs.first())
                         .and_then(|c| identity_from_certificate(c.as_ref()));
                     let peer = Peer { addr, certified };
-                    serve_io(IdleTimeout::new(tls_stream, limits.idle), peer, mirror, &limits).await;
+                    let busy = Busy::default();
+                    serve_io(IdleTimeout::new(tls_stream, limits.idle, busy.clone()), busy, peer, mirror, &limits)
+                        .await;
                 }
             }
         });
     }
 }
 
-async fn serve_io<I>(io: I, peer: Peer, mirror: Arc<Mirror>, limits: &Limits)
+async fn serve_io<I>(io: I, busy: Busy, peer: Peer, mirror: Arc<Mirror>, limits: &Limits)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = Arc::new(peer);
     let service = hyper::service::service_fn(move |req| {
-        let (mirror, peer) = (mirror.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(mirror.handle(req, &peer).await) }
+        let (mirror, peer, busy) = (mirror.clone(), peer.clone(), busy.clone());
+        async move {
+            let _working = busy.enter();
+            Ok::<_, Infallible>(mirror.handle(req, &peer).await)
+        }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
