@@ -42,6 +42,7 @@ md5=$(md5sum "$contrib/benchpkg_1.0.tar.gz" | cut -d' ' -f1)
   done
 } > "$contrib/PACKAGES"
 gzip -6 -k -n "$contrib/PACKAGES"
+chmod -R a+rX "$work"   # nginx workers run unprivileged
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 NGINX_PORT=$(port)
