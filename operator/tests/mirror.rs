@@ -352,7 +352,18 @@ struct Mirror {
 
 impl Mirror {
     fn start(upstream: &str, clients: &[(&str, &str)], policy: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with(tempfile::tempdir().unwrap(), upstream, clients, policy, &[])
+    }
+
+    /// `extra` flags; with `--tls-cert`, health is checked over HTTPS (`dir/ca.pem`).
+    fn start_with(
+        dir: tempfile::TempDir,
+        upstream: &str,
+        clients: &[(&str, &str)],
+        policy: &str,
+        extra: &[String],
+    ) -> Self {
+        let tls = extra.iter().any(|a| a == "--tls-cert");
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
         let clients: String = clients.iter().map(|(a, w)| format!("  {a}: {w}\n")).collect();
@@ -369,6 +380,7 @@ impl Mirror {
             .arg("--audit-file")
             .arg(dir.path().join("audit.jsonl"))
             .args(["--reload-secs", "1", "--upstream-timeout-secs", "5"])
+            .args(extra)
             .env("RUST_LOG", "info,noexit_operator::mirror=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -379,7 +391,16 @@ impl Mirror {
             if let Ok(Some(status)) = me.child.try_wait() {
                 panic!("mirror exited with {status}:\n{}", me.log());
             }
-            get(me.addr(), "/healthz", &[]).ok().filter(|r| r.status == 200)
+            if tls {
+                let out = run(Command::new("curl")
+                    .arg("-sf")
+                    .arg("--cacert")
+                    .arg(me.dir.path().join("ca.pem"))
+                    .arg(format!("https://127.0.0.1:{}/healthz", me.port)));
+                out.status.success().then_some(())
+            } else {
+                get(me.addr(), "/healthz", &[]).ok().filter(|r| r.status == 200).map(|_| ())
+            }
         });
         me
     }
@@ -726,4 +747,63 @@ fn policy_and_clients_reload_and_policy_check() {
         stdout.contains("project ward-7: nxallowed 1.0 needs nxdep, which the project's mirror policy does not allow"),
         "{stdout}"
     );
+}
+
+#[test]
+fn client_certificates_from_the_operator_ca_name_the_workspace() {
+    if !ready(false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = noexit_operator::pki::Ca::generate("noexit test CA").unwrap();
+    let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], chrono::Duration::days(1)).unwrap();
+    let ws = noexit_crds::agent::WorkspaceIdentity { project: "ward-7".into(), name: "alice-vm".into() };
+    let client = ca.issue_workspace_client(&ws, chrono::Duration::days(1)).unwrap();
+    let other_ca = noexit_operator::pki::Ca::generate("someone else").unwrap();
+    let forged = other_ca.issue_workspace_client(&ws, chrono::Duration::days(1)).unwrap();
+    let files = [
+        ("ca.pem", ca.cert_pem()),
+        ("server.pem", server.cert_pem.as_str()),
+        ("server.key", server.key_pem.as_str()),
+        ("client.pem", client.cert_pem.as_str()),
+        ("client.key", client.key_pem.as_str()),
+        ("forged.pem", forged.cert_pem.as_str()),
+        ("forged.key", forged.key_pem.as_str()),
+    ];
+    for (name, pem) in files {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let root = dir.path().to_owned();
+    let path = |f: &str| root.join(f).display().to_string();
+    let extra = [
+        "--tls-cert".into(),
+        path("server.pem"),
+        "--tls-key".into(),
+        path("server.key"),
+        "--client-ca".into(),
+        path("ca.pem"),
+    ];
+    let upstream = Upstream::start(TcpListener::bind("127.0.0.1:0").unwrap(), repo().root.clone());
+    // No address is mapped: only the certificate can name the workspace.
+    let mirror = Mirror::start_with(dir, &format!("http://{}", upstream.addr), &[], POLICY, &extra);
+    let url = format!("https://127.0.0.1:{}/src/contrib/nxdep_0.1.0.tar.gz", mirror.port);
+    let curl = |cert: Option<&str>| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", &path("ca.pem")]);
+        if let Some(name) = cert {
+            c.args(["--cert", &path(&format!("{name}.pem")), "--key", &path(&format!("{name}.key"))]);
+        }
+        String::from_utf8_lossy(&run(c.arg(&url)).stdout).into_owned()
+    };
+    assert_eq!(curl(Some("client")), "200");
+    assert_eq!(curl(None), "403", "no certificate and an unmapped address");
+    assert_ne!(curl(Some("forged")), "200", "a certificate from another CA is refused");
+    let audit = mirror.audit();
+    assert!(
+        audit.iter().any(|e| e["actor"] == "workspace:ward-7/alice-vm"
+            && e["object"] == "package:nxdep@0.1.0"
+            && outcome(e) == "allowed"),
+        "{audit:#?}"
+    );
+    assert!(audit.iter().any(|e| e["actor"] == "unknown" && outcome(e) == "refused"), "{audit:#?}");
 }
