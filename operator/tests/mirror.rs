@@ -807,3 +807,48 @@ fn client_certificates_from_the_operator_ca_name_the_workspace() {
     );
     assert!(audit.iter().any(|e| e["actor"] == "unknown" && outcome(e) == "refused"), "{audit:#?}");
 }
+
+#[test]
+fn stalled_clients_are_cut_off_and_do_not_starve_others() {
+    if !ready(false) {
+        return;
+    }
+    // A snapshot with one large package (larger than the socket buffers can hide).
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("snapshot");
+    let contrib = snapshot.join("src/contrib");
+    std::fs::create_dir_all(&contrib).unwrap();
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(contrib.join("nxbig_1.0.tar.gz"), &big).unwrap();
+    let md5 = hex::encode(Md5::digest(&big));
+    std::fs::write(contrib.join("PACKAGES"), format!("Package: nxbig\nVersion: 1.0\nMD5sum: {md5}\n")).unwrap();
+    let extra = ["--snapshot".into(), snapshot.display().to_string(), "--idle-timeout-secs".into(), "2".into()];
+    let upstream = Upstream::start(TcpListener::bind("127.0.0.1:0").unwrap(), repo().root.clone());
+    let mirror =
+        Mirror::start_with(dir, &format!("http://{}", upstream.addr), &[("127.0.0.1", "ward-7/host")], POLICY, &extra);
+
+    // Ten clients ask for the big file and never read.
+    let stalled: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(mirror.addr()).unwrap();
+            s.write_all(b"GET /src/contrib/nxbig_1.0.tar.gz HTTP/1.1\r\nHost: m\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    // Everyone else is served meanwhile.
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(mirror.addr(), "/src/contrib/PACKAGES.gz", &[]).unwrap().status, 200);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "served while others stall: {:?}", started.elapsed());
+    // The stalled connections are closed after the idle timeout, their transfers unfinished.
+    poll("the mirror to close the stalled connections", Duration::from_secs(30), || {
+        (mirror.log().matches("connection ended with an error").count() >= 10).then_some(())
+    });
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        assert!(got.len() < big.len(), "a stalled client got the whole file");
+    }
+}

@@ -465,7 +465,7 @@ where
         .serve_connection(hyper_util::rt::TokioIo::new(io), service)
         .await;
     if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
+        tracing::debug!(error = %e, cause = ?std::error::Error::source(&e), "connection ended with an error");
     }
 }
 
