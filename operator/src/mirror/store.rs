@@ -350,11 +350,12 @@ impl Store {
         if let Some(found) = self.in_cache(rel).await {
             return Ok(found);
         }
-        if let Some(found) = self.in_snapshot(rel, &expect).await? {
-            return Ok(found);
-        }
-        if self.upstream.is_none() {
-            return Err(FetchError::NotAvailable);
+        match self.snapshot_file(rel).await {
+            Some((found, true)) => return Ok(found),
+            // Verify it once, however many ask at the same time.
+            Some((_, false)) => {}
+            None if self.upstream.is_none() => return Err(FetchError::NotAvailable),
+            None => {}
         }
         let (flight, joined) = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -366,7 +367,7 @@ impl Store {
                     // Spawned, so the download finishes (and is cached) even if every client
                     // waiting for it goes away.
                     let task = tokio::spawn(async move {
-                        let result = this.fetch(&key, &expect).await;
+                        let result = this.produce(&key, &expect).await;
                         this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                         result
                     });
@@ -379,7 +380,7 @@ impl Store {
             }
         };
         if joined {
-            tracing::debug!(file = rel, "joined in-flight upstream fetch");
+            tracing::debug!(file = rel, "joined in-flight fetch");
         }
         flight.await
     }
@@ -395,32 +396,43 @@ impl Store {
         })
     }
 
-    async fn in_snapshot(&self, rel: &str, expect: &Expect) -> Result<Option<Located>, FetchError> {
-        let Some(dir) = &self.snapshot else { return Ok(None) };
-        let path = dir.join(rel);
-        let Ok(meta) = tokio::fs::metadata(&path).await else { return Ok(None) };
-        if !meta.is_file() {
-            return Ok(None);
-        }
+    /// The snapshot's file at `rel`, and whether it was verified already (as it is now:
+    /// same length and modification time).
+    async fn snapshot_file(&self, rel: &str) -> Option<(Located, bool)> {
+        let path = self.snapshot.as_ref()?.join(rel);
+        let meta = tokio::fs::metadata(&path).await.ok().filter(|m| m.is_file())?;
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let key = (path.clone(), meta.len(), modified);
-        let known = self.verified.lock().unwrap_or_else(|p| p.into_inner()).contains(&key);
-        if !known {
-            let (p, e, r) = (path.clone(), expect.clone(), rel.to_owned());
-            tokio::task::spawn_blocking(move || verify_file(&p, &e, &r))
-                .await
-                .map_err(|e| FetchError::Io(e.to_string()))??;
-            self.verified.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
-        }
-        Ok(Some(Located { path, len: meta.len(), modified, origin: "snapshot" }))
+        let known =
+            self.verified.lock().unwrap_or_else(|p| p.into_inner()).contains(&(path.clone(), meta.len(), modified));
+        Some((Located { path, len: meta.len(), modified, origin: "snapshot" }, known))
     }
 
-    /// Download `rel` into a temporary file, verify, sync, rename into the cache.
-    async fn fetch(&self, rel: &str, expect: &Expect) -> Result<Located, FetchError> {
+    /// Cache, else verified snapshot, else upstream. Runs once per file at a time.
+    async fn produce(&self, rel: &str, expect: &Expect) -> Result<Located, FetchError> {
         // A fetch that finished between the caller's cache check and this one.
         if let Some(found) = self.in_cache(rel).await {
             return Ok(found);
         }
+        if let Some((found, known)) = self.snapshot_file(rel).await {
+            if !known {
+                let (p, e, r) = (found.path.clone(), expect.clone(), rel.to_owned());
+                tokio::task::spawn_blocking(move || verify_file(&p, &e, &r))
+                    .await
+                    .map_err(|e| FetchError::Io(e.to_string()))?
+                    .inspect_err(|e| tracing::error!(file = rel, error = %e, "snapshot file refused"))?;
+                self.verified.lock().unwrap_or_else(|p| p.into_inner()).insert((
+                    found.path.clone(),
+                    found.len,
+                    found.modified,
+                ));
+            }
+            return Ok(found);
+        }
+        self.fetch(rel, expect).await
+    }
+
+    /// Download `rel` into a temporary file, verify, sync, rename into the cache.
+    async fn fetch(&self, rel: &str, expect: &Expect) -> Result<Located, FetchError> {
         let (Some(up), Some(cache)) = (&self.upstream, &self.cache) else {
             return Err(FetchError::NotAvailable);
         };
