@@ -183,7 +183,8 @@ impl Mirror {
             actor,
             role: None,
             action: "mirror.request".into(),
-            object: format!("path:{path}"),
+            // The path is the client's: keep the record small.
+            object: format!("path:{}", truncate(&path, 256)),
             outcome: Outcome::Refused(reason),
             source: source.clone(),
             detail: json!({ "method": req.method().as_str() }),
@@ -314,6 +315,13 @@ impl Mirror {
             return text(StatusCode::SERVICE_UNAVAILABLE, format!("audit log unavailable, not serving: {e}"));
         }
         resp
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
     }
 }
 
@@ -501,6 +509,8 @@ mod tests {
             assert_eq!(route(bad), Route::Unknown, "{bad}");
         }
         assert_eq!(route("/healthz"), Route::Health);
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("ab", 3), "ab");
     }
 
     #[test]
