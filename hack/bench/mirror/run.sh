@@ -3,7 +3,7 @@
 # same run, with wrk at 64 connections: req/s for PACKAGES.gz, MB/s for a 4 MiB tarball, p99.
 # nginx is also the mirror's upstream, so the mirror's cache is filled from it, verified.
 #
-#   sudo hack/bench/mirror/run.sh              # DURATION=10s CONNS=64 THREADS=2 by default
+#   sudo hack/bench/mirror/run.sh     # DURATION=10s CONNS=64 THREADS=2 ROUNDS=3 by default
 #
 # Needs root only to install nginx-light and wrk when they are missing. Loopback only.
 set -euo pipefail
@@ -12,6 +12,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 ENTRIES=${ENTRIES:-2000}
+ROUNDS=${ROUNDS:-3}
 
 need=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
@@ -95,21 +96,26 @@ measure() {
   echo "$rps $tps $p99"
 }
 
-echo "mirror bench: wrk -t$THREADS -c$CONNS -d$DURATION, $(nproc) cores, index of $((ENTRIES + 1)) packages"
-printf '%-22s %-7s %12s %10s %9s\n' file server req/s MB/s p99_ms
-declare -A R
-for file in PACKAGES.gz benchpkg_1.0.tar.gz; do
-  for server in nginx mirror; do
-    p=$NGINX_PORT; [ $server = mirror ] && p=$MIRROR_PORT
-    read -r rps tps p99 < <(measure "http://127.0.0.1:$p/src/contrib/$file")
-    R[$file.$server]="$rps $tps $p99"
-    printf '%-22s %-7s %12s %10s %9s\n' "$file" "$server" "$rps" "$tps" "$p99"
+echo "mirror bench: wrk -t$THREADS -c$CONNS -d$DURATION x $ROUNDS rounds (nginx and mirror alternate), $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg), index of $((ENTRIES + 1)) packages"
+printf '%-5s %-22s %-7s %12s %10s %9s\n' round file server req/s MB/s p99_ms
+ratios=$work/ratios
+for round in $(seq 1 "$ROUNDS"); do
+  for file in PACKAGES.gz benchpkg_1.0.tar.gz; do
+    declare -A R=()
+    for server in nginx mirror; do
+      p=$NGINX_PORT; [ $server = mirror ] && p=$MIRROR_PORT
+      read -r rps tps p99 < <(measure "http://127.0.0.1:$p/src/contrib/$file")
+      R[$server]="$rps $tps $p99"
+      printf '%-5s %-22s %-7s %12s %10s %9s\n' "$round" "$file" "$server" "$rps" "$tps" "$p99"
+    done
+    read -r nr _ np <<<"${R[nginx]}"
+    read -r mr _ mp <<<"${R[mirror]}"
+    echo "$file $(awk -v a="$mr" -v b="$nr" 'BEGIN{printf "%.3f", a/b}') $np $mp" >> "$ratios"
   done
 done
+echo "median over rounds (mirror/nginx throughput; p99 ms nginx, mirror):"
 for file in PACKAGES.gz benchpkg_1.0.tar.gz; do
-  read -r nr nt np <<<"${R[$file.nginx]}"
-  read -r mr mt mp <<<"${R[$file.mirror]}"
-  awk -v f="$file" -v nr="$nr" -v mr="$mr" -v nt="$nt" -v mt="$mt" -v mp="$mp" \
-    'BEGIN { printf "%-22s mirror/nginx: req/s %.0f%%, MB/s %.0f%%; mirror p99 %s ms\n", f, 100*mr/nr, 100*mt/nt, mp }'
+  med() { grep "^$file " "$ratios" | awk -v c="$1" '{print $c}' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  printf '  %-22s ratio %s   p99 nginx %s ms, mirror %s ms\n' "$file" "$(med 2)" "$(med 3)" "$(med 4)"
 done
 echo "audit lines written: $(wc -l < "$work/audit.jsonl")"

@@ -58,22 +58,29 @@ impl<S> IdleTimeout<S> {
         self.last_progress = Instant::now();
     }
 
-    /// Called when the inner stream is pending: error out if idle too long.
+    /// Called when the inner stream is pending: error out if idle too long. The timer is
+    /// only moved when it fires early (progress happened since it was set), not on every
+    /// byte: resetting a timer per request costs more than the rest of serving an index.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         if self.busy.0.load(Ordering::Acquire) > 0 {
             // Handler at work; the response it produces will poll us again.
             self.progressed();
             return Poll::Pending;
         }
-        let deadline = self.last_progress + self.idle;
-        if self.timer.deadline() != deadline {
-            self.timer.as_mut().reset(deadline);
-        }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle too long"))
+        loop {
+            match self.timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    let deadline = self.last_progress + self.idle;
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "connection idle too long",
+                        ));
+                    }
+                    self.timer.as_mut().reset(deadline);
+                }
             }
-            Poll::Pending => Poll::Pending,
         }
     }
 }

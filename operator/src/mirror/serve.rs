@@ -177,8 +177,9 @@ impl Mirror {
         if route == Route::Health {
             return text(StatusCode::OK, "ok");
         }
-        let source = Some(peer.addr.to_string());
-        let client = peer.certified.clone().or_else(|| self.clients.get().lookup(peer.addr.ip()).cloned());
+        let clients = self.clients.get();
+        let client = peer.certified.as_ref().or_else(|| clients.lookup(peer.addr.ip()));
+        let source = || Some(peer.addr.to_string());
         let refuse = |actor: String, reason: String| AuditEvent {
             actor,
             role: None,
@@ -186,7 +187,7 @@ impl Mirror {
             // The path is the client's: keep the record small.
             object: format!("path:{}", truncate(&path, 256)),
             outcome: Outcome::Refused(reason),
-            source: source.clone(),
+            source: source(),
             detail: json!({ "method": req.method().as_str() }),
         };
         let Some(client) = client else {
@@ -194,20 +195,24 @@ impl Mirror {
             let _ = self.record(refuse("unknown".into(), "unknown client".into())).await;
             return text(StatusCode::FORBIDDEN, "this address is not a known workspace");
         };
-        let actor = format!("workspace:{client}");
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            let _ = self.record(refuse(actor, format!("method {} not allowed", req.method()))).await;
+            let _ = self
+                .record(refuse(format!("workspace:{client}"), format!("method {} not allowed", req.method())))
+                .await;
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
         }
         match route {
             Route::Health => text(StatusCode::OK, "ok"),
             Route::Unknown => {
-                let _ = self.record(refuse(actor, "not part of the CRAN source layout".into())).await;
+                let _ = self
+                    .record(refuse(format!("workspace:{client}"), "not part of the CRAN source layout".into()))
+                    .await;
                 text(StatusCode::NOT_FOUND, "not found: this mirror serves src/contrib only")
             }
-            Route::Index(file) => self.serve_index(&req, &client, file),
+            Route::Index(file) => self.serve_index(&req, client, file),
             Route::Tarball { name, version, archived } => {
-                self.serve_tarball(&req, &client, &actor, source, &name, &version, archived).await
+                let actor = format!("workspace:{client}");
+                self.serve_tarball(&req, client, &actor, source(), &name, &version, archived).await
             }
         }
     }
