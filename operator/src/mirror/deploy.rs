@@ -5,7 +5,8 @@
 //! The Project NetworkPolicy `noexit-allow-mirror` selects the pods by `site.mirror.podLabels`
 //! in `site.operatorNamespace` on port `site.mirror.port`: the pod carries those labels and
 //! listens on that port (NetworkPolicy ports are pod ports, so the Service's targetPort is the
-//! same number).
+//! same number). Pod-to-Service traffic keeps the workspace's pod address as its source (no
+//! SNAT in kube-proxy or common CNIs), which is what attribution by address relies on.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -114,8 +115,6 @@ fn service(site: &Site) -> Service {
                 protocol: Some("TCP".into()),
                 ..ServicePort::default()
             }]),
-            // Attribution is by source address: keep the workspace's pod IP.
-            internal_traffic_policy: Some("Cluster".into()),
             ..ServiceSpec::default()
         }),
         ..Service::default()
