@@ -4,6 +4,7 @@
 #   iputils-ping        ICMP checks of the egress lock (agent/tests/egress_netns.rs)
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
+#   curl                the mirror tests fetch from inside network namespaces
 # Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
 set -euo pipefail
 packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates)
