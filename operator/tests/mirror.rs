@@ -377,8 +377,11 @@ impl Mirror {
             .arg(dir.path().join("policy.yaml"))
             .arg("--clients")
             .arg(dir.path().join("clients.yaml"))
-            .arg("--audit-file")
-            .arg(dir.path().join("audit.jsonl"))
+            .args(if extra.iter().any(|a| a == "--database-url") {
+                vec![]
+            } else {
+                vec!["--audit-file".into(), dir.path().join("audit.jsonl").into_os_string()]
+            })
             .args(["--reload-secs", "1", "--upstream-timeout-secs", "5"])
             .args(extra)
             .env("RUST_LOG", "info,noexit_operator::mirror=debug")
@@ -851,4 +854,41 @@ fn stalled_clients_are_cut_off_and_do_not_starve_others() {
         let _ = s.read_to_end(&mut got);
         assert!(got.len() < big.len(), "a stalled client got the whole file");
     }
+}
+
+#[test]
+fn fetches_are_recorded_in_the_shared_tamper_evident_log() {
+    if !ready(false) {
+        return;
+    }
+    let repo = repo();
+    let upstream = Upstream::start(TcpListener::bind("127.0.0.1:0").unwrap(), repo.root.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("noexit.db").display());
+    let mirror = Mirror::start_with(
+        dir,
+        &format!("http://{}", upstream.addr),
+        &[("127.0.0.1", "ward-7/host")],
+        POLICY,
+        &["--database-url".into(), url.clone()],
+    );
+    assert_eq!(get(mirror.addr(), "/src/contrib/nxdep_0.1.0.tar.gz", &[]).unwrap().status, 200);
+    assert_eq!(get(mirror.addr(), "/src/contrib/nxdenied_2.0.tar.gz", &[]).unwrap().status, 403);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = rt.block_on(noexit_operator::audit::Store::open_read_only(&url)).unwrap();
+    let entries = poll("both fetches in the audit log", Duration::from_secs(10), || {
+        let entries = rt.block_on(store.tail(100)).unwrap();
+        let has = |object: &str, refused: bool| {
+            entries.iter().any(|e| {
+                e.event.object == object
+                    && e.event.actor == "workspace:ward-7/host"
+                    && matches!(e.event.outcome, noexit_operator::audit::Outcome::Refused(_)) == refused
+            })
+        };
+        (has("package:nxdep@0.1.0", false) && has("package:nxdenied@2.0", true)).then_some(entries)
+    });
+    assert!(entries.iter().all(|e| e.event.action.starts_with("mirror.")), "{entries:?}");
+    let report = rt.block_on(noexit_operator::audit::verify::verify(&store, &Default::default())).unwrap();
+    assert!(report.is_intact(), "{report:?}");
 }

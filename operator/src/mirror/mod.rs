@@ -56,8 +56,12 @@ pub struct Args {
     #[arg(long, env = "NOEXIT_MIRROR_CLIENTS")]
     pub clients: Option<PathBuf>,
     /// Append audit events to this file as JSON lines (fsync'd before a package is served).
-    #[arg(long, env = "NOEXIT_MIRROR_AUDIT_FILE")]
+    #[arg(long, env = "NOEXIT_MIRROR_AUDIT_FILE", conflicts_with = "database_url")]
     pub audit_file: Option<PathBuf>,
+    /// Append audit events to the shared tamper-evident log (the API's database:
+    /// `sqlite:///path/noexit.db` or `postgres://…`). The API signs the checkpoints.
+    #[arg(long, env = "NOEXIT_DATABASE_URL")]
+    pub database_url: Option<String>,
     #[command(flatten)]
     pub tls: Box<TlsArgs>,
     #[command(flatten)]
@@ -108,13 +112,22 @@ pub struct Tuning {
 }
 
 /// The one place the audit sink is chosen.
-fn audit_sink(args: &Args) -> anyhow::Result<Arc<dyn AuditSink>> {
-    match &args.audit_file {
-        Some(path) => Ok(Arc::new(
+async fn audit_sink(args: &Args) -> anyhow::Result<Arc<dyn AuditSink>> {
+    match (&args.database_url, &args.audit_file) {
+        (Some(url), _) => Ok(Arc::new(
+            crate::audit::Store::connect(url).await.with_context(|| format!("--database-url {}", redact(url)))?,
+        )),
+        (None, Some(path)) => Ok(Arc::new(
             audit_file::FileAuditSink::open(path).with_context(|| format!("--audit-file {}", path.display()))?,
         )),
-        None => anyhow::bail!("no audit sink: give --audit-file (the mirror does not serve unaudited)"),
+        (None, None) => {
+            anyhow::bail!("no audit sink: give --database-url or --audit-file (the mirror does not serve unaudited)")
+        }
     }
+}
+
+fn redact(url: &str) -> String {
+    crate::audit::store::redact(url)
 }
 
 fn log_dependency_problems(policy: &policy::PolicyFile, index: &index::Index) -> Vec<policy::DependencyProblem> {
@@ -151,7 +164,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("policy ok: every allowed package's dependencies are allowed");
         return Ok(());
     }
-    let audit = audit_sink(&args)?;
+    let audit = audit_sink(&args).await?;
     log_dependency_problems(&policy_file, &store.index().index);
     let policy = Arc::new(reload::Watched::new(policy_file));
     let reload_every = Duration::from_secs(args.tuning.reload_secs.max(1));
