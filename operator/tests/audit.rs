@@ -437,3 +437,17 @@ async fn truncated_tail_is_detected(db: TestDb) {
     db.attack(&["DELETE FROM audit_log WHERE seq > 25".into()]).await;
     assert_finding(&db.verify(&key).await, Tamper::Truncated, 26);
 }
+
+/// An in-memory store is verified through the pool (no file to scan).
+#[tokio::test]
+async fn in_memory_sqlite_verifies() {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let options = StoreOptions { signing_key: Some(key.clone()), checkpoint_every: 4, ..StoreOptions::default() };
+    let store = Store::connect_with("sqlite::memory:", options).await.unwrap();
+    for i in 0..10 {
+        store.append(event(i)).await.unwrap();
+    }
+    let report = verify(&store, &VerifyOptions { keys: vec![key.verifying_key()] }).await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!((report.entries, report.checkpoints, report.unsealed), (10, 2, 2));
+}

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::hash::{self, CheckpointBody, EntryBytes, GENESIS, Hash, MerkleBuilder};
 use super::store::{Checkpoint, ENTRY_COLUMNS, EntryRaw, Pool, Seq, Store};
-use super::{AuditError, keys};
+use super::{AuditError, keys, sqlite_scan};
 
 /// Public keys that may have signed checkpoints (matched by key id). Empty: signatures are not
 /// checked (the report says so).
@@ -428,6 +428,17 @@ async fn read_all(pool: &Pool, tx: mpsc::Sender<Bytes>) -> Result<(), AuditError
         }
         Pool::Sqlite(p) => {
             let sql = format!("SELECT {ENTRY_COLUMNS} FROM audit_log ORDER BY seq");
+            let file = p.connect_options().get_filename().to_path_buf();
+            if file.is_file() {
+                let mut header = BytesMut::new();
+                put_header(&mut header);
+                let scan = tokio::task::spawn_blocking(move || sqlite_scan::scan(&file, &sql, &header, CHUNK, tx));
+                return scan
+                    .await
+                    .map_err(|e| AuditError::Unavailable(format!("reading the audit log: {e}")))?
+                    .map_err(|e| AuditError::Unavailable(format!("reading the audit log: {e}")));
+            }
+            // An in-memory database is only reachable through the pool.
             put_header(&mut buf);
             let mut rows = sqlx::query(&sql).fetch(p);
             while let Some(row) = rows.try_next().await.map_err(failed)? {
