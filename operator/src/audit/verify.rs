@@ -99,7 +99,8 @@ pub async fn verify(store: &Store, options: &VerifyOptions) -> Result<Report, Au
 
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let chain = Chain::new(sealed.clone());
-    let hasher = tokio::task::spawn_blocking(move || chain.run(rx));
+    let workers = hashing_threads(store.pool());
+    let hasher = tokio::task::spawn_blocking(move || chain.run(rx, workers));
     let read = read_all(store.pool(), tx).await;
     let chain = hasher.await.map_err(|e| AuditError::Unavailable(format!("verify thread failed: {e}")))?;
     read?;
@@ -135,6 +136,17 @@ pub async fn verify(store: &Store, options: &VerifyOptions) -> Result<Report, Au
         finding,
         elapsed: started.elapsed(),
     })
+}
+
+/// Threads that hash. PostgreSQL's server process and the protocol decoding need a core of
+/// their own; reading an SQLite file is a cheap copy. `NOEXIT_VERIFY_THREADS` overrides it.
+fn hashing_threads(pool: &Pool) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = match pool {
+        Pool::Sqlite(_) => cores,
+        Pool::Postgres(_) => cores.saturating_sub(1),
+    };
+    std::env::var("NOEXIT_VERIFY_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(default).clamp(1, 4)
 }
 
 /// Checks ids, ranges and signatures of the checkpoints. Returns the consecutive, validly signed
@@ -263,8 +275,7 @@ impl Chain {
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Bytes>) -> Chain {
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    fn run(mut self, rx: mpsc::Receiver<Bytes>, workers: usize) -> Chain {
         if let Err(e) = self.run_with(rx, workers) {
             self.wire_error = Some(e);
         }
@@ -679,7 +690,7 @@ mod tests {
         tx.try_send(Bytes::copy_from_slice(&bytes[..split])).unwrap();
         tx.try_send(Bytes::copy_from_slice(&bytes[split..])).unwrap();
         drop(tx);
-        Chain::new(Vec::new()).run(rx)
+        Chain::new(Vec::new()).run(rx, 2)
     }
 
     #[test]
@@ -710,7 +721,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(2);
         tx.try_send(cut.freeze()).unwrap();
         drop(tx);
-        let c = Chain::new(Vec::new()).run(rx);
+        let c = Chain::new(Vec::new()).run(rx, 2);
         assert!(c.wire_error.is_some(), "a stream cut inside an entry is an error");
     }
 
