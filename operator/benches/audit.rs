@@ -88,8 +88,37 @@ async fn bench(name: &str, url: &str) {
     }
 }
 
+/// The CPU ceiling of verify on this machine: entry hashes plus Merkle tree, no database.
+fn hash_only(n: usize) {
+    use noexit_operator::audit::hash::{EntryFields, GENESIS, MerkleBuilder, entry_hash};
+    let detail = r#"{"agentVersion":"0.1.0","egressLocked":true,"n":1}"#;
+    let started = Instant::now();
+    let mut prev = GENESIS;
+    let mut merkle = MerkleBuilder::new();
+    for seq in 1..=n as i64 {
+        let f = EntryFields {
+            seq,
+            time_us: 1_764_576_000_000_000 + seq,
+            actor: "workspace:ward-7/ws-17",
+            role: Some("agent"),
+            action: "agent.heartbeat",
+            object: "workspace:ward-7",
+            refused: false,
+            reason: None,
+            source: Some("cert:5f3a9c01"),
+            detail,
+            idempotency_key: None,
+        };
+        prev = entry_hash(&f, &prev);
+        merkle.push(&prev);
+    }
+    std::hint::black_box(merkle.finish());
+    println!("cpu       hash + Merkle only (1 thread): {:>10.0} entries/s", n as f64 / started.elapsed().as_secs_f64());
+}
+
 #[tokio::main]
 async fn main() {
+    hash_only(env("NOEXIT_BENCH_VERIFY", 1_000_000));
     let backends = std::env::var("NOEXIT_BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
     if backends.contains("sqlite") {
         let dir = tempfile::tempdir().expect("tempdir");

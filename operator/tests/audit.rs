@@ -167,6 +167,7 @@ on_both!(
     query_filters,
     idempotent_appends_are_stored_once,
     group_commit_is_durable_on_ok,
+    checkpoints_are_written_by_count_and_by_time,
     database_refuses_update_and_delete,
     intact_log_verifies,
     edited_entry_is_named,
@@ -266,6 +267,12 @@ async fn idempotent_appends_are_stored_once(db: TestDb) {
     assert_eq!(stored[2].idempotency_key.as_deref(), Some("agent-7:report-2"));
     assert_eq!(stored[2].event.outcome, Outcome::Allowed);
     store.close().await;
+
+    // The key outlives the process: a resend after a restart is still a duplicate.
+    let reopened = db.store().await;
+    assert_eq!(reopened.append_idempotent("agent-7:report-1", event(1)).await.unwrap(), (first, true));
+    assert_eq!(reopened.last_seq().await.unwrap(), 3);
+    reopened.close().await;
 }
 
 async fn group_commit_is_durable_on_ok(db: TestDb) {
@@ -436,4 +443,54 @@ async fn truncated_tail_is_detected(db: TestDb) {
     let key = db.sealed_log(30).await;
     db.attack(&["DELETE FROM audit_log WHERE seq > 25".into()]).await;
     assert_finding(&db.verify(&key).await, Tamper::Truncated, 26);
+}
+
+/// An in-memory store is verified through the pool (no file to scan).
+#[tokio::test]
+async fn in_memory_sqlite_verifies() {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let options = StoreOptions { signing_key: Some(key.clone()), checkpoint_every: 4, ..StoreOptions::default() };
+    let store = Store::connect_with("sqlite::memory:", options).await.unwrap();
+    for i in 0..10 {
+        store.append(event(i)).await.unwrap();
+    }
+    let report = verify(&store, &VerifyOptions { keys: vec![key.verifying_key()] }).await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!((report.entries, report.checkpoints, report.unsealed), (10, 2, 2));
+}
+
+async fn checkpoints_are_written_by_count_and_by_time(db: TestDb) {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[11; 32]);
+    let options = StoreOptions {
+        signing_key: Some(key),
+        checkpoint_every: 5,
+        checkpoint_interval: std::time::Duration::from_millis(200),
+        ..StoreOptions::default()
+    };
+    let store = db.store_with(options).await;
+    for i in 0..5 {
+        store.append(event(i)).await.unwrap();
+    }
+    // Five entries: sealed by the count (just after the answers). Two more: sealed by the
+    // timer, without a close.
+    let first = checkpoints_when(&store, 1).await;
+    assert_eq!((first[0].body.first_seq, first[0].body.last_seq), (1, 5));
+    store.append(event(5)).await.unwrap();
+    store.append(event(6)).await.unwrap();
+    let checkpoints = checkpoints_when(&store, 2).await;
+    let ranges: Vec<_> = checkpoints.iter().map(|c| (c.body.first_seq, c.body.last_seq)).collect();
+    assert_eq!(ranges, [(1, 5), (6, 7)]);
+    store.close().await;
+}
+
+/// The checkpoints once there are `n` of them (bounded wait).
+async fn checkpoints_when(store: &Store, n: usize) -> Vec<noexit_operator::audit::store::Checkpoint> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let c = store.checkpoints().await.unwrap();
+        if c.len() >= n || std::time::Instant::now() > deadline {
+            return c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod hash;
 pub mod keys;
+mod sqlite_scan;
 pub mod store;
 pub mod verify;
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::hash::{self, CheckpointBody, EntryBytes, GENESIS, Hash, MerkleBuilder};
 use super::store::{Checkpoint, ENTRY_COLUMNS, EntryRaw, Pool, Seq, Store};
-use super::{AuditError, keys};
+use super::{AuditError, keys, sqlite_scan};
 
 /// Public keys that may have signed checkpoints (matched by key id). Empty: signatures are not
 /// checked (the report says so).
@@ -99,7 +99,8 @@ pub async fn verify(store: &Store, options: &VerifyOptions) -> Result<Report, Au
 
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let chain = Chain::new(sealed.clone());
-    let hasher = tokio::task::spawn_blocking(move || chain.run(rx));
+    let workers = hashing_threads(store.pool());
+    let hasher = tokio::task::spawn_blocking(move || chain.run(rx, workers));
     let read = read_all(store.pool(), tx).await;
     let chain = hasher.await.map_err(|e| AuditError::Unavailable(format!("verify thread failed: {e}")))?;
     read?;
@@ -135,6 +136,17 @@ pub async fn verify(store: &Store, options: &VerifyOptions) -> Result<Report, Au
         finding,
         elapsed: started.elapsed(),
     })
+}
+
+/// Threads that hash. PostgreSQL's server process and the protocol decoding need a core of
+/// their own; reading an SQLite file is a cheap copy. `NOEXIT_VERIFY_THREADS` overrides it.
+fn hashing_threads(pool: &Pool) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = match pool {
+        Pool::Sqlite(_) => cores,
+        Pool::Postgres(_) => cores.saturating_sub(1),
+    };
+    std::env::var("NOEXIT_VERIFY_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(default).clamp(1, 4)
 }
 
 /// Checks ids, ranges and signatures of the checkpoints. Returns the consecutive, validly signed
@@ -182,7 +194,59 @@ fn check_checkpoints(all: &[Checkpoint], keys: &[VerifyingKey]) -> (Vec<Checkpoi
     (sealed, Vec::new(), checked)
 }
 
-/// The single-threaded pass over the stream: chain, hashes, Merkle roots.
+/// What a hashing worker learns about one row; the ordered pass needs nothing else.
+struct Summary {
+    seq: Seq,
+    /// Stored predecessor hash (all `0xff` when the column is not 32 bytes: never matches).
+    prev: Hash,
+    hash: Hash,
+    /// The stored hash is the hash of the row's fields and stored predecessor.
+    self_consistent: bool,
+}
+
+/// Hashes every whole tuple of `chunk` (a worker's job; rows are independent of each other).
+fn summarize(chunk: &[u8], out: &mut Vec<Summary>) -> Result<(), String> {
+    let mut pos = 0;
+    while pos < chunk.len() {
+        match parse_tuple(&chunk[pos..])? {
+            Parsed::Entry(row, used) => {
+                pos += used;
+                let prev = hash::to_hash(row.prev_hash).unwrap_or([0xff; 32]);
+                let stored = hash::to_hash(row.hash);
+                let hash = stored.unwrap_or([0xff; 32]);
+                let self_consistent = stored.is_some() && hash::entry_hash_bytes(&row.entry, &prev) == hash;
+                out.push(Summary { seq: row.entry.seq, prev, hash, self_consistent });
+            }
+            Parsed::Skip(used) => pos += used,
+            Parsed::Incomplete => return Err("an entry was cut off in the stream".into()),
+        }
+    }
+    Ok(())
+}
+
+/// Length of the longest prefix of `buf` made of whole tuples (and trailer).
+fn whole_tuples(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    'tuples: loop {
+        let Some(count) = buf.get(pos..pos + 2) else { return pos };
+        let count = i16::from_be_bytes([count[0], count[1]]);
+        let mut end = pos + 2;
+        if count > 0 {
+            for _ in 0..count {
+                let Some(len) = buf.get(end..end + 4) else { break 'tuples pos };
+                let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+                end += 4 + len.max(0) as usize;
+            }
+        }
+        if end > buf.len() {
+            return pos;
+        }
+        pos = end;
+    }
+}
+
+/// The pass over the stream: workers hash chunks in parallel, then one ordered pass checks
+/// numbering, links and Merkle roots.
 struct Chain {
     expect: Seq,
     prev: Hash,
@@ -194,8 +258,6 @@ struct Chain {
     broken_at: Option<Seq>,
     finding: Option<Finding>,
     wire_error: Option<String>,
-    /// The binary COPY header comes first on every stream (SQLite's included).
-    header_seen: bool,
 }
 
 impl Chain {
@@ -210,81 +272,105 @@ impl Chain {
             broken_at: None,
             finding: None,
             wire_error: None,
-            header_seen: false,
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Bytes>) -> Chain {
-        let mut carry: Vec<u8> = Vec::new();
-        while let Some(chunk) = rx.blocking_recv() {
-            // Tuples rarely straddle chunks; only then are bytes copied.
-            if carry.is_empty() {
-                let n = self.feed(&chunk);
-                carry.extend_from_slice(&chunk[n.min(chunk.len())..]);
-            } else {
-                carry.extend_from_slice(&chunk);
-                let n = self.feed(&carry);
-                carry.drain(..n.min(carry.len()));
-            }
-            if self.broken_at.is_some() || self.wire_error.is_some() {
-                break;
-            }
+    fn run(mut self, rx: mpsc::Receiver<Bytes>, workers: usize) -> Chain {
+        if let Err(e) = self.run_with(rx, workers) {
+            self.wire_error = Some(e);
         }
         self
     }
 
-    /// Consumes whole tuples from `buf`; returns the bytes consumed.
-    fn feed(&mut self, buf: &[u8]) -> usize {
-        let mut pos = 0;
-        if !self.header_seen {
-            match parse_header(buf) {
-                Ok(Some(used)) => {
-                    pos = used;
-                    self.header_seen = true;
-                }
-                Ok(None) => return 0,
-                Err(e) => {
-                    self.wire_error = Some(e);
-                    return 0;
-                }
+    fn run_with(&mut self, mut rx: mpsc::Receiver<Bytes>, workers: usize) -> Result<(), String> {
+        use std::sync::mpsc::sync_channel;
+        std::thread::scope(|scope| {
+            let mut jobs = Vec::with_capacity(workers);
+            let mut results = Vec::with_capacity(workers);
+            for _ in 0..workers {
+                let (job_tx, job_rx) = sync_channel::<Bytes>(2);
+                let (result_tx, result_rx) = sync_channel::<Result<Vec<Summary>, String>>(2);
+                scope.spawn(move || {
+                    for chunk in job_rx {
+                        let mut rows = Vec::with_capacity(chunk.len() / 160);
+                        let result = summarize(&chunk, &mut rows).map(|()| rows);
+                        if result_tx.send(result).is_err() {
+                            break;
+                        }
+                    }
+                });
+                jobs.push(job_tx);
+                results.push(result_rx);
             }
-        }
-        loop {
-            match parse_tuple(&buf[pos..]) {
-                Ok(Parsed::Entry(row, used)) => {
-                    pos += used;
-                    if !self.push(&row) {
-                        return pos;
+            // Chunks go to workers round-robin and come back in the same order.
+            let (mut sent, mut done) = (0usize, 0usize);
+            let mut carry = BytesMut::new();
+            let mut header_seen = false;
+            let mut input_open = true;
+            loop {
+                while input_open && sent - done < workers {
+                    let Some(chunk) = rx.blocking_recv() else {
+                        input_open = false;
+                        break;
+                    };
+                    let mut whole = if carry.is_empty() {
+                        chunk
+                    } else {
+                        carry.extend_from_slice(&chunk);
+                        carry.split().freeze()
+                    };
+                    if !header_seen {
+                        match parse_header(&whole)? {
+                            Some(used) => {
+                                header_seen = true;
+                                whole = whole.slice(used..);
+                            }
+                            None => {
+                                carry.extend_from_slice(&whole);
+                                continue;
+                            }
+                        }
+                    }
+                    // Readers cut chunks between tuples; this only copies if one did not.
+                    let cut = whole_tuples(&whole);
+                    carry.extend_from_slice(&whole[cut..]);
+                    if cut > 0 {
+                        jobs[sent % workers].send(whole.slice(..cut)).map_err(|_| "hashing worker stopped")?;
+                        sent += 1;
                     }
                 }
-                Ok(Parsed::Skip(used)) => pos += used,
-                Ok(Parsed::Incomplete) => return pos,
-                Err(e) => {
-                    self.wire_error = Some(e);
-                    return pos;
+                if done == sent {
+                    break;
+                }
+                let rows = results[done % workers].recv().map_err(|_| "hashing worker stopped")??;
+                done += 1;
+                for row in &rows {
+                    if !self.push(row) {
+                        return Ok(());
+                    }
                 }
             }
-        }
+            if !carry.is_empty() {
+                return Err("the stream ended inside an entry".into());
+            }
+            Ok(())
+        })
     }
 
-    /// Checks one row; `false` when the chain breaks here.
-    fn push(&mut self, row: &WireRow<'_>) -> bool {
-        let stored_prev = hash::to_hash(row.prev_hash);
-        let stored = hash::to_hash(row.hash);
-        let ok = row.entry.seq == self.expect
-            && stored_prev == Some(self.prev)
-            && stored.is_some_and(|h| h == hash::entry_hash_bytes(&row.entry, &self.prev));
-        let Some(stored) = stored.filter(|_| ok) else {
+    /// Checks one row in order; `false` when the chain breaks here.
+    fn push(&mut self, row: &Summary) -> bool {
+        if row.seq != self.expect || row.prev != self.prev || !row.self_consistent {
             self.broken_at = Some(self.expect);
             return false;
-        };
+        }
+        let stored = row.hash;
         self.entries += 1;
         self.expect += 1;
         self.prev = stored;
         if self.finding.is_none() && self.next_cp < self.sealed.len() {
             self.merkle.push(&stored);
             let cp = &self.sealed[self.next_cp];
-            if cp.last_seq == row.entry.seq {
+            if cp.last_seq == row.seq {
                 let root = self.merkle.finish();
                 if root != cp.merkle_root || cp.head_hash != stored {
                     self.finding = Some(Finding {
@@ -428,6 +514,17 @@ async fn read_all(pool: &Pool, tx: mpsc::Sender<Bytes>) -> Result<(), AuditError
         }
         Pool::Sqlite(p) => {
             let sql = format!("SELECT {ENTRY_COLUMNS} FROM audit_log ORDER BY seq");
+            let file = p.connect_options().get_filename().to_path_buf();
+            if file.is_file() {
+                let mut header = BytesMut::new();
+                put_header(&mut header);
+                let scan = tokio::task::spawn_blocking(move || sqlite_scan::scan(&file, &sql, &header, CHUNK, tx));
+                return scan
+                    .await
+                    .map_err(|e| AuditError::Unavailable(format!("reading the audit log: {e}")))?
+                    .map_err(|e| AuditError::Unavailable(format!("reading the audit log: {e}")));
+            }
+            // An in-memory database is only reachable through the pool.
             put_header(&mut buf);
             let mut rows = sqlx::query(&sql).fetch(p);
             while let Some(row) = rows.try_next().await.map_err(failed)? {
@@ -593,7 +690,7 @@ mod tests {
         tx.try_send(Bytes::copy_from_slice(&bytes[..split])).unwrap();
         tx.try_send(Bytes::copy_from_slice(&bytes[split..])).unwrap();
         drop(tx);
-        Chain::new(Vec::new()).run(rx)
+        Chain::new(Vec::new()).run(rx, 2)
     }
 
     #[test]
@@ -604,6 +701,28 @@ mod tests {
             let c = run_chain(&bytes, split);
             assert_eq!((c.entries, c.broken_at, c.wire_error.clone()), (20, None, None), "split {split}");
         }
+    }
+
+    #[test]
+    fn many_small_chunks_across_three_workers_keep_their_order() {
+        let rows = chain(300);
+        let bytes = encode(&rows);
+        let (tx, rx) = mpsc::channel(bytes.len() / 97 + 2);
+        for piece in bytes.chunks(97) {
+            tx.try_send(Bytes::copy_from_slice(piece)).unwrap();
+        }
+        drop(tx);
+        let mut c = Chain::new(Vec::new());
+        c.run_with(rx, 3).unwrap();
+        assert_eq!((c.entries, c.broken_at, c.prev), (300, None, rows[299].1));
+
+        let mut cut = bytes.clone();
+        cut.truncate(bytes.len() - 40);
+        let (tx, rx) = mpsc::channel(2);
+        tx.try_send(cut.freeze()).unwrap();
+        drop(tx);
+        let c = Chain::new(Vec::new()).run(rx, 2);
+        assert!(c.wire_error.is_some(), "a stream cut inside an entry is an error");
     }
 
     #[test]
