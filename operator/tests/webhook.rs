@@ -449,7 +449,7 @@ async fn fake_api() -> std::net::SocketAddr {
             _ => return StatusCode::NOT_FOUND.into_response(),
         };
         let text = include_str!("../../examples/ward-7.yaml");
-        let items: Vec<Value> = serde_yaml::Deserializer::from_str(text)
+        let mut items: Vec<Value> = serde_yaml::Deserializer::from_str(text)
             .map(|d| serde::Deserialize::deserialize(d).unwrap())
             .filter(|v: &Value| v["kind"] == kind)
             .map(|mut v| {
@@ -457,6 +457,10 @@ async fn fake_api() -> std::net::SocketAddr {
                 v
             })
             .collect();
+        // One object that no longer parses must not break the watch (and with it admission).
+        items.push(json!({"apiVersion": "noexit.io/v1alpha1", "kind": kind,
+            "metadata": {"name": "legacy", "namespace": "noexit-legacy", "resourceVersion": "1"},
+            "spec": {"members": "everyone"}}));
         axum::Json(json!({"apiVersion": "noexit.io/v1alpha1", "kind": format!("{kind}List"),
             "metadata": {"resourceVersion": "1"}, "items": items}))
         .into_response()
