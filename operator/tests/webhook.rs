@@ -350,30 +350,46 @@ async fn start(ca: &Ca) -> Server {
     Server { addr, cert, dir, stop: Some(tx), task }
 }
 
-/// POST a review over HTTPS, trusting only `ca`.
+/// POST a review over HTTPS (HTTP/1.1), trusting only `ca`.
 async fn post_tls(addr: std::net::SocketAddr, ca: &Ca, body: String) -> Result<Value, String> {
+    post_tls_with(addr, ca, body, false).await
+}
+
+/// POST a review over HTTPS, trusting only `ca`; HTTP/2 (negotiated by ALPN) when `h2`.
+async fn post_tls_with(addr: std::net::SocketAddr, ca: &Ca, body: String, h2: bool) -> Result<Value, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut ca.cert_pem().as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = Request::post("/validate")
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let req = Request::post(if h2 { "https://localhost/validate" } else { "/validate" })
         .header("host", "localhost")
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
         .unwrap();
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = if h2 {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    };
     let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
@@ -387,6 +403,9 @@ async fn reviews_over_https_with_a_certificate_from_the_operator_ca() {
     let body = Review::create(ws, "carol@ward7.example").json().to_string();
     let r = post_tls(server.addr, &ca, body.clone()).await.unwrap();
     assert_eq!(r["response"]["allowed"], false);
+    assert_eq!(r["response"]["status"]["reason"], "DatasetNotFound");
+    // The API server may speak HTTP/2 (ALPN h2).
+    let r = post_tls_with(server.addr, &ca, body.clone(), true).await.unwrap();
     assert_eq!(r["response"]["status"]["reason"], "DatasetNotFound");
 
     // A client that does not trust the operator's CA cannot talk to it.
