@@ -540,6 +540,7 @@ async fn the_webhook_process_serves_reviews_from_its_caches_and_stops_on_sigterm
 struct Recorded {
     ca_secret: Option<Value>,
     vwc_patch: Option<(String, Value)>,
+    vwc_reads: usize,
 }
 
 /// A fake API that also serves the CA Secret (absent at first) and the webhook configuration.
@@ -568,7 +569,23 @@ async fn fake_api_with_pki(recorded: Arc<std::sync::Mutex<Recorded>>) -> std::ne
         s.lock().unwrap().ca_secret = Some(body.clone());
         (StatusCode::CREATED, axum::Json(body))
     };
-    let get_vwc = move || async move { axum::Json(vwc()) };
+    // The first read finds no configuration yet (the pod started before Helm created it).
+    let get_vwc = move |State(s): State<Shared>| async move {
+        let reads = {
+            let mut r = s.lock().unwrap();
+            r.vwc_reads += 1;
+            r.vwc_reads
+        };
+        if reads == 1 {
+            return (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "not found"})),
+            )
+                .into_response();
+        }
+        axum::Json(vwc()).into_response()
+    };
     let patch_vwc = move |State(s): State<Shared>, headers: http::HeaderMap, axum::Json(body): axum::Json<Value>| async move {
         let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         s.lock().unwrap().vwc_patch = Some((content_type, body));
@@ -659,7 +676,15 @@ async fn the_webhook_creates_the_ca_issues_its_certificate_and_sets_the_ca_bundl
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let (content_type, patch) = recorded.lock().unwrap().vwc_patch.clone().expect("the caBundle was patched");
+    // Set in the background, after a retry.
+    let (content_type, patch) = loop {
+        if let Some(p) = recorded.lock().unwrap().vwc_patch.clone() {
+            break p;
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(10), "the caBundle was not set");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(recorded.lock().unwrap().vwc_reads >= 2, "the webhook did not retry after the 404");
     assert_eq!(content_type, "application/strategic-merge-patch+json");
     assert_eq!(patch["webhooks"][0]["name"], "validate.noexit.io");
     let bundle = patch["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap();
