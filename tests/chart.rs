@@ -1,8 +1,9 @@
 //! Checks of the Helm chart that need no `helm` binary (none is installed here; see
 //! docs/sre.md): the plain YAML files parse, every `.Values` path a template uses exists, the
-//! `site:` values are a valid site file equal to `examples/site.yaml`, template actions are
-//! balanced, and each template still parses as YAML with its actions blanked out, with the
-//! fields a restricted, probed, least-privilege install needs.
+//! `site:` values are a valid site file equal to `examples/site.yaml`, `values.yaml` satisfies
+//! `values.schema.json`, template actions are balanced, and each template still parses as YAML
+//! with its actions blanked out, with the fields a restricted, probed, least-privilege install
+//! needs.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
