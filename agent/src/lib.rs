@@ -1,0 +1,3 @@
+pub mod egress;
+pub mod hardening;
+pub mod probe;
