@@ -1,8 +1,9 @@
 //! Checks of the Helm chart that need no `helm` binary (none is installed here; see
 //! docs/sre.md): the plain YAML files parse, every `.Values` path a template uses exists, the
-//! `site:` values are a valid site file equal to `examples/site.yaml`, template actions are
-//! balanced, and each template still parses as YAML with its actions blanked out, with the
-//! fields a restricted, probed, least-privilege install needs.
+//! `site:` values are a valid site file equal to `examples/site.yaml`, `values.yaml` satisfies
+//! `values.schema.json`, template actions are balanced, and each template still parses as YAML
+//! with its actions blanked out, with the fields a restricted, probed, least-privilege install
+//! needs.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -236,4 +237,96 @@ fn no_component_may_read_secrets_except_the_controller() {
             assert!(!verbs.contains(&"*"), "{file}: {name} uses a wildcard verb");
         }
     }
+}
+
+fn schema() -> serde_json::Value {
+    serde_json::from_str(&read("values.schema.json")).expect("values.schema.json parses")
+}
+
+/// The part of JSON Schema the chart's schema uses: type, properties, additionalProperties,
+/// enum, minimum, maximum, minLength, items. Returns every violation with its path.
+fn violations(value: &serde_json::Value, schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    use serde_json::Value as J;
+    let type_ok = |t: &str| match t {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "boolean" => value.is_boolean(),
+        "null" => value.is_null(),
+        _ => true,
+    };
+    match &schema["type"] {
+        J::String(t) if !type_ok(t) => out.push(format!("{path}: not {t}")),
+        J::Array(ts) if !ts.iter().filter_map(J::as_str).any(type_ok) => out.push(format!("{path}: wrong type")),
+        _ => {}
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        out.push(format!("{path}: {value} not one of {allowed:?}"));
+    }
+    if let (Some(min), Some(v)) = (schema["minimum"].as_i64(), value.as_i64())
+        && v < min
+    {
+        out.push(format!("{path}: {v} < {min}"));
+    }
+    if let (Some(max), Some(v)) = (schema["maximum"].as_i64(), value.as_i64())
+        && v > max
+    {
+        out.push(format!("{path}: {v} > {max}"));
+    }
+    if let (Some(min), Some(v)) = (schema["minLength"].as_u64(), value.as_str())
+        && (v.len() as u64) < min
+    {
+        out.push(format!("{path}: shorter than {min}"));
+    }
+    if let Some(map) = value.as_object() {
+        for (k, v) in map {
+            match schema["properties"].get(k) {
+                Some(s) => violations(v, s, &format!("{path}.{k}"), out),
+                None if schema["additionalProperties"] == J::Bool(false) => {
+                    out.push(format!("{path}.{k}: not in the schema"))
+                }
+                None => {
+                    if schema["additionalProperties"].is_object() {
+                        violations(v, &schema["additionalProperties"], &format!("{path}.{k}"), out);
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(items), Some(s)) = (value.as_array(), schema.get("items")) {
+        for (i, v) in items.iter().enumerate() {
+            violations(v, s, &format!("{path}[{i}]"), out);
+        }
+    }
+}
+
+#[test]
+fn values_satisfy_the_values_schema() {
+    let values: serde_json::Value = serde_json::to_value(values()).expect("values as JSON");
+    let mut out = Vec::new();
+    violations(&values, &schema(), "", &mut out);
+    assert!(out.is_empty(), "values.yaml violates values.schema.json: {out:#?}");
+
+    // The schema refuses what Helm should refuse.
+    let mut bad = values.clone();
+    bad["webhook"]["failurPolicy"] = serde_json::json!("Ignore");
+    bad["webhook"]["failurePolicy"] = serde_json::json!("Sometimes");
+    bad["controller"]["replicas"] = serde_json::json!(0);
+    let mut out = Vec::new();
+    violations(&bad, &schema(), "", &mut out);
+    assert_eq!(out.len(), 3, "{out:#?}");
+}
+
+#[test]
+fn the_schema_names_exactly_the_site_file_keys() {
+    let site = serde_json::to_value(Site::default()).expect("site as JSON");
+    let keys = |v: &serde_json::Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(
+        keys(&schema()["properties"]["site"]["properties"]),
+        keys(&site),
+        "values.schema.json `site` and operator/src/controllers/site.rs disagree"
+    );
 }

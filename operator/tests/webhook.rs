@@ -350,30 +350,46 @@ async fn start(ca: &Ca) -> Server {
     Server { addr, cert, dir, stop: Some(tx), task }
 }
 
-/// POST a review over HTTPS, trusting only `ca`.
+/// POST a review over HTTPS (HTTP/1.1), trusting only `ca`.
 async fn post_tls(addr: std::net::SocketAddr, ca: &Ca, body: String) -> Result<Value, String> {
+    post_tls_with(addr, ca, body, false).await
+}
+
+/// POST a review over HTTPS, trusting only `ca`; HTTP/2 (negotiated by ALPN) when `h2`.
+async fn post_tls_with(addr: std::net::SocketAddr, ca: &Ca, body: String, h2: bool) -> Result<Value, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut ca.cert_pem().as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = Request::post("/validate")
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let req = Request::post(if h2 { "https://localhost/validate" } else { "/validate" })
         .header("host", "localhost")
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
         .unwrap();
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = if h2 {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    };
     let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
@@ -387,6 +403,9 @@ async fn reviews_over_https_with_a_certificate_from_the_operator_ca() {
     let body = Review::create(ws, "carol@ward7.example").json().to_string();
     let r = post_tls(server.addr, &ca, body.clone()).await.unwrap();
     assert_eq!(r["response"]["allowed"], false);
+    assert_eq!(r["response"]["status"]["reason"], "DatasetNotFound");
+    // The API server may speak HTTP/2 (ALPN h2).
+    let r = post_tls_with(server.addr, &ca, body.clone(), true).await.unwrap();
     assert_eq!(r["response"]["status"]["reason"], "DatasetNotFound");
 
     // A client that does not trust the operator's CA cannot talk to it.
@@ -449,7 +468,7 @@ async fn fake_api() -> std::net::SocketAddr {
             _ => return StatusCode::NOT_FOUND.into_response(),
         };
         let text = include_str!("../../examples/ward-7.yaml");
-        let items: Vec<Value> = serde_yaml::Deserializer::from_str(text)
+        let mut items: Vec<Value> = serde_yaml::Deserializer::from_str(text)
             .map(|d| serde::Deserialize::deserialize(d).unwrap())
             .filter(|v: &Value| v["kind"] == kind)
             .map(|mut v| {
@@ -457,6 +476,10 @@ async fn fake_api() -> std::net::SocketAddr {
                 v
             })
             .collect();
+        // One object that no longer parses must not break the watch (and with it admission).
+        items.push(json!({"apiVersion": "noexit.io/v1alpha1", "kind": kind,
+            "metadata": {"name": "legacy", "namespace": "noexit-legacy", "resourceVersion": "1"},
+            "spec": {"members": "everyone"}}));
         axum::Json(json!({"apiVersion": "noexit.io/v1alpha1", "kind": format!("{kind}List"),
             "metadata": {"resourceVersion": "1"}, "items": items}))
         .into_response()
@@ -517,6 +540,7 @@ async fn the_webhook_process_serves_reviews_from_its_caches_and_stops_on_sigterm
 struct Recorded {
     ca_secret: Option<Value>,
     vwc_patch: Option<(String, Value)>,
+    vwc_reads: usize,
 }
 
 /// A fake API that also serves the CA Secret (absent at first) and the webhook configuration.
@@ -545,7 +569,23 @@ async fn fake_api_with_pki(recorded: Arc<std::sync::Mutex<Recorded>>) -> std::ne
         s.lock().unwrap().ca_secret = Some(body.clone());
         (StatusCode::CREATED, axum::Json(body))
     };
-    let get_vwc = move || async move { axum::Json(vwc()) };
+    // The first read finds no configuration yet (the pod started before Helm created it).
+    let get_vwc = move |State(s): State<Shared>| async move {
+        let reads = {
+            let mut r = s.lock().unwrap();
+            r.vwc_reads += 1;
+            r.vwc_reads
+        };
+        if reads == 1 {
+            return (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "not found"})),
+            )
+                .into_response();
+        }
+        axum::Json(vwc()).into_response()
+    };
     let patch_vwc = move |State(s): State<Shared>, headers: http::HeaderMap, axum::Json(body): axum::Json<Value>| async move {
         let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         s.lock().unwrap().vwc_patch = Some((content_type, body));
@@ -636,7 +676,15 @@ async fn the_webhook_creates_the_ca_issues_its_certificate_and_sets_the_ca_bundl
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let (content_type, patch) = recorded.lock().unwrap().vwc_patch.clone().expect("the caBundle was patched");
+    // Set in the background, after a retry.
+    let (content_type, patch) = loop {
+        if let Some(p) = recorded.lock().unwrap().vwc_patch.clone() {
+            break p;
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(10), "the caBundle was not set");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(recorded.lock().unwrap().vwc_reads >= 2, "the webhook did not retry after the 404");
     assert_eq!(content_type, "application/strategic-merge-patch+json");
     assert_eq!(patch["webhooks"][0]["name"], "validate.noexit.io");
     let bundle = patch["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap();

@@ -197,6 +197,35 @@ mod tests {
         assert!(v.allowed(), "{:?}", v.refusals);
     }
 
+    #[tokio::test]
+    async fn wait_for_returns_the_value_or_times_out_with_the_last_error() {
+        let mut calls = 0;
+        let v = wait_for("third call", Duration::from_secs(5), || {
+            calls += 1;
+            let n = calls;
+            async move { Ok((n >= 3).then_some(n)) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 3);
+        let err =
+            wait_for("never", Duration::from_millis(100), || async { Err::<Option<()>, _>(anyhow::anyhow!("boom")) })
+                .await
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("waiting for never") && err.contains("boom"), "{err}");
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_other_failures() {
+        let api = |code: u16, message: &str| {
+            Err::<(), _>(kube::Error::Api(kube::core::Status::failure(message, "Forbidden").with_code(code).boxed()))
+        };
+        assert_eq!(refusal(api(403, "denied the request: x")).unwrap(), "denied the request: x");
+        assert!(refusal(api(500, "oops")).is_err());
+        assert!(refusal(Ok::<(), kube::Error>(())).is_err());
+    }
+
     #[test]
     fn unique_names_fit_a_project_name() {
         let a = unique("grant");

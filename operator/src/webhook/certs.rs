@@ -154,6 +154,45 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// Keep the `caBundle` of the named configuration set, forever: retry with backoff until the
+/// configuration exists (a pod may start before Helm creates it), then check every `every`
+/// and re-set it if someone replaced the configuration.
+pub async fn keep_ca_bundle(client: Client, name: String, ca_pem: String, every: Duration) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match ca_bundle_is_set(&client, &name, &ca_pem).await {
+            Ok(true) => {
+                delay = every;
+            }
+            Ok(false) => match patch_ca_bundle(&client, &name, &ca_pem).await {
+                Ok(()) => delay = every,
+                Err(e) => {
+                    tracing::warn!(configuration = %name, error = %e, retry_in = ?delay, "cannot set the caBundle");
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            },
+            Err(e) => {
+                tracing::warn!(configuration = %name, error = %e, retry_in = ?delay, "cannot read the webhook configuration");
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn ca_bundle_is_set(client: &Client, name: &str, ca_pem: &str) -> Result<bool, CertError> {
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let current = api.get(name).await?;
+    Ok(bundle_is_set(&current, ca_pem))
+}
+
+/// Every webhook of `current` trusts exactly `ca_pem`.
+pub fn bundle_is_set(current: &ValidatingWebhookConfiguration, ca_pem: &str) -> bool {
+    let hooks = current.webhooks.as_deref().unwrap_or_default();
+    !hooks.is_empty()
+        && hooks.iter().all(|w| w.client_config.ca_bundle.as_ref().is_some_and(|b| b.0 == ca_pem.as_bytes()))
+}
+
 /// Set `caBundle` on every webhook of the named configuration (strategic merge by webhook
 /// name, so other fields stay with whoever manages them, e.g. Helm).
 pub async fn patch_ca_bundle(client: &Client, name: &str, ca_pem: &str) -> Result<(), CertError> {
@@ -219,6 +258,25 @@ mod tests {
         let patch = ca_bundle_patch(&vwc, "PEM");
         assert_eq!(patch["webhooks"][1]["name"], "b.noexit.io");
         assert_eq!(patch["webhooks"][0]["clientConfig"]["caBundle"], "UEVN");
+    }
+
+    #[test]
+    fn a_bundle_is_set_only_when_every_webhook_trusts_the_ca() {
+        let hook = |bundle: Option<&str>| ValidatingWebhook {
+            name: "a.noexit.io".into(),
+            client_config: WebhookClientConfig {
+                ca_bundle: bundle.map(|b| ByteString(b.as_bytes().to_vec())),
+                ..Default::default()
+            },
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            ..Default::default()
+        };
+        let vwc = |hooks| ValidatingWebhookConfiguration { webhooks: Some(hooks), ..Default::default() };
+        assert!(bundle_is_set(&vwc(vec![hook(Some("PEM")), hook(Some("PEM"))]), "PEM"));
+        assert!(!bundle_is_set(&vwc(vec![hook(Some("PEM")), hook(None)]), "PEM"));
+        assert!(!bundle_is_set(&vwc(vec![hook(Some("OLD"))]), "PEM"));
+        assert!(!bundle_is_set(&vwc(vec![]), "PEM"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kube::ResourceExt;
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use noexit_crds::{Dataset, Project, Workspace};
@@ -70,12 +71,14 @@ impl Lookup for Snapshot {
 }
 
 /// Reflector caches of Projects, Datasets and Workspaces (cluster-wide), kept by background
-/// watch tasks. Needs `get, list, watch` on the three resources.
+/// watch tasks. Needs `get, list, watch` on the three resources. Objects are read through
+/// `DeserializeGuard`, so one object that does not parse (written before a schema change) is
+/// treated as absent instead of breaking the whole watch and with it every admission.
 #[derive(Clone)]
 pub struct KubeLookup {
-    projects: Store<Project>,
-    datasets: Store<Dataset>,
-    workspaces: Store<Workspace>,
+    projects: Store<DeserializeGuard<Project>>,
+    datasets: Store<DeserializeGuard<Dataset>>,
+    workspaces: Store<DeserializeGuard<Workspace>>,
     synced: Arc<AtomicBool>,
 }
 
@@ -83,9 +86,9 @@ impl KubeLookup {
     /// Start the watches. The returned lookup reports `ready()` once all three caches have
     /// listed their objects.
     pub fn start(client: kube::Client) -> Self {
-        let projects = watch(kube::Api::<Project>::all(client.clone()));
-        let datasets = watch(kube::Api::<Dataset>::all(client.clone()));
-        let workspaces = watch(kube::Api::<Workspace>::all(client));
+        let projects = watch(kube::Api::<DeserializeGuard<Project>>::all(client.clone()));
+        let datasets = watch(kube::Api::<DeserializeGuard<Dataset>>::all(client.clone()));
+        let workspaces = watch(kube::Api::<DeserializeGuard<Workspace>>::all(client));
         let synced = Arc::new(AtomicBool::new(false));
         let lookup = Self { projects, datasets, workspaces, synced: synced.clone() };
         let stores = lookup.clone();
@@ -124,17 +127,22 @@ where
     reader
 }
 
+/// The object, if it parsed.
+fn valid<K: Clone>(guarded: &DeserializeGuard<K>) -> Option<Arc<K>> {
+    guarded.0.as_ref().ok().map(|k| Arc::new(k.clone()))
+}
+
 impl Lookup for KubeLookup {
     fn project(&self, name: &str) -> Option<Arc<Project>> {
-        self.projects.get(&ObjectRef::new(name))
+        self.projects.get(&ObjectRef::new(name)).and_then(|g| valid(&g))
     }
 
     fn dataset(&self, name: &str) -> Option<Arc<Dataset>> {
-        self.datasets.get(&ObjectRef::new(name))
+        self.datasets.get(&ObjectRef::new(name)).and_then(|g| valid(&g))
     }
 
     fn workspaces_of(&self, project: &str) -> Vec<Arc<Workspace>> {
-        self.workspaces.state_filter(|w| w.spec.project == project)
+        self.workspaces.state().iter().filter_map(|g| valid(g)).filter(|w| w.spec.project == project).collect()
     }
 
     fn ready(&self) -> bool {

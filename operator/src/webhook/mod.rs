@@ -29,8 +29,10 @@ pub use http::{AppState, router};
 pub use lookup::{KubeLookup, Lookup, Snapshot};
 pub use review::Policy;
 
-/// How often the certificate files (and the CA) are checked for changes.
+/// How often the certificate files are checked for changes (and renewal).
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
+/// How often the webhook configuration's `caBundle` is checked once set.
+const CA_BUNDLE_CHECK_EVERY: Duration = Duration::from_secs(300);
 
 /// Arguments of `noexit-operator webhook`.
 #[derive(clap::Args, Debug, Clone)]
@@ -84,12 +86,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         };
         let ca = issuer.ensure().await.context("issuing the serving certificate from the operator's CA")?;
         if let Some(name) = &args.webhook_configuration {
-            certs::patch_ca_bundle(&client, name, &ca).await.context("setting the caBundle")?;
+            tokio::spawn(certs::keep_ca_bundle(client.clone(), name.clone(), ca, CA_BUNDLE_CHECK_EVERY));
         }
         tokio::spawn(issuer.renew_forever(RELOAD_EVERY));
     } else if let (Some(name), Some(path)) = (&args.webhook_configuration, &args.ca_bundle) {
         let ca = std::fs::read_to_string(path).with_context(|| format!("reading --ca-bundle {}", path.display()))?;
-        certs::patch_ca_bundle(&client, name, &ca).await.context("setting the caBundle")?;
+        tokio::spawn(certs::keep_ca_bundle(client.clone(), name.clone(), ca, CA_BUNDLE_CHECK_EVERY));
     }
 
     let cert = tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?;

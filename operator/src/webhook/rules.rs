@@ -238,6 +238,16 @@ pub fn check_request(
         if let Err(invalid) = workspace_request::validate(&undecided, project.as_deref()) {
             v.refuse(invalid);
         } else {
+            let wanted = &new.spec.workspace_name;
+            let exists = lookup
+                .workspaces_of(&new.spec.workspace.project)
+                .iter()
+                .any(|w| w.name_any() == *wanted && w.namespace().as_deref() == new.namespace().as_deref());
+            if exists {
+                v.warn(format!(
+                    "{object}: spec.workspaceName: workspace {wanted:?} already exists; approving this request will not replace it"
+                ));
+            }
             for p in workspace_problems(&requested_workspace(new), lookup, now) {
                 v.refuse(Refusal {
                     object: object.clone(),
@@ -695,6 +705,17 @@ mod tests {
         let fields: Vec<&str> = v.refusals.iter().map(|r| r.field.as_str()).collect();
         assert_eq!(fields, ["spec.workspace.owner", "spec.workspace.datasets[1]"]);
         assert!(v.refusals[0].to_string().starts_with("workspacerequest ward-7/alice-stats: spec.workspace.owner:"));
+    }
+
+    #[test]
+    fn a_request_for_an_existing_workspace_name_warns() {
+        let mut req = request();
+        req.spec.workspace_name = "alice-r".into();
+        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), now());
+        assert!(v.allowed());
+        assert_eq!(v.warnings.len(), 1);
+        assert!(v.warnings[0].contains(r#"workspace "alice-r" already exists"#), "{:?}", v.warnings);
+        assert!(check_request(&request(), None, &person("bob@ward7.example"), &cluster(), now()).warnings.is_empty());
     }
 
     #[test]
