@@ -16,12 +16,60 @@ pub const CA_KEY_KEY: &str = "ca.key";
 pub const TLS_CERT_KEY: &str = "tls.crt";
 pub const TLS_KEY_KEY: &str = "tls.key";
 
+/// URI SAN of the operator's own client certificate.
+pub const OPERATOR_URI: &str = "noexit://operator";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("invalid name {0:?} for a certificate")]
     Name(String),
+    #[error("cannot read certificate: {0}")]
+    Parse(String),
+}
+
+/// What the operator needs to know about a certificate it issued earlier: its serial, validity
+/// window and URI SANs (read back from a Secret to decide reuse or rotation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Lower-case hex serial, as in [`IssuedCert::serial`].
+    pub serial: String,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    pub uris: Vec<String>,
+}
+
+impl CertInfo {
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
+        use x509_parser::extensions::GeneralName;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| PkiError::Parse(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| PkiError::Parse(e.to_string()))?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            DateTime::<Utc>::from_timestamp(t.timestamp(), 0).ok_or_else(|| PkiError::Parse("time out of range".into()))
+        };
+        let uris = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::URI(u) => Some((*u).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            serial: hex::encode(cert.raw_serial()),
+            not_before: time(cert.validity().not_before)?,
+            not_after: time(cert.validity().not_after)?,
+            uris,
+        })
+    }
 }
 
 /// A CA certificate and its signing key.
@@ -99,6 +147,18 @@ impl Ca {
         self.sign(params, validity)
     }
 
+    /// Client certificate the operator presents to the control-plane API (revocations). The
+    /// identity is the URI SAN `noexit://operator`.
+    pub fn issue_operator_client(&self, validity: chrono::Duration) -> Result<IssuedCert, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, "noexit-operator");
+        params.distinguished_name.push(DnType::OrganizationName, "noexit");
+        params.subject_alt_names =
+            vec![SanType::URI(Ia5String::try_from(OPERATOR_URI).map_err(|_| PkiError::Name(OPERATOR_URI.into()))?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, validity)
+    }
+
     /// Server certificate for `dns_names` (and IP addresses written as names).
     pub fn issue_server(&self, dns_names: &[String], validity: chrono::Duration) -> Result<IssuedCert, PkiError> {
         let mut params = CertificateParams::new(dns_names.to_vec())?;
@@ -129,10 +189,11 @@ fn to_offset(t: DateTime<Utc>) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(t.timestamp()).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// 16 random bytes with the top bit clear, so the DER integer stays positive.
+/// 16 random bytes with the top bit clear, so the DER integer stays positive, and the first byte
+/// non-zero, so the encoding is minimal and the hex serial reads back unchanged.
 fn random_serial() -> SerialNumber {
     let mut bytes = *uuid::Uuid::new_v4().as_bytes();
-    bytes[0] &= 0x7f;
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
     SerialNumber::from_slice(&bytes)
 }
 
@@ -153,5 +214,19 @@ mod tests {
         let server =
             ca.issue_server(&["noexit-api.noexit-system.svc".into()], chrono::Duration::days(90)).expect("server");
         assert!(server.not_after > Utc::now() + chrono::Duration::days(89));
+    }
+
+    #[test]
+    fn issued_certificates_read_back_with_serial_validity_and_identity() {
+        let ca = Ca::generate("noexit test CA").expect("ca");
+        let id = WorkspaceIdentity { project: "ward-7".into(), name: "alice".into() };
+        let issued = ca.issue_workspace_client(&id, chrono::Duration::days(30)).expect("client");
+        let info = CertInfo::from_pem(&issued.cert_pem).expect("parse");
+        assert_eq!(info.serial, issued.serial);
+        assert_eq!(info.not_after.timestamp(), issued.not_after.timestamp());
+        assert_eq!(info.uris, [id.uri()]);
+        let op = ca.issue_operator_client(chrono::Duration::days(1)).expect("operator");
+        assert_eq!(CertInfo::from_pem(&op.cert_pem).expect("parse").uris, [OPERATOR_URI]);
+        assert!(CertInfo::from_pem("not a certificate").is_err());
     }
 }
