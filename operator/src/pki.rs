@@ -15,6 +15,8 @@ pub const CA_KEY_KEY: &str = "ca.key";
 /// Secret keys for an issued certificate (the `kubernetes.io/tls` convention).
 pub const TLS_CERT_KEY: &str = "tls.crt";
 pub const TLS_KEY_KEY: &str = "tls.key";
+/// URI SAN of the operator's own client certificate.
+pub const OPERATOR_URI: &str = "noexit://operator";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -22,6 +24,8 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("invalid name {0:?} for a certificate")]
     Name(String),
+    #[error("cannot read certificate: {0}")]
+    Parse(String),
 }
 
 /// A CA certificate and its signing key.
@@ -99,6 +103,19 @@ impl Ca {
         self.sign(params, validity)
     }
 
+    /// Client certificate the operator itself presents to the API (e.g. to revoke an agent's
+    /// certificate from the Workspace finalizer). Identity: URI SAN [`OPERATOR_URI`].
+    pub fn issue_operator_client(&self, validity: chrono::Duration) -> Result<IssuedCert, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, "noexit-operator");
+        params.distinguished_name.push(DnType::OrganizationName, "noexit");
+        params.subject_alt_names = vec![SanType::URI(
+            Ia5String::try_from(OPERATOR_URI.to_owned()).map_err(|_| PkiError::Name(OPERATOR_URI.into()))?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, validity)
+    }
+
     /// Server certificate for `dns_names` (and IP addresses written as names).
     pub fn issue_server(&self, dns_names: &[String], validity: chrono::Duration) -> Result<IssuedCert, PkiError> {
         let mut params = CertificateParams::new(dns_names.to_vec())?;
@@ -123,6 +140,68 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem(), serial: serial_hex, not_after })
     }
+}
+
+/// A certificate should be replaced once two thirds of its lifetime have passed, so a renewal
+/// that fails has a third of the lifetime left to be retried.
+pub fn needs_rotation(not_before: DateTime<Utc>, not_after: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    if not_after <= not_before {
+        return true;
+    }
+    let lifetime = not_after - not_before;
+    now >= not_before + lifetime * 2 / 3
+}
+
+/// Canonical form of a hex serial: lower case, without leading zero bytes (DER may drop them).
+pub fn normalize_serial(hex_serial: &str) -> String {
+    let lower = hex_serial.trim().to_ascii_lowercase();
+    let mut rest = lower.as_str();
+    while rest.len() > 2 && rest.starts_with("00") {
+        rest = &rest[2..];
+    }
+    rest.to_owned()
+}
+
+/// Validity window and serial of a PEM certificate, for rotation decisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub serial: String,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    /// URI subject alternative names (identities).
+    pub uris: Vec<String>,
+}
+
+/// Read serial, validity and URI SANs of the first certificate in `pem`.
+pub fn cert_info(pem: &str) -> Result<CertInfo, PkiError> {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .ok_or_else(|| PkiError::Parse("no CERTIFICATE block in PEM".into()))?
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    cert_info_der(&der)
+}
+
+/// [`cert_info`] for one DER certificate.
+pub fn cert_info_der(der: &[u8]) -> Result<CertInfo, PkiError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let time = |t: x509_parser::time::ASN1Time| {
+        DateTime::<Utc>::from_timestamp(t.timestamp(), 0).ok_or_else(|| PkiError::Parse("time out of range".into()))
+    };
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                uris.push((*uri).to_owned());
+            }
+        }
+    }
+    Ok(CertInfo {
+        serial: normalize_serial(&hex::encode(cert.raw_serial())),
+        not_before: time(cert.validity().not_before)?,
+        not_after: time(cert.validity().not_after)?,
+        uris,
+    })
 }
 
 fn to_offset(t: DateTime<Utc>) -> time::OffsetDateTime {
@@ -153,5 +232,29 @@ mod tests {
         let server =
             ca.issue_server(&["noexit-api.noexit-system.svc".into()], chrono::Duration::days(90)).expect("server");
         assert!(server.not_after > Utc::now() + chrono::Duration::days(89));
+    }
+
+    #[test]
+    fn operator_client_carries_the_operator_uri_and_serial() {
+        let ca = Ca::generate("noexit test CA").expect("ca");
+        let op = ca.issue_operator_client(chrono::Duration::days(1)).expect("operator");
+        let info = cert_info(&op.cert_pem).expect("parse");
+        assert_eq!(info.uris, vec![OPERATOR_URI.to_owned()]);
+        assert_eq!(info.serial, normalize_serial(&op.serial));
+        assert_eq!(normalize_serial("00AB01"), "ab01");
+        let id = WorkspaceIdentity { project: "ward-7".into(), name: "alice".into() };
+        let ws = ca.issue_workspace_client(&id, chrono::Duration::days(1)).expect("client");
+        assert_eq!(cert_info(&ws.cert_pem).expect("parse").uris, vec![id.uri()]);
+    }
+
+    #[test]
+    fn rotation_starts_at_two_thirds_of_the_lifetime() {
+        let t0 = DateTime::<Utc>::from_timestamp(0, 0).expect("epoch");
+        let end = t0 + chrono::Duration::days(90);
+        assert!(!needs_rotation(t0, end, t0));
+        assert!(!needs_rotation(t0, end, t0 + chrono::Duration::days(59)));
+        assert!(needs_rotation(t0, end, t0 + chrono::Duration::days(60)));
+        assert!(needs_rotation(t0, end, end + chrono::Duration::days(1)));
+        assert!(needs_rotation(end, t0, t0), "an inverted window is always rotated");
     }
 }
