@@ -63,6 +63,50 @@ pub trait EventLog: Send + Sync {
     fn query(&self, query: AuditQuery) -> BoxFuture<'_, Result<Vec<serde_json::Value>, AuditError>>;
 }
 
+/// Rows read per page when a project query filters in Rust (the store filters by exact object).
+const QUERY_PAGE: i64 = 1000;
+
+impl EventLog for crate::audit::Store {
+    fn record(&self, event: AuditEvent) -> BoxFuture<'_, Result<(), AuditError>> {
+        Box::pin(async move { self.append(event).await.map(|_| ()) })
+    }
+
+    fn record_once(&self, key: String, event: AuditEvent) -> BoxFuture<'_, Result<bool, AuditError>> {
+        Box::pin(async move { self.append_idempotent(&key, event).await.map(|(_, duplicate)| !duplicate) })
+    }
+
+    fn query(&self, query: AuditQuery) -> BoxFuture<'_, Result<Vec<serde_json::Value>, AuditError>> {
+        Box::pin(async move {
+            let want = query.limit() as usize;
+            let mut out = Vec::new();
+            let mut after = query.after.unwrap_or(0);
+            loop {
+                let filter = crate::audit::store::Filter {
+                    actor: query.actor.clone(),
+                    action: query.action.as_ref().map(|a| if a.ends_with('.') { format!("{a}*") } else { a.clone() }),
+                    after_seq: Some(after),
+                    limit: Some(QUERY_PAGE),
+                    ..Default::default()
+                };
+                let page = self.query(&filter).await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                let full = (page.len() as i64) < QUERY_PAGE;
+                for entry in page.iter().filter(|e| query.object_in_project(&e.event.object)) {
+                    out.push(entry.to_json());
+                    if out.len() == want {
+                        return Ok(out);
+                    }
+                }
+                if full {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
 /// The audit log in memory.
 #[derive(Default)]
 pub struct MemoryLog {

@@ -219,6 +219,10 @@ impl MemoryCluster {
         self.state().workspaces.insert(key, ws);
     }
 
+    pub fn get_request_now(&self, project: &str, name: &str) -> Option<WorkspaceRequest> {
+        self.state().requests.get(&(project.to_owned(), name.to_owned())).cloned()
+    }
+
     pub fn workspace_now(&self, project: &str, name: &str) -> Option<Workspace> {
         self.state().workspaces.get(&(project.to_owned(), name.to_owned())).cloned()
     }

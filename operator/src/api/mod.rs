@@ -203,9 +203,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client_ca = std::fs::read(&args.client_ca).with_context(|| format!("reading {}", args.client_ca.display()))?;
     let cert = Arc::new(tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?);
     let tls_config = Arc::new(tls::server_config(cert.clone(), &client_ca)?);
-    let db = Db::connect(&args.database_url, Duration::from_secs(5)).await?;
-    db.migrate().await?;
-    let audit = open_audit_log(&db, &args).await?;
+    let signing_key = if args.audit_key.exists() {
+        crate::audit::keys::load_signing_key(&args.audit_key)?
+    } else {
+        let public = args.audit_key.with_extension("pub.pem");
+        crate::audit::keys::write_key_pair(&args.audit_key, &public)?;
+        tracing::info!(key = %args.audit_key.display(), public = %public.display(), "created the audit signing key");
+        crate::audit::keys::load_signing_key(&args.audit_key)?
+    };
+    let options = crate::audit::StoreOptions { signing_key: Some(signing_key), ..Default::default() };
+    let audit_store = Arc::new(crate::audit::Store::connect_with(&args.database_url, options).await?);
+    let db = audit_store.pool().clone();
+    let audit: Arc<dyn EventLog> = audit_store.clone();
     let cluster: Arc<dyn Cluster> = match &args.manifests {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -258,10 +267,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     };
     server::serve(listener, tls_config, state.clone(), router(state), shutdown).await?;
+    // Commit what is queued and seal the tail with a checkpoint.
+    audit_store.close().await;
     Ok(())
-}
-
-/// The durable audit log on `db`.
-async fn open_audit_log(_db: &Db, _args: &Options) -> anyhow::Result<Arc<dyn EventLog>> {
-    anyhow::bail!("the audit store is not wired yet")
 }

@@ -2,24 +2,15 @@
 //! PostgreSQL. The SQL is written once (`$n` placeholders work on both); [`on_db!`] runs it on
 //! whichever pool is configured. Writes return only after the database committed them.
 
-use std::str::FromStr;
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use noexit_crds::agent::{Heartbeat, OutboxManifest, SessionEvent, Violation, WorkspaceIdentity};
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    #[error("database URL {0:?} is neither sqlite: nor postgres:")]
-    Url(String),
-    #[error("migrating the database failed: {0}")]
-    Migrate(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -28,12 +19,9 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// A pool on one of the two supported databases.
-#[derive(Clone, Debug)]
-pub enum Db {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-}
+/// The audit store's connection pool: the API keeps its tables in the same database, and the
+/// audit store's migrator applies `0002_api.sql` with its own.
+pub type Db = crate::audit::store::Pool;
 
 /// Run the same expression with `$pool` bound to the SQLite or the PostgreSQL pool.
 macro_rules! on_db {
@@ -43,79 +31,6 @@ macro_rules! on_db {
             Db::Postgres($pool) => $body,
         }
     };
-}
-
-/// The API's migrations, embedded in the binary. The audit log's `0001` is applied by the audit
-/// store; each migrator ignores the other's versions.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(2, "api", include_str!("../../migrations/sqlite/0002_api.sql"))];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(2, "api", include_str!("../../migrations/postgres/0002_api.sql"))];
-
-#[derive(Debug)]
-struct Embedded(&'static [(i64, &'static str, &'static str)]);
-
-impl<'s> sqlx::migrate::MigrationSource<'s> for Embedded {
-    fn resolve(
-        self,
-    ) -> futures::future::BoxFuture<'s, Result<Vec<sqlx::migrate::Migration>, sqlx::error::BoxDynError>> {
-        use std::borrow::Cow;
-        let migrations = self
-            .0
-            .iter()
-            .map(|(version, description, sql)| {
-                sqlx::migrate::Migration::new(
-                    *version,
-                    Cow::Borrowed(*description),
-                    sqlx::migrate::MigrationType::Simple,
-                    Cow::Borrowed(*sql),
-                    false,
-                )
-            })
-            .collect();
-        Box::pin(async move { Ok(migrations) })
-    }
-}
-
-async fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> Result<sqlx::migrate::Migrator, StoreError> {
-    let mut migrator =
-        sqlx::migrate::Migrator::new(Embedded(files)).await.map_err(|e| StoreError::Migrate(e.to_string()))?;
-    migrator.set_ignore_missing(true);
-    Ok(migrator)
-}
-
-impl Db {
-    /// Open `sqlite:<path>` (created if missing; WAL, fsync on commit) or `postgres://…`.
-    /// Connections give up after `acquire_timeout` so callers see a 503 rather than hang.
-    pub async fn connect(url: &str, acquire_timeout: Duration) -> Result<Self, StoreError> {
-        if url.starts_with("sqlite:") {
-            let options = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(5));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(4)
-                .acquire_timeout(acquire_timeout)
-                .connect_with(options)
-                .await?;
-            Ok(Db::Sqlite(pool))
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let options = PgConnectOptions::from_str(url)?;
-            let pool =
-                PgPoolOptions::new().max_connections(16).acquire_timeout(acquire_timeout).connect_lazy_with(options);
-            Ok(Db::Postgres(pool))
-        } else {
-            Err(StoreError::Url(url.to_owned()))
-        }
-    }
-
-    /// Apply the API's migrations (`operator/migrations/<kind>/0002_api.sql`).
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        let result = match self {
-            Db::Sqlite(pool) => migrator(SQLITE_MIGRATIONS).await?.run(pool).await,
-            Db::Postgres(pool) => migrator(POSTGRES_MIGRATIONS).await?.run(pool).await,
-        };
-        result.map_err(|e| StoreError::Migrate(e.to_string()))
-    }
 }
 
 /// Where an output request is in its life.
@@ -386,9 +301,8 @@ mod tests {
     async fn sqlite() -> (tempfile::TempDir, ApiStore) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("api.db").display());
-        let db = Db::connect(&url, Duration::from_secs(5)).await.unwrap();
-        db.migrate().await.unwrap();
-        (dir, ApiStore::new(db))
+        let audit = crate::audit::Store::connect(&url).await.unwrap();
+        (dir, ApiStore::new(audit.pool().clone()))
     }
 
     #[tokio::test]
