@@ -5,8 +5,9 @@ mod support;
 use std::sync::Arc;
 
 use noexit_operator::audit::{
-    AuditEvent, Outcome,
+    AuditEvent, Outcome, hash,
     store::{Backend, Filter, Store, StoreOptions},
+    verify::{Report, Tamper, VerifyOptions, verify},
 };
 use support::pg::PgServer;
 
@@ -70,7 +71,6 @@ impl TestDb {
     }
 
     /// What an attacker with owner rights does first: switch the append-only triggers off.
-    #[allow(dead_code)]
     async fn disable_triggers(&self) {
         let statements: &[&str] = match self.backend {
             Backend::Sqlite => &[
@@ -85,6 +85,58 @@ impl TestDb {
         };
         self.sql(statements).await.unwrap();
     }
+}
+
+impl TestDb {
+    /// A hex literal for a blob column.
+    fn blob(&self, bytes: &[u8]) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("X'{}'", hex::encode(bytes)),
+            Backend::Postgres => format!("'\\x{}'::bytea", hex::encode(bytes)),
+        }
+    }
+
+    /// `n` entries, sealed by a checkpoint every 10, and the key that signed them.
+    async fn sealed_log(&self, n: usize) -> ed25519_dalek::SigningKey {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+        let options = StoreOptions {
+            signing_key: Some(key.clone()),
+            checkpoint_every: 10,
+            checkpoint_interval: std::time::Duration::from_secs(3600),
+            ..StoreOptions::default()
+        };
+        let store = self.store_with(options).await;
+        for i in 0..n {
+            store.append(event(i)).await.unwrap();
+        }
+        store.close().await;
+        key
+    }
+
+    async fn verify(&self, key: &ed25519_dalek::SigningKey) -> Report {
+        let store = Store::open_read_only(&self.url).await.unwrap();
+        verify(&store, &VerifyOptions { keys: vec![key.verifying_key()] }).await.unwrap()
+    }
+
+    /// Renumbers entries with `seq >= from` by `delta`, in two steps so no two rows collide.
+    fn shift(from: i64, delta: i64) -> [String; 2] {
+        [
+            format!("UPDATE audit_log SET seq = -seq WHERE seq >= {from}"),
+            format!("UPDATE audit_log SET seq = -seq + ({delta}) WHERE seq < 0"),
+        ]
+    }
+
+    async fn attack(&self, statements: &[String]) {
+        self.disable_triggers().await;
+        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+        self.sql(&refs).await.unwrap();
+    }
+}
+
+#[track_caller]
+fn assert_finding(report: &Report, kind: Tamper, seq: i64) {
+    let f = report.finding.as_ref().unwrap_or_else(|| panic!("tampering not found: {report:?}"));
+    assert_eq!((f.kind, f.seq), (kind, seq), "{}", f.message);
 }
 
 /// Generates `sqlite::<case>` and `postgres::<case>` tests from `async fn <case>(db: TestDb)`.
@@ -116,6 +168,15 @@ on_both!(
     idempotent_appends_are_stored_once,
     group_commit_is_durable_on_ok,
     database_refuses_update_and_delete,
+    intact_log_verifies,
+    edited_entry_is_named,
+    deleted_entry_is_named,
+    deleted_and_renumbered_is_named,
+    inserted_entry_is_named,
+    reordered_entries_are_named,
+    rewritten_chain_is_caught_by_the_signed_checkpoint,
+    forged_checkpoint_signature_is_detected,
+    truncated_tail_is_detected,
 );
 
 fn event(i: usize) -> AuditEvent {
@@ -263,4 +324,116 @@ async fn database_refuses_update_and_delete(db: TestDb) {
     let reader = Store::open_read_only(&db.url).await.unwrap();
     assert_eq!(reader.query(&Filter::default()).await.unwrap()[0].event, event(1));
     assert_eq!(reader.checkpoints().await.unwrap().len(), 1, "close sealed the tail");
+}
+
+async fn intact_log_verifies(db: TestDb) {
+    let key = db.sealed_log(35).await;
+    let report = db.verify(&key).await;
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!((report.entries, report.last_seq, report.checkpoints), (35, 35, 4));
+    assert_eq!((report.signatures_checked, report.unsealed), (4, 0), "close seals the tail");
+}
+
+async fn edited_entry_is_named(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    db.attack(&["UPDATE audit_log SET actor = 'user:mallory' WHERE seq = 17".into()]).await;
+    assert_finding(&db.verify(&key).await, Tamper::Changed, 17);
+}
+
+async fn deleted_entry_is_named(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    db.attack(&["DELETE FROM audit_log WHERE seq = 17".into()]).await;
+    assert_finding(&db.verify(&key).await, Tamper::Deleted, 17);
+}
+
+async fn deleted_and_renumbered_is_named(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    let mut attack = vec!["DELETE FROM audit_log WHERE seq = 17".to_string()];
+    attack.extend(TestDb::shift(18, -1));
+    db.attack(&attack).await;
+    assert_finding(&db.verify(&key).await, Tamper::Deleted, 17);
+}
+
+async fn inserted_entry_is_named(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    // The attacker even computes a correct hash for the forged entry.
+    let store = Store::open_read_only(&db.url).await.unwrap();
+    let (before, before_hash) = store.entries_from(16, 1).await.unwrap().remove(0);
+    let mut forged = before.clone();
+    forged.actor = "user:ghost".into();
+    forged.prev_hash = before_hash;
+    let forged_hash = hash::entry_hash(&forged.fields_as(17), &before_hash);
+    let mut attack = TestDb::shift(17, 1).to_vec();
+    attack.push(format!(
+        "INSERT INTO audit_log (seq, time_us, actor, role, action, object, outcome, reason, source, detail, \
+         idempotency_key, prev_hash, hash) VALUES (17, {}, 'user:ghost', '{}', '{}', '{}', 'allowed', NULL, '{}', '{}', NULL, {}, {})",
+        forged.time_us,
+        forged.role.as_deref().unwrap_or_default(),
+        forged.action,
+        forged.object,
+        forged.source.as_deref().unwrap_or_default(),
+        forged.detail,
+        db.blob(&before_hash),
+        db.blob(&forged_hash)
+    ));
+    db.attack(&attack).await;
+    assert_finding(&db.verify(&key).await, Tamper::Inserted, 17);
+}
+
+async fn reordered_entries_are_named(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    db.attack(&[
+        "UPDATE audit_log SET seq = -1 WHERE seq = 17".into(),
+        "UPDATE audit_log SET seq = 17 WHERE seq = 18".into(),
+        "UPDATE audit_log SET seq = 18 WHERE seq = -1".into(),
+    ])
+    .await;
+    assert_finding(&db.verify(&key).await, Tamper::Reordered, 17);
+}
+
+async fn rewritten_chain_is_caught_by_the_signed_checkpoint(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    // The careful attacker edits entry 17 and recomputes every hash after it: the chain is
+    // consistent again, only the signed Merkle root of entries 11..=20 still disagrees.
+    let store = Store::open_read_only(&db.url).await.unwrap();
+    let rows = store.entries_from(17, 100).await.unwrap();
+    let mut prev = rows[0].0.prev_hash;
+    let mut attack = Vec::new();
+    for (mut raw, _) in rows {
+        if raw.seq == 17 {
+            raw.actor = "user:mallory".into();
+            attack.push("UPDATE audit_log SET actor = 'user:mallory' WHERE seq = 17".to_string());
+        }
+        let h = hash::entry_hash(&raw.fields_as(raw.seq), &prev);
+        attack.push(format!(
+            "UPDATE audit_log SET prev_hash = {}, hash = {} WHERE seq = {}",
+            db.blob(&prev),
+            db.blob(&h),
+            raw.seq
+        ));
+        prev = h;
+    }
+    db.attack(&attack).await;
+    let report = db.verify(&key).await;
+    assert_finding(&report, Tamper::CheckpointMismatch, 11);
+    assert_eq!(report.finding.unwrap().checkpoint, Some(2));
+}
+
+async fn forged_checkpoint_signature_is_detected(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    let mallory = ed25519_dalek::SigningKey::from_bytes(&[66; 32]);
+    let bogus = ed25519_dalek::Signer::sign(&mallory, b"anything").to_bytes();
+    db.attack(&[format!("UPDATE audit_checkpoint SET signature = {} WHERE id = 2", db.blob(&bogus))]).await;
+    assert_finding(&db.verify(&key).await, Tamper::CheckpointForged, 11);
+
+    // Without the public key the signature cannot be checked, and the report says so.
+    let store = Store::open_read_only(&db.url).await.unwrap();
+    let unchecked = verify(&store, &VerifyOptions::default()).await.unwrap();
+    assert!(unchecked.is_intact() && unchecked.signatures_checked == 0, "{unchecked:?}");
+}
+
+async fn truncated_tail_is_detected(db: TestDb) {
+    let key = db.sealed_log(30).await;
+    db.attack(&["DELETE FROM audit_log WHERE seq > 25".into()]).await;
+    assert_finding(&db.verify(&key).await, Tamper::Truncated, 26);
 }

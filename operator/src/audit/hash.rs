@@ -39,14 +39,49 @@ pub struct EntryFields<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
-fn put(h: &mut Sha256, s: &str) {
+/// The same columns as raw bytes, as `verify` reads them off the wire (no UTF-8 check needed:
+/// the hash covers bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryBytes<'a> {
+    pub seq: i64,
+    pub time_us: i64,
+    pub actor: &'a [u8],
+    pub role: Option<&'a [u8]>,
+    pub action: &'a [u8],
+    pub object: &'a [u8],
+    pub refused: bool,
+    pub reason: Option<&'a [u8]>,
+    pub source: Option<&'a [u8]>,
+    pub detail: &'a [u8],
+    pub idempotency_key: Option<&'a [u8]>,
+}
+
+impl<'a> EntryFields<'a> {
+    pub fn as_bytes(&self) -> EntryBytes<'a> {
+        EntryBytes {
+            seq: self.seq,
+            time_us: self.time_us,
+            actor: self.actor.as_bytes(),
+            role: self.role.map(str::as_bytes),
+            action: self.action.as_bytes(),
+            object: self.object.as_bytes(),
+            refused: self.refused,
+            reason: self.reason.map(str::as_bytes),
+            source: self.source.map(str::as_bytes),
+            detail: self.detail.as_bytes(),
+            idempotency_key: self.idempotency_key.map(str::as_bytes),
+        }
+    }
+}
+
+fn put(h: &mut Sha256, s: &[u8]) {
     // Entries are bounded far below 4 GiB by the API's body limit; saturate rather than wrap.
     let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
     h.update(len.to_be_bytes());
-    h.update(s.as_bytes());
+    h.update(s);
 }
 
-fn put_opt(h: &mut Sha256, s: Option<&str>) {
+fn put_opt(h: &mut Sha256, s: Option<&[u8]>) {
     match s {
         None => h.update([0u8]),
         Some(s) => {
@@ -58,6 +93,11 @@ fn put_opt(h: &mut Sha256, s: Option<&str>) {
 
 /// Hash of an entry whose predecessor has hash `prev`.
 pub fn entry_hash(e: &EntryFields<'_>, prev: &Hash) -> Hash {
+    entry_hash_bytes(&e.as_bytes(), prev)
+}
+
+/// [`entry_hash`] over raw column bytes.
+pub fn entry_hash_bytes(e: &EntryBytes<'_>, prev: &Hash) -> Hash {
     let mut h = Sha256::new();
     h.update(ENTRY_DOMAIN);
     h.update((e.seq as u64).to_be_bytes());

@@ -74,6 +74,28 @@ pub fn write_key_pair(private_path: &Path, public_path: &Path) -> Result<Verifyi
     load_verifying_key(public_path)
 }
 
+/// `noexit-operator audit-keygen`: writes a new checkpoint signing key pair.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KeygenArgs {
+    /// Private key to create (PKCS#8 PEM, mode 0600); it is never overwritten.
+    #[arg(long, value_name = "FILE", default_value = "audit-checkpoint.key")]
+    pub private: std::path::PathBuf,
+    /// Public key to write (SPKI PEM), for auditors' `noexit audit verify --checkpoint-key-pub`.
+    #[arg(long, value_name = "FILE", default_value = "audit-checkpoint.pub")]
+    pub public: std::path::PathBuf,
+}
+
+/// Runs [`KeygenArgs`]; returns the message to print.
+pub fn keygen(args: &KeygenArgs) -> Result<String, KeyError> {
+    let key = write_key_pair(&args.private, &args.public)?;
+    Ok(format!(
+        "wrote {} (private, keep it in a Secret) and {} (public, key id {})",
+        args.private.display(),
+        args.public.display(),
+        key_id(&key)
+    ))
+}
+
 fn read(path: &Path) -> Result<String, KeyError> {
     std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })
 }

@@ -466,11 +466,12 @@ impl Store {
         .map_err(unavailable)
     }
 
-    /// Entries with `from <= seq <= to` as stored, with their stored hash (to diagnose a broken chain).
-    pub async fn entries_between(&self, from: Seq, to: Seq) -> Result<Vec<(EntryRaw, Hash)>, AuditError> {
-        let sql = format!("SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq");
+    /// Up to `limit` entries with `seq >= from` as stored, with their stored hash (to diagnose a
+    /// broken chain).
+    pub async fn entries_from(&self, from: Seq, limit: i64) -> Result<Vec<(EntryRaw, Hash)>, AuditError> {
+        let sql = format!("SELECT {ENTRY_COLUMNS} FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT $2");
         let rows: Vec<EntryRow> = with_pool!(&self.pool, p => {
-            sqlx::query_as::<_, EntryRow>(&sql).bind(from).bind(to).fetch_all(p).await
+            sqlx::query_as::<_, EntryRow>(&sql).bind(from).bind(limit).fetch_all(p).await
         })
         .map_err(unavailable)?;
         Ok(rows.into_iter().map(EntryRaw::from_row).collect())
@@ -621,6 +622,9 @@ fn pool_backend<P: BackendOf>(_: &P) -> Backend {
     P::BACKEND
 }
 
+/// Rows per INSERT statement: 13 parameters each stays under every backend's limit.
+const INSERT_ROWS: usize = 1000;
+
 /// Key for PostgreSQL's transaction-scoped advisory lock that serialises appends ("noexit-a").
 const PG_APPEND_LOCK: i64 = 0x6e6f_6578_6974_2d61;
 
@@ -630,7 +634,8 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
         Some(_) => unsealed_count(&pool).await.unwrap_or(1) as u64,
         None => 0,
     };
-    let mut tick = tokio::time::interval(options.checkpoint_interval.max(Duration::from_millis(10)));
+    let period = options.checkpoint_interval.max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(max_batch);
     let mut closing = Vec::new();
@@ -670,6 +675,7 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                     && seal(&pool, key).await
                 {
                     unsealed = 0;
+                    tick.reset();
                 }
                 if !closing.is_empty() {
                     break;
@@ -720,10 +726,10 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
 
         let keys: Vec<&str> = batch.iter().filter_map(|e| e.key.as_deref()).collect();
         let mut known: HashMap<String, i64> = HashMap::new();
-        if !keys.is_empty() {
+        for keys in keys.chunks(INSERT_ROWS) {
             let mut q = sqlx::QueryBuilder::new("SELECT idempotency_key, seq FROM audit_log WHERE idempotency_key IN (");
             let mut list = q.separated(", ");
-            for k in &keys {
+            for k in keys {
                 list.push_bind(*k);
             }
             q.push(")");
@@ -768,9 +774,10 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
             results.push((seq, false));
         }
 
-        if !rows.is_empty() {
+        // Both databases cap bind parameters per statement (SQLite 32766, PostgreSQL 65535).
+        for rows in rows.chunks(INSERT_ROWS) {
             let mut q = sqlx::QueryBuilder::new(format!("INSERT INTO audit_log ({ENTRY_COLUMNS}) "));
-            q.push_values(&rows, |mut b, (f, prev, h)| {
+            q.push_values(rows, |mut b, (f, prev, h)| {
                 b.push_bind(f.seq)
                     .push_bind(f.time_us)
                     .push_bind(f.actor)
