@@ -990,3 +990,105 @@ async fn sqlite_acknowledged_events_survive_a_restart_and_resends_are_not_duplic
     }
     assert_each_once(&api.audit, &api.store, &acked).await;
 }
+
+// ---- the `noexit` CLI against the real API ----------------------------------------------------
+
+/// Run `noexit args…` with `token`; returns (exit code, stdout, stderr).
+async fn noexit(api: &Api, pki: &Pki, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit"));
+    cmd.args(args)
+        .env("NOEXIT_API", api.url(""))
+        .env("NOEXIT_CA", pki.dir.path().join("ca.crt"))
+        .env_remove("NOEXIT_TOKEN");
+    if let Some(t) = token {
+        cmd.env("NOEXIT_TOKEN", t);
+    }
+    let out = cmd.output().await.unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test]
+async fn cli_requests_approves_and_reports_with_documented_exit_codes() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await;
+    let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
+    let (bob, carol, dave) =
+        (issuer.token("bob@ward7.example"), issuer.token("carol@ward7.example"), issuer.token("dave@ward7.example"));
+
+    let request = [
+        "request",
+        "workspace",
+        "--project",
+        "ward-7",
+        "--owner",
+        "alice@ward7.example",
+        "--runtime",
+        "vm",
+        "--image",
+        "registry.example/r-vm:4.4",
+        "--justification",
+        "sepsis cohort, REC 23/LO/0042",
+        "--dataset",
+        "icu-2019",
+        "--name",
+        "alice-vm-req",
+    ];
+    let (code, out, err) = noexit(&api, &pki, Some(&bob), &request).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("workspacerequest ward-7/alice-vm-req created"), "{out}");
+    // Again: the server refuses (exists) → 1.
+    let (code, _, err) = noexit(&api, &pki, Some(&bob), &request).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("alreadyExists"), "{err}");
+    // bob is no admin → 1 with the reason.
+    let (code, _, err) = noexit(&api, &pki, Some(&bob), &["approve", "alice-vm-req", "--project", "ward-7"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("403 Forbidden forbidden") && err.contains("admin"), "{err}");
+    let (code, out, err) =
+        noexit(&api, &pki, Some(&carol), &["approve", "alice-vm-req", "--project", "ward-7", "--reason", "ok"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("approved"));
+    let (code, out, _) = noexit(&api, &pki, Some(&dave), &["requests", "list", "--project", "ward-7"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("alice-vm-req") && out.contains("Approved") && out.contains("carol@ward7.example"), "{out}");
+    let (code, out, _) = noexit(&api, &pki, Some(&dave), &["--json", "requests", "list", "-p", "ward-7"]).await;
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["decision"], "Approved");
+    let (code, out, _) = noexit(&api, &pki, Some(&dave), &["sessions", "--project", "ward-7"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("WORKSPACE"));
+    let (code, out, err) =
+        noexit(&api, &pki, Some(&carol), &["revoke", "alice-r", "--project", "ward-7", "--reason", "laptop lost"])
+            .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("certificate 0a0b of workspace ward-7/alice-r revoked"), "{out}");
+
+    // Usage errors → 2; no token → refused 1; nothing listening → 3.
+    let (code, _, _) = noexit(&api, &pki, Some(&bob), &["approve", "x"]).await;
+    assert_eq!(code, 2);
+    let (code, _, err) = noexit(&api, &pki, None, &["whoami", "--project", "ward-7"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("tokenRequired"));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit"));
+    let out = cmd
+        .args(["--api-url", &format!("https://127.0.0.1:{}", closed.port()), "whoami", "-p", "ward-7"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    for args in [
+        vec!["--help"],
+        vec!["request", "workspace", "--help"],
+        vec!["requests", "list", "--help"],
+        vec!["deny", "--help"],
+        vec!["audit", "--help"],
+    ] {
+        let (code, out, _) = noexit(&api, &pki, None, &args).await;
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage"), "{args:?}: {out}");
+    }
+}
