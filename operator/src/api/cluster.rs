@@ -294,3 +294,110 @@ impl Cluster for MemoryCluster {
         Box::pin(async move { Ok(found) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// One request the fake API server saw.
+    #[derive(Debug)]
+    struct Seen {
+        method: String,
+        path_and_query: String,
+        content_type: String,
+        body: serde_json::Value,
+    }
+
+    /// A kube client whose "API server" records each request and answers with `reply`.
+    fn fake_kube(reply: serde_json::Value) -> (KubeCluster, Arc<Mutex<Vec<Seen>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let log = log.clone();
+            let reply = reply.clone();
+            async move {
+                use http_body_util::BodyExt;
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                log.lock().unwrap().push(Seen {
+                    method: parts.method.to_string(),
+                    path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                    content_type: parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+                });
+                let body = http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&reply).unwrap()));
+                Ok::<_, std::convert::Infallible>(http::Response::builder().status(200).body(body).unwrap())
+            }
+        });
+        (KubeCluster::new(Client::new(service, "default")), seen)
+    }
+
+    #[tokio::test]
+    async fn heartbeats_are_applied_to_the_status_subresource_as_noexit_api() {
+        let ws = serde_json::json!({
+            "apiVersion": "noexit.io/v1alpha1", "kind": "Workspace",
+            "metadata": {"name": "alice-r", "namespace": "noexit-ward-7"},
+            "spec": {"project": "ward-7", "owner": "alice", "runtime": "pod", "image": "r"},
+        });
+        let (cluster, seen) = fake_kube(ws);
+        let report = AgentReport {
+            last_heartbeat: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            version: "0.1.0".into(),
+            egress_locked: true,
+            egress_detail: None,
+            active_sessions: 2,
+            spool_depth: 0,
+        };
+        let id = WorkspaceIdentity { project: "ward-7".into(), name: "alice-r".into() };
+        cluster.report_agent(&id, report).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let req = &seen[0];
+        assert_eq!(req.method, "PATCH");
+        assert!(
+            req.path_and_query
+                .starts_with("/apis/noexit.io/v1alpha1/namespaces/noexit-ward-7/workspaces/alice-r/status?"),
+            "{}",
+            req.path_and_query
+        );
+        assert!(req.path_and_query.contains("fieldManager=noexit-api") && req.path_and_query.contains("force=true"));
+        assert_eq!(req.content_type, "application/apply-patch+yaml");
+        assert_eq!(req.body["status"]["agent"]["activeSessions"], 2);
+        assert_eq!(req.body["status"]["agent"]["egressLocked"], true);
+        // Only the agent report: the controller owns conditions and phase.
+        assert_eq!(req.body["status"].as_object().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn decisions_are_applied_as_conditions_with_the_decider() {
+        let wr = serde_json::json!({
+            "apiVersion": "noexit.io/v1alpha1", "kind": "WorkspaceRequest",
+            "metadata": {"name": "r1", "namespace": "noexit-ward-7"},
+            "spec": {"requester": "bob", "justification": "j", "workspaceName": "w",
+                     "workspace": {"project": "ward-7", "owner": "alice", "runtime": "vm", "image": "r"}},
+        });
+        let (cluster, seen) = fake_kube(wr);
+        let record = DecisionRecord { decision: Decision::Denied, by: "carol".into(), reason: "no REC".into() };
+        cluster.decide_request("ward-7", "r1", record).await.unwrap();
+        let seen = seen.lock().unwrap();
+        let req = &seen[0];
+        assert_eq!(req.method, "PATCH");
+        assert!(
+            req.path_and_query
+                .starts_with("/apis/noexit.io/v1alpha1/namespaces/noexit-ward-7/workspacerequests/r1/status?")
+        );
+        assert!(req.path_and_query.contains("fieldManager=noexit-api"));
+        let status = &req.body["status"];
+        assert_eq!((status["decision"].as_str(), status["decidedBy"].as_str()), (Some("Denied"), Some("carol")));
+        assert_eq!(status["conditions"][0]["type"], "Denied");
+        assert_eq!(status["conditions"][0]["message"], "no REC");
+        let parsed: WorkspaceRequestStatus = serde_json::from_value(status.clone()).unwrap();
+        assert_eq!(parsed.decision_from_conditions(), Some(Decision::Denied));
+    }
+}
