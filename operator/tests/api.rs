@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -373,7 +374,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v = get().await;
         if done(&v) || Instant::now() > deadline {
@@ -1091,4 +1092,75 @@ async fn cli_requests_approves_and_reports_with_documented_exit_codes() {
         assert_eq!(code, 0, "{args:?}");
         assert!(out.contains("Usage"), "{args:?}: {out}");
     }
+}
+
+// ---- the real binary, killed right after acknowledging -----------------------------------------
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `noexit-operator api` on a free loopback port; waits (bounded) until it answers.
+async fn start_binary(pki: &Pki, db_url: &str, dir: &Path) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(dir.join("manifests.yaml"), PROJECT).unwrap();
+    let p = |name: &str| pki.dir.path().join(name).display().to_string();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args([
+            "api",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+            &p("tls.crt"),
+            "--tls-key",
+            &p("tls.key"),
+        ])
+        .args(["--client-ca", &p("ca.crt"), "--database-url", db_url])
+        .arg("--audit-key")
+        .arg(dir.join("audit-key.pem"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--manifests")
+        .arg(dir.join("manifests.yaml"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Child(child);
+    let base = format!("https://localhost:{port}");
+    let health = client(pki, None);
+    let health_url = format!("{base}/healthz");
+    let ready = poll(|| call(&health, Method::GET, &health_url, None, None), |r| r.is_ok()).await;
+    assert!(ready.is_ok(), "noexit-operator api did not come up: {ready:?}");
+    (child, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_events_acknowledged_by_the_binary_survive_kill_9() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&dir);
+    let (mut child, base) = start_binary(&pki, &url, dir.path()).await;
+    let (acked, errors) = agents_report(base, &pki, 4, 10, Duration::ZERO).await;
+    assert_eq!(errors, 0);
+    // SIGKILL right after the last acknowledgement: no shutdown, no flush.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let audit = Store::connect(&url).await.unwrap();
+    let store = ApiStore::new(audit.pool().clone());
+    assert_each_once(&audit, &store, &acked).await;
+    audit.close().await;
+    // Restarted, the agents resend their spool: nothing is stored twice.
+    let (_child, base) = start_binary(&pki, &url, dir.path()).await;
+    let agent = client(&pki, Some(&pki.agent("ws-1")));
+    let resend: Vec<Value> = acked.iter().map(|e| serde_json::to_value(e).unwrap()).collect();
+    let (status, ack) =
+        call(&agent, Method::POST, &format!("{base}/v1/agent/events"), None, json_body(&json!({"events": resend})))
+            .await
+            .unwrap();
+    assert_eq!((status, ack["duplicates"].as_u64()), (StatusCode::OK, Some(acked.len() as u64)), "{ack}");
 }
