@@ -10,6 +10,8 @@ pub mod mirror;
 pub mod pki;
 pub mod render;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod webhook;
 
 /// The one field manager noexit uses for server-side apply.

@@ -15,6 +15,7 @@ pub const CA_KEY_KEY: &str = "ca.key";
 /// Secret keys for an issued certificate (the `kubernetes.io/tls` convention).
 pub const TLS_CERT_KEY: &str = "tls.crt";
 pub const TLS_KEY_KEY: &str = "tls.key";
+
 /// URI SAN of the operator's own client certificate.
 pub const OPERATOR_URI: &str = "noexit://operator";
 
@@ -26,6 +27,94 @@ pub enum PkiError {
     Name(String),
     #[error("cannot read certificate: {0}")]
     Parse(String),
+}
+
+/// What the operator needs to know about a certificate it issued earlier: its serial, validity
+/// window and URI SANs (read back from a Secret to decide reuse or rotation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Lower-case hex serial, as in [`IssuedCert::serial`].
+    pub serial: String,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    pub uris: Vec<String>,
+}
+
+impl CertInfo {
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
+        use x509_parser::extensions::GeneralName;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| PkiError::Parse(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| PkiError::Parse(e.to_string()))?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            DateTime::<Utc>::from_timestamp(t.timestamp(), 0).ok_or_else(|| PkiError::Parse("time out of range".into()))
+        };
+        let uris = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::URI(u) => Some((*u).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            serial: hex::encode(cert.raw_serial()),
+            not_before: time(cert.validity().not_before)?,
+            not_after: time(cert.validity().not_after)?,
+            uris,
+        })
+    }
+}
+
+impl CertInfo {
+    /// [`CertInfo::from_pem`] for one DER certificate (as rustls hands over a peer's).
+    pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            DateTime::<Utc>::from_timestamp(t.timestamp(), 0).ok_or_else(|| PkiError::Parse("time out of range".into()))
+        };
+        let mut uris = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uris.push((*uri).to_owned());
+                }
+            }
+        }
+        Ok(Self {
+            serial: normalize_serial(&hex::encode(cert.raw_serial())),
+            not_before: time(cert.validity().not_before)?,
+            not_after: time(cert.validity().not_after)?,
+            uris,
+        })
+    }
+}
+
+/// Canonical form of a hex serial: lower case, without leading zero bytes (DER drops them).
+pub fn normalize_serial(hex_serial: &str) -> String {
+    let lower = hex_serial.trim().to_ascii_lowercase();
+    let mut rest = lower.as_str();
+    while rest.len() > 2 && rest.starts_with("00") {
+        rest = &rest[2..];
+    }
+    rest.to_owned()
+}
+
+/// A certificate should be replaced once two thirds of its lifetime have passed, so a renewal
+/// that fails has a third of the lifetime left to be retried.
+pub fn needs_rotation(not_before: DateTime<Utc>, not_after: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    if not_after <= not_before {
+        return true;
+    }
+    let lifetime = not_after - not_before;
+    now >= not_before + lifetime * 2 / 3
 }
 
 /// A CA certificate and its signing key.
@@ -103,15 +192,14 @@ impl Ca {
         self.sign(params, validity)
     }
 
-    /// Client certificate the operator itself presents to the API (e.g. to revoke an agent's
-    /// certificate from the Workspace finalizer). Identity: URI SAN [`OPERATOR_URI`].
+    /// Client certificate the operator presents to the control-plane API (revocations). The
+    /// identity is the URI SAN `noexit://operator`.
     pub fn issue_operator_client(&self, validity: chrono::Duration) -> Result<IssuedCert, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, "noexit-operator");
         params.distinguished_name.push(DnType::OrganizationName, "noexit");
-        params.subject_alt_names = vec![SanType::URI(
-            Ia5String::try_from(OPERATOR_URI.to_owned()).map_err(|_| PkiError::Name(OPERATOR_URI.into()))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(Ia5String::try_from(OPERATOR_URI).map_err(|_| PkiError::Name(OPERATOR_URI.into()))?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params, validity)
     }
@@ -142,76 +230,15 @@ impl Ca {
     }
 }
 
-/// A certificate should be replaced once two thirds of its lifetime have passed, so a renewal
-/// that fails has a third of the lifetime left to be retried.
-pub fn needs_rotation(not_before: DateTime<Utc>, not_after: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-    if not_after <= not_before {
-        return true;
-    }
-    let lifetime = not_after - not_before;
-    now >= not_before + lifetime * 2 / 3
-}
-
-/// Canonical form of a hex serial: lower case, without leading zero bytes (DER may drop them).
-pub fn normalize_serial(hex_serial: &str) -> String {
-    let lower = hex_serial.trim().to_ascii_lowercase();
-    let mut rest = lower.as_str();
-    while rest.len() > 2 && rest.starts_with("00") {
-        rest = &rest[2..];
-    }
-    rest.to_owned()
-}
-
-/// Validity window and serial of a PEM certificate, for rotation decisions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CertInfo {
-    pub serial: String,
-    pub not_before: DateTime<Utc>,
-    pub not_after: DateTime<Utc>,
-    /// URI subject alternative names (identities).
-    pub uris: Vec<String>,
-}
-
-/// Read serial, validity and URI SANs of the first certificate in `pem`.
-pub fn cert_info(pem: &str) -> Result<CertInfo, PkiError> {
-    let der = rustls_pemfile::certs(&mut pem.as_bytes())
-        .next()
-        .ok_or_else(|| PkiError::Parse("no CERTIFICATE block in PEM".into()))?
-        .map_err(|e| PkiError::Parse(e.to_string()))?;
-    cert_info_der(&der)
-}
-
-/// [`cert_info`] for one DER certificate.
-pub fn cert_info_der(der: &[u8]) -> Result<CertInfo, PkiError> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
-    let time = |t: x509_parser::time::ASN1Time| {
-        DateTime::<Utc>::from_timestamp(t.timestamp(), 0).ok_or_else(|| PkiError::Parse("time out of range".into()))
-    };
-    let mut uris = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                uris.push((*uri).to_owned());
-            }
-        }
-    }
-    Ok(CertInfo {
-        serial: normalize_serial(&hex::encode(cert.raw_serial())),
-        not_before: time(cert.validity().not_before)?,
-        not_after: time(cert.validity().not_after)?,
-        uris,
-    })
-}
-
 fn to_offset(t: DateTime<Utc>) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(t.timestamp()).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// 16 random bytes with the top bit clear, so the DER integer stays positive.
+/// 16 random bytes with the top bit clear, so the DER integer stays positive, and the first byte
+/// non-zero, so the encoding is minimal and the hex serial reads back unchanged.
 fn random_serial() -> SerialNumber {
     let mut bytes = *uuid::Uuid::new_v4().as_bytes();
-    bytes[0] &= 0x7f;
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
     SerialNumber::from_slice(&bytes)
 }
 
@@ -235,16 +262,27 @@ mod tests {
     }
 
     #[test]
-    fn operator_client_carries_the_operator_uri_and_serial() {
+    fn issued_certificates_read_back_with_serial_validity_and_identity() {
+        let ca = Ca::generate("noexit test CA").expect("ca");
+        let id = WorkspaceIdentity { project: "ward-7".into(), name: "alice".into() };
+        let issued = ca.issue_workspace_client(&id, chrono::Duration::days(30)).expect("client");
+        let info = CertInfo::from_pem(&issued.cert_pem).expect("parse");
+        assert_eq!(info.serial, issued.serial);
+        assert_eq!(info.not_after.timestamp(), issued.not_after.timestamp());
+        assert_eq!(info.uris, [id.uri()]);
+        let op = ca.issue_operator_client(chrono::Duration::days(1)).expect("operator");
+        assert_eq!(CertInfo::from_pem(&op.cert_pem).expect("parse").uris, [OPERATOR_URI]);
+        assert!(CertInfo::from_pem("not a certificate").is_err());
+    }
+
+    #[test]
+    fn der_and_pem_read_the_same_and_serials_normalise() {
         let ca = Ca::generate("noexit test CA").expect("ca");
         let op = ca.issue_operator_client(chrono::Duration::days(1)).expect("operator");
-        let info = cert_info(&op.cert_pem).expect("parse");
-        assert_eq!(info.uris, vec![OPERATOR_URI.to_owned()]);
-        assert_eq!(info.serial, normalize_serial(&op.serial));
+        let der = rustls_pemfile::certs(&mut op.cert_pem.as_bytes()).next().expect("one").expect("der");
+        assert_eq!(CertInfo::from_der(&der).expect("der"), CertInfo::from_pem(&op.cert_pem).expect("pem"));
         assert_eq!(normalize_serial("00AB01"), "ab01");
-        let id = WorkspaceIdentity { project: "ward-7".into(), name: "alice".into() };
-        let ws = ca.issue_workspace_client(&id, chrono::Duration::days(1)).expect("client");
-        assert_eq!(cert_info(&ws.cert_pem).expect("parse").uris, vec![id.uri()]);
+        assert_eq!(normalize_serial("00"), "00");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tower::ServiceExt;
 use super::AppState;
 use super::guard::PeerInfo;
 use crate::audit::{AuditEvent, Outcome};
-use crate::pki::cert_info_der;
+use crate::pki::CertInfo;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,7 +55,7 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|der| cert_info_der(der.as_ref()).ok());
+                .and_then(|der| CertInfo::from_der(der.as_ref()).ok());
             let peer = PeerInfo { addr: Some(addr), cert };
             let service = router.map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(peer.clone());

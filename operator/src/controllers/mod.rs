@@ -1,11 +1,20 @@
 //! Controllers: one directory per kind, each `validate` (pure) → `build` (pure) → `apply` →
 //! `status`. The pure halves are also what `noexit-operator render` prints.
 
+pub mod apply;
+pub mod ca;
 pub mod children;
+pub mod conditions;
+pub mod context;
 pub mod dataset;
+pub mod error;
+pub mod finalizers;
 pub mod invalid;
+pub mod leader;
 pub mod project;
 pub mod quantity;
+pub mod revoke;
+pub mod run;
 pub mod site;
 #[cfg(test)]
 pub mod testdata;
@@ -14,12 +23,5 @@ pub mod workspace_request;
 
 pub use children::Child;
 pub use invalid::{Invalid, Reason};
+pub use run::{Args, run};
 pub use site::Site;
-
-/// Arguments of `noexit-operator controller`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct Args {}
-
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("noexit-operator controller: not built yet")
-}

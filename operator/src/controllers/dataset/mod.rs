@@ -2,6 +2,7 @@
 //! read-only volumes belong to the Projects it is granted to); the controller validates it and
 //! records which projects attach it.
 
+pub mod reconcile;
 pub mod validate;
 
 pub use validate::validate;

@@ -51,7 +51,7 @@ pub fn desktop_service_name(ws: &str) -> String {
     format!("ws-{ws}-desktop")
 }
 /// Annotations on the agent Secret that let the reconciler reuse or rotate the certificate.
-pub const SERIAL_ANNOTATION: &str = "noexit.io/certificate-serial";
+pub const SERIAL_ANNOTATION: &str = "noexit.io/cert-serial";
 pub const NOT_AFTER_ANNOTATION: &str = "noexit.io/certificate-not-after";
 /// Key of the cloud-init user data in the agent Secret (VMs).
 pub const USERDATA_KEY: &str = "userdata";

@@ -2,6 +2,8 @@
 
 pub mod agent_config;
 pub mod build;
+pub mod reconcile;
+pub mod status;
 pub mod validate;
 
 pub use build::{AgentCredentials, build};

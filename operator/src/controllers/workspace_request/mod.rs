@@ -2,6 +2,7 @@
 //! creates the Workspace — the CertificateSigningRequest pattern.
 
 pub mod build;
+pub mod reconcile;
 pub mod validate;
 
 pub use build::build;
