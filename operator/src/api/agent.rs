@@ -118,11 +118,44 @@ pub async fn heartbeat(
         active_sessions: hb.active_sessions,
         spool_depth: hb.spool_depth,
     };
-    // The heartbeat is stored; the status follows on the next one if the cluster is busy.
-    if let Err(e) = state.cluster.report_agent(id, report).await {
-        tracing::warn!(workspace = %object(id), error = %e, "cannot reflect the heartbeat into the Workspace status");
+    let key = (id.project.clone(), id.name.clone());
+    let now = std::time::Instant::now();
+    let due = {
+        let reflected = state.reflected.lock().unwrap_or_else(|p| p.into_inner());
+        should_reflect(reflected.get(&key), &report, now)
+    };
+    if due {
+        // The heartbeat is stored; the status follows on the next one if the cluster is busy.
+        match state.cluster.report_agent(id, report.clone()).await {
+            Ok(()) => {
+                let mut reflected = state.reflected.lock().unwrap_or_else(|p| p.into_inner());
+                reflected.insert(key, Reflected { report, at: now });
+            }
+            Err(e) => {
+                tracing::warn!(workspace = %object(id), error = %e, "cannot reflect the heartbeat into the Workspace status")
+            }
+        }
     }
     Ok(Json(serde_json::json!({})))
+}
+
+/// The last report written to a Workspace's status.
+#[derive(Clone, Debug)]
+pub struct Reflected {
+    pub report: AgentReport,
+    pub at: std::time::Instant,
+}
+
+/// Write the status again after this long even if nothing changed, so `lastHeartbeat` stays well
+/// inside the controller's staleness window (60 s) while the cluster sees a third of the writes.
+pub const REFLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether a heartbeat must be written to the Workspace status: the first one, any change other
+/// than the time, or when the last write is [`REFLECT_EVERY`] old.
+pub fn should_reflect(last: Option<&Reflected>, report: &AgentReport, now: std::time::Instant) -> bool {
+    let Some(last) = last else { return true };
+    let same = AgentReport { last_heartbeat: report.last_heartbeat, ..last.report.clone() } == *report;
+    !same || now.duration_since(last.at) >= REFLECT_EVERY
 }
 
 /// Problems with a manifest, or `None`.
@@ -274,6 +307,21 @@ mod tests {
             submitted_by: "alice".into(),
             scan: ScanReport { verdict: ScanVerdict::Clean, findings: vec![], note: None },
         }
+    }
+
+    #[test]
+    fn status_writes_are_throttled_unless_something_changed() {
+        let t0 = std::time::Instant::now();
+        let report = AgentReport { version: "1".into(), egress_locked: true, active_sessions: 1, ..Default::default() };
+        assert!(should_reflect(None, &report, t0));
+        let last = Reflected { report: report.clone(), at: t0 };
+        let later = AgentReport { last_heartbeat: chrono::Utc::now(), ..report.clone() };
+        assert!(!should_reflect(Some(&last), &later, t0 + std::time::Duration::from_secs(5)));
+        assert!(should_reflect(Some(&last), &later, t0 + REFLECT_EVERY));
+        let unlocked = AgentReport { egress_locked: false, ..later.clone() };
+        assert!(should_reflect(Some(&last), &unlocked, t0 + std::time::Duration::from_secs(1)));
+        let busier = AgentReport { active_sessions: 2, ..later };
+        assert!(should_reflect(Some(&last), &busier, t0 + std::time::Duration::from_secs(1)));
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Inner {
     pub oidc: Option<Arc<oidc::Oidc>>,
     pub revoked: RevocationSet,
     pub config: ApiConfig,
+    /// What each workspace's status last got from us, and when (see [`agent::should_reflect`]).
+    pub reflected: std::sync::Mutex<std::collections::HashMap<(String, String), agent::Reflected>>,
 }
 
 /// Shared state of every handler.
@@ -74,7 +76,16 @@ impl AppState {
         config: ApiConfig,
     ) -> Result<Self, store::StoreError> {
         let revoked = RevocationSet::new(store.revocations().await?.into_iter().map(|r| r.serial));
-        Ok(Self(Arc::new(Inner { store, audit, cluster, oidc, revoked, config })))
+        let reflected = Default::default();
+        Ok(Self(Arc::new(Inner { store, audit, cluster, oidc, revoked, config, reflected })))
+    }
+
+    /// Add revocations other replicas recorded in the shared database.
+    pub async fn refresh_revocations(&self) -> Result<(), store::StoreError> {
+        for row in self.store.revocations().await? {
+            self.revoked.insert(&row.serial);
+        }
+        Ok(())
     }
 }
 
