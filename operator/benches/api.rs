@@ -55,7 +55,7 @@ async fn serve(dir: &Path) {
     let state = AppState::new(store, audit.clone(), cluster, None, config).await.expect("state");
     let cert = Arc::new(tls::ReloadingCert::load(&dir.join("tls.crt"), &dir.join("tls.key")).expect("cert"));
     let ca = std::fs::read(dir.join("ca.crt")).expect("ca");
-    let tls_config = Arc::new(tls::server_config(cert, &ca).expect("tls"));
+    let tls_config = tls::server_config(cert, &ca).expect("tls");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     println!("LISTEN {}", listener.local_addr().expect("addr").port());
     std::io::stdout().flush().expect("stdout");

@@ -178,7 +178,7 @@ impl Api {
         let cert = Arc::new(
             tls::ReloadingCert::load(&pki.dir.path().join("tls.crt"), &pki.dir.path().join("tls.key")).unwrap(),
         );
-        let tls_config = Arc::new(tls::server_config(cert, pki.ca.cert_pem().as_bytes()).unwrap());
+        let tls_config = tls::server_config(cert, pki.ca.cert_pem().as_bytes()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -314,25 +314,38 @@ async fn agent_certificates_ok_expired_forged_and_revoked_at_once() {
     let (status, body) = call(&client(&pki, None), Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
     assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("clientCertificateRequired")));
 
-    // Expired: refused by the handshake.
+    // Expired, and forged (same identity, another CA): the holder proves the key in the
+    // handshake, the certificate itself is refused with a JSON 401 naming the problem.
     let expired = pki.ca.issue_workspace_client(&ws("alice-r"), chrono::Duration::minutes(-1)).unwrap();
-    let result = call(&client(&pki, Some(&expired)), Method::POST, &hb_url, None, json_body(&heartbeat())).await;
-    assert!(result.is_err(), "expired certificate accepted: {result:?}");
-
-    // Forged: same identity, another CA.
+    let (status, body) =
+        call(&client(&pki, Some(&expired)), Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateExpired")), "{body}");
     let other = Ca::generate("evil CA").unwrap();
     let forged = other.issue_workspace_client(&ws("alice-r"), chrono::Duration::days(1)).unwrap();
-    let result = call(&client(&pki, Some(&forged)), Method::POST, &hb_url, None, json_body(&heartbeat())).await;
-    assert!(result.is_err(), "forged certificate accepted: {result:?}");
-
-    let handshakes = poll(|| api.refused("tls.handshake"), |v| v.len() >= 2).await;
-    assert!(
-        handshakes.iter().any(|e| matches!(&e.event.outcome, Outcome::Refused(r) if r.contains("xpired"))),
-        "{handshakes:?}"
-    );
+    let (status, body) =
+        call(&client(&pki, Some(&forged)), Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("untrustedCertificate")), "{body}");
+    // A forged certificate gets nothing anywhere, not even the operator's endpoint.
+    let forged_op = other.issue_operator_client(chrono::Duration::days(1)).unwrap();
+    let revoke_url = api.url("/v1/operator/revocations");
+    let any = json!({"workspace": "ward-7/alice-r", "serial": "0a", "reason": "x"});
+    let (status, _) =
+        call(&client(&pki, Some(&forged_op)), Method::POST, &revoke_url, None, json_body(&any)).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let refused = api.refused("agent.heartbeat").await;
+    let reasons: Vec<String> = refused
+        .iter()
+        .filter_map(|e| if let Outcome::Refused(r) = &e.event.outcome { Some(r.clone()) } else { None })
+        .collect();
+    assert!(reasons.iter().any(|r| r.starts_with("certificateExpired")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("untrustedCertificate")), "{reasons:?}");
+    // Something that does not even speak TLS is refused by the handshake, and that is audited.
+    let mut plain = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let handshakes = poll(|| api.refused("tls.handshake"), |v| !v.is_empty()).await;
+    assert!(!handshakes.is_empty());
 
     // An agent may not call the operator's endpoint.
-    let revoke_url = api.url("/v1/operator/revocations");
     let revocation = json!({"workspace": "ward-7/alice-r", "serial": good.serial, "reason": "workspace deleted"});
     let (status, body) = call(&agent, Method::POST, &revoke_url, None, json_body(&revocation)).await.unwrap();
     assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("notTheOperator")));

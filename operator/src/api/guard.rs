@@ -21,8 +21,10 @@ use crate::pki::{CertInfo, OPERATOR_URI};
 #[derive(Clone, Debug, Default)]
 pub struct PeerInfo {
     pub addr: Option<SocketAddr>,
-    /// The verified client certificate, if one was presented.
+    /// The client certificate, if one was presented (its holder proved the key).
     pub cert: Option<CertInfo>,
+    /// Why that certificate is not acceptable (expired, not from our CA, …): code and message.
+    pub cert_error: Option<(&'static str, String)>,
 }
 
 impl PeerInfo {
@@ -238,6 +240,9 @@ fn client_cert<'a>(state: &AppState, peer: &'a PeerInfo) -> Result<&'a CertInfo,
             ApiError::unauthenticated("clientCertificateRequired", "this endpoint needs a client certificate"),
         )
     })?;
+    if let Some((code, message)) = &peer.cert_error {
+        return Err((Principal::Anonymous, ApiError::unauthenticated(code, message.clone())));
+    }
     if state.revoked.contains(&cert.serial) {
         let who = cert.uris.first().cloned().unwrap_or_default();
         return Err((

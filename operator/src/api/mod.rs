@@ -213,7 +213,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let args = *args.options;
     let client_ca = std::fs::read(&args.client_ca).with_context(|| format!("reading {}", args.client_ca.display()))?;
     let cert = Arc::new(tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?);
-    let tls_config = Arc::new(tls::server_config(cert.clone(), &client_ca)?);
+    let tls_config = tls::server_config(cert.clone(), &client_ca)?;
     let signing_key = if args.audit_key.exists() {
         crate::audit::keys::load_signing_key(&args.audit_key)?
     } else {

@@ -2,7 +2,6 @@
 //! peer handed to the router as [`PeerInfo`], failed handshakes recorded in the audit log.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -14,20 +13,22 @@ use tower::ServiceExt;
 
 use super::AppState;
 use super::guard::PeerInfo;
+use super::tls::{ServerTls, describe_cert_error};
 use crate::audit::{AuditEvent, Outcome};
 use crate::pki::CertInfo;
+use rustls::pki_types::UnixTime;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve `router` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: ServerTls,
     state: AppState,
     router: Router,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(tls);
+    let acceptor = TlsAcceptor::from(tls.config.clone());
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -43,20 +44,25 @@ pub async fn serve(
             () = &mut shutdown => return Ok(()),
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, state, router) = (acceptor.clone(), state.clone(), router.clone());
+        let (acceptor, state, router, clients) = (acceptor.clone(), state.clone(), router.clone(), tls.clients.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return refuse_handshake(&state, addr, e.to_string()).await,
                 Err(_) => return refuse_handshake(&state, addr, "handshake timed out".into()).await,
             };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|der| CertInfo::from_der(der.as_ref()).ok());
-            let peer = PeerInfo { addr: Some(addr), cert };
+            let (cert, cert_error) = match tls.get_ref().1.peer_certificates() {
+                Some([end_entity, intermediates @ ..]) => {
+                    let verdict = clients.verify_client_cert(end_entity, intermediates, UnixTime::now());
+                    let error = verdict.err().map(|e| describe_cert_error(&e));
+                    match CertInfo::from_der(end_entity.as_ref()) {
+                        Ok(info) => (Some(info), error),
+                        Err(e) => (None, Some(("invalidCertificate", format!("client certificate unreadable: {e}")))),
+                    }
+                }
+                _ => (None, None),
+            };
+            let peer = PeerInfo { addr: Some(addr), cert, cert_error };
             let service = router.map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(peer.clone());
                 req

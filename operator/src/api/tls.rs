@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 
@@ -154,21 +155,96 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
-/// Server config: our certificate, and client certificates verified against `client_ca_pem`
-/// when presented (people use bearer tokens and present none; agent endpoints then refuse).
-pub fn server_config(cert: Arc<ReloadingCert>, client_ca_pem: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+/// The server's TLS: the rustls config, and the verifier that judges client certificates.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// Chain and validity check against the client CA, run by the accept loop after the
+    /// handshake so a bad certificate gets a JSON 401 naming the problem.
+    pub clients: Arc<dyn ClientCertVerifier>,
+}
+
+/// Why a presented client certificate is not acceptable: a stable code and a message.
+pub fn describe_cert_error(e: &rustls::Error) -> (&'static str, String) {
+    use rustls::CertificateError as C;
+    let code = match e {
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "certificateExpired",
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "certificateNotYetValid",
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "untrustedCertificate",
+        _ => "invalidCertificate",
+    };
+    (code, format!("client certificate refused: {e}"))
+}
+
+/// Accepts any client certificate whose holder proves the private key during the handshake;
+/// whether the certificate is valid (chain to our CA, dates) is decided right after, by the
+/// accept loop with the real verifier. Signatures are always checked here.
+#[derive(Debug)]
+struct DeferredVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for DeferredVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Server TLS: our certificate, and client certificates checked against `client_ca_pem` when
+/// presented (people use bearer tokens and present none; certificate endpoints then refuse).
+pub fn server_config(cert: Arc<ReloadingCert>, client_ca_pem: &[u8]) -> Result<ServerTls, TlsError> {
     let roots = Arc::new(roots(client_ca_pem, "client CA")?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+    let clients = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Invalid { what: "client CA".into(), message: e.to_string() })?;
+    let deferred = Arc::new(DeferredVerifier { inner: clients.clone() });
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid { what: "TLS versions".into(), message: e.to_string() })?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(deferred)
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(ServerTls { config: Arc::new(config), clients })
 }
 
 #[cfg(test)]
