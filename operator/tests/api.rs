@@ -1180,3 +1180,30 @@ async fn sqlite_events_acknowledged_by_the_binary_survive_kill_9() {
             .unwrap();
     assert_eq!((status, ack["duplicates"].as_u64()), (StatusCode::OK, Some(acked.len() as u64)), "{ack}");
 }
+
+#[tokio::test]
+async fn the_workspace_finalizers_revoker_is_accepted_and_takes_effect_at_once() {
+    use noexit_operator::controllers::revoke::{HttpRevoker, Revocation, Revoker};
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let api = Api::start(&pki, None, &sqlite_url(&db)).await;
+    let cert = pki.agent("alice-r");
+    let agent = client(&pki, Some(&cert));
+    let hb = api.url("/v1/agent/heartbeat");
+    assert_eq!(call(&agent, Method::POST, &hb, None, json_body(&heartbeat())).await.unwrap().0, StatusCode::OK);
+    let ca = Arc::new(Ca::from_pem(pki.ca.cert_pem(), pki.ca.key_pem()).unwrap());
+    let revoker = HttpRevoker::new(&api.url(""), ca).unwrap();
+    let revocation = Revocation {
+        workspace: "ward-7/alice-r".into(),
+        serial: cert.serial.clone(),
+        reason: "workspace deleted".into(),
+    };
+    revoker.revoke(&revocation).await.unwrap();
+    revoker.revoke(&revocation).await.unwrap(); // idempotent
+    let (status, body) = call(&agent, Method::POST, &hb, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateRevoked")));
+    let logged = api.entries().await;
+    let revoked =
+        logged.iter().filter(|e| e.event.action == "certificate.revoke" && e.event.actor == "operator").count();
+    assert_eq!(revoked, 2);
+}
