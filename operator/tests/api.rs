@@ -398,10 +398,20 @@ where
 }
 
 #[tokio::test]
-async fn events_are_stored_once_per_idempotency_key() {
-    let pki = pki();
+async fn events_are_stored_once_per_idempotency_key_sqlite() {
     let db = tempfile::tempdir().unwrap();
-    let api = Api::start(&pki, None, &sqlite_url(&db)).await;
+    events_once(&sqlite_url(&db)).await;
+}
+
+#[tokio::test]
+async fn events_are_stored_once_per_idempotency_key_postgres() {
+    let Some(pg) = support::pg::shared() else { return };
+    events_once(&pg.create_database("events_once").unwrap()).await;
+}
+
+async fn events_once(db_url: &str) {
+    let pki = pki();
+    let api = Api::start(&pki, None, db_url).await;
     let agent = client(&pki, Some(&pki.agent("alice-r")));
     let batch = EventBatch {
         events: vec![session_event(SessionAction::Login), violation_event(), session_event(SessionAction::Logout)],
@@ -424,10 +434,20 @@ async fn events_are_stored_once_per_idempotency_key() {
 }
 
 #[tokio::test]
-async fn outbox_upload_must_match_size_and_hash() {
-    let pki = pki();
+async fn outbox_upload_must_match_size_and_hash_sqlite() {
     let db = tempfile::tempdir().unwrap();
-    let api = Api::start(&pki, None, &sqlite_url(&db)).await;
+    outbox_upload(&sqlite_url(&db)).await;
+}
+
+#[tokio::test]
+async fn outbox_upload_must_match_size_and_hash_postgres() {
+    let Some(pg) = support::pg::shared() else { return };
+    outbox_upload(&pg.create_database("outbox_upload").unwrap()).await;
+}
+
+async fn outbox_upload(db_url: &str) {
+    let pki = pki();
+    let api = Api::start(&pki, None, db_url).await;
     let agent = client(&pki, Some(&pki.agent("alice-r")));
     let content = b"region,n\nnorth,12\nsouth,15\n".to_vec();
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
@@ -781,11 +801,21 @@ async fn authz_matrix_every_caller_times_every_endpoint() {
 }
 
 #[tokio::test]
-async fn analysts_request_admins_decide_but_not_on_their_own_and_auditors_read_the_log() {
-    let pki = pki();
+async fn analysts_request_admins_decide_but_not_on_their_own_and_auditors_read_the_log_sqlite() {
     let db = tempfile::tempdir().unwrap();
+    request_flow(&sqlite_url(&db)).await;
+}
+
+#[tokio::test]
+async fn analysts_request_admins_decide_but_not_on_their_own_and_auditors_read_the_log_postgres() {
+    let Some(pg) = support::pg::shared() else { return };
+    request_flow(&pg.create_database("request_flow").unwrap()).await;
+}
+
+async fn request_flow(db_url: &str) {
+    let pki = pki();
     let issuer = Issuer::start().await;
-    let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
+    let api = Api::start(&pki, Some(&issuer), db_url).await;
     let c = client(&pki, None);
     let (bob, carol, gina, dave) = (
         issuer.token("bob@ward7.example"),
