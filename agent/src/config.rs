@@ -33,11 +33,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             message: e.into_inner().to_string(),
         }
     })?;
-    validate(&cfg).map_err(|(field, problem)| ConfigError::Invalid {
-        path: path.into(),
-        field: field.into(),
-        problem,
-    })?;
+    validate(&cfg).map_err(|(field, problem)| ConfigError::Invalid { path: path.into(), field, problem })?;
     Ok(cfg)
 }
 

@@ -68,6 +68,13 @@ pub struct Batch {
     records: u64,
 }
 
+impl Batch {
+    /// Nothing was read (unreadable records count as read).
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+}
+
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,

@@ -40,7 +40,7 @@ pub fn luhn(d: &[u8]) -> bool {
             if i % 2 == 1 { if x * 2 > 9 { x * 2 - 9 } else { x * 2 } } else { x }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Payment card: 13–19 digits, a known issuer prefix for that length, and a valid Luhn digit.
@@ -81,7 +81,7 @@ fn number(d: &[u8]) -> u64 {
 
 /// Calendar date check (proleptic Gregorian).
 pub fn valid_date(year: u32, month: u32, day: u32) -> bool {
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let leap = (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
     let days = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,

@@ -213,7 +213,7 @@ fn phone_text(rng: &mut StdRng, valid: bool) -> String {
     } else {
         match rng.gen_range(0..4) {
             0 => format!("ext {}", text(&d[..4])),
-            1 => format!("+44 7700"),
+            1 => "+44 7700".to_owned(),
             2 => format!("room 0{} floor 2", text(&d[..3])),
             _ => format!("code 0{}", text(&d[..5])),
         }

@@ -136,7 +136,11 @@ pub(crate) fn keyword_before(buf: &[u8], pos: usize, window: usize, keywords: &[
     let from = pos.saturating_sub(window);
     let line_start = memchr::memrchr(b'\n', &buf[from..pos]).map_or(from, |i| from + i + 1);
     let hay = &buf[line_start..pos];
-    keywords.iter().any(|k| hay.windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)))
+    // Cheap first-letter test before comparing whole keywords: this runs for every date.
+    hay.iter().enumerate().any(|(i, &b)| {
+        let b = b | 0x20;
+        keywords.iter().any(|k| k[0] == b && hay[i..].len() >= k.len() && hay[i..i + k.len()].eq_ignore_ascii_case(k))
+    })
 }
 
 /// Words that are capitalised in clinical text but are not names.
