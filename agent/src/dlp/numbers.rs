@@ -89,7 +89,8 @@ impl Token {
     /// Report each span of groups that is a sensitive number, preferring the longest span from
     /// the left. Returns `(kind, byte offset of the span)` through `hit`.
     pub fn classify(&self, buf: &[u8], mut hit: impl FnMut(Kind, usize)) {
-        if self.overflow {
+        // Most numbers in text are short; no numeric detector wants fewer than six digits.
+        if self.overflow || self.n < 6 {
             return;
         }
         let mut group_offsets = [0usize; MAX_GROUPS];
@@ -313,7 +314,7 @@ pub(crate) fn written_date_end(buf: &[u8], day_start: usize, end: usize) -> Opti
     while i < buf.len() && i - word_start < 9 && is(buf[i], text::UPPER | text::LOWER) {
         i += 1;
     }
-    if i - word_start < 3 {
+    if i - word_start < 3 || !b"jfmasondJFMASOND".contains(&buf[word_start]) {
         return None;
     }
     let word = &buf[word_start..i];
