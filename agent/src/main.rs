@@ -83,6 +83,9 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Scan { files }) = &cli.command {
+        return scan(&cli.config, files);
+    }
     let cfg = config::load(&cli.config)?;
     match cli.command.unwrap_or(Command::Run(RunArgs {
         wtmp: utmp::DEFAULT_WTMP.into(),
@@ -114,23 +117,33 @@ fn real_main() -> anyhow::Result<()> {
             sessions::hook(&cfg.spool, cli.spool_max_bytes, action, &user, session, source)?;
             Ok(())
         }
-        Command::Scan { files } => {
-            let det = dlp::Detectors::new(&cfg.dlp)?;
-            let max = cfg.dlp.max_scan_bytes.unwrap_or(outbox::DEFAULT_MAX_SCAN_BYTES);
-            for f in files {
-                let (size, sha256, result) =
-                    outbox::hash_and_scan(&f, &det, max).with_context(|| format!("{}", f.display()))?;
-                let report = outbox::report(result.as_ref(), size, max);
-                let out = serde_json::json!({ "file": f, "size": size, "sha256": sha256, "scan": report });
-                println!("{out}");
-            }
-            Ok(())
-        }
+        Command::Scan { files } => scan(&cli.config, &files),
         Command::CheckConfig => {
             println!("{}: ok (workspace {})", cli.config.display(), cfg.workspace.uri());
             Ok(())
         }
     }
+}
+
+/// `scan` works without the agent's config (researchers may not be able to read it): then only
+/// the built-in detectors run, and the default size limit applies.
+fn scan(config_path: &std::path::Path, files: &[PathBuf]) -> anyhow::Result<()> {
+    let dlp_cfg = match config::load(config_path) {
+        Ok(cfg) => cfg.dlp,
+        Err(e) => {
+            eprintln!("noexit-agent: {e}; scanning with the built-in detectors only");
+            Default::default()
+        }
+    };
+    let det = dlp::Detectors::new(&dlp_cfg)?;
+    let max = dlp_cfg.max_scan_bytes.unwrap_or(outbox::DEFAULT_MAX_SCAN_BYTES);
+    for f in files {
+        let (size, sha256, result) = outbox::hash_and_scan(f, &det, max).with_context(|| format!("{}", f.display()))?;
+        let report = outbox::report(result.as_ref(), size, max);
+        let out = serde_json::json!({ "file": f, "size": size, "sha256": sha256, "scan": report });
+        println!("{out}");
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
