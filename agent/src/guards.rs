@@ -1,11 +1,8 @@
 //! The walls around the workspace: the nftables egress lock (VM), the pod-mode probe, and the
 //! desktop/device hardening. They are written in `egress/`, `probe.rs` and `hardening.rs`; this
 //! module starts them and hands the agent their state (for heartbeats) and violations (for the
-//! spool).
-//!
-//! Without the cargo feature `guards` (the modules are merged separately) the agent reports the
-//! egress lock as NOT confirmed, so the workspace never becomes Ready on an agent that cannot
-//! hold the wall: fail closed.
+//! spool). Until a guard has confirmed the wall, the egress state says `locked: false`, so the
+//! workspace is not Ready: fail closed.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,7 +22,6 @@ fn unconfirmed(mode: AgentMode, detail: &str) -> EgressState {
 }
 
 /// Start the guards for `cfg`. `root` is where hardening writes desktop settings (`/`).
-#[cfg(feature = "guards")]
 pub fn start(cfg: &AgentConfig, root: PathBuf, interval: Duration) -> Guards {
     let (vtx, violations) = mpsc::channel(64);
     let (etx, egress) = watch::channel(unconfirmed(cfg.mode, "egress lock not confirmed yet"));
@@ -45,16 +41,5 @@ pub fn start(cfg: &AgentConfig, root: PathBuf, interval: Duration) -> Guards {
         }
     }
     tokio::spawn(crate::hardening::watch(cfg.clone(), root, interval, vtx, htx));
-    Guards { egress, hardening, violations }
-}
-
-/// Start the guards for `cfg` — this build has none (feature `guards` off): report unlocked.
-#[cfg(not(feature = "guards"))]
-pub fn start(cfg: &AgentConfig, _root: PathBuf, _interval: Duration) -> Guards {
-    let (_vtx, violations) = mpsc::channel(1);
-    let (_etx, egress) =
-        watch::channel(unconfirmed(cfg.mode, "this agent was built without the egress lock (feature `guards`)"));
-    let (_htx, hardening) = watch::channel(HardeningState::default());
-    tracing::warn!("built without the `guards` feature: egress reported as not locked");
     Guards { egress, hardening, violations }
 }

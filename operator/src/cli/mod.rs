@@ -1,5 +1,7 @@
 //! (placeholder; see the issue that builds this module)
 
+pub mod audit;
+
 /// Arguments of `noexit-operator cli`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {}
