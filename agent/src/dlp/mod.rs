@@ -212,6 +212,21 @@ impl Scanner<'_> {
         if !b.is_ascii_digit() || self.base + (p as u64) < self.next_token || (p > 0 && is_alnum(buf[p - 1])) {
             return;
         }
+        // Fast path for the most common case, a short number standing alone (`47`, `2021,`):
+        // none of the numeric detectors applies, only the written-date and postcode forms.
+        let run = buf[p..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let at_end = p + run;
+        let sep = |i: usize| text::is(text::at(buf, i), text::SEP);
+        let digit = |i: usize| text::at(buf, i).is_ascii_digit();
+        let joined = sep(at_end) && (digit(at_end + 1) || (sep(at_end + 1) && digit(at_end + 2)));
+        if !joined && run < 6 {
+            let (short, end) = short_form(buf, p, at_end);
+            self.next_token = self.base + end as u64;
+            if let Some((kind, at)) = short {
+                self.record(kind as usize, self.base + at as u64);
+            }
+            return;
+        }
         let token = Token::read(buf, p);
         let mut found = [None::<(Kind, usize)>; 4];
         let mut n = 0;
@@ -221,16 +236,9 @@ impl Scanner<'_> {
                 n += 1;
             }
         });
-        let mut end = token.end;
-        if token.end - token.start <= 2 {
-            if let Some(date_end) = numbers::written_date_end(buf, token.start, token.end) {
-                if numbers::birth_context(buf, token.start) {
-                    found[0] = Some((Kind::DateOfBirth, token.start));
-                }
-                end = date_end;
-            } else if token.end - token.start == 1 && text::postcode_at(buf, p) {
-                found[0] = Some((Kind::UkPostcode, postcode_start(buf, p)));
-            }
+        let (short, end) = short_form(buf, token.start, token.end);
+        if short.is_some() {
+            found[0] = short;
         }
         self.next_token = self.base + end as u64;
         for (kind, at) in found.into_iter().flatten() {
@@ -256,6 +264,22 @@ impl Scanner<'_> {
             }
         }
     }
+}
+
+/// A one- or two-digit number starting a written date of birth (`12 March 1980`), or the one
+/// digit starting a postcode's inward code. Returns the finding and where the token ends.
+fn short_form(buf: &[u8], start: usize, end: usize) -> (Option<(Kind, usize)>, usize) {
+    if end - start > 2 {
+        return (None, end);
+    }
+    if let Some(date_end) = numbers::written_date_end(buf, start, end) {
+        let found = numbers::birth_context(buf, start).then_some((Kind::DateOfBirth, start));
+        return (found, date_end);
+    }
+    if end - start == 1 && text::postcode_at(buf, start) {
+        return (Some((Kind::UkPostcode, postcode_start(buf, start))), end);
+    }
+    (None, end)
 }
 
 /// Start of the outward code before the inward code at `p`.

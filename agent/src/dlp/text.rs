@@ -136,10 +136,14 @@ pub(crate) fn keyword_before(buf: &[u8], pos: usize, window: usize, keywords: &[
     let from = pos.saturating_sub(window);
     let line_start = memchr::memrchr(b'\n', &buf[from..pos]).map_or(from, |i| from + i + 1);
     let hay = &buf[line_start..pos];
-    // Cheap first-letter test before comparing whole keywords: this runs for every date.
+    // This runs for every date: test each byte against the keywords' first letters (a bit set)
+    // before comparing whole keywords.
+    let firsts = keywords.iter().fold(0u32, |m, k| m | 1 << (k[0].wrapping_sub(b'a') & 31));
     hay.iter().enumerate().any(|(i, &b)| {
-        let b = b | 0x20;
-        keywords.iter().any(|k| k[0] == b && hay[i..].len() >= k.len() && hay[i..i + k.len()].eq_ignore_ascii_case(k))
+        let letter = (b | 0x20).wrapping_sub(b'a');
+        letter < 26
+            && (firsts >> letter) & 1 == 1
+            && keywords.iter().any(|k| hay[i..].len() >= k.len() && hay[i..i + k.len()].eq_ignore_ascii_case(k))
     })
 }
 
