@@ -214,12 +214,7 @@ impl Scanner<'_> {
         }
         // Fast path for the most common case, a short number standing alone (`47`, `2021,`):
         // none of the numeric detectors applies, only the written-date and postcode forms.
-        let run = buf[p..].iter().take_while(|b| b.is_ascii_digit()).count();
-        let at_end = p + run;
-        let sep = |i: usize| text::is(text::at(buf, i), text::SEP);
-        let digit = |i: usize| text::at(buf, i).is_ascii_digit();
-        let joined = sep(at_end) && (digit(at_end + 1) || (sep(at_end + 1) && digit(at_end + 2)));
-        if !joined && run < 6 {
+        if let Some(at_end) = short_number_end(buf, p) {
             let (short, end) = short_form(buf, p, at_end);
             self.next_token = self.base + end as u64;
             if let Some((kind, at)) = short {
@@ -263,6 +258,32 @@ impl Scanner<'_> {
                 self.record(Kind::ALL.len() + i, self.base + start as u64);
             }
         }
+    }
+}
+
+/// End of the number starting at `p` if it has fewer than six digits in all (`47`, `12.5`,
+/// `3/4`): too short for any numeric detector.
+#[inline]
+fn short_number_end(buf: &[u8], p: usize) -> Option<usize> {
+    let sep = |i: usize| text::is(text::at(buf, i), text::SEP);
+    let digit = |i: usize| text::at(buf, i).is_ascii_digit();
+    let (mut i, mut digits) = (p, 0);
+    loop {
+        while digit(i) {
+            i += 1;
+            digits += 1;
+        }
+        if digits >= 6 {
+            return None;
+        }
+        let next = if sep(i) && digit(i + 1) {
+            i + 1
+        } else if sep(i) && sep(i + 1) && digit(i + 2) {
+            i + 2
+        } else {
+            return Some(i);
+        };
+        i = next;
     }
 }
 
