@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use chrono::Utc;
-use noexit_crds::agent::{AgentConfig, EventBatch, EventKind, Heartbeat};
+use noexit_crds::agent::{AgentConfig, AgentEvent, EventBatch, EventKind, Heartbeat};
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 use crate::client::{ApiClient, Backoff, ClientError};
 use crate::dlp::{Detectors, DlpError};
@@ -88,13 +89,18 @@ fn depth(spool: &SharedSpool) -> u64 {
     spool.lock().map(|s| s.depth()).unwrap_or(0)
 }
 
+/// Record an event with a fresh idempotency key (see [`record_event`]).
+async fn record(spool: &SharedSpool, spooled: &Notify, kind: EventKind) {
+    record_event(spool, spooled, AgentEvent { id: Uuid::now_v7(), at: Utc::now(), kind }).await;
+}
+
 /// Record an event, waiting while the spool is full: a full spool holds events back (the
 /// sources keep them), it never drops them. Each wait is logged as an error.
-async fn record(spool: &SharedSpool, spooled: &Notify, kind: EventKind) {
+async fn record_event(spool: &SharedSpool, spooled: &Notify, event: AgentEvent) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
-        let k = kind.clone();
-        match with_spool(spool, move |s| s.record(k).map(drop)).await {
+        let ev = event.clone();
+        match with_spool(spool, move |s| s.record_event(&ev)).await {
             Ok(()) => {
                 spooled.notify_one();
                 return;
@@ -127,7 +133,7 @@ async fn watch_sessions(opts: Options, spool_dir: PathBuf, spool: SharedSpool, s
         match wtmp.poll() {
             Ok(events) => {
                 for ev in events {
-                    record(&spool, &spooled, EventKind::Session(ev)).await;
+                    record_event(&spool, &spooled, ev).await;
                 }
                 if let Err(e) = wtmp.commit() {
                     tracing::error!(error = %e, "cannot save the wtmp position");

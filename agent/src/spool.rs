@@ -107,9 +107,15 @@ impl Spool {
     /// Record a new event with a fresh idempotency key. Returns it once it is on disk.
     pub fn record(&mut self, kind: EventKind) -> Result<AgentEvent, SpoolError> {
         let event = AgentEvent { id: Uuid::now_v7(), at: Utc::now(), kind };
-        append(&self.dir, self.max_bytes, std::slice::from_ref(&event))?;
-        self.refresh()?;
+        self.record_event(&event)?;
         Ok(event)
+    }
+
+    /// Record an event whose key the source chose (derived from the source, so that re-reading
+    /// the source after a crash yields the same key).
+    pub fn record_event(&mut self, event: &AgentEvent) -> Result<(), SpoolError> {
+        append(&self.dir, self.max_bytes, std::slice::from_ref(event))?;
+        self.refresh()
     }
 
     /// Count records appended since the last call (by this process or a hook command).

@@ -157,3 +157,28 @@ fn a_bad_config_is_refused_with_file_and_field() {
     assert!(err.contains(&format!("config {}: field `workspace`", path.display())), "{err}");
     assert!(err.contains("missing field `name`"), "{err}");
 }
+
+#[test]
+fn a_full_spool_refuses_a_hook_event_loudly() {
+    let env = Env::new();
+    env.write_config(9); // no API needed
+    let hook = |user: &str| {
+        Command::new(AGENT)
+            .arg("--config")
+            .arg(env.path("agent.yaml"))
+            .args(["--spool-max-bytes", "600", "session", "connect", "--user", user])
+            .output()
+            .unwrap()
+    };
+    let mut recorded = 0;
+    let refused = loop {
+        let out = hook(&format!("u{recorded}"));
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        recorded += 1;
+        assert!(recorded < 10, "the bound was never reached");
+    };
+    assert!(recorded >= 1);
+    assert!(refused.contains("is full") && refused.contains("event not recorded"), "{refused}");
+}

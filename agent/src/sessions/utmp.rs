@@ -8,7 +8,10 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use noexit_crds::agent::{SessionAction, SessionEvent};
+use chrono::{DateTime, Utc};
+use noexit_crds::agent::{AgentEvent, EventKind, SessionAction, SessionEvent};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 pub const DEFAULT_WTMP: &str = "/var/log/wtmp";
 pub const DEFAULT_UTMP: &str = "/var/run/utmp";
@@ -110,7 +113,11 @@ impl WtmpFollower {
     }
 
     /// New events since the last call. Call [`Self::commit`] once they are spooled.
-    pub fn poll(&mut self) -> io::Result<Vec<SessionEvent>> {
+    ///
+    /// Each event's idempotency key is a UUIDv7 derived from the record (its time, and a hash of
+    /// the file's inode, the record's offset and its bytes), so a record read again after a crash
+    /// between spooling and [`Self::commit`] gets the same key and the API stores it once.
+    pub fn poll(&mut self) -> io::Result<Vec<AgentEvent>> {
         let mut f = match fs::File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -128,19 +135,22 @@ impl WtmpFollower {
         for chunk in data.chunks_exact(RECORD_SIZE) {
             let Ok(rec) = <&[u8; RECORD_SIZE]>::try_from(chunk) else { break };
             let r = parse(rec);
+            let key = record_key(self.inode, self.offset, rec, r.time);
             self.offset += RECORD_SIZE as u64;
-            match r.kind {
+            let session = match r.kind {
                 USER_PROCESS if !r.user.is_empty() => {
                     self.open.insert(r.line.clone(), r.user.clone());
-                    events.push(event(SessionAction::Login, r.user, &r.line, &r.host));
+                    event(SessionAction::Login, r.user, &r.line, &r.host)
                 }
                 DEAD_PROCESS if !r.line.is_empty() => {
                     let user = self.open.remove(&r.line).unwrap_or(r.user);
                     let user = if user.is_empty() { "unknown".to_owned() } else { user };
-                    events.push(event(SessionAction::Logout, user, &r.line, &r.host));
+                    event(SessionAction::Logout, user, &r.line, &r.host)
                 }
-                _ => {}
-            }
+                _ => continue,
+            };
+            let at = DateTime::<Utc>::from_timestamp(r.time, 0).filter(|_| r.time > 0).unwrap_or_else(Utc::now);
+            events.push(AgentEvent { id: key, at, kind: EventKind::Session(session) });
         }
         Ok(events)
     }
@@ -151,6 +161,18 @@ impl WtmpFollower {
         fs::write(&tmp, format!("{} {}\n", self.inode, self.offset))?;
         fs::rename(&tmp, &self.state)
     }
+}
+
+fn record_key(inode: u64, offset: u64, rec: &[u8; RECORD_SIZE], time: i64) -> Uuid {
+    let mut h = Sha256::new();
+    h.update(inode.to_le_bytes());
+    h.update(offset.to_le_bytes());
+    h.update(rec);
+    let digest = h.finalize();
+    let mut rand = [0u8; 10];
+    rand.copy_from_slice(&digest[..10]);
+    let millis = u64::try_from(time).unwrap_or(0).saturating_mul(1000);
+    uuid::Builder::from_unix_timestamp_millis(millis, &rand).into_uuid()
 }
 
 fn event(action: SessionAction, user: String, line: &str, host: &str) -> SessionEvent {
@@ -190,18 +212,30 @@ mod tests {
         fs::write(&wtmp, rec(2, "~", "reboot", "")).unwrap(); // history before the first start
         let mut f = WtmpFollower::new(&wtmp, &state);
         assert!(f.poll().unwrap().is_empty());
+        f.commit().unwrap();
         let mut w = fs::OpenOptions::new().append(true).open(&wtmp).unwrap();
         w.write_all(&rec(7, "pts/0", "alice", "10.1.2.3")).unwrap();
         w.write_all(&rec(8, "pts/0", "", "")).unwrap();
         w.write_all(&rec(7, "pts/1", "bob", "")).unwrap();
         w.write_all(&rec(7, "pts/1", "bob", "")[..100]).unwrap(); // half-written record
         let ev = f.poll().unwrap();
-        let got: Vec<_> = ev.iter().map(|e| (e.action, e.user.as_str())).collect();
+        let sessions: Vec<&SessionEvent> = ev
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::Session(s) => Some(s),
+                EventKind::Violation(_) => None,
+            })
+            .collect();
+        let got: Vec<_> = sessions.iter().map(|e| (e.action, e.user.as_str())).collect();
         assert_eq!(
             got,
             [(SessionAction::Login, "alice"), (SessionAction::Logout, "alice"), (SessionAction::Login, "bob")]
         );
-        assert_eq!(ev[0].source.as_deref(), Some("10.1.2.3"));
+        assert_eq!(sessions[0].source.as_deref(), Some("10.1.2.3"));
+        assert!(ev.iter().all(|e| e.id.get_version_num() == 7));
+        // A crash after spooling but before the commit: read again, with the same keys.
+        let again: Vec<Uuid> = WtmpFollower::new(&wtmp, &state).poll().unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(again, ev.iter().map(|e| e.id).collect::<Vec<_>>());
         f.commit().unwrap();
         // after a restart nothing is reported twice
         let mut again = WtmpFollower::new(&wtmp, &state);
