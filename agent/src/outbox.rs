@@ -219,6 +219,10 @@ impl Outbox {
             if name.starts_with('.') {
                 continue;
             }
+            if name.contains('\\') {
+                self.warn_once(name, "names with a backslash are refused by the airlock; rename it");
+                continue;
+            }
             let meta = entry.metadata()?; // does not follow symlinks
             if !meta.file_type().is_file() {
                 self.warn_once(name, "only regular files are submitted (not links, directories or devices)");
