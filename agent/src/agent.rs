@@ -147,13 +147,20 @@ async fn watch_sessions(opts: Options, spool_dir: PathBuf, spool: SharedSpool, s
     }
 }
 
+/// Events per batch at most (the API takes up to 1000).
+const BATCH_EVENTS: usize = 500;
+/// Spool bytes per batch: well under the API's 1 MiB JSON limit even with one large last record.
+const BATCH_BYTES: u64 = 256 * 1024;
+
 /// Send the spool in batches; an event leaves the spool only once the API acknowledged it.
 async fn deliver(client: ApiClient, spool: SharedSpool, spooled: Arc<Notify>) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+    // Halved when the API says a batch is too large, grown back after each success.
+    let mut max_events = BATCH_EVENTS;
     loop {
-        let batch = with_spool(&spool, |s| {
+        let batch = with_spool(&spool, move |s| {
             s.refresh()?;
-            s.read_batch(500, 1 << 20)
+            s.read_batch(max_events, BATCH_BYTES)
         })
         .await;
         let batch = match batch {
@@ -185,6 +192,11 @@ async fn deliver(client: ApiClient, spool: SharedSpool, spooled: Arc<Notify>) {
                     tracing::error!(error = %e, "cannot record the ack");
                 }
                 backoff.reset();
+                max_events = (max_events * 2).min(BATCH_EVENTS);
+            }
+            Err(e) if e.status() == Some(http::StatusCode::PAYLOAD_TOO_LARGE) && max_events > 1 => {
+                max_events = (body.events.len() / 2).max(1);
+                tracing::warn!(events = body.events.len(), next = max_events, "batch too large; sending smaller ones");
             }
             Err(e) => {
                 let wait = backoff.next_delay();

@@ -122,6 +122,8 @@ pub struct Outbox {
     spooled: Arc<Notify>,
     tracked: HashMap<String, Tracked>,
     warned: HashSet<String>,
+    /// Last listing error, logged once until it changes.
+    list_error: Option<String>,
 }
 
 impl Outbox {
@@ -144,10 +146,14 @@ impl Outbox {
             spooled,
             tracked: HashMap::new(),
             warned: HashSet::new(),
+            list_error: None,
         }
     }
 
     pub async fn run(mut self, interval: Duration) {
+        if let Err(e) = fs::create_dir_all(&self.dir) {
+            tracing::error!(outbox = %self.dir.display(), error = %e, "cannot create the outbox");
+        }
         loop {
             self.pass().await;
             tokio::time::sleep(interval).await;
@@ -157,9 +163,16 @@ impl Outbox {
     /// Look at the directory once and submit every file that is ready.
     pub async fn pass(&mut self) {
         let names = match self.list() {
-            Ok(n) => n,
+            Ok(n) => {
+                self.list_error = None;
+                n
+            }
             Err(e) => {
-                tracing::error!(outbox = %self.dir.display(), error = %e, "cannot list the outbox");
+                let e = e.to_string();
+                if self.list_error.as_ref() != Some(&e) {
+                    tracing::error!(outbox = %self.dir.display(), error = %e, "cannot list the outbox");
+                    self.list_error = Some(e);
+                }
                 return;
             }
         };
@@ -204,6 +217,10 @@ impl Outbox {
                 continue;
             };
             if name.starts_with('.') {
+                continue;
+            }
+            if name.contains('\\') {
+                self.warn_once(name, "names with a backslash are refused by the airlock; rename it");
                 continue;
             }
             let meta = entry.metadata()?; // does not follow symlinks

@@ -485,6 +485,24 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_input_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let alphabet = b"0123456789 -./()+@:,\nABCDEFGHIJKLMNOPQRSTUVWXYZabcdeforn";
+        let det = Detectors::builtin();
+        for len in [0usize, 1, 2, 3, 7, 64, 65, 1000, CHUNK + MARGIN + 3] {
+            let doc: Vec<u8> = (0..len).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect();
+            let mut s = det.scanner();
+            for piece in doc.chunks(rng.gen_range(1..4096)) {
+                s.feed(piece);
+            }
+            assert_eq!(s.finish().bytes, len as u64);
+            let noise: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+            det.scan(&noise);
+        }
+    }
+
+    #[test]
     fn vector_and_scalar_byte_classes_agree() {
         let block: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37).wrapping_add(11)).chain(*b"09@azAZ`{/:").collect();
         for w in block.windows(64) {

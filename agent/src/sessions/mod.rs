@@ -36,11 +36,16 @@ pub enum HookAction {
 pub enum HookError {
     #[error("--user {0:?}: a local account name is 1–32 of a-z, 0-9, '.', '_', '-' (not starting with '-')")]
     User(String),
+    #[error("--{field}: at most {MAX_FIELD} bytes")]
+    TooLong { field: &'static str },
     #[error(transparent)]
     Spool(#[from] SpoolError),
     #[error("{path}: {source}")]
     State { path: PathBuf, source: io::Error },
 }
+
+/// Bound on `--session` / `--source`, so one event never outgrows a delivery batch.
+pub const MAX_FIELD: usize = 256;
 
 fn desktop_dir(spool: &Path) -> PathBuf {
     spool.join("desktop")
@@ -69,6 +74,11 @@ pub fn hook(
 ) -> Result<(), HookError> {
     if !valid_user(user) {
         return Err(HookError::User(user.to_owned()));
+    }
+    for (field, value) in [("session", &session), ("source", &source)] {
+        if value.as_ref().is_some_and(|v| v.len() > MAX_FIELD) {
+            return Err(HookError::TooLong { field });
+        }
     }
     let dir = desktop_dir(spool_dir);
     fs::create_dir_all(&dir).map_err(|source| HookError::State { path: dir.clone(), source })?;
@@ -208,6 +218,9 @@ mod tests {
         assert_eq!(actions, [SessionAction::DesktopConnect, SessionAction::DesktopDisconnect]);
         let err = hook(sp, DEFAULT_MAX_BYTES, HookAction::Connect, "../root", None, None).unwrap_err();
         assert!(err.to_string().starts_with("--user \"../root\""), "{err}");
+        let long = Some("x".repeat(MAX_FIELD + 1));
+        let err = hook(sp, DEFAULT_MAX_BYTES, HookAction::Connect, "alice", long, None).unwrap_err();
+        assert_eq!(err.to_string(), "--session: at most 256 bytes");
     }
 
     #[test]
