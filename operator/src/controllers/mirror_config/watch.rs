@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -79,7 +80,11 @@ impl Changes {
                 self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&key_of(&pod));
                 Some(pod)
             }
-            watcher::Event::InitDone => Some(Pod::default()),
+            // No pod to show for it; kube-runtime needs a named source object.
+            watcher::Event::InitDone => Some(Pod {
+                metadata: ObjectMeta { name: Some("relisted".into()), ..ObjectMeta::default() },
+                ..Pod::default()
+            }),
             watcher::Event::Init => None,
         }
     }
