@@ -5,8 +5,8 @@
 //!
 //! VM workspaces are covered by the same pod watch: KubeVirt copies the VM template's labels
 //! (ours) onto the `virt-launcher` pod, and with the masquerade binding the guest's traffic
-//! leaves with that pod's address. (A VMI's `status.interfaces[0].ipAddress` would be the
-//! guest's address behind the NAT, which the mirror never sees.)
+//! leaves with that pod's address, the one the mirror sees. No VMI lookup is needed; a VM
+//! given a bridge or Multus interface instead would need one (not supported here).
 
 pub mod reconcile;
 pub mod render;
