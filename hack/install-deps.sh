@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system packages noexit's tests use (Debian 12). Idempotent; needs root.
 #   nftables, iproute2  egress-lock tests in network namespaces
+#   iputils-ping        ICMP checks of the egress lock (agent/tests/egress_netns.rs)
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
+#   curl                the mirror tests fetch from inside network namespaces
 # Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
 set -euo pipefail
-packages=(nftables iproute2 procps postgresql r-base-core ca-certificates)
+packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

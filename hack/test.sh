@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 hack/install-deps.sh
 export NOEXIT_CI=1
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked "$@"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+cargo test --workspace --all-features --locked "$@"

@@ -72,6 +72,51 @@ impl CertInfo {
     }
 }
 
+impl CertInfo {
+    /// [`CertInfo::from_pem`] for one DER certificate (as rustls hands over a peer's).
+    pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            DateTime::<Utc>::from_timestamp(t.timestamp(), 0).ok_or_else(|| PkiError::Parse("time out of range".into()))
+        };
+        let mut uris = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uris.push((*uri).to_owned());
+                }
+            }
+        }
+        Ok(Self {
+            serial: normalize_serial(&hex::encode(cert.raw_serial())),
+            not_before: time(cert.validity().not_before)?,
+            not_after: time(cert.validity().not_after)?,
+            uris,
+        })
+    }
+}
+
+/// Canonical form of a hex serial: lower case, without leading zero bytes (DER drops them).
+pub fn normalize_serial(hex_serial: &str) -> String {
+    let lower = hex_serial.trim().to_ascii_lowercase();
+    let mut rest = lower.as_str();
+    while rest.len() > 2 && rest.starts_with("00") {
+        rest = &rest[2..];
+    }
+    rest.to_owned()
+}
+
+/// A certificate should be replaced once two thirds of its lifetime have passed, so a renewal
+/// that fails has a third of the lifetime left to be retried.
+pub fn needs_rotation(not_before: DateTime<Utc>, not_after: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    if not_after <= not_before {
+        return true;
+    }
+    let lifetime = not_after - not_before;
+    now >= not_before + lifetime * 2 / 3
+}
+
 /// A CA certificate and its signing key.
 pub struct Ca {
     cert_pem: String,
@@ -228,5 +273,26 @@ mod tests {
         let op = ca.issue_operator_client(chrono::Duration::days(1)).expect("operator");
         assert_eq!(CertInfo::from_pem(&op.cert_pem).expect("parse").uris, [OPERATOR_URI]);
         assert!(CertInfo::from_pem("not a certificate").is_err());
+    }
+
+    #[test]
+    fn der_and_pem_read_the_same_and_serials_normalise() {
+        let ca = Ca::generate("noexit test CA").expect("ca");
+        let op = ca.issue_operator_client(chrono::Duration::days(1)).expect("operator");
+        let der = rustls_pemfile::certs(&mut op.cert_pem.as_bytes()).next().expect("one").expect("der");
+        assert_eq!(CertInfo::from_der(&der).expect("der"), CertInfo::from_pem(&op.cert_pem).expect("pem"));
+        assert_eq!(normalize_serial("00AB01"), "ab01");
+        assert_eq!(normalize_serial("00"), "00");
+    }
+
+    #[test]
+    fn rotation_starts_at_two_thirds_of_the_lifetime() {
+        let t0 = DateTime::<Utc>::from_timestamp(0, 0).expect("epoch");
+        let end = t0 + chrono::Duration::days(90);
+        assert!(!needs_rotation(t0, end, t0));
+        assert!(!needs_rotation(t0, end, t0 + chrono::Duration::days(59)));
+        assert!(needs_rotation(t0, end, t0 + chrono::Duration::days(60)));
+        assert!(needs_rotation(t0, end, end + chrono::Duration::days(1)));
+        assert!(needs_rotation(end, t0, t0), "an inverted window is always rotated");
     }
 }

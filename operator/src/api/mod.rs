@@ -1,9 +1,284 @@
-//! (placeholder; see the issue that builds this module)
+//! `noexit-operator api`: the control-plane API over HTTPS. Agents authenticate with the client
+//! certificate the operator's CA issued for their workspace, the operator with its own client
+//! certificate, people with OIDC bearer tokens. Every route sits behind [`guard::guard`], which
+//! authenticates, authorises against [`authz`] (deny by default) and audits the decision.
 
-/// Arguments of `noexit-operator api`.
+pub mod agent;
+pub mod auditlog;
+pub mod authz;
+pub mod body;
+pub mod cluster;
+pub mod error;
+pub mod guard;
+pub mod oidc;
+pub mod people;
+pub mod revocation;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::{MethodRouter, get, post, put};
+
+pub use auditlog::{AuditQuery, EventLog, MemoryLog};
+pub use authz::Endpoint;
+pub use cluster::{Cluster, KubeCluster, MemoryCluster};
+pub use error::{ApiError, ErrorBody};
+pub use revocation::RevocationSet;
+pub use store::{ApiStore, Db};
+
+/// Settings handlers need.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Outbox files are stored under `<data_dir>/outbox/<project>/<workspace>/<id>`.
+    pub data_dir: PathBuf,
+    /// Require a second factor (`amr`) from every person, whatever the project says.
+    pub require_mfa: bool,
+    /// Largest outbox file accepted.
+    pub max_upload_bytes: u64,
+}
+
+pub struct Inner {
+    pub store: ApiStore,
+    pub audit: Arc<dyn EventLog>,
+    pub cluster: Arc<dyn Cluster>,
+    pub oidc: Option<Arc<oidc::Oidc>>,
+    pub revoked: RevocationSet,
+    pub config: ApiConfig,
+    /// What each workspace's status last got from us, and when (see [`agent::should_reflect`]).
+    pub reflected: std::sync::Mutex<std::collections::HashMap<(String, String), agent::Reflected>>,
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// State with revocations loaded from the store.
+    pub async fn new(
+        store: ApiStore,
+        audit: Arc<dyn EventLog>,
+        cluster: Arc<dyn Cluster>,
+        oidc: Option<Arc<oidc::Oidc>>,
+        config: ApiConfig,
+    ) -> Result<Self, store::StoreError> {
+        let revoked = RevocationSet::new(store.revocations().await?.into_iter().map(|r| r.serial));
+        let reflected = Default::default();
+        Ok(Self(Arc::new(Inner { store, audit, cluster, oidc, revoked, config, reflected })))
+    }
+
+    /// Add revocations other replicas recorded in the shared database.
+    pub async fn refresh_revocations(&self) -> Result<(), store::StoreError> {
+        for row in self.store.revocations().await? {
+            self.revoked.insert(&row.serial);
+        }
+        Ok(())
+    }
+}
+
+fn handler_for(endpoint: Endpoint) -> MethodRouter<AppState> {
+    match endpoint {
+        Endpoint::Health => get(health),
+        Endpoint::AgentEvents => post(agent::events),
+        Endpoint::AgentHeartbeat => post(agent::heartbeat),
+        Endpoint::AgentOutbox => post(agent::outbox),
+        Endpoint::AgentOutboxContent => put(agent::outbox_content),
+        Endpoint::OperatorRevoke => post(people::operator_revoke),
+        Endpoint::WhoAmI => get(people::whoami),
+        Endpoint::RequestCreate => post(people::create_request),
+        Endpoint::RequestList => get(people::list_requests),
+        Endpoint::RequestGet => get(people::get_request),
+        Endpoint::RequestApprove => post(people::approve),
+        Endpoint::RequestDeny => post(people::deny),
+        Endpoint::SessionList => get(people::sessions),
+        Endpoint::WorkspaceRevoke => post(people::workspace_revoke),
+        Endpoint::AuditQuery => get(people::audit_query),
+    }
+}
+
+async fn health() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found(req: axum::extract::Request) -> ApiError {
+    ApiError::not_found(format!("no endpoint {} {}", req.method(), req.uri().path()))
+}
+
+/// Every endpoint of [`Endpoint::ALL`] behind the guard. Tests call this with `oneshot`; the
+/// server wraps it in TLS.
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    // Group the methods of each path into one MethodRouter.
+    let mut paths: Vec<&'static str> = Endpoint::ALL.iter().map(|e| e.route().1).collect();
+    paths.dedup();
+    paths.sort();
+    paths.dedup();
+    for path in paths {
+        let mut method_router: MethodRouter<AppState> = MethodRouter::new();
+        for endpoint in Endpoint::ALL.into_iter().filter(|e| e.route().1 == path) {
+            method_router = method_router.merge(handler_for(endpoint));
+        }
+        router = router.route(path, method_router);
+    }
+    router
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::guard))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Arguments of `noexit-operator api` (boxed: the subcommand enum stays small).
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub options: Box<Options>,
+}
 
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("noexit-operator api: not built yet")
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// Address to listen on.
+    #[arg(long, env = "NOEXIT_API_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Server certificate (PEM, issued by the operator's CA); reloaded when it changes.
+    #[arg(long, env = "NOEXIT_API_TLS_CERT", default_value = "/etc/noexit/api/tls.crt")]
+    pub tls_cert: PathBuf,
+    #[arg(long, env = "NOEXIT_API_TLS_KEY", default_value = "/etc/noexit/api/tls.key")]
+    pub tls_key: PathBuf,
+    /// CA that issues agent and operator client certificates (the operator's CA, `ca.crt`).
+    #[arg(long, env = "NOEXIT_API_CLIENT_CA", default_value = "/etc/noexit/ca/ca.crt")]
+    pub client_ca: PathBuf,
+    /// `sqlite:/path/api.db` (embedded default) or `postgres://user@host/db`.
+    #[arg(long, env = "NOEXIT_DATABASE_URL", default_value = "sqlite:/var/lib/noexit/noexit.db")]
+    pub database_url: String,
+    /// Audit checkpoint signing key (ed25519 PKCS#8 PEM); created if missing.
+    #[arg(long, env = "NOEXIT_AUDIT_KEY", default_value = "/var/lib/noexit/audit-signing.pem")]
+    pub audit_key: PathBuf,
+    /// Where outbox files are stored.
+    #[arg(long, env = "NOEXIT_API_DATA_DIR", default_value = "/var/lib/noexit/api")]
+    pub data_dir: PathBuf,
+    /// OIDC issuer URL (exactly as in the tokens' `iss`). Without it no person can log in.
+    #[arg(long, env = "NOEXIT_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// Expected token audience.
+    #[arg(long, env = "NOEXIT_OIDC_AUDIENCE", default_value = "noexit")]
+    pub oidc_audience: String,
+    /// Claim that names the user as Project members are written.
+    #[arg(long, env = "NOEXIT_OIDC_USER_CLAIM", default_value = "email")]
+    pub oidc_user_claim: String,
+    /// CA bundle for the issuer's HTTPS (default: system roots).
+    #[arg(long, env = "NOEXIT_OIDC_CA")]
+    pub oidc_ca: Option<PathBuf>,
+    /// Require a second factor from every person, whatever the project says.
+    #[arg(long, env = "NOEXIT_REQUIRE_MFA")]
+    pub require_mfa: bool,
+    /// Largest outbox file accepted, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+    /// Read Projects from this manifest file instead of a Kubernetes cluster (single-host mode
+    /// and development; requests are then kept in memory).
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// Seconds between checks of the server certificate files.
+    #[arg(long, default_value_t = 30)]
+    pub cert_reload_seconds: u64,
+}
+
+/// The in-memory cluster filled from a manifest file.
+pub fn memory_cluster_from(text: &str) -> anyhow::Result<MemoryCluster> {
+    let cluster = MemoryCluster::new();
+    for m in crate::manifests::parse_documents(text)? {
+        match m {
+            crate::manifests::Manifest::Project(p) => cluster.put_project(*p),
+            crate::manifests::Manifest::Workspace(w) => cluster.put_workspace(*w),
+            _ => {}
+        }
+    }
+    Ok(cluster)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let args = *args.options;
+    let client_ca = std::fs::read(&args.client_ca).with_context(|| format!("reading {}", args.client_ca.display()))?;
+    let cert = Arc::new(tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?);
+    let tls_config = tls::server_config(cert.clone(), &client_ca)?;
+    let signing_key = if args.audit_key.exists() {
+        crate::audit::keys::load_signing_key(&args.audit_key)?
+    } else {
+        let public = args.audit_key.with_extension("pub.pem");
+        crate::audit::keys::write_key_pair(&args.audit_key, &public)?;
+        tracing::info!(key = %args.audit_key.display(), public = %public.display(), "created the audit signing key");
+        crate::audit::keys::load_signing_key(&args.audit_key)?
+    };
+    let options = crate::audit::StoreOptions { signing_key: Some(signing_key), ..Default::default() };
+    let audit_store = Arc::new(crate::audit::Store::connect_with(&args.database_url, options).await?);
+    let db = audit_store.pool().clone();
+    let audit: Arc<dyn EventLog> = audit_store.clone();
+    let cluster: Arc<dyn Cluster> = match &args.manifests {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Arc::new(memory_cluster_from(&text)?)
+        }
+        None => Arc::new(KubeCluster::new(kube::Client::try_default().await.context("connecting to Kubernetes")?)),
+    };
+    let oidc = match &args.oidc_issuer {
+        Some(issuer) => {
+            let ca_pem = match &args.oidc_ca {
+                Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+                None => None,
+            };
+            Some(Arc::new(oidc::Oidc::new(oidc::OidcConfig {
+                issuer: issuer.clone(),
+                audience: args.oidc_audience.clone(),
+                user_claim: args.oidc_user_claim.clone(),
+                ca_pem,
+            })?))
+        }
+        None => {
+            tracing::warn!("no --oidc-issuer: people cannot log in; only agents and the operator are served");
+            None
+        }
+    };
+    let config = ApiConfig {
+        data_dir: args.data_dir.clone(),
+        require_mfa: args.require_mfa,
+        max_upload_bytes: args.max_upload_bytes,
+    };
+    let state = AppState::new(ApiStore::new(db), audit, cluster, oidc, config).await?;
+    let reload_every = Duration::from_secs(args.cert_reload_seconds.max(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(reload_every);
+        loop {
+            tick.tick().await;
+            match cert.reload_if_changed() {
+                Ok(true) => tracing::info!("server certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "server certificate changed but cannot be loaded; keeping the old one")
+                }
+            }
+        }
+    });
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(listen = %args.listen, "control-plane API serving");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    server::serve(listener, tls_config, state.clone(), router(state), shutdown).await?;
+    // Commit what is queued and seal the tail with a checkpoint.
+    audit_store.close().await;
+    Ok(())
 }

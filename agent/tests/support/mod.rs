@@ -1,0 +1,288 @@
+//! Shared by the integration tests and the idle-memory benchmark: a fake control-plane API
+//! (axum behind rustls, client certificates required, certificates from rcgen), a temp
+//! environment with config and certificates, and the agent process.
+
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::{post, put};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use noexit_agent::sessions::utmp::{self, Record};
+use noexit_crds::agent::{AgentEvent, EventBatch, EventBatchAck, Heartbeat, OutboxAck, OutboxManifest};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_noexit-agent");
+
+// ---- the fake API ------------------------------------------------------------------------
+
+#[derive(Default)]
+pub struct Recorded {
+    /// Stored events by idempotency key (what the real API keeps).
+    pub events: HashMap<Uuid, AgentEvent>,
+    /// Every event received, resends included.
+    pub received: usize,
+    pub heartbeats: Vec<Heartbeat>,
+    pub manifests: HashMap<Uuid, OutboxManifest>,
+    pub contents: HashMap<Uuid, Vec<u8>>,
+}
+
+#[derive(Clone, Default)]
+pub struct Api {
+    pub rec: Arc<Mutex<Recorded>>,
+    /// Answer 503 to event batches (heartbeats still work).
+    pub refuse_events: Arc<AtomicBool>,
+}
+
+impl Api {
+    pub fn with<T>(&self, f: impl FnOnce(&Recorded) -> T) -> T {
+        f(&self.rec.lock().unwrap())
+    }
+}
+
+async fn events(State(api): State<Api>, Json(batch): Json<EventBatch>) -> Result<Json<EventBatchAck>, StatusCode> {
+    if api.refuse_events.load(Ordering::SeqCst) {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let mut rec = api.rec.lock().unwrap();
+    let (mut accepted, mut duplicates) = (0, 0);
+    for ev in batch.events {
+        rec.received += 1;
+        if rec.events.insert(ev.id, ev).is_some() {
+            duplicates += 1;
+        } else {
+            accepted += 1;
+        }
+    }
+    Ok(Json(EventBatchAck { accepted, duplicates }))
+}
+
+async fn heartbeat(State(api): State<Api>, Json(hb): Json<Heartbeat>) -> Json<serde_json::Value> {
+    api.rec.lock().unwrap().heartbeats.push(hb);
+    Json(serde_json::json!({}))
+}
+
+async fn manifest(State(api): State<Api>, Json(m): Json<OutboxManifest>) -> (StatusCode, Json<OutboxAck>) {
+    let id = m.id;
+    api.rec.lock().unwrap().manifests.insert(id, m);
+    (StatusCode::CREATED, Json(OutboxAck { id, state: "awaitingContent".into() }))
+}
+
+async fn content(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<Uuid>,
+    body: Bytes,
+) -> Result<Json<OutboxAck>, (StatusCode, String)> {
+    let mut rec = api.rec.lock().unwrap();
+    let m = rec.manifests.get(&id).ok_or((StatusCode::NOT_FOUND, "no manifest".into()))?;
+    let sha = hex::encode(Sha256::digest(&body));
+    if body.len() as u64 != m.size || sha != m.sha256 {
+        return Err((StatusCode::CONFLICT, "size or sha256 differ from the manifest".into()));
+    }
+    rec.contents.insert(id, body.to_vec());
+    Ok(Json(OutboxAck { id, state: "pendingReview".into() }))
+}
+
+fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/agent/events", post(events))
+        .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/outbox", post(manifest))
+        .route("/v1/agent/outbox/{id}/content", put(content))
+        .with_state(api)
+}
+
+/// The API's listener; dropping the task closes the listener and every open connection.
+pub struct Server(tokio::task::JoinHandle<()>);
+
+impl Server {
+    pub async fn start(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, api: Api) -> (Self, SocketAddr) {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let app = router(api);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                conns.spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let svc = TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+                });
+            }
+        });
+        (Self(task), local)
+    }
+
+    pub fn stop(self) {
+        self.0.abort();
+    }
+}
+
+// ---- certificates and config --------------------------------------------------------------
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub server_tls: Arc<rustls::ServerConfig>,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let server_key = KeyPair::generate().unwrap();
+        let server_cert =
+            CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params.subject_alt_names = vec![SanType::URI("noexit://workspace/ward-7/alice-r".try_into().unwrap())];
+        let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+        let p = dir.path();
+        std::fs::write(p.join("ca.crt"), ca_cert.pem()).unwrap();
+        std::fs::write(p.join("tls.crt"), client_cert.pem()).unwrap();
+        std::fs::write(p.join("tls.key"), client_key.serialize_pem()).unwrap();
+        for d in ["outbox", "spool", "root"] {
+            std::fs::create_dir_all(p.join(d)).unwrap();
+        }
+        std::fs::write(p.join("wtmp"), b"").unwrap();
+        std::fs::write(p.join("utmp"), b"").unwrap();
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+        let server_tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![server_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        Self { dir, server_tls: Arc::new(server_tls) }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write_config(&self, port: u16) -> PathBuf {
+        let p = self.dir.path();
+        let cfg = format!(
+            r#"workspace: {{ project: ward-7, name: alice-r }}
+controlPlane:
+  url: https://localhost:{port}
+  caFile: {p}/ca.crt
+  certFile: {p}/tls.crt
+  keyFile: {p}/tls.key
+egress:
+  resolvers: [127.0.0.53]
+  endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {port} }}]
+  desktopPort: 5901
+outbox: {p}/outbox
+spool: {p}/spool
+mode: pod
+desktop: none
+heartbeatSeconds: 1
+"#,
+            p = p.display()
+        );
+        let path = p.join("agent.yaml");
+        std::fs::write(&path, cfg).unwrap();
+        path
+    }
+
+    pub fn hook(&self, action: &str, user: &str) {
+        let out = Command::new(AGENT)
+            .args(["--config"])
+            .arg(self.path("agent.yaml"))
+            .args(["session", action, "--user", user, "--session", ":1", "--source", "10.9.8.7"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "hook failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn append_wtmp(&self, kind: i16, line: &str, user: &str) {
+        use std::io::Write;
+        let rec =
+            utmp::encode(&Record { kind, pid: 1, line: line.into(), user: user.into(), host: String::new(), time: 0 });
+        std::fs::OpenOptions::new().append(true).open(self.path("wtmp")).unwrap().write_all(&rec).unwrap();
+    }
+}
+
+/// The agent process; killed with SIGKILL when dropped.
+pub struct Agent(pub Child);
+
+impl Agent {
+    pub fn start(env: &Env) -> Self {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(env.path("agent.log")).unwrap();
+        let child = Command::new(AGENT)
+            .arg("--config")
+            .arg(env.path("agent.yaml"))
+            .arg("run")
+            .arg("--wtmp")
+            .arg(env.path("wtmp"))
+            .arg("--utmp")
+            .arg(env.path("utmp"))
+            .arg("--root")
+            .arg(env.path("root"))
+            .args(["--outbox-interval", "1"])
+            .env("RUST_LOG", "info,noexit_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    /// `kill -9`: no chance to flush or say goodbye.
+    pub fn kill9(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Poll `cond` every 50 ms for at most `secs`; fail with the agent's log.
+pub async fn until(env: &Env, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(env.path("agent.log")).unwrap_or_default();
+            panic!("timed out after {secs}s waiting for {what}\n--- agent log ---\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

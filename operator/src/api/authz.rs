@@ -1,0 +1,178 @@
+//! Who may call what: one table, deny by default. `docs/api.md` shows the same matrix and a
+//! test iterates every principal × endpoint over real HTTPS.
+
+use noexit_crds::Role;
+
+/// How a caller proves who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authn {
+    /// Nobody (health checks only).
+    None,
+    /// Client certificate with URI SAN `noexit://workspace/<project>/<name>`.
+    AgentCert,
+    /// Client certificate with URI SAN `noexit://operator`.
+    OperatorCert,
+    /// OIDC bearer token; roles from the Project named in the path or query.
+    Bearer,
+}
+
+/// Every endpoint the API serves. Adding one without a row in [`Endpoint::ALL`] and
+/// [`Endpoint::allowed_roles`] is a compile error (exhaustive matches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Health,
+    AgentEvents,
+    AgentHeartbeat,
+    AgentOutbox,
+    AgentOutboxContent,
+    OperatorRevoke,
+    WhoAmI,
+    RequestCreate,
+    RequestList,
+    RequestGet,
+    RequestApprove,
+    RequestDeny,
+    SessionList,
+    WorkspaceRevoke,
+    AuditQuery,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 15] = [
+        Endpoint::Health,
+        Endpoint::AgentEvents,
+        Endpoint::AgentHeartbeat,
+        Endpoint::AgentOutbox,
+        Endpoint::AgentOutboxContent,
+        Endpoint::OperatorRevoke,
+        Endpoint::WhoAmI,
+        Endpoint::RequestCreate,
+        Endpoint::RequestList,
+        Endpoint::RequestGet,
+        Endpoint::RequestApprove,
+        Endpoint::RequestDeny,
+        Endpoint::SessionList,
+        Endpoint::WorkspaceRevoke,
+        Endpoint::AuditQuery,
+    ];
+
+    /// Method and axum path pattern.
+    pub fn route(self) -> (&'static str, &'static str) {
+        match self {
+            Endpoint::Health => ("GET", "/healthz"),
+            Endpoint::AgentEvents => ("POST", "/v1/agent/events"),
+            Endpoint::AgentHeartbeat => ("POST", "/v1/agent/heartbeat"),
+            Endpoint::AgentOutbox => ("POST", "/v1/agent/outbox"),
+            Endpoint::AgentOutboxContent => ("PUT", "/v1/agent/outbox/{id}/content"),
+            Endpoint::OperatorRevoke => ("POST", "/v1/operator/revocations"),
+            Endpoint::WhoAmI => ("GET", "/v1/projects/{project}/whoami"),
+            Endpoint::RequestCreate => ("POST", "/v1/projects/{project}/workspacerequests"),
+            Endpoint::RequestList => ("GET", "/v1/projects/{project}/workspacerequests"),
+            Endpoint::RequestGet => ("GET", "/v1/projects/{project}/workspacerequests/{name}"),
+            Endpoint::RequestApprove => ("POST", "/v1/projects/{project}/workspacerequests/{name}/approve"),
+            Endpoint::RequestDeny => ("POST", "/v1/projects/{project}/workspacerequests/{name}/deny"),
+            Endpoint::SessionList => ("GET", "/v1/projects/{project}/sessions"),
+            Endpoint::WorkspaceRevoke => ("POST", "/v1/projects/{project}/workspaces/{name}/revoke"),
+            Endpoint::AuditQuery => ("GET", "/v1/audit"),
+        }
+    }
+
+    /// Audit action name.
+    pub fn action(self) -> &'static str {
+        match self {
+            Endpoint::Health => "api.health",
+            Endpoint::AgentEvents => "agent.events",
+            Endpoint::AgentHeartbeat => "agent.heartbeat",
+            Endpoint::AgentOutbox => "agent.outbox.submit",
+            Endpoint::AgentOutboxContent => "agent.outbox.upload",
+            Endpoint::OperatorRevoke => "certificate.revoke",
+            Endpoint::WhoAmI => "api.whoami",
+            Endpoint::RequestCreate => "request.create",
+            Endpoint::RequestList => "request.list",
+            Endpoint::RequestGet => "request.get",
+            Endpoint::RequestApprove => "request.approve",
+            Endpoint::RequestDeny => "request.deny",
+            Endpoint::SessionList => "session.list",
+            Endpoint::WorkspaceRevoke => "certificate.revoke",
+            Endpoint::AuditQuery => "audit.query",
+        }
+    }
+
+    pub fn authn(self) -> Authn {
+        match self {
+            Endpoint::Health => Authn::None,
+            Endpoint::AgentEvents | Endpoint::AgentHeartbeat | Endpoint::AgentOutbox | Endpoint::AgentOutboxContent => {
+                Authn::AgentCert
+            }
+            Endpoint::OperatorRevoke => Authn::OperatorCert,
+            Endpoint::WhoAmI
+            | Endpoint::RequestCreate
+            | Endpoint::RequestList
+            | Endpoint::RequestGet
+            | Endpoint::RequestApprove
+            | Endpoint::RequestDeny
+            | Endpoint::SessionList
+            | Endpoint::WorkspaceRevoke
+            | Endpoint::AuditQuery => Authn::Bearer,
+        }
+    }
+
+    /// Project roles that may call a bearer endpoint. Empty for certificate endpoints (the
+    /// certificate kind is the whole grant).
+    pub fn allowed_roles(self) -> &'static [Role] {
+        use Role::*;
+        match self {
+            Endpoint::Health
+            | Endpoint::AgentEvents
+            | Endpoint::AgentHeartbeat
+            | Endpoint::AgentOutbox
+            | Endpoint::AgentOutboxContent
+            | Endpoint::OperatorRevoke => &[],
+            Endpoint::WhoAmI => &[Researcher, DataAnalyst, Admin, OutputChecker, Auditor, Sre],
+            Endpoint::RequestCreate => &[DataAnalyst],
+            Endpoint::RequestList | Endpoint::RequestGet => &[DataAnalyst, Admin, Auditor],
+            Endpoint::RequestApprove | Endpoint::RequestDeny => &[Admin],
+            Endpoint::SessionList => &[Admin, Auditor, Sre],
+            Endpoint::WorkspaceRevoke => &[Admin],
+            Endpoint::AuditQuery => &[Auditor],
+        }
+    }
+
+    /// Successful calls recorded by the audit middleware. Agent events are recorded one by one
+    /// (with their idempotency key) by the handler; heartbeats are state, kept in their table.
+    pub fn audit_success(self) -> bool {
+        !matches!(self, Endpoint::Health | Endpoint::AgentEvents | Endpoint::AgentHeartbeat)
+    }
+}
+
+/// The role a caller acts in for `endpoint`: the first granted role it holds, in the table's
+/// order. `None` means refused.
+pub fn acting_role(endpoint: Endpoint, held: &[Role]) -> Option<Role> {
+    endpoint.allowed_roles().iter().copied().find(|r| held.contains(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_endpoint_once_with_distinct_routes() {
+        let mut routes: Vec<_> = Endpoint::ALL.iter().map(|e| e.route()).collect();
+        routes.sort();
+        routes.dedup();
+        assert_eq!(routes.len(), Endpoint::ALL.len());
+    }
+
+    #[test]
+    fn deny_by_default() {
+        assert_eq!(acting_role(Endpoint::RequestApprove, &[]), None);
+        assert_eq!(acting_role(Endpoint::RequestApprove, &[Role::DataAnalyst, Role::Researcher]), None);
+        assert_eq!(acting_role(Endpoint::RequestApprove, &[Role::DataAnalyst, Role::Admin]), Some(Role::Admin));
+        assert_eq!(acting_role(Endpoint::AuditQuery, &[Role::Admin, Role::Sre]), None);
+        // Certificate endpoints grant no person role.
+        for role in Role::ALL {
+            assert_eq!(acting_role(Endpoint::AgentEvents, &[role]), None);
+            assert_eq!(acting_role(Endpoint::OperatorRevoke, &[role]), None);
+        }
+    }
+}

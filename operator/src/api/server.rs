@@ -1,0 +1,95 @@
+//! The HTTPS accept loop: TLS handshake (client certificates verified by rustls), the verified
+//! peer handed to the router as [`PeerInfo`], failed handshakes recorded in the audit log.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use super::AppState;
+use super::guard::PeerInfo;
+use super::tls::{ServerTls, describe_cert_error};
+use crate::audit::{AuditEvent, Outcome};
+use crate::pki::CertInfo;
+use rustls::pki_types::UnixTime;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve `router` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    tls: ServerTls,
+    state: AppState,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls.config.clone());
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, state, router, clients) = (acceptor.clone(), state.clone(), router.clone(), tls.clients.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return refuse_handshake(&state, addr, e.to_string()).await,
+                Err(_) => return refuse_handshake(&state, addr, "handshake timed out".into()).await,
+            };
+            let (cert, cert_error) = match tls.get_ref().1.peer_certificates() {
+                Some([end_entity, intermediates @ ..]) => {
+                    let verdict = clients.verify_client_cert(end_entity, intermediates, UnixTime::now());
+                    let error = verdict.err().map(|e| describe_cert_error(&e));
+                    match CertInfo::from_der(end_entity.as_ref()) {
+                        Ok(info) => (Some(info), error),
+                        Err(e) => (None, Some(("invalidCertificate", format!("client certificate unreadable: {e}")))),
+                    }
+                }
+                _ => (None, None),
+            };
+            let peer = PeerInfo { addr: Some(addr), cert, cert_error };
+            let service = router.map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer.clone());
+                req
+            });
+            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(service))
+                .await;
+            if let Err(e) = conn {
+                tracing::debug!(%addr, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// A refused handshake (expired, foreign or malformed certificate) is a refusal like any other.
+async fn refuse_handshake(state: &AppState, addr: std::net::SocketAddr, reason: String) {
+    tracing::info!(%addr, %reason, "TLS handshake refused");
+    let event = AuditEvent {
+        actor: "anonymous".into(),
+        role: None,
+        action: "tls.handshake".into(),
+        object: "api".into(),
+        outcome: Outcome::Refused(reason),
+        source: Some(addr.to_string()),
+        detail: serde_json::Value::Null,
+    };
+    if let Err(e) = state.audit.record(event).await {
+        tracing::error!(error = %e, "cannot record a refused handshake");
+    }
+}

@@ -1,0 +1,332 @@
+//! The API's tables (sessions, violations, heartbeats, output requests, revocations) on SQLite or
+//! PostgreSQL. The SQL is written once (`$n` placeholders work on both); [`on_db!`] runs it on
+//! whichever pool is configured. Writes return only after the database committed them.
+
+use chrono::{DateTime, Utc};
+use noexit_crds::agent::{Heartbeat, OutboxManifest, SessionEvent, Violation, WorkspaceIdentity};
+use serde::Serialize;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+/// The audit store's connection pool: the API keeps its tables in the same database, and the
+/// audit store's migrator applies `0002_api.sql` with its own.
+pub type Db = crate::audit::store::Pool;
+
+/// Run the same expression with `$pool` bound to the SQLite or the PostgreSQL pool.
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Where an output request is in its life.
+pub const AWAITING_CONTENT: &str = "awaitingContent";
+pub const PENDING_REVIEW: &str = "pendingReview";
+
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutputRequestRow {
+    pub id: String,
+    pub project: String,
+    pub workspace: String,
+    pub file_name: String,
+    pub size: i64,
+    pub sha256: String,
+    pub submitted_by: String,
+    pub scan: String,
+    pub state: String,
+    pub content_path: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionRow {
+    pub id: String,
+    pub workspace: String,
+    pub at: DateTime<Utc>,
+    pub action: String,
+    pub username: String,
+    pub session: Option<String>,
+    pub source: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatRow {
+    pub workspace: String,
+    pub at: DateTime<Utc>,
+    pub agent_version: String,
+    pub egress_locked: bool,
+    pub active_sessions: i64,
+    pub spool_depth: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct RevocationRow {
+    pub serial: String,
+    pub project: String,
+    pub workspace: String,
+}
+
+fn enum_name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "unknown".into(),
+    }
+}
+
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The API's tables.
+#[derive(Clone, Debug)]
+pub struct ApiStore {
+    db: Db,
+}
+
+impl ApiStore {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Store a session event once; `true` if it was new.
+    pub async fn insert_session(
+        &self,
+        id: Uuid,
+        ws: &WorkspaceIdentity,
+        at: DateTime<Utc>,
+        ev: &SessionEvent,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "INSERT INTO agent_sessions \
+            (id, project, workspace, at, action, username, session, source, idle_seconds, received_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
+        let done = on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(id.to_string())
+            .bind(&ws.project)
+            .bind(&ws.name)
+            .bind(at)
+            .bind(enum_name(&ev.action))
+            .bind(&ev.user)
+            .bind(&ev.session)
+            .bind(&ev.source)
+            .bind(ev.idle_seconds.map(clamp_i64))
+            .bind(Utc::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    /// Store a violation once; `true` if it was new.
+    pub async fn insert_violation(
+        &self,
+        id: Uuid,
+        ws: &WorkspaceIdentity,
+        at: DateTime<Utc>,
+        v: &Violation,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "INSERT INTO agent_violations \
+            (id, project, workspace, at, kind, count, detail, received_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING";
+        let done = on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(id.to_string())
+            .bind(&ws.project)
+            .bind(&ws.name)
+            .bind(at)
+            .bind(enum_name(&v.kind))
+            .bind(clamp_i64(v.count))
+            .bind(&v.detail)
+            .bind(Utc::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    /// Keep the latest heartbeat of the workspace.
+    pub async fn upsert_heartbeat(&self, ws: &WorkspaceIdentity, hb: &Heartbeat) -> Result<(), StoreError> {
+        const SQL: &str = "INSERT INTO agent_heartbeats \
+            (project, workspace, at, agent_version, egress_locked, egress_detail, spool_depth, active_sessions, received_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+            ON CONFLICT (project, workspace) DO UPDATE SET at = excluded.at, agent_version = excluded.agent_version, \
+            egress_locked = excluded.egress_locked, egress_detail = excluded.egress_detail, \
+            spool_depth = excluded.spool_depth, active_sessions = excluded.active_sessions, \
+            received_at = excluded.received_at";
+        on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(&ws.project)
+            .bind(&ws.name)
+            .bind(hb.at)
+            .bind(&hb.agent_version)
+            .bind(hb.egress.locked)
+            .bind(&hb.egress.detail)
+            .bind(clamp_i64(hb.spool_depth))
+            .bind(i64::from(hb.active_sessions))
+            .bind(Utc::now())
+            .execute(pool)
+            .await
+            .map(|_| ())?);
+        Ok(())
+    }
+
+    /// Record an outbox manifest once. Returns the stored row (the existing one on a resend).
+    pub async fn insert_output_request(
+        &self,
+        ws: &WorkspaceIdentity,
+        m: &OutboxManifest,
+    ) -> Result<OutputRequestRow, StoreError> {
+        const SQL: &str = "INSERT INTO output_requests \
+            (id, project, workspace, file_name, size, sha256, submitted_by, scan, state, created_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
+        let scan = serde_json::to_string(&m.scan).unwrap_or_else(|_| "{}".into());
+        on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(m.id.to_string())
+            .bind(&ws.project)
+            .bind(&ws.name)
+            .bind(&m.file_name)
+            .bind(clamp_i64(m.size))
+            .bind(&m.sha256)
+            .bind(&m.submitted_by)
+            .bind(scan)
+            .bind(AWAITING_CONTENT)
+            .bind(Utc::now())
+            .execute(pool)
+            .await
+            .map(|_| ())?);
+        self.output_request(m.id)
+            .await?
+            .ok_or_else(|| StoreError::Unavailable(format!("output request {} vanished after insert", m.id)))
+    }
+
+    pub async fn output_request(&self, id: Uuid) -> Result<Option<OutputRequestRow>, StoreError> {
+        const SQL: &str = "SELECT id, project, workspace, file_name, size, sha256, submitted_by, scan, state, \
+            content_path FROM output_requests WHERE id = $1";
+        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, OutputRequestRow>(SQL)
+            .bind(id.to_string())
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// The content arrived and matched; the request now waits for reviewers.
+    pub async fn mark_uploaded(&self, id: Uuid, content_path: &str) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE output_requests SET state = $1, content_path = $2, uploaded_at = $3 WHERE id = $4";
+        on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(PENDING_REVIEW)
+            .bind(content_path)
+            .bind(Utc::now())
+            .bind(id.to_string())
+            .execute(pool)
+            .await
+            .map(|_| ())?);
+        Ok(())
+    }
+
+    /// Record a revocation once; `true` if it was new.
+    pub async fn insert_revocation(
+        &self,
+        serial: &str,
+        ws: &WorkspaceIdentity,
+        reason: &str,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "INSERT INTO certificate_revocations (serial, project, workspace, reason, revoked_by, revoked_at) \
+            VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (serial) DO NOTHING";
+        let done = on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(serial)
+            .bind(&ws.project)
+            .bind(&ws.name)
+            .bind(reason)
+            .bind(by)
+            .bind(Utc::now())
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    pub async fn revocations(&self) -> Result<Vec<RevocationRow>, StoreError> {
+        const SQL: &str = "SELECT serial, project, workspace FROM certificate_revocations";
+        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, RevocationRow>(SQL).fetch_all(pool).await?))
+    }
+
+    /// The most recent session events of a project, newest first.
+    pub async fn sessions(&self, project: &str, limit: i64) -> Result<Vec<SessionRow>, StoreError> {
+        const SQL: &str = "SELECT id, workspace, at, action, username, session, source FROM agent_sessions \
+            WHERE project = $1 ORDER BY at DESC, id LIMIT $2";
+        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, SessionRow>(SQL)
+            .bind(project)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    pub async fn heartbeats(&self, project: &str) -> Result<Vec<HeartbeatRow>, StoreError> {
+        const SQL: &str = "SELECT workspace, at, agent_version, egress_locked, active_sessions, spool_depth \
+            FROM agent_heartbeats WHERE project = $1 ORDER BY workspace";
+        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, HeartbeatRow>(SQL)
+            .bind(project)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Number of stored session and violation events (tests and benchmarks).
+    pub async fn event_count(&self) -> Result<i64, StoreError> {
+        const SQL: &str = "SELECT (SELECT COUNT(*) FROM agent_sessions) + (SELECT COUNT(*) FROM agent_violations)";
+        Ok(on_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(SQL).fetch_one(pool).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use noexit_crds::agent::{SessionAction, ViolationKind};
+
+    async fn sqlite() -> (tempfile::TempDir, ApiStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("api.db").display());
+        let audit = crate::audit::Store::connect(&url).await.unwrap();
+        (dir, ApiStore::new(audit.pool().clone()))
+    }
+
+    #[tokio::test]
+    async fn events_are_stored_once_and_revocations_listed() {
+        let (_dir, store) = sqlite().await;
+        let ws = WorkspaceIdentity { project: "ward-7".into(), name: "alice".into() };
+        let id = Uuid::new_v4();
+        let ev = SessionEvent {
+            action: SessionAction::Login,
+            user: "alice".into(),
+            session: Some("pts/0".into()),
+            source: None,
+            idle_seconds: None,
+        };
+        assert!(store.insert_session(id, &ws, Utc::now(), &ev).await.unwrap());
+        assert!(!store.insert_session(id, &ws, Utc::now(), &ev).await.unwrap());
+        let v = Violation { kind: ViolationKind::EgressBlocked, count: 3, detail: "1.1.1.1:443".into() };
+        assert!(store.insert_violation(Uuid::new_v4(), &ws, Utc::now(), &v).await.unwrap());
+        assert_eq!(store.event_count().await.unwrap(), 2);
+        let sessions = store.sessions("ward-7", 10).await.unwrap();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].action, "login");
+        assert!(store.insert_revocation("ab01", &ws, "deleted", "operator").await.unwrap());
+        assert!(!store.insert_revocation("ab01", &ws, "deleted", "operator").await.unwrap());
+        assert_eq!(store.revocations().await.unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,410 @@
+//! `noexit audit tail|query|verify|export`: the auditor's commands. They open the store
+//! read-only and never write to it.
+//!
+//! Exit codes: 0 ok · 1 `verify` found tampering · 2 usage, key or connection error.
+
+use std::{io::Write, path::PathBuf, process::ExitCode};
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+use crate::audit::{
+    AuditError, Outcome, keys,
+    store::{Entry, Filter, Store, redact},
+    verify::{Report, VerifyOptions, verify},
+};
+
+/// Exit code when `verify` finds tampering.
+pub const EXIT_TAMPERED: u8 = 1;
+/// Exit code for bad arguments, unreadable keys or an unreachable store.
+pub const EXIT_USAGE: u8 = 2;
+
+/// `noexit audit …`
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// The audit database, opened read-only (the API's --database-url):
+    /// sqlite:///var/lib/noexit/noexit.db or postgres://user@host/db
+    #[arg(
+        long = "database-url",
+        alias = "store",
+        env = "NOEXIT_DATABASE_URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub store: Option<String>,
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum AuditCommand {
+    /// Show the newest entries.
+    Tail {
+        /// How many entries.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: i64,
+        /// Keep printing new entries as they are appended (checks every second).
+        #[arg(short, long)]
+        follow: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show entries matching filters, oldest first.
+    Query {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute hashes, chain, checkpoint Merkle roots and signatures; name the first
+    /// tampered entry. Exit 1 when tampering is found.
+    Verify {
+        /// Public key (PEM) that signs checkpoints; repeat for rotated keys. Without it the
+        /// signatures are not checked.
+        #[arg(long = "checkpoint-key-pub", value_name = "FILE")]
+        keys: Vec<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write entries as JSON lines (everything needed to recompute the hashes).
+    Export {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// File to write (default: standard output).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct FilterArgs {
+    /// Only this actor, e.g. user:alice@example.org or workspace:ward-7/alice.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only this action; a trailing `*` matches a prefix (request.*).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only this object, e.g. workspacerequest:ward-7/r-42.
+    #[arg(long)]
+    pub object: Option<String>,
+    /// Only allowed or only refused actions.
+    #[arg(long, value_enum)]
+    pub outcome: Option<OutcomeArg>,
+    /// From this time: RFC 3339 (2026-12-01T08:00:00Z), a date (2026-12-01), or an age (90m, 24h, 7d).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<DateTime<Utc>>,
+    /// Before this time (same forms as --since).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+    /// At most this many entries.
+    #[arg(long)]
+    pub limit: Option<i64>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeArg {
+    Allowed,
+    Refused,
+}
+
+impl FilterArgs {
+    fn to_filter(&self) -> Filter {
+        Filter {
+            actor: self.actor.clone(),
+            action: self.action.clone(),
+            object: self.object.clone(),
+            refused: self.outcome.map(|o| o == OutcomeArg::Refused),
+            since: self.since,
+            until: self.until,
+            after_seq: None,
+            limit: self.limit,
+        }
+    }
+}
+
+/// Parses `--since`/`--until`.
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
+    }
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 =
+        number.parse().map_err(|_| format!("`{s}` is not a time: use 2026-12-01T08:00:00Z, 2026-12-01 or 24h"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{s}`: the unit of an age must be s, m, h or d")),
+    };
+    Ok(Utc::now() - chrono::Duration::seconds(seconds))
+}
+
+/// Runs an audit command, printing to stdout/stderr.
+pub async fn run(args: AuditArgs) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    ExitCode::from(run_with(args, &mut out, &mut err).await)
+}
+
+/// [`run`] with the output streams given (tests). Returns the exit code.
+pub async fn run_with(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    match execute(args, out, err).await {
+        Ok(code) => code,
+        Err(message) => {
+            let _ = writeln!(err, "noexit audit: {message}");
+            EXIT_USAGE
+        }
+    }
+}
+
+async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8, String> {
+    let url = args.store.ok_or("no audit store given: pass --database-url URL or set NOEXIT_DATABASE_URL")?;
+    // Keys first: a typo in a path should not cost a full pass over the log.
+    let keys = match &args.command {
+        AuditCommand::Verify { keys, .. } => keys
+            .iter()
+            .map(|p| keys::load_verifying_key(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?,
+        _ => Vec::new(),
+    };
+    let store = Store::open_read_only(&url).await.map_err(|e| e.to_string())?;
+    let io = |e: std::io::Error| format!("writing output: {e}");
+    let code = match args.command {
+        AuditCommand::Tail { lines, follow, json } => {
+            let entries = store.tail(lines).await.map_err(show)?;
+            let mut last = entries.last().map_or(0, |e| e.seq);
+            for e in &entries {
+                print_entry(out, e, json).map_err(io)?;
+            }
+            if follow {
+                loop {
+                    out.flush().map_err(io)?;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let filter = Filter { after_seq: Some(last), ..Filter::default() };
+                    for e in store.query(&filter).await.map_err(show)? {
+                        print_entry(out, &e, json).map_err(io)?;
+                        last = e.seq;
+                    }
+                }
+            }
+            0
+        }
+        AuditCommand::Query { filter, json } => {
+            let mut failed = None;
+            store
+                .for_each(&filter.to_filter(), |e| {
+                    print_entry(out, &e, json).map_err(|e| {
+                        failed = Some(e.to_string());
+                        AuditError::Unavailable("output closed".into())
+                    })
+                })
+                .await
+                .map_err(|e| failed.take().unwrap_or_else(|| show(e)))?;
+            0
+        }
+        AuditCommand::Export { filter, output } => {
+            let mut file;
+            let sink: &mut dyn Write = match &output {
+                Some(path) => {
+                    file = std::io::BufWriter::new(
+                        std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?,
+                    );
+                    &mut file
+                }
+                None => out,
+            };
+            let n = store
+                .for_each(&filter.to_filter(), |e| {
+                    writeln!(sink, "{}", e.to_json())
+                        .map_err(|e| AuditError::Unavailable(format!("writing export: {e}")))
+                })
+                .await
+                .map_err(show)?;
+            sink.flush().map_err(io)?;
+            if let Some(path) = output {
+                let _ = writeln!(err, "exported {n} entries to {}", path.display());
+            }
+            0
+        }
+        AuditCommand::Verify { json, .. } => {
+            let no_keys = keys.is_empty();
+            let report = verify(&store, &VerifyOptions { keys }).await.map_err(show)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(io)?;
+            } else {
+                print_report(out, &report, &redact(&url)).map_err(io)?;
+            }
+            if no_keys && report.checkpoints > 0 {
+                let _ = writeln!(
+                    err,
+                    "warning: checkpoint signatures were NOT checked; pass --checkpoint-key-pub FILE to check them"
+                );
+            }
+            if report.is_intact() { 0 } else { EXIT_TAMPERED }
+        }
+    };
+    Ok(code)
+}
+
+fn show(e: AuditError) -> String {
+    e.to_string()
+}
+
+fn print_entry(out: &mut dyn Write, e: &Entry, json: bool) -> std::io::Result<()> {
+    if json {
+        return writeln!(out, "{}", e.to_json());
+    }
+    let time = e.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let outcome = match &e.event.outcome {
+        Outcome::Allowed => "allowed".to_string(),
+        Outcome::Refused(reason) => format!("REFUSED ({reason})"),
+    };
+    let role = e.event.role.as_deref().map(|r| format!(" as {r}")).unwrap_or_default();
+    let source = e.event.source.as_deref().map(|s| format!(" from {s}")).unwrap_or_default();
+    writeln!(
+        out,
+        "{:>8}  {time}  {}{role}  {}  {}  {outcome}{source}",
+        e.seq, e.event.actor, e.event.action, e.event.object
+    )
+}
+
+fn print_report(out: &mut dyn Write, r: &Report, store: &str) -> std::io::Result<()> {
+    let rate = r.entries as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    match &r.finding {
+        None => writeln!(
+            out,
+            "audit log intact: {store}\n  {} entries (last seq {}), {} checkpoints, {} signatures checked, \
+             {} entries after the last checkpoint\n  verified in {:.3} s ({:.0} entries/s)",
+            r.entries,
+            r.last_seq,
+            r.checkpoints,
+            r.signatures_checked,
+            r.unsealed,
+            r.elapsed.as_secs_f64(),
+            rate
+        ),
+        Some(f) => writeln!(
+            out,
+            "TAMPERED: {store}\n  {}\n  kind: {}, first affected entry: {}{}\n  {} entries verified before it",
+            f.message,
+            serde_json::to_value(f.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            f.seq,
+            f.checkpoint.map(|c| format!(", checkpoint {c}")).unwrap_or_default(),
+            r.entries
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditEvent, store::StoreOptions};
+    use clap::Parser;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        audit: AuditArgs,
+    }
+
+    async fn cli(args: &[&str]) -> (u8, String, String) {
+        let parsed = Cli::try_parse_from(std::iter::once("audit").chain(args.iter().copied())).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = run_with(parsed.audit, &mut out, &mut err).await;
+        (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+    }
+
+    async fn sample(dir: &std::path::Path) -> (String, PathBuf) {
+        let url = format!("sqlite://{}", dir.join("audit.db").display());
+        let (sk, pk) = (dir.join("checkpoint.key"), dir.join("checkpoint.pub"));
+        keys::write_key_pair(&sk, &pk).unwrap();
+        let options = StoreOptions { signing_key: Some(keys::load_signing_key(&sk).unwrap()), ..Default::default() };
+        let store = Store::connect_with(&url, options).await.unwrap();
+        for i in 0..5 {
+            store.append(AuditEvent::allowed(format!("user:u{i}"), "agent.heartbeat", "workspace:p/w")).await.unwrap();
+        }
+        store
+            .append(AuditEvent::refused("user:eve", "request.approve", "workspacerequest:p/r", "own request"))
+            .await
+            .unwrap();
+        store.close().await;
+        (url, pk)
+    }
+
+    #[tokio::test]
+    async fn verify_tail_query_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, pk) = sample(dir.path()).await;
+        let pk = pk.to_str().unwrap();
+
+        let (code, out, _) = cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("audit log intact") && out.contains("1 signatures checked"), "{out}");
+
+        let (code, _, err) = cli(&["verify", "--database-url", &url]).await;
+        assert_eq!(code, 0);
+        assert!(err.contains("NOT checked"), "{err}");
+
+        let (_, out, _) = cli(&["tail", "-n", "2", "--store", &url]).await;
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(out.contains("REFUSED (own request)"), "{out}");
+
+        let (_, out, _) = cli(&["query", "--database-url", &url, "--outcome", "refused", "--json"]).await;
+        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(line["actor"], "user:eve");
+
+        let file = dir.path().join("export.jsonl");
+        let (code, _, err) =
+            cli(&["export", "--database-url", &url, "--action", "agent.*", "-o", file.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "{err}");
+        let exported = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(exported.lines().count(), 5);
+        assert!(exported.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    }
+
+    #[tokio::test]
+    async fn tampering_exits_1_and_errors_exit_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, pk) = sample(dir.path()).await;
+        let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::raw_sql("DROP TRIGGER audit_log_no_update; UPDATE audit_log SET object = 'x' WHERE seq = 3")
+            .execute(&raw)
+            .await
+            .unwrap();
+        raw.close().await;
+        let (code, out, _) =
+            cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk.to_str().unwrap()]).await;
+        assert_eq!(code, EXIT_TAMPERED, "{out}");
+        assert!(out.contains("TAMPERED") && out.contains("entry 3 was changed"), "{out}");
+
+        let (code, _, err) = cli(&["verify", "--store", &url, "--checkpoint-key-pub", "/nonexistent.pub"]).await;
+        assert_eq!(code, EXIT_USAGE);
+        assert!(err.contains("/nonexistent.pub"), "{err}");
+
+        let missing = format!("sqlite://{}", dir.path().join("nothing.db").display());
+        let (code, _, err) = cli(&["tail", "--store", &missing]).await;
+        assert_eq!(code, EXIT_USAGE);
+        assert!(err.contains("nothing.db"), "{err}");
+
+        let (code, _, err) = cli(&["tail", "--store", "mysql://x"]).await;
+        assert_eq!((code, err.contains("unsupported")), (EXIT_USAGE, true), "{err}");
+    }
+
+    #[test]
+    fn times_parse_in_three_forms() {
+        assert_eq!(parse_time("2026-12-01T08:00:00Z").unwrap().to_rfc3339(), "2026-12-01T08:00:00+00:00");
+        assert_eq!(parse_time("2026-12-01").unwrap().to_rfc3339(), "2026-12-01T00:00:00+00:00");
+        let age = Utc::now() - parse_time("2h").unwrap();
+        assert!((age.num_seconds() - 7200).abs() < 5);
+        assert!(parse_time("2 weeks").is_err());
+        assert!(parse_time("yesterday").is_err());
+    }
+}

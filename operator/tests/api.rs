@@ -1,0 +1,1239 @@
+//! The control-plane API over real HTTPS: rustls clients with their own certificates, a fake OIDC
+//! issuer on loopback, the audit store on SQLite and PostgreSQL (a private server that the fault
+//! test stops and starts while agents report).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use noexit_crds::Role;
+use noexit_crds::agent::{
+    AgentEvent, EventBatch, EventKind, SessionAction, SessionEvent, Violation, ViolationKind, WorkspaceIdentity,
+};
+use noexit_operator::api::authz::{Authn, Endpoint};
+use noexit_operator::api::{self, ApiConfig, ApiStore, AppState, MemoryCluster, server, tls};
+use noexit_operator::audit::{self, Outcome, Store};
+use noexit_operator::pki::{Ca, IssuedCert};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+// ---- fixtures ----------------------------------------------------------------------------
+
+struct Pki {
+    ca: Ca,
+    dir: tempfile::TempDir,
+}
+
+fn pki() -> Pki {
+    let ca = Ca::generate("noexit test CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], chrono::Duration::days(1)).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &server.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &server.key_pem).unwrap();
+    Pki { ca, dir }
+}
+
+fn ws(name: &str) -> WorkspaceIdentity {
+    WorkspaceIdentity { project: "ward-7".into(), name: name.into() }
+}
+
+impl Pki {
+    fn agent(&self, name: &str) -> IssuedCert {
+        self.ca.issue_workspace_client(&ws(name), chrono::Duration::days(1)).unwrap()
+    }
+}
+
+const PROJECT: &str = r#"
+apiVersion: noexit.io/v1alpha1
+kind: Project
+metadata: {name: ward-7}
+spec:
+  members:
+    - {user: alice@ward7.example, roles: [researcher]}
+    - {user: bob@ward7.example, roles: [dataAnalyst]}
+    - {user: carol@ward7.example, roles: [admin]}
+    - {user: olive@ward7.example, roles: [outputChecker]}
+    - {user: dave@ward7.example, roles: [auditor]}
+    - {user: erin@ward7.example, roles: [sre]}
+    - {user: gina@ward7.example, roles: [dataAnalyst, admin]}
+  approval: {reference: "REC 23/LO/0042", expires: "2027-06-30"}
+  datasets: [icu-2019]
+---
+apiVersion: noexit.io/v1alpha1
+kind: Workspace
+metadata: {name: alice-r, namespace: noexit-ward-7}
+spec: {project: ward-7, owner: alice@ward7.example, runtime: pod, image: "r:4"}
+status: {agentCertificateSerial: "0a0b"}
+"#;
+
+fn user_with(role: Role) -> &'static str {
+    match role {
+        Role::Researcher => "alice@ward7.example",
+        Role::DataAnalyst => "bob@ward7.example",
+        Role::Admin => "carol@ward7.example",
+        Role::OutputChecker => "olive@ward7.example",
+        Role::Auditor => "dave@ward7.example",
+        Role::Sre => "erin@ward7.example",
+    }
+}
+
+/// A fake OIDC issuer on loopback: discovery document and JWKS with one ES256 key.
+struct Issuer {
+    url: String,
+    key: jsonwebtoken::EncodingKey,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn es256_key() -> (jsonwebtoken::EncodingKey, Value) {
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let raw = pair.public_key_raw().to_vec();
+    let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"});
+    (jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()), jwk)
+}
+
+impl Issuer {
+    async fn start() -> Issuer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (key, jwk) = es256_key();
+        let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")});
+        let jwks = json!({"keys": [jwk]});
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || async move { axum::Json(discovery) }),
+            )
+            .route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Issuer { url, key, _task: task }
+    }
+
+    fn token(&self, user: &str) -> String {
+        self.token_with(user, |_| {})
+    }
+
+    fn token_with(&self, user: &str, edit: impl FnOnce(&mut Value)) -> String {
+        let mut claims = json!({
+            "iss": self.url, "aud": "noexit", "email": user, "sub": user,
+            "exp": chrono::Utc::now().timestamp() + 600, "amr": ["pwd", "otp"],
+        });
+        edit(&mut claims);
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+struct Api {
+    addr: SocketAddr,
+    cluster: Arc<MemoryCluster>,
+    audit: Arc<Store>,
+    store: ApiStore,
+    data_dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Api {
+    async fn start(pki: &Pki, issuer: Option<&Issuer>, db_url: &str) -> Api {
+        let cluster = Arc::new(api::memory_cluster_from(PROJECT).unwrap());
+        let audit = Arc::new(Store::connect(db_url).await.unwrap());
+        Self::start_on(pki, issuer, cluster, audit).await
+    }
+
+    async fn start_on(pki: &Pki, issuer: Option<&Issuer>, cluster: Arc<MemoryCluster>, audit: Arc<Store>) -> Api {
+        let store = ApiStore::new(audit.pool().clone());
+        let oidc = issuer.map(|i| {
+            Arc::new(
+                api::oidc::Oidc::new(api::oidc::OidcConfig {
+                    issuer: i.url.clone(),
+                    audience: "noexit".into(),
+                    user_claim: "email".into(),
+                    ca_pem: None,
+                })
+                .unwrap(),
+            )
+        });
+        let data_dir = tempfile::tempdir().unwrap();
+        let config =
+            ApiConfig { data_dir: data_dir.path().to_owned(), require_mfa: false, max_upload_bytes: 1024 * 1024 };
+        let state = AppState::new(store.clone(), audit.clone(), cluster.clone(), oidc, config).await.unwrap();
+        let cert = Arc::new(
+            tls::ReloadingCert::load(&pki.dir.path().join("tls.crt"), &pki.dir.path().join("tls.key")).unwrap(),
+        );
+        let tls_config = tls::server_config(cert, pki.ca.cert_pem().as_bytes()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let router = api::router(state.clone());
+        tokio::spawn(async move {
+            let _ = server::serve(listener, tls_config, state, router, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Api { addr, cluster, audit, store, data_dir, stop: Some(stop) }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    async fn entries(&self) -> Vec<audit::store::Entry> {
+        self.audit.query(&audit::store::Filter::default()).await.unwrap()
+    }
+
+    async fn refused(&self, action: &str) -> Vec<audit::store::Entry> {
+        self.entries()
+            .await
+            .into_iter()
+            .filter(|e| e.event.action == action && matches!(e.event.outcome, Outcome::Refused(_)))
+            .collect()
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+type Https = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn client(pki: &Pki, identity: Option<&IssuedCert>) -> Https {
+    let id = identity.map(|c| (c.cert_pem.as_bytes(), c.key_pem.as_bytes()));
+    let config = tls::client_config(Some(pki.ca.cert_pem().as_bytes()), id).unwrap();
+    let connector =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only().enable_http1().build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// One call. `Err` when the TLS handshake or the connection failed.
+async fn call(
+    client: &Https,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(&str, Vec<u8>)>,
+) -> Result<(StatusCode, Value)> {
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = match body {
+        Some((ctype, bytes)) => req.header("content-type", ctype).body(Full::new(Bytes::from(bytes)))?,
+        None => req.body(Full::new(Bytes::new()))?,
+    };
+    let response = client.request(req).await?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).context("JSON body")? };
+    Ok((status, value))
+}
+
+fn json_body(v: &Value) -> Option<(&'static str, Vec<u8>)> {
+    Some(("application/json", serde_json::to_vec(v).unwrap()))
+}
+
+fn heartbeat() -> Value {
+    json!({
+        "at": chrono::Utc::now(), "agentVersion": "0.1.0",
+        "egress": {"locked": true, "mode": "pod"},
+        "hardening": {"clipboardOutDisabled": true, "driveRedirectionDisabled": true},
+        "spoolDepth": 0, "activeSessions": 1,
+    })
+}
+
+fn session_event(action: SessionAction) -> AgentEvent {
+    AgentEvent {
+        id: Uuid::new_v4(),
+        at: chrono::Utc::now(),
+        kind: EventKind::Session(SessionEvent {
+            action,
+            user: "alice".into(),
+            session: Some("desktop-1".into()),
+            source: None,
+            idle_seconds: None,
+        }),
+    }
+}
+
+fn violation_event() -> AgentEvent {
+    AgentEvent {
+        id: Uuid::new_v4(),
+        at: chrono::Utc::now(),
+        kind: EventKind::Violation(Violation {
+            kind: ViolationKind::EgressBlocked,
+            count: 2,
+            detail: "1.1.1.1:443".into(),
+        }),
+    }
+}
+
+fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite:{}", dir.path().join("noexit.db").display())
+}
+
+// ---- agents over mTLS ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn agent_certificates_ok_expired_forged_and_revoked_at_once() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let api = Api::start(&pki, None, &sqlite_url(&db)).await;
+    let hb_url = api.url("/v1/agent/heartbeat");
+
+    let good = pki.agent("alice-r");
+    let agent = client(&pki, Some(&good));
+    let (status, body) = call(&agent, Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reflected = api.cluster.workspace_now("ward-7", "alice-r").unwrap().status.unwrap().agent.unwrap();
+    assert!(reflected.egress_locked);
+    assert_eq!(reflected.active_sessions, 1);
+
+    // No certificate at all: 401 with a JSON error.
+    let (status, body) = call(&client(&pki, None), Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("clientCertificateRequired")));
+
+    // Expired, and forged (same identity, another CA): the holder proves the key in the
+    // handshake, the certificate itself is refused with a JSON 401 naming the problem.
+    let expired = pki.ca.issue_workspace_client(&ws("alice-r"), chrono::Duration::minutes(-1)).unwrap();
+    let (status, body) =
+        call(&client(&pki, Some(&expired)), Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateExpired")), "{body}");
+    let other = Ca::generate("evil CA").unwrap();
+    let forged = other.issue_workspace_client(&ws("alice-r"), chrono::Duration::days(1)).unwrap();
+    let (status, body) =
+        call(&client(&pki, Some(&forged)), Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("untrustedCertificate")), "{body}");
+    // A forged certificate gets nothing anywhere, not even the operator's endpoint.
+    let forged_op = other.issue_operator_client(chrono::Duration::days(1)).unwrap();
+    let revoke_url = api.url("/v1/operator/revocations");
+    let any = json!({"workspace": "ward-7/alice-r", "serial": "0a", "reason": "x"});
+    let (status, _) =
+        call(&client(&pki, Some(&forged_op)), Method::POST, &revoke_url, None, json_body(&any)).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let refused = api.refused("agent.heartbeat").await;
+    let reasons: Vec<String> = refused
+        .iter()
+        .filter_map(|e| if let Outcome::Refused(r) = &e.event.outcome { Some(r.clone()) } else { None })
+        .collect();
+    assert!(reasons.iter().any(|r| r.starts_with("certificateExpired")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("untrustedCertificate")), "{reasons:?}");
+    // Something that does not even speak TLS is refused by the handshake, and that is audited.
+    let mut plain = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let handshakes = poll(|| api.refused("tls.handshake"), |v| !v.is_empty()).await;
+    assert!(!handshakes.is_empty());
+
+    // An agent may not call the operator's endpoint.
+    let revocation = json!({"workspace": "ward-7/alice-r", "serial": good.serial, "reason": "workspace deleted"});
+    let (status, body) = call(&agent, Method::POST, &revoke_url, None, json_body(&revocation)).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("notTheOperator")));
+
+    // Revocation by the operator takes effect on the very next request, even on a kept-alive
+    // connection, and is idempotent.
+    let operator = client(&pki, Some(&pki.ca.issue_operator_client(chrono::Duration::days(1)).unwrap()));
+    let (status, body) = call(&operator, Method::POST, &revoke_url, None, json_body(&revocation)).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], true);
+    let (status, body) = call(&agent, Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateRevoked")), "{body}");
+    let (status, body) = call(&operator, Method::POST, &revoke_url, None, json_body(&revocation)).await.unwrap();
+    assert_eq!((status, body["new"].as_bool()), (StatusCode::OK, Some(false)));
+    assert!(!api.refused("agent.heartbeat").await.is_empty());
+
+    // Another certificate of the same workspace still works.
+    let renewed = client(&pki, Some(&pki.agent("alice-r")));
+    let (status, _) = call(&renewed, Method::POST, &hb_url, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    // The revocation survives a restart of the API (loaded from the database).
+    let restarted = Api::start_on(&pki, None, api.cluster.clone(), api.audit.clone()).await;
+    let (status, _) = call(
+        &client(&pki, Some(&good)),
+        Method::POST,
+        &restarted.url("/v1/agent/heartbeat"),
+        None,
+        json_body(&heartbeat()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// Poll `get` until `done` holds (bounded), returning the last value.
+async fn poll<T, F, Fut>(mut get: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = get().await;
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn events_are_stored_once_per_idempotency_key_sqlite() {
+    let db = tempfile::tempdir().unwrap();
+    events_once(&sqlite_url(&db)).await;
+}
+
+#[tokio::test]
+async fn events_are_stored_once_per_idempotency_key_postgres() {
+    let Some(pg) = support::pg::shared() else { return };
+    events_once(&pg.create_database("events_once").unwrap()).await;
+}
+
+async fn events_once(db_url: &str) {
+    let pki = pki();
+    let api = Api::start(&pki, None, db_url).await;
+    let agent = client(&pki, Some(&pki.agent("alice-r")));
+    let batch = EventBatch {
+        events: vec![session_event(SessionAction::Login), violation_event(), session_event(SessionAction::Logout)],
+    };
+    let body = json_body(&serde_json::to_value(&batch).unwrap());
+    let url = api.url("/v1/agent/events");
+    let (status, ack) = call(&agent, Method::POST, &url, None, body.clone()).await.unwrap();
+    assert_eq!((status, ack.clone()), (StatusCode::OK, json!({"accepted": 3, "duplicates": 0})));
+    let (status, ack) = call(&agent, Method::POST, &url, None, body).await.unwrap();
+    assert_eq!((status, ack), (StatusCode::OK, json!({"accepted": 0, "duplicates": 3})));
+    let entries = api.entries().await;
+    for ev in &batch.events {
+        let key = ev.id.to_string();
+        assert_eq!(entries.iter().filter(|e| e.idempotency_key.as_deref() == Some(key.as_str())).count(), 1);
+    }
+    let violation = entries.iter().find(|e| e.event.action == "agent.violation.egressBlocked").unwrap();
+    assert_eq!(violation.event.actor, "workspace:ward-7/alice-r");
+    assert!(matches!(&violation.event.outcome, Outcome::Refused(r) if r.contains("1.1.1.1")));
+    assert_eq!(api.store.event_count().await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn outbox_upload_must_match_size_and_hash_sqlite() {
+    let db = tempfile::tempdir().unwrap();
+    outbox_upload(&sqlite_url(&db)).await;
+}
+
+#[tokio::test]
+async fn outbox_upload_must_match_size_and_hash_postgres() {
+    let Some(pg) = support::pg::shared() else { return };
+    outbox_upload(&pg.create_database("outbox_upload").unwrap()).await;
+}
+
+async fn outbox_upload(db_url: &str) {
+    let pki = pki();
+    let api = Api::start(&pki, None, db_url).await;
+    let agent = client(&pki, Some(&pki.agent("alice-r")));
+    let content = b"region,n\nnorth,12\nsouth,15\n".to_vec();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
+    let id = Uuid::new_v4();
+    let manifest = json!({
+        "id": id, "fileName": "results/table1.csv", "size": content.len(), "sha256": sha,
+        "submittedBy": "alice", "scan": {"verdict": "clean", "findings": []},
+    });
+    let (status, ack) =
+        call(&agent, Method::POST, &api.url("/v1/agent/outbox"), None, json_body(&manifest)).await.unwrap();
+    assert_eq!((status, ack["state"].as_str()), (StatusCode::CREATED, Some("awaitingContent")), "{ack}");
+
+    let put = api.url(&format!("/v1/agent/outbox/{id}/content"));
+    let octets = |b: &[u8]| Some(("application/octet-stream", b.to_vec()));
+    let mut tampered = content.clone();
+    tampered[10] ^= 1;
+    let (status, body) = call(&agent, Method::PUT, &put, None, octets(&tampered)).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("hashMismatch")));
+    let (status, body) = call(&agent, Method::PUT, &put, None, octets(&content[..5])).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("sizeMismatch")));
+    let mut longer = content.clone();
+    longer.extend_from_slice(b"extra");
+    let (status, body) = call(&agent, Method::PUT, &put, None, octets(&longer)).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("sizeMismatch")));
+    let (status, body) = call(&agent, Method::PUT, &put, None, Some(("text/plain", content.clone()))).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("unsupportedMediaType")));
+    assert_eq!(api.refused("agent.outbox.upload").await.len(), 4);
+
+    let (status, ack) = call(&agent, Method::PUT, &put, None, octets(&content)).await.unwrap();
+    assert_eq!((status, ack["state"].as_str()), (StatusCode::OK, Some("pendingReview")), "{ack}");
+    let stored = api.data_dir.path().join("outbox/ward-7/alice-r").join(id.to_string());
+    assert_eq!(std::fs::read(&stored).unwrap(), content);
+    let row = api.store.output_request(id).await.unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.sha256.as_str()), ("pendingReview", sha.as_str()));
+    assert!(row.scan.contains("clean"));
+
+    // Resending the manifest is idempotent; reusing its id for another file is a conflict.
+    let (status, ack) =
+        call(&agent, Method::POST, &api.url("/v1/agent/outbox"), None, json_body(&manifest)).await.unwrap();
+    assert_eq!((status, ack["state"].as_str()), (StatusCode::CREATED, Some("pendingReview")));
+    let mut other = manifest.clone();
+    other["sha256"] = json!("0".repeat(64));
+    let (status, body) =
+        call(&agent, Method::POST, &api.url("/v1/agent/outbox"), None, json_body(&other)).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("idempotencyConflict")));
+    // Another workspace cannot upload into it.
+    let bob = client(&pki, Some(&pki.agent("bob-r")));
+    let (status, _) = call(&bob, Method::PUT, &put, None, octets(&content)).await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Body (content type, bytes), expected status, code, and a word the message must contain.
+type BadBodyCase = (Option<(&'static str, Vec<u8>)>, StatusCode, &'static str, &'static str);
+
+#[tokio::test]
+async fn bad_bodies_get_a_json_4xx_naming_the_problem_and_are_audited() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await;
+    let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
+    let agent = client(&pki, Some(&pki.agent("alice-r")));
+    let url = api.url("/v1/agent/heartbeat");
+    let cases: Vec<BadBodyCase> = vec![
+        (Some(("application/json", b"{\"at\": ".to_vec())), StatusCode::BAD_REQUEST, "malformedJson", "not valid JSON"),
+        (
+            Some(("application/json", {
+                let mut hb = heartbeat();
+                hb["egress"]["surprise"] = json!(1);
+                serde_json::to_vec(&hb).unwrap()
+            })),
+            StatusCode::BAD_REQUEST,
+            "unknownField",
+            "surprise",
+        ),
+        (
+            Some(("application/json", {
+                let mut hb = heartbeat();
+                hb["spoolDepth"] = json!("many");
+                serde_json::to_vec(&hb).unwrap()
+            })),
+            StatusCode::BAD_REQUEST,
+            "invalidBody",
+            "spoolDepth",
+        ),
+        (
+            Some(("text/plain", b"{}".to_vec())),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupportedMediaType",
+            "text/plain",
+        ),
+        (None, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupportedMediaType", "none"),
+        (
+            Some(("application/json", vec![b' '; 2 * 1024 * 1024])),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "bodyTooLarge",
+            "larger",
+        ),
+    ];
+    let n = cases.len();
+    for (body, want_status, want_code, mention) in cases {
+        let (status, err) = call(&agent, Method::POST, &url, None, body).await.unwrap();
+        assert_eq!((status, err["code"].as_str()), (want_status, Some(want_code)), "{err}");
+        assert!(err["message"].as_str().unwrap().contains(mention), "{err}");
+    }
+    let refused = api.refused("agent.heartbeat").await;
+    assert_eq!(refused.len(), n);
+    assert!(refused.iter().all(|e| e.event.actor == "workspace:ward-7/alice-r" && e.event.source.is_some()));
+
+    // People's bodies too.
+    let token = issuer.token("bob@ward7.example");
+    let person = client(&pki, None);
+    let create = api.url("/v1/projects/ward-7/workspacerequests");
+    let body = json!({"workspaceName": "x", "owner": "alice@ward7.example", "runtime": "pod", "image": "r", "justification": "j", "sudo": true});
+    let (status, err) = call(&person, Method::POST, &create, Some(&token), json_body(&body)).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unknownField")));
+    let body = json!({"workspaceName": "x", "owner": "alice@ward7.example", "runtime": "lxc", "image": "r", "justification": "j"});
+    let (status, err) = call(&person, Method::POST, &create, Some(&token), json_body(&body)).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalidBody")), "{err}");
+    let refused = api.refused("request.create").await;
+    assert_eq!(refused.len(), 2);
+    assert_eq!(refused[0].event.actor, "user:bob@ward7.example");
+    assert_eq!(refused[0].event.role.as_deref(), Some("dataAnalyst"));
+    // Unknown paths are refused with JSON too.
+    let (status, err) = call(&person, Method::GET, &api.url("/v1/nothing"), None, None).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::NOT_FOUND, Some("notFound")));
+}
+
+// ---- people: OIDC ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn oidc_tokens_with_wrong_issuer_audience_signature_expiry_or_no_mfa_are_refused() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await;
+    let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
+    let person = client(&pki, None);
+    let url = api.url("/v1/projects/ward-7/whoami");
+    let user = "bob@ward7.example";
+
+    let (status, me) = call(&person, Method::GET, &url, Some(&issuer.token(user)), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(
+        (me["user"].as_str(), me["roles"].clone(), me["mfa"].as_bool()),
+        (Some(user), json!(["dataAnalyst"]), Some(true))
+    );
+
+    let (other_key, _) = es256_key();
+    let forged = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k1".into());
+        let claims = json!({"iss": issuer.url, "aud": "noexit", "email": user, "exp": chrono::Utc::now().timestamp() + 600, "amr": ["otp"]});
+        jsonwebtoken::encode(&header, &claims, &other_key).unwrap()
+    };
+    let hmac = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let claims =
+            json!({"iss": issuer.url, "aud": "noexit", "email": user, "exp": chrono::Utc::now().timestamp() + 600});
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(b"k1")).unwrap()
+    };
+    let unknown_kid = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k9".into());
+        let claims =
+            json!({"iss": issuer.url, "aud": "noexit", "email": user, "exp": chrono::Utc::now().timestamp() + 600});
+        jsonwebtoken::encode(&header, &claims, &issuer.key).unwrap()
+    };
+    let cases = vec![
+        (
+            issuer.token_with(user, |c| c["iss"] = json!("https://evil.example")),
+            StatusCode::UNAUTHORIZED,
+            "wrongIssuer",
+        ),
+        (issuer.token_with(user, |c| c["aud"] = json!("other-app")), StatusCode::UNAUTHORIZED, "wrongAudience"),
+        (forged, StatusCode::UNAUTHORIZED, "invalidSignature"),
+        (hmac, StatusCode::UNAUTHORIZED, "unsupportedAlgorithm"),
+        (unknown_kid, StatusCode::UNAUTHORIZED, "unknownSigningKey"),
+        (
+            issuer.token_with(user, |c| c["exp"] = json!(chrono::Utc::now().timestamp() - 3600)),
+            StatusCode::UNAUTHORIZED,
+            "tokenExpired",
+        ),
+        (issuer.token_with(user, |c| c["amr"] = json!(["pwd"])), StatusCode::FORBIDDEN, "mfaRequired"),
+        (
+            issuer.token_with(user, |c| c.as_object_mut().unwrap().remove("email").map(|_| ()).unwrap_or(())),
+            StatusCode::UNAUTHORIZED,
+            "malformedToken",
+        ),
+        ("not-a-jwt".to_owned(), StatusCode::UNAUTHORIZED, "malformedToken"),
+        (issuer.token("mallory@elsewhere.example"), StatusCode::FORBIDDEN, "forbidden"),
+    ];
+    let n = cases.len();
+    for (token, want_status, want_code) in cases {
+        let (status, err) = call(&person, Method::GET, &url, Some(&token), None).await.unwrap();
+        assert_eq!((status, err["code"].as_str()), (want_status, Some(want_code)), "{err}");
+        assert!(!err["message"].as_str().unwrap_or_default().is_empty());
+    }
+    let (status, err) = call(&person, Method::GET, &url, None, None).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("tokenRequired")));
+    let refused = api.refused("api.whoami").await;
+    assert_eq!(refused.len(), n + 1);
+    let no_mfa = refused
+        .iter()
+        .find(|e| matches!(&e.event.outcome, Outcome::Refused(r) if r.starts_with("mfaRequired")))
+        .unwrap();
+    assert_eq!(no_mfa.event.actor, format!("user:{user}"));
+}
+
+// ---- authorisation matrix ----------------------------------------------------------------------
+
+/// Who calls, in the matrix.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Caller {
+    Person(Role),
+    Stranger,
+    Agent,
+    Operator,
+}
+
+fn callers() -> Vec<Caller> {
+    let mut all: Vec<Caller> = Role::ALL.into_iter().map(Caller::Person).collect();
+    all.extend([Caller::Stranger, Caller::Agent, Caller::Operator]);
+    all
+}
+
+fn column(c: Caller) -> &'static str {
+    match c {
+        Caller::Person(r) => r.as_str(),
+        Caller::Stranger => "non-member",
+        Caller::Agent => "agent",
+        Caller::Operator => "operator",
+    }
+}
+
+/// What the code's table says.
+fn allowed(endpoint: Endpoint, caller: Caller) -> bool {
+    match (endpoint.authn(), caller) {
+        (Authn::None, _) => true,
+        (Authn::AgentCert, c) => c == Caller::Agent,
+        (Authn::OperatorCert, c) => c == Caller::Operator,
+        (Authn::Bearer, Caller::Person(r)) => endpoint.allowed_roles().contains(&r),
+        (Authn::Bearer, _) => false,
+    }
+}
+
+/// The matrix as `docs/api.md` writes it: `| METHOD path | ✓ | – | … |` rows.
+fn documented_matrix() -> Vec<(String, Vec<bool>)> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md")).unwrap();
+    let start = doc.find("<!-- authz-matrix -->").expect("docs/api.md has the authz-matrix marker");
+    doc[start..]
+        .lines()
+        .skip(1)
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            (cells[0].trim_matches('`').to_owned(), cells[1..].iter().map(|c| *c == "✓").collect())
+        })
+        .collect()
+}
+
+#[test]
+fn docs_matrix_matches_the_code() {
+    let doc = documented_matrix();
+    assert_eq!(doc.len(), Endpoint::ALL.len(), "docs/api.md lists {} endpoints", doc.len());
+    for e in Endpoint::ALL {
+        let (method, path) = e.route();
+        let key = format!("{method} {path}");
+        let row = doc.iter().find(|(k, _)| *k == key).unwrap_or_else(|| panic!("{key} missing from docs/api.md"));
+        let want: Vec<bool> = callers().into_iter().map(|c| allowed(e, c)).collect();
+        assert_eq!(
+            row.1,
+            want,
+            "docs/api.md row {key} (columns {:?})",
+            callers().into_iter().map(column).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test]
+async fn authz_matrix_every_caller_times_every_endpoint() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await;
+    let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
+    // A request by someone else than every caller who may decide on it.
+    let gina = issuer.token("gina@ward7.example");
+    let create = json!({"name": "by-gina", "workspaceName": "alice-2", "owner": "alice@ward7.example", "runtime": "pod", "image": "r:4", "justification": "cohort study"});
+    let (status, body) = call(
+        &client(&pki, None),
+        Method::POST,
+        &api.url("/v1/projects/ward-7/workspacerequests"),
+        Some(&gina),
+        json_body(&create),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let agent_cert = pki.agent("alice-r");
+    let operator_cert = pki.ca.issue_operator_client(chrono::Duration::days(1)).unwrap();
+    let mut checked = 0;
+    for endpoint in Endpoint::ALL {
+        for caller in callers() {
+            let (client, token) = match caller {
+                Caller::Person(role) => (client(&pki, None), Some(issuer.token(user_with(role)))),
+                Caller::Stranger => (client(&pki, None), Some(issuer.token("mallory@elsewhere.example"))),
+                Caller::Agent => (client(&pki, Some(&agent_cert)), None),
+                Caller::Operator => (client(&pki, Some(&operator_cert)), None),
+            };
+            let (method, path) = endpoint.route();
+            let path = path
+                .replace("{project}", "ward-7")
+                .replace("{name}", if path.contains("workspacerequests") { "by-gina" } else { "alice-r" })
+                .replace("{id}", &Uuid::new_v4().to_string());
+            let path = if endpoint == Endpoint::AuditQuery { format!("{path}?project=ward-7") } else { path };
+            let body = match endpoint {
+                Endpoint::RequestCreate => json_body(
+                    &json!({"workspaceName": "m", "owner": "alice@ward7.example", "runtime": "vm", "image": "r", "justification": "j"}),
+                ),
+                Endpoint::RequestDeny => json_body(&json!({"reason": "not now"})),
+                Endpoint::OperatorRevoke => {
+                    json_body(&json!({"workspace": "ward-7/old", "serial": "0c0d", "reason": "matrix"}))
+                }
+                Endpoint::WorkspaceRevoke => json_body(&json!({"serial": "0e0f", "reason": "matrix"})),
+                Endpoint::AgentHeartbeat => json_body(&heartbeat()),
+                Endpoint::AgentEvents => json_body(&json!({"events": []})),
+                Endpoint::AgentOutboxContent => Some(("application/octet-stream", b"x".to_vec())),
+                _ if method == "POST" => json_body(&json!({})),
+                _ => None,
+            };
+            let (status, body) =
+                call(&client, method.parse().unwrap(), &api.url(&path), token.as_deref(), body).await.unwrap();
+            let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+            assert_eq!(!refused, allowed(endpoint, caller), "{method} {path} as {}: {status} {body}", column(caller));
+            if refused {
+                assert!(body["code"].is_string(), "refusal without a JSON code: {body}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, Endpoint::ALL.len() * callers().len());
+    // Every refusal is in the log with its actor.
+    let entries = api.entries().await;
+    let refused_by_stranger = entries
+        .iter()
+        .filter(|e| e.event.actor == "user:mallory@elsewhere.example" && matches!(e.event.outcome, Outcome::Refused(_)))
+        .count();
+    assert_eq!(refused_by_stranger, Endpoint::ALL.iter().filter(|e| e.authn() == Authn::Bearer).count());
+}
+
+#[tokio::test]
+async fn analysts_request_admins_decide_but_not_on_their_own_and_auditors_read_the_log_sqlite() {
+    let db = tempfile::tempdir().unwrap();
+    request_flow(&sqlite_url(&db)).await;
+}
+
+#[tokio::test]
+async fn analysts_request_admins_decide_but_not_on_their_own_and_auditors_read_the_log_postgres() {
+    let Some(pg) = support::pg::shared() else { return };
+    request_flow(&pg.create_database("request_flow").unwrap()).await;
+}
+
+async fn request_flow(db_url: &str) {
+    let pki = pki();
+    let issuer = Issuer::start().await;
+    let api = Api::start(&pki, Some(&issuer), db_url).await;
+    let c = client(&pki, None);
+    let (bob, carol, gina, dave) = (
+        issuer.token("bob@ward7.example"),
+        issuer.token("carol@ward7.example"),
+        issuer.token("gina@ward7.example"),
+        issuer.token("dave@ward7.example"),
+    );
+    let requests = api.url("/v1/projects/ward-7/workspacerequests");
+    let body = json!({"name": "alice-vm-1", "workspaceName": "alice-vm", "owner": "alice@ward7.example", "runtime": "vm", "image": "r-vm:4", "justification": "sepsis cohort", "datasets": ["icu-2019"]});
+    let (status, created) = call(&c, Method::POST, &requests, Some(&bob), json_body(&body)).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["spec"]["requester"], "bob@ward7.example");
+    let (status, err) = call(&c, Method::POST, &requests, Some(&bob), json_body(&body)).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::CONFLICT, Some("alreadyExists")));
+    let mut bad = body.clone();
+    bad["name"] = json!("other");
+    bad["owner"] = json!("bob@ward7.example");
+    let (status, err) = call(&c, Method::POST, &requests, Some(&bob), json_body(&bad)).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("ownerNotResearcher")));
+
+    // gina is analyst and admin: she may request, but not approve her own request.
+    let mut own = body.clone();
+    own["name"] = json!("gina-own");
+    let (status, _) = call(&c, Method::POST, &requests, Some(&gina), json_body(&own)).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, err) =
+        call(&c, Method::POST, &api.url("/v1/projects/ward-7/workspacerequests/gina-own/approve"), Some(&gina), None)
+            .await
+            .unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::FORBIDDEN, Some("selfDecision")));
+
+    let approve = api.url("/v1/projects/ward-7/workspacerequests/alice-vm-1/approve");
+    let (status, decided) =
+        call(&c, Method::POST, &approve, Some(&carol), json_body(&json!({"reason": "REC approved"}))).await.unwrap();
+    assert_eq!(
+        (status, decided["decision"].as_str(), decided["decidedBy"].as_str()),
+        (StatusCode::OK, Some("Approved"), Some("carol@ward7.example"))
+    );
+    let (status, err) = call(
+        &c,
+        Method::POST,
+        &api.url("/v1/projects/ward-7/workspacerequests/alice-vm-1/deny"),
+        Some(&carol),
+        json_body(&json!({"reason": "changed my mind"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::CONFLICT, Some("alreadyDecided")));
+    let (status, err) = call(
+        &c,
+        Method::POST,
+        &api.url("/v1/projects/ward-7/workspacerequests/gina-own/deny"),
+        Some(&carol),
+        json_body(&json!({})),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::BAD_REQUEST, Some("reasonRequired")));
+
+    let (status, list) = call(&c, Method::GET, &requests, Some(&dave), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let req = api.cluster.get_request_now("ward-7", "alice-vm-1").unwrap();
+    assert_eq!(
+        req.status.unwrap().decision_from_conditions(),
+        Some(noexit_crds::workspace_request::Decision::Approved)
+    );
+
+    let audit_url = api.url("/v1/audit?project=ward-7&action=request.");
+    let (status, log) = call(&c, Method::GET, &audit_url, Some(&dave), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{log}");
+    let actions: Vec<(&str, &str)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    assert!(actions.contains(&("request.create", "allowed")));
+    assert!(actions.contains(&("request.approve", "allowed")));
+    assert!(actions.contains(&("request.approve", "refused")), "{actions:?}");
+    let approval =
+        log.as_array().unwrap().iter().find(|e| e["action"] == "request.approve" && e["outcome"] == "allowed").unwrap();
+    assert_eq!(
+        (approval["actor"].as_str(), approval["role"].as_str(), approval["object"].as_str()),
+        (Some("user:carol@ward7.example"), Some("admin"), Some("workspacerequest:ward-7/alice-vm-1"))
+    );
+    let (status, err) =
+        call(&c, Method::GET, &api.url("/v1/audit?project=ward-7&bogus=1"), Some(&dave), None).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unknownParameter")));
+
+    // Sessions reported by an agent show up for the auditor.
+    let agent = client(&pki, Some(&pki.agent("alice-r")));
+    let batch = json!({"events": [serde_json::to_value(session_event(SessionAction::DesktopConnect)).unwrap()]});
+    let (status, _) = call(&agent, Method::POST, &api.url("/v1/agent/events"), None, json_body(&batch)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, sessions) =
+        call(&c, Method::GET, &api.url("/v1/projects/ward-7/sessions"), Some(&dave), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sessions["events"][0]["action"], "desktopConnect");
+}
+
+// ---- faults: the database goes away while agents report --------------------------------------
+
+/// `agents` agents each send `batches` batches; each batch is retried until acknowledged. Returns
+/// the acknowledged events and how many 503 answers the agents saw.
+async fn agents_report(
+    api_url: String,
+    pki: &Pki,
+    agents: usize,
+    batches: usize,
+    pause: Duration,
+) -> (Vec<AgentEvent>, usize) {
+    let mut tasks = Vec::new();
+    for a in 0..agents {
+        let client = client(pki, Some(&pki.agent(&format!("ws-{a}"))));
+        let url = format!("{api_url}/v1/agent/events");
+        tasks.push(tokio::spawn(async move {
+            let (mut acked, mut errors) = (Vec::new(), 0usize);
+            for _ in 0..batches {
+                let batch = EventBatch { events: vec![session_event(SessionAction::Login), violation_event()] };
+                let body = serde_json::to_vec(&batch).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    match call(&client, Method::POST, &url, None, Some(("application/json", body.clone()))).await {
+                        Ok((StatusCode::OK, _)) => break,
+                        Ok((s, b)) if s.is_server_error() => {
+                            assert_eq!(b["code"], "unavailable", "{b}");
+                            errors += 1
+                        }
+                        Ok((s, b)) => panic!("unexpected {s}: {b}"),
+                        Err(e) => panic!("the API itself stayed up, yet the connection failed: {e}"),
+                    }
+                    assert!(Instant::now() < deadline, "agent never got an acknowledgement");
+                    tokio::time::sleep(Duration::from_millis(100)).await; // agent retry backoff
+                }
+                acked.extend(batch.events);
+                tokio::time::sleep(pause).await; // heartbeat-like pacing
+            }
+            (acked, errors)
+        }));
+    }
+    let mut acked = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (a, e) = t.await.unwrap();
+        acked.extend(a);
+        errors += e;
+    }
+    (acked, errors)
+}
+
+async fn assert_each_once(audit: &Store, store: &ApiStore, acked: &[AgentEvent]) {
+    let entries = audit.query(&audit::store::Filter::default()).await.unwrap();
+    let mut counts = std::collections::HashMap::new();
+    for e in &entries {
+        if let Some(k) = &e.idempotency_key {
+            *counts.entry(k.clone()).or_insert(0) += 1;
+        }
+    }
+    for id in acked.iter().map(|e| e.id) {
+        assert_eq!(counts.get(&id.to_string()).copied(), Some(1), "event {id} not in the log exactly once");
+    }
+    assert!(counts.values().all(|n| *n == 1), "a key appears twice in the log");
+    assert_eq!(store.event_count().await.unwrap(), counts.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_while_agents_report_loses_and_duplicates_nothing() {
+    // fsync on: a crash (immediate stop) must not lose a committed transaction.
+    let Some(pg) = support::pg::PgServer::start_with(true) else { return };
+    let url = pg.create_database("api_restart").unwrap();
+    let pki = pki();
+    let api = Api::start(&pki, None, &url).await;
+    let base = api.url("");
+    let reporting = {
+        let base = base.clone();
+        let pki_ref = &pki;
+        async move { agents_report(base, pki_ref, 8, 30, Duration::from_millis(50)).await }
+    };
+    let outage = async {
+        // Let some reports through, then take the database away until agents notice.
+        let log = poll(|| api.store.event_count(), |n| n.as_ref().is_ok_and(|n| *n >= 40)).await;
+        assert!(log.is_ok());
+        pg.kill().unwrap();
+        let before = api.store.event_count().await;
+        assert!(before.is_err(), "the store still answers with PostgreSQL down");
+        tokio::time::sleep(Duration::from_secs(2)).await; // keep it down while agents retry
+        pg.start_again().unwrap();
+    };
+    let ((acked, errors), ()) = tokio::join!(reporting, outage);
+    assert_eq!(acked.len(), 8 * 30 * 2);
+    assert!(errors > 0, "no agent got a 503 during the outage");
+    eprintln!("{} events acknowledged, {errors} answers 503 during the outage", acked.len());
+    assert_each_once(&api.audit, &api.store, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_acknowledged_events_survive_a_restart_and_resends_are_not_duplicated() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&db);
+    let api = Api::start(&pki, None, &url).await;
+    let (acked, errors) = agents_report(api.url(""), &pki, 8, 10, Duration::ZERO).await;
+    assert_eq!(errors, 0);
+    // Restart on the same file, as after a crash, and resend everything as an agent's spool
+    // would after losing the acknowledgements.
+    let cluster = api.cluster.clone();
+    drop(api);
+    let audit = Arc::new(Store::connect(&url).await.unwrap());
+    let api = Api::start_on(&pki, None, cluster, audit).await;
+    let agent = client(&pki, Some(&pki.agent("ws-0")));
+    let resend: Vec<Value> = acked.iter().map(|e| serde_json::to_value(e).unwrap()).collect();
+    for chunk in resend.chunks(500) {
+        let (status, ack) =
+            call(&agent, Method::POST, &api.url("/v1/agent/events"), None, json_body(&json!({"events": chunk})))
+                .await
+                .unwrap();
+        assert_eq!((status, ack["accepted"].as_u64()), (StatusCode::OK, Some(0)), "{ack}");
+    }
+    assert_each_once(&api.audit, &api.store, &acked).await;
+}
+
+// ---- the `noexit` CLI against the real API ----------------------------------------------------
+
+/// Run `noexit args…` with `token`; returns (exit code, stdout, stderr).
+async fn noexit(api: &Api, pki: &Pki, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit"));
+    cmd.args(args)
+        .env("NOEXIT_API", api.url(""))
+        .env("NOEXIT_CA", pki.dir.path().join("ca.crt"))
+        .env_remove("NOEXIT_TOKEN");
+    if let Some(t) = token {
+        cmd.env("NOEXIT_TOKEN", t);
+    }
+    let out = cmd.output().await.unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test]
+async fn cli_requests_approves_and_reports_with_documented_exit_codes() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await;
+    let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
+    let (bob, carol, dave) =
+        (issuer.token("bob@ward7.example"), issuer.token("carol@ward7.example"), issuer.token("dave@ward7.example"));
+
+    let request = [
+        "request",
+        "workspace",
+        "--project",
+        "ward-7",
+        "--owner",
+        "alice@ward7.example",
+        "--runtime",
+        "vm",
+        "--image",
+        "registry.example/r-vm:4.4",
+        "--justification",
+        "sepsis cohort, REC 23/LO/0042",
+        "--dataset",
+        "icu-2019",
+        "--name",
+        "alice-vm-req",
+    ];
+    let (code, out, err) = noexit(&api, &pki, Some(&bob), &request).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("workspacerequest ward-7/alice-vm-req created"), "{out}");
+    // Again: the server refuses (exists) → 1.
+    let (code, _, err) = noexit(&api, &pki, Some(&bob), &request).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("alreadyExists"), "{err}");
+    // bob is no admin → 1 with the reason.
+    let (code, _, err) = noexit(&api, &pki, Some(&bob), &["approve", "alice-vm-req", "--project", "ward-7"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("403 Forbidden forbidden") && err.contains("admin"), "{err}");
+    let (code, out, err) =
+        noexit(&api, &pki, Some(&carol), &["approve", "alice-vm-req", "--project", "ward-7", "--reason", "ok"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("approved"));
+    let (code, out, _) = noexit(&api, &pki, Some(&dave), &["requests", "list", "--project", "ward-7"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("alice-vm-req") && out.contains("Approved") && out.contains("carol@ward7.example"), "{out}");
+    let (code, out, _) = noexit(&api, &pki, Some(&dave), &["--json", "requests", "list", "-p", "ward-7"]).await;
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["decision"], "Approved");
+    let (code, out, _) = noexit(&api, &pki, Some(&dave), &["sessions", "--project", "ward-7"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("WORKSPACE"));
+    let (code, out, err) =
+        noexit(&api, &pki, Some(&carol), &["revoke", "alice-r", "--project", "ward-7", "--reason", "laptop lost"])
+            .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("certificate 0a0b of workspace ward-7/alice-r revoked"), "{out}");
+
+    // Usage errors → 2; no token → refused 1; nothing listening → 3.
+    let (code, _, _) = noexit(&api, &pki, Some(&bob), &["approve", "x"]).await;
+    assert_eq!(code, 2);
+    let (code, _, err) = noexit(&api, &pki, None, &["whoami", "--project", "ward-7"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("tokenRequired"));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit"));
+    let out = cmd
+        .args(["--api-url", &format!("https://127.0.0.1:{}", closed.port()), "whoami", "-p", "ward-7"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    for args in [
+        vec!["--help"],
+        vec!["request", "workspace", "--help"],
+        vec!["requests", "list", "--help"],
+        vec!["deny", "--help"],
+        vec!["audit", "--help"],
+    ] {
+        let (code, out, _) = noexit(&api, &pki, None, &args).await;
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage"), "{args:?}: {out}");
+    }
+}
+
+// ---- the real binary, killed right after acknowledging -----------------------------------------
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `noexit-operator api` on a free loopback port; waits (bounded) until it answers.
+async fn start_binary(pki: &Pki, db_url: &str, dir: &Path) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(dir.join("manifests.yaml"), PROJECT).unwrap();
+    let p = |name: &str| pki.dir.path().join(name).display().to_string();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args([
+            "api",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+            &p("tls.crt"),
+            "--tls-key",
+            &p("tls.key"),
+        ])
+        .args(["--client-ca", &p("ca.crt"), "--database-url", db_url])
+        .arg("--audit-key")
+        .arg(dir.join("audit-key.pem"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--manifests")
+        .arg(dir.join("manifests.yaml"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Child(child);
+    let base = format!("https://localhost:{port}");
+    let health = client(pki, None);
+    let health_url = format!("{base}/healthz");
+    let ready = poll(|| call(&health, Method::GET, &health_url, None, None), |r| r.is_ok()).await;
+    assert!(ready.is_ok(), "noexit-operator api did not come up: {ready:?}");
+    (child, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_events_acknowledged_by_the_binary_survive_kill_9() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&dir);
+    let (mut child, base) = start_binary(&pki, &url, dir.path()).await;
+    let (acked, errors) = agents_report(base, &pki, 4, 10, Duration::ZERO).await;
+    assert_eq!(errors, 0);
+    // SIGKILL right after the last acknowledgement: no shutdown, no flush.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let audit = Store::connect(&url).await.unwrap();
+    let store = ApiStore::new(audit.pool().clone());
+    assert_each_once(&audit, &store, &acked).await;
+    audit.close().await;
+    // Restarted, the agents resend their spool: nothing is stored twice.
+    let (_child, base) = start_binary(&pki, &url, dir.path()).await;
+    let agent = client(&pki, Some(&pki.agent("ws-1")));
+    let resend: Vec<Value> = acked.iter().map(|e| serde_json::to_value(e).unwrap()).collect();
+    let (status, ack) =
+        call(&agent, Method::POST, &format!("{base}/v1/agent/events"), None, json_body(&json!({"events": resend})))
+            .await
+            .unwrap();
+    assert_eq!((status, ack["duplicates"].as_u64()), (StatusCode::OK, Some(acked.len() as u64)), "{ack}");
+}
+
+#[tokio::test]
+async fn the_workspace_finalizers_revoker_is_accepted_and_takes_effect_at_once() {
+    use noexit_operator::controllers::revoke::{HttpRevoker, Revocation, Revoker};
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let api = Api::start(&pki, None, &sqlite_url(&db)).await;
+    let cert = pki.agent("alice-r");
+    let agent = client(&pki, Some(&cert));
+    let hb = api.url("/v1/agent/heartbeat");
+    assert_eq!(call(&agent, Method::POST, &hb, None, json_body(&heartbeat())).await.unwrap().0, StatusCode::OK);
+    let ca = Arc::new(Ca::from_pem(pki.ca.cert_pem(), pki.ca.key_pem()).unwrap());
+    let revoker = HttpRevoker::new(&api.url(""), ca).unwrap();
+    let revocation = Revocation {
+        workspace: "ward-7/alice-r".into(),
+        serial: cert.serial.clone(),
+        reason: "workspace deleted".into(),
+    };
+    revoker.revoke(&revocation).await.unwrap();
+    revoker.revoke(&revocation).await.unwrap(); // idempotent
+    let (status, body) = call(&agent, Method::POST, &hb, None, json_body(&heartbeat())).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateRevoked")));
+    let logged = api.entries().await;
+    let revoked =
+        logged.iter().filter(|e| e.event.action == "certificate.revoke" && e.event.actor == "operator").count();
+    assert_eq!(revoked, 2);
+}

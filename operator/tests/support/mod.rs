@@ -1,0 +1,4 @@
+//! Helpers shared by integration tests (`mod support;` in a test file).
+#![allow(dead_code)]
+
+pub mod pg;

@@ -1,0 +1,369 @@
+//! Checks of the Helm chart that need no `helm` binary (none is installed here; see
+//! docs/sre.md): the plain YAML files parse, every `.Values` path a template uses exists, the
+//! `site:` values are a valid site file equal to `examples/site.yaml`, `values.yaml` satisfies
+//! `values.schema.json`, template actions are balanced, and each template still parses as YAML
+//! with its actions blanked out, with the fields a restricted, probed, least-privilege install
+//! needs.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use noexit_operator::controllers::Site;
+use regex::Regex;
+use serde_yaml::Value;
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/noexit")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(chart().join(rel)).unwrap_or_else(|e| panic!("charts/noexit/{rel}: {e}"))
+}
+
+fn values() -> Value {
+    serde_yaml::from_str(&read("values.yaml")).expect("values.yaml parses")
+}
+
+/// `(file name, text)` of every file in `templates/`.
+fn templates() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(chart().join("templates"))
+        .expect("templates/")
+        .map(|e| e.expect("entry").path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn chart_metadata_parses() {
+    let chart: Value = serde_yaml::from_str(&read("Chart.yaml")).expect("Chart.yaml parses");
+    assert_eq!(chart["apiVersion"], "v2");
+    assert_eq!(chart["name"], "noexit");
+    assert!(chart["version"].as_str().is_some_and(|v| v.split('.').count() == 3));
+    assert_eq!(chart["appVersion"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn site_values_are_a_valid_site_file_equal_to_the_example() {
+    let mut from_values: Site = serde_yaml::from_value(values()["site"].clone())
+        .expect("values.site is a valid site file (operator/src/controllers/site.rs)");
+    // The chart sets operatorNamespace to the release namespace.
+    from_values.operator_namespace = "noexit-system".into();
+    let example: Site = serde_yaml::from_str(include_str!("../examples/site.yaml")).expect("examples/site.yaml");
+    assert_eq!(from_values, example, "values.yaml `site:` and examples/site.yaml disagree");
+}
+
+#[test]
+fn every_values_path_used_by_a_template_exists() {
+    let re = Regex::new(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)").unwrap();
+    let values = values();
+    let mut missing = BTreeSet::new();
+    for (file, text) in templates() {
+        for cap in re.captures_iter(&text) {
+            let path = &cap[1];
+            let mut node = &values;
+            for key in path.trim_start_matches('.').split('.') {
+                node = &node[key];
+            }
+            if node.is_null() && !path_exists(&values, path) {
+                missing.insert(format!("{file}: .Values{path}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "templates use values not in values.yaml: {missing:#?}");
+}
+
+/// A key may exist with a null/empty value; only a missing key is an error.
+fn path_exists(values: &Value, path: &str) -> bool {
+    let mut node = values;
+    for key in path.trim_start_matches('.').split('.') {
+        match node.as_mapping().and_then(|m| m.get(key)) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    true
+}
+
+#[test]
+fn template_actions_are_balanced_and_includes_are_defined() {
+    let helpers = read("templates/_helpers.tpl");
+    let defined: BTreeSet<String> =
+        Regex::new(r#"define "([^"]+)""#).unwrap().captures_iter(&helpers).map(|c| c[1].to_owned()).collect();
+    let include = Regex::new(r#"include "([^"]+)""#).unwrap();
+    let opener = Regex::new(r"\{\{-?\s*(if|range|with|define)\b").unwrap();
+    let end = Regex::new(r"\{\{-?\s*end\s*-?\}\}").unwrap();
+    let any_action = Regex::new(r"(?s)\{\{.*?\}\}").unwrap();
+    for (file, text) in templates() {
+        let outside = any_action.replace_all(&text, "");
+        assert!(!outside.contains("{{"), "{file}: an action is not closed");
+        assert_eq!(
+            opener.find_iter(&text).count(),
+            end.find_iter(&text).count(),
+            "{file}: if/range/with/define vs end"
+        );
+        for cap in include.captures_iter(&text) {
+            assert!(defined.contains(&cap[1]), "{file}: include {:?} is not defined in _helpers.tpl", &cap[1]);
+        }
+    }
+}
+
+/// The template with every action removed: whole-line actions dropped, inline ones replaced
+/// by a scalar. Both branches of an `if` stay, which is still valid YAML for these templates.
+fn blanked(text: &str) -> String {
+    let action = Regex::new(r"\{\{.*?\}\}").unwrap();
+    let comment = Regex::new(r"(?s)\{\{-?\s*/\*.*?\*/\s*-?\}\}").unwrap();
+    let text = comment.replace_all(text, "");
+    text.lines()
+        .filter(|l| {
+            !(l.trim_start().starts_with("{{")
+                && l.trim_end().ends_with("}}")
+                && action.replace_all(l, "").trim().is_empty())
+        })
+        .map(|l| action.replace_all(l, "x").into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every object of the chart (templates blanked), as `(file, object)`.
+fn objects() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for (file, text) in templates() {
+        if !file.ends_with(".yaml") {
+            continue;
+        }
+        for doc in serde_yaml::Deserializer::from_str(&blanked(&text)) {
+            let value: Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("templates/{file} is not YAML once actions are blanked: {e}"));
+            if !value.is_null() {
+                out.push((file.clone(), value));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_template_object_has_kind_and_name() {
+    let objects = objects();
+    assert!(objects.len() >= 20, "only {} objects", objects.len());
+    for (file, o) in &objects {
+        assert!(o["apiVersion"].as_str().is_some(), "{file}: object without apiVersion: {o:?}");
+        assert!(o["kind"].as_str().is_some(), "{file}: object without kind");
+        assert!(
+            o["metadata"]["name"].as_str().is_some(),
+            "{file}: {} without a name",
+            o["kind"].as_str().unwrap_or("?")
+        );
+    }
+    let kinds: BTreeSet<&str> = objects.iter().filter_map(|(_, o)| o["kind"].as_str()).collect();
+    for k in [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "Role",
+        "ValidatingWebhookConfiguration",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+    ] {
+        assert!(kinds.contains(k), "the chart has no {k}");
+    }
+}
+
+#[test]
+fn deployments_are_restricted_probed_and_have_their_own_service_account() {
+    let deployments: Vec<(String, Value)> = objects().into_iter().filter(|(_, o)| o["kind"] == "Deployment").collect();
+    let names: BTreeSet<&str> = deployments.iter().filter_map(|(_, o)| o["metadata"]["name"].as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["noexit-api", "noexit-controller", "noexit-mirror", "noexit-webhook"]));
+    for (file, d) in &deployments {
+        let pod = &d["spec"]["template"]["spec"];
+        assert!(pod["serviceAccountName"].as_str().is_some_and(|s| s.starts_with("noexit-")), "{file}");
+        let text = read(&format!("templates/{file}"));
+        assert!(text.contains("include \"noexit.podCommon\""), "{file}: pod securityContext missing");
+        assert!(text.contains("toYaml .Values.securityContext"), "{file}: container securityContext missing");
+        for c in pod["containers"].as_sequence().expect("containers") {
+            for probe in ["livenessProbe", "readinessProbe"] {
+                let path = c[probe]["httpGet"]["path"].as_str();
+                assert!(matches!(path, Some("/healthz" | "/readyz")), "{file}: {probe} is {path:?}");
+            }
+            assert!(!c["args"].as_sequence().expect("args").is_empty(), "{file}: no subcommand");
+        }
+    }
+    let values = values();
+    assert_eq!(values["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(values["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(values["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(values["podSecurityContext"]["runAsNonRoot"], true);
+    assert_eq!(values["podSecurityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(values["controller"]["replicas"], 2, "the controller runs with a standby for leader election");
+}
+
+#[test]
+fn the_webhook_configuration_covers_every_kind_and_fails_closed() {
+    let (_, vwc) = objects()
+        .into_iter()
+        .find(|(_, o)| o["kind"] == "ValidatingWebhookConfiguration")
+        .expect("a ValidatingWebhookConfiguration");
+    let hook = &vwc["webhooks"][0];
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/validate");
+    assert_eq!(values()["webhook"]["failurePolicy"], "Fail");
+    let resources: BTreeSet<&str> =
+        hook["rules"][0]["resources"].as_sequence().unwrap().iter().filter_map(|r| r.as_str()).collect();
+    for r in ["projects", "datasets", "workspaces", "workspacerequests", "workspacerequests/status"] {
+        assert!(resources.contains(r), "the webhook does not see {r}");
+    }
+}
+
+#[test]
+fn no_component_may_read_secrets_except_the_controller() {
+    for (file, o) in objects() {
+        if !matches!(o["kind"].as_str(), Some("ClusterRole" | "Role")) {
+            continue;
+        }
+        let name = o["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        for rule in o["rules"].as_sequence().into_iter().flatten() {
+            let touches_secrets = rule["resources"].as_sequence().into_iter().flatten().any(|r| r == "secrets");
+            let verbs: Vec<&str> =
+                rule["verbs"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+            let reads = verbs.iter().any(|v| matches!(*v, "get" | "list" | "watch"));
+            if touches_secrets && reads && name != "noexit-controller" {
+                assert!(
+                    !rule["resourceNames"].is_null() && !verbs.contains(&"list") && !verbs.contains(&"watch"),
+                    "{file}: {name} reads secrets beyond one named Secret"
+                );
+            }
+            assert!(!verbs.contains(&"*"), "{file}: {name} uses a wildcard verb");
+        }
+    }
+}
+
+fn schema() -> serde_json::Value {
+    serde_json::from_str(&read("values.schema.json")).expect("values.schema.json parses")
+}
+
+/// The part of JSON Schema the chart's schema uses: type, properties, additionalProperties,
+/// enum, minimum, maximum, minLength, items. Returns every violation with its path.
+fn violations(value: &serde_json::Value, schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    use serde_json::Value as J;
+    let type_ok = |t: &str| match t {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "boolean" => value.is_boolean(),
+        "null" => value.is_null(),
+        _ => true,
+    };
+    match &schema["type"] {
+        J::String(t) if !type_ok(t) => out.push(format!("{path}: not {t}")),
+        J::Array(ts) if !ts.iter().filter_map(J::as_str).any(type_ok) => out.push(format!("{path}: wrong type")),
+        _ => {}
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        out.push(format!("{path}: {value} not one of {allowed:?}"));
+    }
+    if let (Some(min), Some(v)) = (schema["minimum"].as_i64(), value.as_i64())
+        && v < min
+    {
+        out.push(format!("{path}: {v} < {min}"));
+    }
+    if let (Some(max), Some(v)) = (schema["maximum"].as_i64(), value.as_i64())
+        && v > max
+    {
+        out.push(format!("{path}: {v} > {max}"));
+    }
+    if let (Some(min), Some(v)) = (schema["minLength"].as_u64(), value.as_str())
+        && (v.len() as u64) < min
+    {
+        out.push(format!("{path}: shorter than {min}"));
+    }
+    if let Some(map) = value.as_object() {
+        for (k, v) in map {
+            match schema["properties"].get(k) {
+                Some(s) => violations(v, s, &format!("{path}.{k}"), out),
+                None if schema["additionalProperties"] == J::Bool(false) => {
+                    out.push(format!("{path}.{k}: not in the schema"))
+                }
+                None => {
+                    if schema["additionalProperties"].is_object() {
+                        violations(v, &schema["additionalProperties"], &format!("{path}.{k}"), out);
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(items), Some(s)) = (value.as_array(), schema.get("items")) {
+        for (i, v) in items.iter().enumerate() {
+            violations(v, s, &format!("{path}[{i}]"), out);
+        }
+    }
+}
+
+#[test]
+fn values_satisfy_the_values_schema() {
+    let values: serde_json::Value = serde_json::to_value(values()).expect("values as JSON");
+    let mut out = Vec::new();
+    violations(&values, &schema(), "", &mut out);
+    assert!(out.is_empty(), "values.yaml violates values.schema.json: {out:#?}");
+
+    // The schema refuses what Helm should refuse.
+    let mut bad = values.clone();
+    bad["webhook"]["failurPolicy"] = serde_json::json!("Ignore");
+    bad["webhook"]["failurePolicy"] = serde_json::json!("Sometimes");
+    bad["controller"]["replicas"] = serde_json::json!(0);
+    let mut out = Vec::new();
+    violations(&bad, &schema(), "", &mut out);
+    assert_eq!(out.len(), 3, "{out:#?}");
+}
+
+#[test]
+fn the_schema_names_exactly_the_site_file_keys() {
+    let site = serde_json::to_value(Site::default()).expect("site as JSON");
+    let keys = |v: &serde_json::Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(
+        keys(&schema()["properties"]["site"]["properties"]),
+        keys(&site),
+        "values.schema.json `site` and operator/src/controllers/site.rs disagree"
+    );
+}
+
+/// The controller's mirror-config reconciler watches workspace pods everywhere and reads and
+/// patches the one ConfigMap `noexit-mirror-config` (by name) in the release namespace.
+#[test]
+fn the_controller_may_keep_the_mirror_config_current() {
+    let objects = objects();
+    let allows = |kind: &str, name: &str, resource: &str, verb: &str, resource_name: Option<&str>| {
+        objects.iter().any(|(_, o)| {
+            o["kind"].as_str() == Some(kind)
+                && o["metadata"]["name"].as_str() == Some(name)
+                && o["rules"].as_sequence().into_iter().flatten().any(|r| {
+                    let has = |field: &str, want: &str| {
+                        r[field].as_sequence().into_iter().flatten().any(|v| v.as_str() == Some(want))
+                    };
+                    has("resources", resource)
+                        && has("verbs", verb)
+                        && resource_name.is_none_or(|n| r["resourceNames"].is_null() || has("resourceNames", n))
+                })
+        })
+    };
+    let bound = |role_kind: &str, role: &str| {
+        objects.iter().any(|(_, o)| {
+            o["roleRef"]["kind"].as_str() == Some(role_kind)
+                && o["roleRef"]["name"].as_str() == Some(role)
+                && o["subjects"].as_sequence().into_iter().flatten().any(|s| s["name"] == "noexit-controller")
+        })
+    };
+    for verb in ["list", "watch"] {
+        assert!(allows("ClusterRole", "noexit-controller", "pods", verb, None), "pods {verb}");
+    }
+    assert!(bound("ClusterRole", "noexit-controller"));
+    let role = "noexit-controller-mirror-config";
+    for verb in ["get", "list", "watch", "patch"] {
+        assert!(allows("Role", role, "configmaps", verb, Some("noexit-mirror-config")), "configmaps {verb}");
+    }
+    assert!(bound("Role", role));
+}
