@@ -109,9 +109,10 @@ async fn a_project_and_a_workspace_get_all_their_children_by_server_side_apply()
     wait("the agent secret", || api.get::<Secret>(Some(NS), "ws-alice-r-agent")).await;
     wait("the home volume", || api.get::<PersistentVolumeClaim>(Some(NS), "ws-alice-r-home")).await;
     wait("the desktop service", || api.get::<Service>(Some(NS), "ws-alice-r-desktop")).await;
-    wait("project Ready", || {
-        let p = api.get::<Project>(None, "ward-7")?;
-        (condition(&p.status?.conditions, "Ready")? == ("True".into(), "Provisioned".into())).then_some(())
+    wait("project Ready with one workspace", || {
+        let status = api.get::<Project>(None, "ward-7")?.status?;
+        let ready = condition(&status.conditions, "Ready")? == ("True".into(), "Provisioned".into());
+        (ready && status.workspace_count == Some(1) && status.granted_datasets.len() == 2).then_some(())
     })
     .await;
     let ws = wait("workspace status", || {

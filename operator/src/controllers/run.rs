@@ -267,6 +267,14 @@ fn project_controller(client: &Client, config: ControllerConfig) -> Controller<D
     let c = child::<Role>(c, client);
     let c = child::<RoleBinding>(c, client);
     let c = child::<PersistentVolumeClaim>(c, client);
+    // Workspaces coming and going change the project's workspace count.
+    let workspace_gate = SpecChanges::default();
+    let c = c.watches(Api::<DeserializeGuard<Workspace>>::all(client.clone()), watcher::Config::default(), move |w| {
+        if !workspace_gate.changed(&w) {
+            return None;
+        }
+        w.0.ok().map(|w| ObjectRef::new(&w.spec.project))
+    });
     // A dataset's grant changes which volumes its projects get.
     let gate = SpecChanges::default();
     c.watches(Api::<DeserializeGuard<Dataset>>::all(client.clone()), watcher::Config::default(), move |d| {

@@ -87,7 +87,8 @@ async fn provision(p: &Project, api: &Api<Project>, ctx: &Context) -> Result<Out
             let workspaces =
                 match Api::<Workspace>::namespaced(ctx.client.clone(), &ns).list_metadata(&ListParams::default()).await
                 {
-                    Ok(list) => list.items.len(),
+                    // A terminating workspace no longer counts (its removal wakes no one).
+                    Ok(list) => list.items.iter().filter(|w| w.metadata.deletion_timestamp.is_none()).count(),
                     Err(e) if is_not_found(&e) => 0,
                     Err(e) => return Err(Error::kube("list", format!("workspaces in {ns}"), e)),
                 };
