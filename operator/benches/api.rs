@@ -6,7 +6,8 @@
 //! `cargo bench -p noexit-operator --bench api`
 //! NOEXIT_BENCH_AGENTS (default 200), NOEXIT_BENCH_REPORTS per agent (50),
 //! NOEXIT_BENCH_BACKENDS=sqlite,postgres, NOEXIT_BENCH_PAUSE_MS between an agent's reports (0 =
-//! closed loop, the worst case).
+//! closed loop: every agent sends its next report as soon as the last is answered, the worst
+//! case; with a pause, agents start spread over one pause). Real agents heartbeat every 5 s.
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
@@ -176,9 +177,14 @@ async fn bench(backend: &str) {
     let started = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
-        .map(|client| {
+        .enumerate()
+        .map(|(a, client)| {
             let base = base.clone();
             tokio::spawn(async move {
+                // Paced agents start spread over one period, as real agents booted at different times.
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause * a as u32 / agents as u32).await;
+                }
                 let mut latencies = Vec::with_capacity(reports);
                 for i in 0..reports {
                     let (path, body) =

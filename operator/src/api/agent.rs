@@ -87,13 +87,19 @@ pub async fn events(
     }
     let (mut accepted, mut duplicates) = (0u32, 0u32);
     for ev in &batch.events {
-        // Table first, then the log; both are keyed by the event id, so a retry after a failure
-        // in between completes whichever is missing and duplicates nothing.
-        let new = match &ev.kind {
-            EventKind::Session(s) => state.store.insert_session(ev.id, id, ev.at, s).await?,
-            EventKind::Violation(v) => state.store.insert_violation(ev.id, id, ev.at, v).await?,
+        // Table and log are written side by side, both keyed by the event id: the event is
+        // acknowledged only when both committed, and a retry after a failure of either completes
+        // whichever is missing and duplicates nothing.
+        let stored = async {
+            match &ev.kind {
+                EventKind::Session(s) => state.store.insert_session(ev.id, id, ev.at, s).await,
+                EventKind::Violation(v) => state.store.insert_violation(ev.id, id, ev.at, v).await,
+            }
         };
-        state.audit.record_once(ev.id.to_string(), event_entry(id, peer.source(), ev)).await?;
+        let logged = state.audit.record_once(ev.id.to_string(), event_entry(id, peer.source(), ev));
+        let (new, logged) = tokio::join!(stored, logged);
+        let new = new?;
+        logged?;
         if new {
             accepted += 1;
         } else {

@@ -92,19 +92,138 @@ fn clamp_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// One write of an agent report, committed together with others in one transaction.
+#[derive(Debug)]
+enum Op {
+    Session { id: Uuid, ws: WorkspaceIdentity, at: DateTime<Utc>, ev: SessionEvent },
+    Violation { id: Uuid, ws: WorkspaceIdentity, at: DateTime<Utc>, v: Violation },
+    Heartbeat { ws: WorkspaceIdentity, hb: Heartbeat },
+}
+
+const INSERT_SESSION: &str = "INSERT INTO agent_sessions \
+    (id, project, workspace, at, action, username, session, source, idle_seconds, received_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
+const INSERT_VIOLATION: &str = "INSERT INTO agent_violations \
+    (id, project, workspace, at, kind, count, detail, received_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING";
+const UPSERT_HEARTBEAT: &str = "INSERT INTO agent_heartbeats \
+    (project, workspace, at, agent_version, egress_locked, egress_detail, spool_depth, active_sessions, received_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+    ON CONFLICT (project, workspace) DO UPDATE SET at = excluded.at, agent_version = excluded.agent_version, \
+    egress_locked = excluded.egress_locked, egress_detail = excluded.egress_detail, \
+    spool_depth = excluded.spool_depth, active_sessions = excluded.active_sessions, \
+    received_at = excluded.received_at";
+
+/// Most reports committed in one transaction.
+const MAX_GROUP: usize = 256;
+
+type Reply = tokio::sync::oneshot::Sender<Result<bool, StoreError>>;
+
+/// Commit everything waiting in one transaction: one fsync for a burst of reports instead of
+/// one each. Every caller hears back only after the commit.
+async fn group_writer(db: Db, mut rx: tokio::sync::mpsc::Receiver<(Op, Reply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let ops: Vec<&Op> = batch.iter().map(|(op, _)| op).collect();
+        match commit_group(&db, &ops).await {
+            Ok(results) => {
+                for ((_, reply), new) in batch.into_iter().zip(results) {
+                    let _ = reply.send(Ok(new));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_group(db: &Db, ops: &[&Op]) -> Result<Vec<bool>, sqlx::Error> {
+    on_db!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let affected = match op {
+                Op::Session { id, ws, at, ev } => sqlx::query(INSERT_SESSION)
+                    .bind(id.to_string())
+                    .bind(&ws.project)
+                    .bind(&ws.name)
+                    .bind(at)
+                    .bind(enum_name(&ev.action))
+                    .bind(&ev.user)
+                    .bind(&ev.session)
+                    .bind(&ev.source)
+                    .bind(ev.idle_seconds.map(clamp_i64))
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+                Op::Violation { id, ws, at, v } => sqlx::query(INSERT_VIOLATION)
+                    .bind(id.to_string())
+                    .bind(&ws.project)
+                    .bind(&ws.name)
+                    .bind(at)
+                    .bind(enum_name(&v.kind))
+                    .bind(clamp_i64(v.count))
+                    .bind(&v.detail)
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+                Op::Heartbeat { ws, hb } => sqlx::query(UPSERT_HEARTBEAT)
+                    .bind(&ws.project)
+                    .bind(&ws.name)
+                    .bind(hb.at)
+                    .bind(&hb.agent_version)
+                    .bind(hb.egress.locked)
+                    .bind(&hb.egress.detail)
+                    .bind(clamp_i64(hb.spool_depth))
+                    .bind(i64::from(hb.active_sessions))
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+            };
+            results.push(affected == 1);
+        }
+        tx.commit().await?;
+        Ok(results)
+    })
+}
+
 /// The API's tables.
 #[derive(Clone, Debug)]
 pub struct ApiStore {
     db: Db,
+    writer: tokio::sync::mpsc::Sender<(Op, Reply)>,
 }
 
 impl ApiStore {
+    /// The store on `db`, with its group-commit writer (needs a tokio runtime).
     pub fn new(db: Db) -> Self {
-        Self { db }
+        let (writer, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(group_writer(db.clone(), rx));
+        Self { db, writer }
     }
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    async fn submit(&self, op: Op) -> Result<bool, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || StoreError::Unavailable("the report writer stopped".into());
+        self.writer.send((op, reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     /// Store a session event once; `true` if it was new.
@@ -115,24 +234,7 @@ impl ApiStore {
         at: DateTime<Utc>,
         ev: &SessionEvent,
     ) -> Result<bool, StoreError> {
-        const SQL: &str = "INSERT INTO agent_sessions \
-            (id, project, workspace, at, action, username, session, source, idle_seconds, received_at) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
-        let done = on_db!(&self.db, pool => sqlx::query(SQL)
-            .bind(id.to_string())
-            .bind(&ws.project)
-            .bind(&ws.name)
-            .bind(at)
-            .bind(enum_name(&ev.action))
-            .bind(&ev.user)
-            .bind(&ev.session)
-            .bind(&ev.source)
-            .bind(ev.idle_seconds.map(clamp_i64))
-            .bind(Utc::now())
-            .execute(pool)
-            .await?
-            .rows_affected());
-        Ok(done == 1)
+        self.submit(Op::Session { id, ws: ws.clone(), at, ev: ev.clone() }).await
     }
 
     /// Store a violation once; `true` if it was new.
@@ -143,47 +245,12 @@ impl ApiStore {
         at: DateTime<Utc>,
         v: &Violation,
     ) -> Result<bool, StoreError> {
-        const SQL: &str = "INSERT INTO agent_violations \
-            (id, project, workspace, at, kind, count, detail, received_at) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING";
-        let done = on_db!(&self.db, pool => sqlx::query(SQL)
-            .bind(id.to_string())
-            .bind(&ws.project)
-            .bind(&ws.name)
-            .bind(at)
-            .bind(enum_name(&v.kind))
-            .bind(clamp_i64(v.count))
-            .bind(&v.detail)
-            .bind(Utc::now())
-            .execute(pool)
-            .await?
-            .rows_affected());
-        Ok(done == 1)
+        self.submit(Op::Violation { id, ws: ws.clone(), at, v: v.clone() }).await
     }
 
     /// Keep the latest heartbeat of the workspace.
     pub async fn upsert_heartbeat(&self, ws: &WorkspaceIdentity, hb: &Heartbeat) -> Result<(), StoreError> {
-        const SQL: &str = "INSERT INTO agent_heartbeats \
-            (project, workspace, at, agent_version, egress_locked, egress_detail, spool_depth, active_sessions, received_at) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-            ON CONFLICT (project, workspace) DO UPDATE SET at = excluded.at, agent_version = excluded.agent_version, \
-            egress_locked = excluded.egress_locked, egress_detail = excluded.egress_detail, \
-            spool_depth = excluded.spool_depth, active_sessions = excluded.active_sessions, \
-            received_at = excluded.received_at";
-        on_db!(&self.db, pool => sqlx::query(SQL)
-            .bind(&ws.project)
-            .bind(&ws.name)
-            .bind(hb.at)
-            .bind(&hb.agent_version)
-            .bind(hb.egress.locked)
-            .bind(&hb.egress.detail)
-            .bind(clamp_i64(hb.spool_depth))
-            .bind(i64::from(hb.active_sessions))
-            .bind(Utc::now())
-            .execute(pool)
-            .await
-            .map(|_| ())?);
-        Ok(())
+        self.submit(Op::Heartbeat { ws: ws.clone(), hb: hb.clone() }).await.map(|_| ())
     }
 
     /// Record an outbox manifest once. Returns the stored row (the existing one on a resend).
