@@ -142,6 +142,8 @@ impl Env {
         std::fs::write(p.join("wtmp"), b"").unwrap();
         std::fs::write(p.join("utmp"), b"").unwrap();
         let port = free_port();
+        // Nothing listens on the canary port: the probe's "outside" address is refused.
+        let canary = free_port();
         let cfg = format!(
             r#"workspace: {{ project: ward-7, name: alice-r }}
 controlPlane:
@@ -153,6 +155,7 @@ egress:
   resolvers: [127.0.0.53]
   endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {port} }}]
   desktopPort: 5901
+  canary: {{ name: outside, address: 127.0.0.1, port: {canary} }}
 outbox: {p}/outbox
 spool: {p}/spool
 mode: pod
@@ -294,8 +297,12 @@ async fn agent_reports_to_the_real_api() {
     let t = Duration::from_secs(15);
 
     // Heartbeats arrive, with the pod-mode probe's verdict.
-    until("a heartbeat from alice-r", t, &[&api, &agent], || async {
-        count(&db, "SELECT COUNT(*) FROM agent_heartbeats WHERE project = 'ward-7' AND workspace = 'alice-r'").await
+    until("a heartbeat from alice-r with the wall proven", t, &[&api, &agent], || async {
+        count(
+            &db,
+            "SELECT COUNT(*) FROM agent_heartbeats WHERE project = 'ward-7' AND workspace = 'alice-r' AND egress_locked",
+        )
+        .await
             == 1
     })
     .await;
@@ -371,6 +378,9 @@ async fn agent_reports_to_the_real_api() {
     env.hook("connect");
     env.hook("disconnect");
     env.hook("connect");
+    // The agent dies too, with its spool on disk.
+    agent.kill9();
+    let mut agent = env.start_agent();
     let expected = before + 600 + 3;
     println!("API killed with {} of {} events stored", at_kill, expected);
     let mut api = env.start_api();
@@ -388,6 +398,10 @@ async fn agent_reports_to_the_real_api() {
     assert_eq!(count(&db, SESSIONS).await, expected);
     assert_eq!(count(&db, SESSION_ENTRIES).await, expected);
     assert_eq!(count(&db, UNMATCHED).await, 0);
+    // The pod-mode probe's connect-and-close to the API is not an audited TLS refusal.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM audit_log WHERE action = 'tls.handshake'").await, 0);
+    // The restarted agent did not submit the outbox files again.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM output_requests").await, 2);
 
     // Revocation through the operator's own client: the agent's next request is refused.
     let revoker = HttpRevoker::new(&format!("https://127.0.0.1:{}", env.port), env.ca.clone()).unwrap();
