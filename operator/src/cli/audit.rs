@@ -22,7 +22,14 @@ pub const EXIT_USAGE: u8 = 2;
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuditArgs {
     /// Audit store, opened read-only: sqlite:///var/lib/noexit/audit.db or postgres://user@host/db
-    #[arg(long, env = "NOEXIT_AUDIT_STORE", global = true, value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        visible_alias = "database-url",
+        env = "NOEXIT_AUDIT_STORE",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub store: Option<String>,
     #[command(subcommand)]
     pub command: AuditCommand,
