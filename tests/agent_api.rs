@@ -169,6 +169,19 @@ heartbeatSeconds: 1
         Self { port, db_url, agent_serial: agent.serial, ca: Arc::new(ca), dir }
     }
 
+    /// A new client certificate for the agent, written as a rotation does (each file replaced
+    /// by a rename); returns its serial.
+    fn rotate_agent_cert(&self) -> String {
+        let ws = WorkspaceIdentity { project: "ward-7".into(), name: "alice-r".into() };
+        let cert = self.ca.issue_workspace_client(&ws, chrono::Duration::days(1)).unwrap();
+        for (name, text) in [("agent.crt", &cert.cert_pem), ("agent.key", &cert.key_pem)] {
+            let tmp = self.path(&format!(".{name}.new"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, self.path(name)).unwrap();
+        }
+        cert.serial
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -403,28 +416,43 @@ async fn agent_reports_to_the_real_api() {
     // The restarted agent did not submit the outbox files again.
     assert_eq!(count(&db, "SELECT COUNT(*) FROM output_requests").await, 2);
 
-    // Revocation through the operator's own client: the agent's next request is refused.
+    // Rotation: the operator rewrites the certificate files (as the mounted Secret is updated);
+    // the running agent picks them up, so revoking the old serial leaves it working.
     let revoker = HttpRevoker::new(&format!("https://127.0.0.1:{}", env.port), env.ca.clone()).unwrap();
-    let revocation = Revocation {
+    let old_serial = env.agent_serial.clone();
+    let serial = env.rotate_agent_cert();
+    let revoke = |serial: &str| Revocation {
         workspace: "ward-7/alice-r".into(),
-        serial: env.agent_serial.clone(),
+        serial: serial.into(),
         reason: "workspace deleted (e2e)".into(),
     };
-    revoker.revoke(&revocation).await.unwrap();
+    until("the agent to reload its certificate", t, &[&api, &agent], || async {
+        agent.log().contains("client certificate reloaded")
+    })
+    .await;
+    revoker.revoke(&revoke(&old_serial)).await.unwrap();
+    let stored = count(&db, SESSIONS).await;
+    env.hook("disconnect");
+    until("an event sent with the rotated certificate", t, &[&api, &agent], || async {
+        count(&db, SESSIONS).await == stored + 1
+    })
+    .await;
+
+    // Revocation through the operator's own client: the agent's next request is refused.
+    revoker.revoke(&revoke(&serial)).await.unwrap();
     let revoked_at = Instant::now();
     let refused = format!(
         "SELECT COUNT(*) FROM audit_log WHERE outcome = 'refused' AND reason LIKE '%alice-r%revoked%' \
-         AND source LIKE '%{}%'",
-        env.agent_serial
+         AND source LIKE '%{serial}%'"
     );
     until("the revoked agent to be refused", t, &[&api, &agent], || async { count(&db, &refused).await >= 1 }).await;
     println!("revoked agent refused {:?} after the revocation", revoked_at.elapsed());
     assert!(revoked_at.elapsed() < Duration::from_secs(3), "refusal took {:?}", revoked_at.elapsed());
     let stored = count(&db, SESSIONS).await;
-    env.hook("disconnect");
+    env.hook("connect");
     until("the agent to log the refusal", t, &[&api, &agent], || async {
         let log = agent.log();
-        log.contains("401") || log.contains("403") || log.contains("certificateRevoked")
+        log.contains(&format!("certificate {serial} (noexit://workspace/ward-7/alice-r) is revoked"))
     })
     .await;
     api.check_alive("the API");
@@ -440,7 +468,7 @@ async fn agent_reports_to_the_real_api() {
     let status = api.interrupt(Duration::from_secs(10));
     assert!(status.success(), "the API exited with {status}:\n{}", api.log());
     let out = Command::new(bin("noexit"))
-        .args(["audit", "verify", "--store", &env.db_url, "--checkpoint-key-pub"])
+        .args(["audit", "verify", "--database-url", &env.db_url, "--checkpoint-key-pub"])
         .arg(env.path("audit-signing.pub.pem"))
         .output()
         .unwrap();
