@@ -442,7 +442,8 @@ async fn agent_reports_to_the_real_api() {
     revoker.revoke(&revoke(&serial)).await.unwrap();
     let revoked_at = Instant::now();
     let refused = format!(
-        "SELECT COUNT(*) FROM audit_log WHERE outcome = 'refused' AND reason LIKE '%alice-r%revoked%' \
+        "SELECT COUNT(*) FROM audit_log WHERE outcome = 'refused' AND actor = 'workspace:ward-7/alice-r' \
+         AND reason LIKE 'certificateRevoked:%' \
          AND source LIKE '%{serial}%'"
     );
     until("the revoked agent to be refused", t, &[&api, &agent], || async { count(&db, &refused).await >= 1 }).await;
