@@ -453,14 +453,15 @@ async fn agent_reports_to_the_real_api() {
     env.hook("connect");
     until("the agent to log the refusal", t, &[&api, &agent], || async {
         let log = agent.log();
-        log.contains(&format!("certificate {serial} (noexit://workspace/ward-7/alice-r) is revoked"))
+        log.contains("refuses this agent's certificate")
+            && log.contains(&format!("certificate {serial} (noexit://workspace/ward-7/alice-r) is revoked"))
     })
     .await;
     api.check_alive("the API");
     agent.check_alive("the agent");
     assert_eq!(count(&db, SESSIONS).await, stored, "a revoked agent's event was stored");
 
-    for line in agent.log().lines().filter(|l| l.contains("revoked")).take(2) {
+    for line in agent.log().lines().filter(|l| l.contains("is revoked")).take(2) {
         println!("agent: {line}");
     }
 
