@@ -37,15 +37,20 @@ fn bin_dir() -> &'static Path {
                 cmd.env_remove(name.as_ref());
             }
         }
+        // This test runs from <target>/<profile>/deps/; the binaries go to <target>/<profile>/.
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
         let status = cmd
-            .args(["build", "-p", "noexit-operator", "-p", "noexit-agent", "--bins"])
+            .args(["build", "-p", "noexit-operator", "-p", "noexit-agent", "--bins", "--profile", profile])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("running cargo build");
         assert!(status.success(), "cargo build of noexit-operator and noexit-agent failed");
-        // This test runs from <target>/<profile>/deps/; the binaries sit in <target>/<profile>/.
-        let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+        dir
     })
 }
 
