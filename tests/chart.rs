@@ -330,3 +330,40 @@ fn the_schema_names_exactly_the_site_file_keys() {
         "values.schema.json `site` and operator/src/controllers/site.rs disagree"
     );
 }
+
+/// The controller's mirror-config reconciler watches workspace pods everywhere and reads and
+/// patches the one ConfigMap `noexit-mirror-config` (by name) in the release namespace.
+#[test]
+fn the_controller_may_keep_the_mirror_config_current() {
+    let objects = objects();
+    let allows = |kind: &str, name: &str, resource: &str, verb: &str, resource_name: Option<&str>| {
+        objects.iter().any(|(_, o)| {
+            o["kind"].as_str() == Some(kind)
+                && o["metadata"]["name"].as_str() == Some(name)
+                && o["rules"].as_sequence().into_iter().flatten().any(|r| {
+                    let has = |field: &str, want: &str| {
+                        r[field].as_sequence().into_iter().flatten().any(|v| v.as_str() == Some(want))
+                    };
+                    has("resources", resource)
+                        && has("verbs", verb)
+                        && resource_name.is_none_or(|n| r["resourceNames"].is_null() || has("resourceNames", n))
+                })
+        })
+    };
+    let bound = |role_kind: &str, role: &str| {
+        objects.iter().any(|(_, o)| {
+            o["roleRef"]["kind"].as_str() == Some(role_kind)
+                && o["roleRef"]["name"].as_str() == Some(role)
+                && o["subjects"].as_sequence().into_iter().flatten().any(|s| s["name"] == "noexit-controller")
+        })
+    };
+    for verb in ["list", "watch"] {
+        assert!(allows("ClusterRole", "noexit-controller", "pods", verb, None), "pods {verb}");
+    }
+    assert!(bound("ClusterRole", "noexit-controller"));
+    let role = "noexit-controller-mirror-config";
+    for verb in ["get", "list", "watch", "patch"] {
+        assert!(allows("Role", role, "configmaps", verb, Some("noexit-mirror-config")), "configmaps {verb}");
+    }
+    assert!(bound("Role", role));
+}

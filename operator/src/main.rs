@@ -1,7 +1,7 @@
 //! `noexit-operator`: one binary, one subcommand per component.
 
 use clap::{Parser, Subcommand};
-use noexit_operator::{api, controllers, mirror, render, telemetry, webhook};
+use noexit_operator::{api, audit, controllers, mirror, render, telemetry, webhook};
 
 #[derive(Parser, Debug)]
 #[command(name = "noexit-operator", version, about = "noexit: secure research workspaces on Kubernetes")]
@@ -25,6 +25,8 @@ enum Command {
     Mirror(mirror::Args),
     /// Print every object the operator would apply for the given manifests (no cluster needed).
     Render(render::Args),
+    /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).
+    AuditKeygen(audit::keys::KeygenArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +34,18 @@ fn main() -> std::process::ExitCode {
     if let Command::Render(args) = cli.command {
         // Render is synchronous and prints to stdout; keep logs off it.
         return render::main(args);
+    }
+    if let Command::AuditKeygen(args) = &cli.command {
+        return match audit::keys::keygen(args) {
+            Ok(message) => {
+                println!("{message}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("noexit-operator audit-keygen: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     telemetry::init_logging(cli.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -47,7 +61,7 @@ fn main() -> std::process::ExitCode {
             Command::Webhook(args) => webhook::run(args).await,
             Command::Api(args) => api::run(args).await,
             Command::Mirror(args) => mirror::run(args).await,
-            Command::Render(_) => Ok(()),
+            Command::Render(_) | Command::AuditKeygen(_) => Ok(()),
         }
     });
     match result {

@@ -479,3 +479,61 @@ async fn the_agent_report_makes_a_workspace_ready_and_heartbeats_alone_wake_noth
     wait("Ready=False", || (ws_condition(&api, "alice-r", "Ready")?.1 == "WaitingForEgressLock").then_some(())).await;
     running.stop().await;
 }
+
+/// The mirror's `noexit-mirror-config` follows the Projects' `spec.egress.mirror` and the
+/// workspace pods' addresses; an unchanged set is not rewritten.
+#[tokio::test]
+async fn the_mirror_config_follows_project_policies_and_workspace_addresses() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use noexit_operator::mirror::clients::ClientMap;
+    use noexit_operator::mirror::policy::PolicyFile;
+
+    const CM: &str = "noexit-mirror-config";
+    let api = FakeApi::new();
+    // As the chart creates it: empty, every project refused.
+    let mut empty = ConfigMap::default();
+    empty.metadata.name = Some(CM.into());
+    empty.metadata.namespace = Some("noexit-system".into());
+    empty.data = Some(
+        [("policy.yaml", "projects: {}\n"), ("clients.yaml", "clients: {}\n")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    );
+    api.create(&empty).expect("configmap");
+    let ex = seed(&api, &["alice-r"]);
+    let running = Running::in_process(api.clone());
+    let files = |api: &FakeApi| {
+        let data = api.get::<ConfigMap>(Some("noexit-system"), CM)?.data?;
+        Some((PolicyFile::from_yaml(&data["policy.yaml"]).ok()?, ClientMap::from_yaml(&data["clients.yaml"]).ok()?))
+    };
+    let address = "10.244.1.17".parse().expect("ip");
+
+    wait("the workspace pod", || pod(&api, "alice-r")).await;
+    api.set_status::<Pod>(Some(NS), "ws-alice-r", json!({"phase": "Running", "podIP": "10.244.1.17"}))
+        .expect("pod status");
+    let (policy, _) = wait("the policy and the client mapping", || {
+        let (policy, clients) = files(&api)?;
+        (clients.lookup(address)?.to_string() == "ward-7/alice-r").then_some((policy, clients))
+    })
+    .await;
+    assert_eq!(policy.project("ward-7"), Some(&ex.project.spec.egress.mirror));
+    let applies: Vec<_> = api.calls().into_iter().filter(|c| c.path.ends_with(CM) && c.patch.is_some()).collect();
+    assert!(!applies.is_empty() && applies.iter().all(|c| c.patch == Some("apply")), "{applies:#?}");
+    assert!(applies.iter().all(|c| c.field_manager.as_deref() == Some("noexit-operator")), "{applies:#?}");
+    // Nothing changed since: no further writes.
+    quiet(&api, &format!("configmaps/{CM}")).await;
+
+    api.update::<Project>(None, "ward-7", json!({"spec": {"egress": {"mirror": {"deny": [{"name": "stringi"}]}}}}))
+        .expect("new deny list");
+    wait("the new deny list", || {
+        let (policy, _) = files(&api)?;
+        let deny: Vec<String> = policy.project("ward-7")?.deny.iter().map(|r| r.name.clone()).collect();
+        (deny == ["stringi"]).then_some(())
+    })
+    .await;
+
+    api.delete::<Pod>(Some(NS), "ws-alice-r").expect("delete pod");
+    wait("the mapping gone", || files(&api)?.1.lookup(address).is_none().then_some(())).await;
+    running.stop().await;
+}

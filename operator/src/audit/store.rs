@@ -312,7 +312,8 @@ async fn open_pool(url: &str, read_only: bool) -> Result<Pool, AuditError> {
         if read_only {
             opts = opts.options([("default_transaction_read_only", "on")]);
         }
-        let pool = PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(10));
+        // While PostgreSQL is down an append fails after this long, so callers answer 5xx and retry.
+        let pool = PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(3));
         Ok(Pool::Postgres(pool.connect_with(opts).await.map_err(bad)?))
     } else {
         Err(AuditError::Unavailable(format!(

@@ -21,11 +21,12 @@ pub const EXIT_USAGE: u8 = 2;
 /// `noexit audit …`
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuditArgs {
-    /// Audit store, opened read-only: sqlite:///var/lib/noexit/audit.db or postgres://user@host/db
+    /// The audit database, opened read-only (the API's --database-url):
+    /// sqlite:///var/lib/noexit/noexit.db or postgres://user@host/db
     #[arg(
-        long,
-        visible_alias = "database-url",
-        env = "NOEXIT_AUDIT_STORE",
+        long = "database-url",
+        alias = "store",
+        env = "NOEXIT_DATABASE_URL",
         global = true,
         value_name = "URL",
         hide_env_values = true
@@ -164,7 +165,7 @@ pub async fn run_with(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write)
 }
 
 async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8, String> {
-    let url = args.store.ok_or("no audit store given: pass --store URL or set NOEXIT_AUDIT_STORE")?;
+    let url = args.store.ok_or("no audit store given: pass --database-url URL or set NOEXIT_DATABASE_URL")?;
     // Keys first: a typo in a path should not cost a full pass over the log.
     let keys = match &args.command {
         AuditCommand::Verify { keys, .. } => keys
@@ -344,11 +345,11 @@ mod tests {
         let (url, pk) = sample(dir.path()).await;
         let pk = pk.to_str().unwrap();
 
-        let (code, out, _) = cli(&["verify", "--store", &url, "--checkpoint-key-pub", pk]).await;
+        let (code, out, _) = cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk]).await;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("audit log intact") && out.contains("1 signatures checked"), "{out}");
 
-        let (code, _, err) = cli(&["verify", "--store", &url]).await;
+        let (code, _, err) = cli(&["verify", "--database-url", &url]).await;
         assert_eq!(code, 0);
         assert!(err.contains("NOT checked"), "{err}");
 
@@ -356,13 +357,13 @@ mod tests {
         assert_eq!(out.lines().count(), 2, "{out}");
         assert!(out.contains("REFUSED (own request)"), "{out}");
 
-        let (_, out, _) = cli(&["query", "--store", &url, "--outcome", "refused", "--json"]).await;
+        let (_, out, _) = cli(&["query", "--database-url", &url, "--outcome", "refused", "--json"]).await;
         let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(line["actor"], "user:eve");
 
         let file = dir.path().join("export.jsonl");
         let (code, _, err) =
-            cli(&["export", "--store", &url, "--action", "agent.*", "-o", file.to_str().unwrap()]).await;
+            cli(&["export", "--database-url", &url, "--action", "agent.*", "-o", file.to_str().unwrap()]).await;
         assert_eq!(code, 0, "{err}");
         let exported = std::fs::read_to_string(&file).unwrap();
         assert_eq!(exported.lines().count(), 5);
@@ -379,7 +380,8 @@ mod tests {
             .await
             .unwrap();
         raw.close().await;
-        let (code, out, _) = cli(&["verify", "--store", &url, "--checkpoint-key-pub", pk.to_str().unwrap()]).await;
+        let (code, out, _) =
+            cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk.to_str().unwrap()]).await;
         assert_eq!(code, EXIT_TAMPERED, "{out}");
         assert!(out.contains("TAMPERED") && out.contains("entry 3 was changed"), "{out}");
 

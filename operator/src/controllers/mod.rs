@@ -11,6 +11,7 @@ pub mod error;
 pub mod finalizers;
 pub mod invalid;
 pub mod leader;
+pub mod mirror_config;
 pub mod project;
 pub mod quantity;
 pub mod revoke;

@@ -388,11 +388,23 @@ pub async fn run_controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>, con
         .graceful_shutdown_on(stopped(&stop))
         .run(dataset::reconcile::reconcile, dataset::reconcile::error_policy, ctx.clone())
         .for_each(drain("Dataset"));
+    let mirror_config = crate::controllers::mirror_config::watch::controller(
+        &client,
+        &ctx.operator_namespace,
+        config.clone().concurrency(1),
+    )
+    .graceful_shutdown_on(stopped(&stop))
+    .run(
+        crate::controllers::mirror_config::reconcile::reconcile,
+        crate::controllers::mirror_config::reconcile::error_policy,
+        ctx.clone(),
+    )
+    .for_each(drain("mirror-config"));
     let requests = request_controller(&client, config)
         .graceful_shutdown_on(stopped(&stop))
         .run(workspace_request::reconcile::reconcile, workspace_request::reconcile::error_policy, ctx.clone())
         .for_each(drain("WorkspaceRequest"));
-    tokio::join!(projects, workspaces, datasets, requests);
+    tokio::join!(projects, workspaces, datasets, requests, mirror_config);
 }
 
 #[cfg(test)]

@@ -85,7 +85,10 @@ impl PgServer {
     /// A new cluster; `fsync` true for benchmarks that measure durable commits.
     pub fn start_with(fsync: bool) -> Option<PgServer> {
         let Some(bin) = bin_dir() else {
-            return missing("no initdb under /usr/lib/postgresql/*/bin");
+            return match std::env::var("PG_BIN") {
+                Ok(dir) => missing(&format!("PG_BIN={dir} holds no initdb")),
+                Err(_) => missing("no initdb under /usr/lib/postgresql/*/bin"),
+            };
         };
         match Self::try_start(bin, fsync) {
             Ok(s) => Some(s),
