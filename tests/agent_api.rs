@@ -453,7 +453,7 @@ async fn agent_reports_to_the_real_api() {
     );
     until("the revoked agent to be refused", t, &[&api, &agent], || async { count(&db, &refused).await >= 1 }).await;
     println!("revoked agent refused {:?} after the revocation", revoked_at.elapsed());
-    assert!(revoked_at.elapsed() < Duration::from_secs(3), "refusal took {:?}", revoked_at.elapsed());
+    assert!(revoked_at.elapsed() < Duration::from_secs(5), "refusal took {:?}", revoked_at.elapsed());
     let stored = count(&db, SESSIONS).await;
     env.hook("connect");
     until("the agent to log the refusal", t, &[&api, &agent], || async {
