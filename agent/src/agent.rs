@@ -222,6 +222,9 @@ async fn heartbeats(
     let mut tick = tokio::time::interval(Duration::from_secs(u64::from(cfg.heartbeat_seconds)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // While the API refuses the certificate itself, every heartbeat is one more refusal in its
+    // audit log: slow down (a rotated certificate is picked up on the next try).
+    let mut refused = Backoff::new(Duration::from_secs(u64::from(cfg.heartbeat_seconds).max(1)), REFUSED_MAX_WAIT);
     loop {
         tick.tick().await;
         let hb = Heartbeat {
@@ -236,8 +239,21 @@ async fn heartbeats(
             Ok(()) if failing => {
                 tracing::info!("heartbeats reach the control plane again");
                 failing = false;
+                refused.reset();
             }
             Ok(()) => {}
+            Err(e) if certificate_refused(&e) => {
+                let wait = refused.next_delay();
+                if !failing {
+                    tracing::error!(
+                        error = %e,
+                        "the control plane refuses this agent's certificate (revoked, expired or not trusted); \
+                         reports stay spooled until it is replaced"
+                    );
+                    failing = true;
+                }
+                tokio::time::sleep(wait).await;
+            }
             Err(e) if !failing => {
                 tracing::warn!(error = %e, "heartbeat failed");
                 failing = true;
@@ -245,4 +261,12 @@ async fn heartbeats(
             Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
         }
     }
+}
+
+/// Longest wait between heartbeats while the certificate is refused.
+const REFUSED_MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The API refused who we are (401/403), not what we sent.
+fn certificate_refused(e: &ClientError) -> bool {
+    matches!(e.status(), Some(http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN))
 }

@@ -88,26 +88,63 @@ impl ClientError {
 
 type ReqBody = BoxBody<Bytes, io::Error>;
 
+type Http = Client<HttpsConnector<HttpConnector>, ReqBody>;
+
 #[derive(Clone, Debug)]
 pub struct ApiClient {
     base: String,
-    http: Client<HttpsConnector<HttpConnector>, ReqBody>,
+    control_plane: ControlPlane,
+    /// The HTTP client and the state of the files its TLS settings were read from.
+    loaded: Arc<std::sync::Mutex<(FilesStamp, Http)>>,
+}
+
+/// Modification time and length of the CA, certificate and key files: the operator rotates the
+/// certificate before it expires by rewriting them (a mounted Secret is updated in place).
+type FilesStamp = Vec<Option<(std::time::SystemTime, u64)>>;
+
+fn files_stamp(cp: &ControlPlane) -> FilesStamp {
+    [&cp.ca_file, &cp.cert_file, &cp.key_file]
+        .into_iter()
+        .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .collect()
+}
+
+fn http_client(cp: &ControlPlane) -> Result<Http, ClientError> {
+    let tls = tls_config(cp)?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(2)
+        .build(connector))
 }
 
 impl ApiClient {
     pub fn new(cp: &ControlPlane) -> Result<Self, ClientError> {
-        let tls = tls_config(cp)?;
-        let connector =
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(2)
-            .build(connector);
+        let stamp = files_stamp(cp);
+        let http = http_client(cp)?;
         let base = cp.url.trim_end_matches('/').to_owned();
         if !base.starts_with("https://") {
             return Err(ClientError::Config { url: base, problem: "must be https://".into() });
         }
-        Ok(Self { base, http })
+        Ok(Self { base, control_plane: cp.clone(), loaded: Arc::new(std::sync::Mutex::new((stamp, http))) })
+    }
+
+    /// The HTTP client, rebuilt first if the certificate, key or CA file changed since it was
+    /// made. A half-written rotation (new certificate, old key) keeps the previous client and
+    /// is tried again on the next request.
+    fn http(&self) -> Http {
+        let stamp = files_stamp(&self.control_plane);
+        let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if loaded.0 != stamp {
+            match http_client(&self.control_plane) {
+                Ok(http) => {
+                    tracing::info!(cert = %self.control_plane.cert_file.display(), "client certificate reloaded");
+                    *loaded = (stamp, http);
+                }
+                Err(e) => tracing::warn!(error = %e, "changed TLS files not usable yet; keeping the previous ones"),
+            }
+        }
+        loaded.1.clone()
     }
 
     pub async fn send_events(&self, batch: &EventBatch) -> Result<EventBatchAck, ClientError> {
@@ -173,7 +210,7 @@ impl ApiClient {
         timeout: Duration,
     ) -> Result<R, ClientError> {
         let call = async {
-            let resp = self.http.request(req).await.map_err(|e| ClientError::Transport {
+            let resp = self.http().request(req).await.map_err(|e| ClientError::Transport {
                 method: method.clone(),
                 path: path.into(),
                 source: Box::new(e),

@@ -339,11 +339,13 @@ async fn agent_certificates_ok_expired_forged_and_revoked_at_once() {
         .collect();
     assert!(reasons.iter().any(|r| r.starts_with("certificateExpired")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.starts_with("untrustedCertificate")), "{reasons:?}");
-    // Something that does not even speak TLS is refused by the handshake, and that is audited.
+    // A bare TCP connect-and-close (a TCP probe) is no TLS attempt and is not audited; something
+    // that does not even speak TLS is refused by the handshake, and that is audited.
+    drop(tokio::net::TcpStream::connect(api.addr).await.unwrap());
     let mut plain = tokio::net::TcpStream::connect(api.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let handshakes = poll(|| api.refused("tls.handshake"), |v| !v.is_empty()).await;
-    assert!(!handshakes.is_empty());
+    assert_eq!(handshakes.len(), 1, "{handshakes:?}");
 
     // An agent may not call the operator's endpoint.
     let revocation = json!({"workspace": "ward-7/alice-r", "serial": good.serial, "reason": "workspace deleted"});
@@ -360,7 +362,15 @@ async fn agent_certificates_ok_expired_forged_and_revoked_at_once() {
     assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateRevoked")), "{body}");
     let (status, body) = call(&operator, Method::POST, &revoke_url, None, json_body(&revocation)).await.unwrap();
     assert_eq!((status, body["new"].as_bool()), (StatusCode::OK, Some(false)));
-    assert!(!api.refused("agent.heartbeat").await.is_empty());
+    // The refusal is filed under the workspace whose (genuine, withdrawn) certificate it was.
+    let revoked_attempts: Vec<_> = api
+        .refused("agent.heartbeat")
+        .await
+        .into_iter()
+        .filter(|e| matches!(&e.event.outcome, Outcome::Refused(r) if r.starts_with("certificateRevoked")))
+        .collect();
+    assert_eq!(revoked_attempts.len(), 1, "{revoked_attempts:?}");
+    assert_eq!(revoked_attempts[0].event.actor, "workspace:ward-7/alice-r");
 
     // Another certificate of the same workspace still works.
     let renewed = client(&pki, Some(&pki.agent("alice-r")));

@@ -245,8 +245,15 @@ fn client_cert<'a>(state: &AppState, peer: &'a PeerInfo) -> Result<&'a CertInfo,
     }
     if state.revoked.contains(&cert.serial) {
         let who = cert.uris.first().cloned().unwrap_or_default();
+        // The certificate verified, it is only withdrawn: the entry names whose it was, so an
+        // auditor finds the attempts under the workspace (or the operator).
+        let owner = match cert.uris.iter().find_map(|u| WorkspaceIdentity::from_uri(u)) {
+            Some(id) => Principal::Agent { id, serial: cert.serial.clone() },
+            None if cert.uris.iter().any(|u| u == OPERATOR_URI) => Principal::Operator { serial: cert.serial.clone() },
+            None => Principal::Anonymous,
+        };
         return Err((
-            Principal::Anonymous,
+            owner,
             ApiError::unauthenticated("certificateRevoked", format!("certificate {} ({who}) is revoked", cert.serial)),
         ));
     }

@@ -46,7 +46,14 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (acceptor, state, router, clients) = (acceptor.clone(), state.clone(), router.clone(), tls.clients.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            if closed_before_any_byte(&tcp, deadline).await {
+                // A TCP connect-and-close (kubelet and load-balancer TCP probes, the agent's
+                // pod-mode wall probe) claims no identity: auditing it would bury real refusals.
+                tracing::debug!(%addr, "connection closed before sending anything");
+                return;
+            }
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return refuse_handshake(&state, addr, e.to_string()).await,
                 Err(_) => return refuse_handshake(&state, addr, "handshake timed out".into()).await,
@@ -74,6 +81,17 @@ pub async fn serve(
                 tracing::debug!(%addr, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Whether the peer closed (or reset) the connection without sending a byte. Waits at most
+/// until `deadline`; a silent open connection is left to the handshake's timeout.
+async fn closed_before_any_byte(tcp: &tokio::net::TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) => n == 0,
+        Ok(Err(_)) => true,
+        Err(_) => false,
     }
 }
 
