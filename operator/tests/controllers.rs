@@ -402,8 +402,8 @@ async fn leader_election_has_one_holder_and_hands_over() {
     let api = FakeApi::new();
     let client = api.client();
     let lease = || Api::<Lease>::namespaced(client.clone(), "noexit-system");
-    let a = LeaderElector::new(lease(), "noexit-operator-leader", "a", Duration::from_secs(1));
-    let b = LeaderElector::new(lease(), "noexit-operator-leader", "b", Duration::from_secs(1));
+    let a = LeaderElector::new(lease(), "noexit-controller-leader", "a", Duration::from_secs(1));
+    let b = LeaderElector::new(lease(), "noexit-controller-leader", "b", Duration::from_secs(1));
 
     let (ra, rb) = tokio::join!(a.try_acquire_or_renew(), b.try_acquire_or_renew());
     let (ra, rb) = (ra.expect("a"), rb.expect("b"));
@@ -425,7 +425,7 @@ async fn leader_election_has_one_holder_and_hands_over() {
     follower.release().await.expect("release");
     assert!(leader.try_acquire_or_renew().await.expect("reacquire"));
     let l =
-        Api::<Lease>::namespaced(client.clone(), "noexit-system").get("noexit-operator-leader").await.expect("lease");
+        Api::<Lease>::namespaced(client.clone(), "noexit-system").get("noexit-controller-leader").await.expect("lease");
     assert_eq!(l.spec.expect("spec").lease_transitions, Some(2));
 }
 

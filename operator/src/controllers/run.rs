@@ -49,7 +49,7 @@ pub struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "noexit-system")]
     pub namespace: String,
     /// Name of the leader-election Lease.
-    #[arg(long, default_value = "noexit-operator-leader")]
+    #[arg(long, default_value = "noexit-controller-leader")]
     pub lease_name: String,
     /// This replica's identity in the Lease. Default: `$POD_NAME`, else the host name.
     #[arg(long, env = "POD_NAME")]
