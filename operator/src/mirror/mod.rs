@@ -223,24 +223,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.tuning.max_connections.max(1),
         max_per_client: args.tuning.max_connections_per_client.max(1),
     };
-    serve::serve(listener, mirror, tls, limits, shutdown_signal()).await;
+    serve::serve(listener, mirror, tls, limits, crate::telemetry::shutdown_signal()).await;
     tracing::info!("mirror stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
 
 fn read_pem_certs(path: &PathBuf) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {

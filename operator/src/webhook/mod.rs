@@ -103,23 +103,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "admission webhook serving");
-    tls::serve(listener, acceptor, app, shutdown_signal()).await;
+    tls::serve(listener, acceptor, app, crate::telemetry::shutdown_signal()).await;
     tracing::info!("admission webhook stopped");
     Ok(())
-}
-
-/// SIGTERM (the kubelet) or Ctrl-C.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
 }
