@@ -13,10 +13,10 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -121,6 +121,10 @@ fn service(site: &Site) -> Service {
     }
 }
 
+/// The Secret holding the audit database URL (key `url`), shared with the API (chart value
+/// `api.store.secretName`).
+const AUDIT_DB_SECRET: &str = "noexit-audit-db";
+
 fn deployment(site: &Site) -> Deployment {
     let port = i32::from(site.mirror.port);
     let args: Vec<String> = [
@@ -130,7 +134,6 @@ fn deployment(site: &Site) -> Deployment {
         format!("--cache-dir={CACHE_DIR}/packages"),
         format!("--policy={CONFIG_DIR}/policy.yaml"),
         format!("--clients={CONFIG_DIR}/clients.yaml"),
-        format!("--audit-file={CACHE_DIR}/audit/mirror.jsonl"),
         "--log-json".to_owned(),
     ]
     .into();
@@ -173,6 +176,19 @@ fn deployment(site: &Site) -> Deployment {
                         name: "mirror".into(),
                         image: Some(IMAGE.into()),
                         args: Some(args),
+                        // Fetches go into the API's tamper-evident audit log (same Secret as the API).
+                        env: Some(vec![EnvVar {
+                            name: "NOEXIT_DATABASE_URL".into(),
+                            value_from: Some(EnvVarSource {
+                                secret_key_ref: Some(SecretKeySelector {
+                                    name: AUDIT_DB_SECRET.into(),
+                                    key: "url".into(),
+                                    optional: Some(false),
+                                }),
+                                ..EnvVarSource::default()
+                            }),
+                            ..EnvVar::default()
+                        }]),
                         ports: Some(vec![ContainerPort {
                             name: Some("http".into()),
                             container_port: port,
