@@ -9,6 +9,7 @@ pub mod manifests;
 pub mod mirror;
 pub mod pki;
 pub mod render;
+pub mod serving;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

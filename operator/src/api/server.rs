@@ -32,15 +32,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::serving::accept(&listener) => accepted,
             () = &mut shutdown => return Ok(()),
         };
         let _ = tcp.set_nodelay(true);

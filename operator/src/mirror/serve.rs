@@ -409,15 +409,7 @@ pub async fn serve(
     loop {
         let (stream, addr) = tokio::select! {
             () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::serving::accept(&listener) => accepted,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tracing::warn!(peer = %addr, "connection limit reached; closing");

@@ -145,13 +145,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
+            accepted = crate::serving::accept(&listener) => accepted,
             () = &mut shutdown => break,
         };
         let acceptor = acceptor.clone();
