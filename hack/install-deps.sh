@@ -7,7 +7,7 @@
 #   curl                the mirror tests fetch from inside network namespaces
 # Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
 set -euo pipefail
-packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates)
+packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

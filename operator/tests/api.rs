@@ -88,10 +88,16 @@ fn user_with(role: Role) -> &'static str {
     }
 }
 
-/// A fake OIDC issuer on loopback: discovery document and JWKS with one ES256 key.
+/// A fake OIDC issuer on loopback over HTTPS (its own CA): discovery document and a JWKS that
+/// tests can change (key rotation), counting JWKS fetches. Tokens are signed with ES256 key
+/// `k1` unless a test picks another key.
 struct Issuer {
     url: String,
     key: jsonwebtoken::EncodingKey,
+    /// The CA that issued the issuer's HTTPS certificate.
+    ca_pem: String,
+    jwks: Arc<std::sync::Mutex<Vec<Value>>>,
+    jwks_fetches: Arc<std::sync::atomic::AtomicUsize>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -100,30 +106,120 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn es256_key() -> (jsonwebtoken::EncodingKey, Value) {
+fn es256_key_with_kid(kid: &str) -> (jsonwebtoken::EncodingKey, Value) {
     let pair = rcgen::KeyPair::generate().unwrap();
     let raw = pair.public_key_raw().to_vec();
-    let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"});
+    let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid, "alg": "ES256", "use": "sig"});
     (jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()), jwk)
+}
+
+fn es256_key() -> (jsonwebtoken::EncodingKey, Value) {
+    es256_key_with_kid("k1")
+}
+
+/// A 2048-bit RSA key made by `openssl` (ring cannot generate RSA keys) and its JWK.
+fn rs256_key(kid: &str) -> (jsonwebtoken::EncodingKey, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("rsa.pem");
+    let out = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .arg(&pem)
+        .output()
+        .expect("openssl (hack/install-deps.sh installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        std::process::Command::new("openssl").args(["rsa", "-noout", "-modulus", "-in"]).arg(&pem).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let modulus = hex::decode(text.trim().strip_prefix("Modulus=").unwrap()).unwrap();
+    let jwk = json!({"kty": "RSA", "n": b64(&modulus), "e": "AQAB", "kid": kid, "alg": "RS256", "use": "sig"});
+    // PKCS#1 DER, as jsonwebtoken's `from_rsa_der` takes it.
+    let der = dir.path().join("rsa.der");
+    let out = std::process::Command::new("openssl")
+        .args(["rsa", "-traditional", "-outform", "DER", "-in"])
+        .arg(&pem)
+        .arg("-out")
+        .arg(&der)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (jsonwebtoken::EncodingKey::from_rsa_der(&std::fs::read(&der).unwrap()), jwk)
 }
 
 impl Issuer {
     async fn start() -> Issuer {
+        let ca = Ca::generate("fake issuer CA").unwrap();
+        let cert = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], chrono::Duration::days(1)).unwrap();
+        let chain = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes()).unwrap().unwrap();
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
         let (key, jwk) = es256_key();
-        let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")});
-        let jwks = json!({"keys": [jwk]});
-        let app = axum::Router::new()
-            .route(
-                "/.well-known/openid-configuration",
-                axum::routing::get(move || async move { axum::Json(discovery) }),
-            )
-            .route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }));
+        let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}).to_string();
+        let jwks = Arc::new(std::sync::Mutex::new(vec![jwk]));
+        let jwks_fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (keys, fetches) = (jwks.clone(), jwks_fetches.clone());
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (acceptor, discovery, keys, fetches) =
+                    (acceptor.clone(), discovery.clone(), keys.clone(), fetches.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else { return };
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let body = match req.uri().path() {
+                            "/.well-known/openid-configuration" => Some(discovery.clone()),
+                            "/jwks" => {
+                                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                Some(json!({"keys": *keys.lock().unwrap()}).to_string())
+                            }
+                            _ => None,
+                        };
+                        async move {
+                            let mut resp =
+                                http::Response::new(Full::new(Bytes::from(body.clone().unwrap_or_default())));
+                            if body.is_none() {
+                                *resp.status_mut() = StatusCode::NOT_FOUND;
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
         });
-        Issuer { url, key, _task: task }
+        Issuer { url, key, ca_pem: ca.cert_pem().to_owned(), jwks, jwks_fetches, _task: task }
+    }
+
+    /// What the issuer publishes from now on.
+    fn publish(&self, keys: Vec<Value>) {
+        *self.jwks.lock().unwrap() = keys;
+    }
+
+    fn jwks_fetches(&self) -> usize {
+        self.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A verifier for this issuer, as the API builds it.
+    fn config(&self) -> api::oidc::OidcConfig {
+        api::oidc::OidcConfig {
+            ca_pem: Some(self.ca_pem.clone().into_bytes()),
+            ..api::oidc::OidcConfig::new(&self.url)
+        }
+    }
+
+    fn claims(&self, user: &str) -> Value {
+        json!({
+            "iss": self.url, "aud": "noexit", "email": user, "email_verified": true, "sub": user,
+            "exp": chrono::Utc::now().timestamp() + 600, "amr": ["pwd", "otp"],
+        })
     }
 
     fn token(&self, user: &str) -> String {
@@ -131,14 +227,24 @@ impl Issuer {
     }
 
     fn token_with(&self, user: &str, edit: impl FnOnce(&mut Value)) -> String {
-        let mut claims = json!({
-            "iss": self.url, "aud": "noexit", "email": user, "sub": user,
-            "exp": chrono::Utc::now().timestamp() + 600, "amr": ["pwd", "otp"],
-        });
+        let mut claims = self.claims(user);
         edit(&mut claims);
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.kid = Some("k1".into());
         jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+
+    /// A token for `user` signed with `key` under `kid`.
+    fn token_signed(
+        &self,
+        user: &str,
+        alg: jsonwebtoken::Algorithm,
+        kid: &str,
+        key: &jsonwebtoken::EncodingKey,
+    ) -> String {
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &self.claims(user), key).unwrap()
     }
 }
 
@@ -160,17 +266,7 @@ impl Api {
 
     async fn start_on(pki: &Pki, issuer: Option<&Issuer>, cluster: Arc<MemoryCluster>, audit: Arc<Store>) -> Api {
         let store = ApiStore::new(audit.pool().clone());
-        let oidc = issuer.map(|i| {
-            Arc::new(
-                api::oidc::Oidc::new(api::oidc::OidcConfig {
-                    issuer: i.url.clone(),
-                    audience: "noexit".into(),
-                    user_claim: "email".into(),
-                    ca_pem: None,
-                })
-                .unwrap(),
-            )
-        });
+        let oidc = issuer.map(|i| Arc::new(api::oidc::Oidc::new(i.config()).unwrap()));
         let data_dir = tempfile::tempdir().unwrap();
         let config =
             ApiConfig { data_dir: data_dir.path().to_owned(), require_mfa: false, max_upload_bytes: 1024 * 1024 };
@@ -640,6 +736,17 @@ async fn oidc_tokens_with_wrong_issuer_audience_signature_expiry_or_no_mfa_are_r
             StatusCode::UNAUTHORIZED,
             "tokenExpired",
         ),
+        (
+            issuer.token_with(user, |c| c["nbf"] = json!(chrono::Utc::now().timestamp() + 600)),
+            StatusCode::UNAUTHORIZED,
+            "tokenNotYetValid",
+        ),
+        (issuer.token_with(user, |c| c["email_verified"] = json!(false)), StatusCode::UNAUTHORIZED, "emailNotVerified"),
+        (
+            issuer.token_with(user, |c| c.as_object_mut().unwrap().remove("email_verified").map(|_| ()).unwrap_or(())),
+            StatusCode::UNAUTHORIZED,
+            "emailNotVerified",
+        ),
         (issuer.token_with(user, |c| c["amr"] = json!(["pwd"])), StatusCode::FORBIDDEN, "mfaRequired"),
         (
             issuer.token_with(user, |c| c.as_object_mut().unwrap().remove("email").map(|_| ()).unwrap_or(())),
@@ -664,6 +771,120 @@ async fn oidc_tokens_with_wrong_issuer_audience_signature_expiry_or_no_mfa_are_r
         .find(|e| matches!(&e.event.outcome, Outcome::Refused(r) if r.starts_with("mfaRequired")))
         .unwrap();
     assert_eq!(no_mfa.event.actor, format!("user:{user}"));
+    for code in ["tokenNotYetValid", "emailNotVerified"] {
+        assert!(
+            refused.iter().any(|e| matches!(&e.event.outcome, Outcome::Refused(r) if r.starts_with(code))),
+            "{code} refusal not audited"
+        );
+    }
+    // A token valid a few seconds from now (clock skew) is accepted.
+    let skewed = issuer.token_with(user, |c| c["nbf"] = json!(chrono::Utc::now().timestamp() + 5));
+    let (status, me) = call(&person, Method::GET, &url, Some(&skewed), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{me}");
+}
+
+#[tokio::test]
+async fn oidc_rs256_and_es256_keys_work_through_an_issuer_key_rotation() {
+    let issuer = Issuer::start().await;
+    let (es, es_jwk) = es256_key_with_kid("k1");
+    let (rs_old, rs_old_jwk) = rs256_key("rsa-2025");
+    let (rs_new, rs_new_jwk) = rs256_key("rsa-2026");
+    issuer.publish(vec![es_jwk.clone(), rs_old_jwk.clone()]);
+    let oidc = Arc::new(
+        api::oidc::Oidc::new(api::oidc::OidcConfig {
+            refresh_every: Duration::from_millis(200),
+            min_refetch: Duration::ZERO,
+            ..issuer.config()
+        })
+        .unwrap(),
+    );
+    let _timer = oidc.spawn_refresh();
+    let user = "bob@ward7.example";
+    let es_token = issuer.token_signed(user, jsonwebtoken::Algorithm::ES256, "k1", &es);
+    let old_token = issuer.token_signed(user, jsonwebtoken::Algorithm::RS256, "rsa-2025", &rs_old);
+    let new_token = issuer.token_signed(user, jsonwebtoken::Algorithm::RS256, "rsa-2026", &rs_new);
+    assert_eq!(oidc.verify(&es_token).await.unwrap().user, user);
+    assert_eq!(oidc.verify(&old_token).await.unwrap().user, user);
+    // An RS256 token signed with the old key but naming the new kid, and the reverse, fail.
+    let mixed = issuer.token_signed(user, jsonwebtoken::Algorithm::RS256, "k1", &rs_old);
+    assert!(oidc.verify(&mixed).await.is_err());
+
+    // Rotation starts: both RSA keys are published; the new kid is fetched on first sight.
+    issuer.publish(vec![es_jwk.clone(), rs_old_jwk, rs_new_jwk.clone()]);
+    assert_eq!(oidc.verify(&new_token).await.unwrap().user, user);
+    assert_eq!(oidc.verify(&old_token).await.unwrap().user, user);
+
+    // Rotation ends: the old key is withdrawn; the timer drops it without a restart.
+    issuer.publish(vec![es_jwk, rs_new_jwk]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match oidc.verify(&old_token).await {
+            Err(e) => {
+                assert_eq!(e.code(), "unknownSigningKey", "{e}");
+                break;
+            }
+            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(_) => panic!("the withdrawn key still verifies after 10 s"),
+        }
+    }
+    assert_eq!(oidc.verify(&new_token).await.unwrap().user, user);
+    assert_eq!(oidc.verify(&es_token).await.unwrap().user, user);
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_key_ids_makes_a_bounded_number_of_jwks_fetches() {
+    let issuer = Issuer::start().await;
+    let oidc = Arc::new(
+        api::oidc::Oidc::new(api::oidc::OidcConfig { min_refetch: Duration::from_secs(60), ..issuer.config() })
+            .unwrap(),
+    );
+    let user = "bob@ward7.example";
+    assert_eq!(oidc.verify(&issuer.token(user)).await.unwrap().user, user);
+    assert_eq!(issuer.jwks_fetches(), 1);
+    let (garbage, _) = es256_key();
+    let tokens: Vec<String> = (0..500)
+        .map(|i| issuer.token_signed(user, jsonwebtoken::Algorithm::ES256, &format!("made-up-{i}"), &garbage))
+        .collect();
+    let started = Instant::now();
+    let results = futures::future::join_all(tokens.iter().map(|t| oidc.verify(t))).await;
+    for r in &results {
+        assert_eq!(r.as_ref().map_err(|e| e.code()).err(), Some("unknownSigningKey"));
+    }
+    // Within the minute, at most one more fetch (the first unknown kid), whatever the flood.
+    assert!(issuer.jwks_fetches() <= 2, "{} JWKS fetches for 500 unknown kids", issuer.jwks_fetches());
+    assert!(started.elapsed() < Duration::from_secs(10), "the flood took {:?}", started.elapsed());
+    // Known keys kept verifying throughout.
+    assert_eq!(oidc.verify(&issuer.token(user)).await.unwrap().user, user);
+    // A very long kid is refused without a fetch.
+    let long = issuer.token_signed(user, jsonwebtoken::Algorithm::ES256, &"x".repeat(4000), &garbage);
+    assert_eq!(oidc.verify(&long).await.map_err(|e| e.code()).err(), Some("unknownSigningKey"));
+    assert!(issuer.jwks_fetches() <= 2);
+}
+
+#[test]
+fn the_api_refuses_an_http_oidc_issuer_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args(["api", "--oidc-issuer", "http://login.example.org/realms/x", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--oidc-issuer")
+            && stderr.contains("http://login.example.org/realms/x")
+            && stderr.contains("https://"),
+        "{stderr}"
+    );
+    // The development flag covers loopback only.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args(["api", "--oidc-issuer", "http://10.1.2.3/", "--oidc-allow-http-loopback", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not https://"), "{stderr}");
 }
 
 // ---- authorisation matrix ----------------------------------------------------------------------
@@ -1246,4 +1467,43 @@ async fn the_workspace_finalizers_revoker_is_accepted_and_takes_effect_at_once()
     let revoked =
         logged.iter().filter(|e| e.event.action == "certificate.revoke" && e.event.actor == "operator").count();
     assert_eq!(revoked, 2);
+}
+
+// ---- 5xx bodies --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn database_failures_answer_503_without_database_internals_or_paths() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await;
+    let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
+    let role = Endpoint::SessionList.allowed_roles()[0];
+    let token = issuer.token(user_with(role));
+    let person = client(&pki, None);
+    let url = api.url("/v1/projects/ward-7/sessions");
+    let (status, _) = call(&person, Method::GET, &url, Some(&token), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // Break the database under the API: the table the sessions view reads is gone.
+    match api.audit.pool() {
+        audit::store::Pool::Sqlite(p) => {
+            sqlx::query("DROP TABLE agent_heartbeats").execute(p).await.unwrap();
+        }
+        audit::store::Pool::Postgres(_) => unreachable!("this test runs on SQLite"),
+    }
+    let (status, err) = call(&person, Method::GET, &url, Some(&token), None).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")), "{err}");
+    let message = err["message"].as_str().unwrap().to_owned();
+    let lower = message.to_lowercase();
+    for leak in ["sqlx", "sqlite", "postgres", "table", "agent_heartbeats", "error returned from database"] {
+        assert!(!lower.contains(leak), "{leak:?} in {message:?}");
+    }
+    assert!(!message.contains('/') && !message.contains(&db.path().display().to_string()), "{message}");
+    let correlation = message.rsplit("correlation id ").next().unwrap().trim_end_matches(')').to_owned();
+    assert_eq!(correlation.len(), 32, "{message}");
+    // The auditor's record of the refusal carries the same id, to find the server's log line.
+    let refused = api.refused("session.list").await;
+    assert!(
+        refused.iter().any(|e| matches!(&e.event.outcome, Outcome::Refused(r) if r.contains(&correlation))),
+        "{refused:?}"
+    );
 }

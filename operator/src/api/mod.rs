@@ -181,6 +181,14 @@ pub struct Options {
     /// CA bundle for the issuer's HTTPS (default: system roots).
     #[arg(long, env = "NOEXIT_OIDC_CA")]
     pub oidc_ca: Option<PathBuf>,
+    /// Development only: accept an `http://` issuer (and JWKS) on a loopback address. Without
+    /// it the issuer must be `https://`.
+    #[arg(long, env = "NOEXIT_OIDC_ALLOW_HTTP_LOOPBACK")]
+    pub oidc_allow_http_loopback: bool,
+    /// Seconds between fetches of the issuer's keys (also fetched when a token names an
+    /// unknown key id, at most every 10 s).
+    #[arg(long, env = "NOEXIT_OIDC_REFRESH_SECONDS", default_value_t = 600)]
+    pub oidc_refresh_seconds: u64,
     /// Require a second factor from every person, whatever the project says.
     #[arg(long, env = "NOEXIT_REQUIRE_MFA")]
     pub require_mfa: bool,
@@ -211,6 +219,31 @@ pub fn memory_cluster_from(text: &str) -> anyhow::Result<MemoryCluster> {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let args = *args.options;
+    // First, so a misconfigured issuer is refused before anything else is touched.
+    let oidc = match &args.oidc_issuer {
+        Some(issuer) => {
+            let ca_pem = match &args.oidc_ca {
+                Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+                None => None,
+            };
+            let oidc = Arc::new(
+                oidc::Oidc::new(oidc::OidcConfig {
+                    audience: args.oidc_audience.clone(),
+                    user_claim: args.oidc_user_claim.clone(),
+                    ca_pem,
+                    allow_http_loopback: args.oidc_allow_http_loopback,
+                    refresh_every: Duration::from_secs(args.oidc_refresh_seconds.max(10)),
+                    ..oidc::OidcConfig::new(issuer.clone())
+                })
+                .context("--oidc-issuer")?,
+            );
+            Some(oidc)
+        }
+        None => {
+            tracing::warn!("no --oidc-issuer: people cannot log in; only agents and the operator are served");
+            None
+        }
+    };
     let client_ca = std::fs::read(&args.client_ca).with_context(|| format!("reading {}", args.client_ca.display()))?;
     let cert = Arc::new(tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?);
     let tls_config = tls::server_config(cert.clone(), &client_ca)?;
@@ -233,29 +266,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => Arc::new(KubeCluster::new(kube::Client::try_default().await.context("connecting to Kubernetes")?)),
     };
-    let oidc = match &args.oidc_issuer {
-        Some(issuer) => {
-            let ca_pem = match &args.oidc_ca {
-                Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
-                None => None,
-            };
-            Some(Arc::new(oidc::Oidc::new(oidc::OidcConfig {
-                issuer: issuer.clone(),
-                audience: args.oidc_audience.clone(),
-                user_claim: args.oidc_user_claim.clone(),
-                ca_pem,
-            })?))
-        }
-        None => {
-            tracing::warn!("no --oidc-issuer: people cannot log in; only agents and the operator are served");
-            None
-        }
-    };
     let config = ApiConfig {
         data_dir: args.data_dir.clone(),
         require_mfa: args.require_mfa,
         max_upload_bytes: args.max_upload_bytes,
     };
+    let _key_refresh = oidc.as_ref().map(oidc::Oidc::spawn_refresh);
     let state = AppState::new(ApiStore::new(db), audit, cluster, oidc, config).await?;
     let reload_every = Duration::from_secs(args.cert_reload_seconds.max(1));
     tokio::spawn(async move {

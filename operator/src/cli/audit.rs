@@ -7,6 +7,8 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+use super::escape::{json as term_json, term};
+
 use crate::audit::{
     AuditError, Outcome, keys,
     store::{Entry, Filter, Store, redact},
@@ -212,6 +214,7 @@ async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> R
         }
         AuditCommand::Export { filter, output } => {
             let mut file;
+            let to_file = output.is_some();
             let sink: &mut dyn Write = match &output {
                 Some(path) => {
                     file = std::io::BufWriter::new(
@@ -223,7 +226,9 @@ async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> R
             };
             let n = store
                 .for_each(&filter.to_filter(), |e| {
-                    writeln!(sink, "{}", e.to_json())
+                    // A file gets the exact bytes; a terminal gets the same JSON, escaped.
+                    let line = e.to_json().to_string();
+                    writeln!(sink, "{}", if to_file { line.as_str().into() } else { term_json(&line) })
                         .map_err(|e| AuditError::Unavailable(format!("writing export: {e}")))
                 })
                 .await
@@ -260,19 +265,23 @@ fn show(e: AuditError) -> String {
 
 fn print_entry(out: &mut dyn Write, e: &Entry, json: bool) -> std::io::Result<()> {
     if json {
-        return writeln!(out, "{}", e.to_json());
+        return writeln!(out, "{}", term_json(&e.to_json().to_string()));
     }
+    // Actor, object, reasons and sources can come from agents, file names and user names.
     let time = e.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let outcome = match &e.event.outcome {
         Outcome::Allowed => "allowed".to_string(),
-        Outcome::Refused(reason) => format!("REFUSED ({reason})"),
+        Outcome::Refused(reason) => format!("REFUSED ({})", term(reason)),
     };
-    let role = e.event.role.as_deref().map(|r| format!(" as {r}")).unwrap_or_default();
-    let source = e.event.source.as_deref().map(|s| format!(" from {s}")).unwrap_or_default();
+    let role = e.event.role.as_deref().map(|r| format!(" as {}", term(r))).unwrap_or_default();
+    let source = e.event.source.as_deref().map(|s| format!(" from {}", term(s))).unwrap_or_default();
     writeln!(
         out,
         "{:>8}  {time}  {}{role}  {}  {}  {outcome}{source}",
-        e.seq, e.event.actor, e.event.action, e.event.object
+        e.seq,
+        term(&e.event.actor),
+        term(&e.event.action),
+        term(&e.event.object)
     )
 }
 
@@ -294,7 +303,7 @@ fn print_report(out: &mut dyn Write, r: &Report, store: &str) -> std::io::Result
         Some(f) => writeln!(
             out,
             "TAMPERED: {store}\n  {}\n  kind: {}, first affected entry: {}{}\n  {} entries verified before it",
-            f.message,
+            term(&f.message),
             serde_json::to_value(f.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             f.seq,
             f.checkpoint.map(|c| format!(", checkpoint {c}")).unwrap_or_default(),
@@ -337,6 +346,52 @@ mod tests {
             .unwrap();
         store.close().await;
         (url, pk)
+    }
+
+    #[tokio::test]
+    async fn agent_supplied_text_reaches_the_terminal_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("audit.db").display());
+        let store = Store::connect(&url).await.unwrap();
+        // What a root user in a VM could make its agent report: a file name that clears the
+        // screen, sets the title and the clipboard (OSC), moves the cursor (C1 CSI), overprints
+        // the line (CR) and reverses text (bidi override).
+        let file = "out\x1b[2J\x1b[H\x1b]0;ok\x07\x1b]52;c;cm0gLXJm\x1b\\\u{9b}1A\rallowed \u{202e}vsc.exe";
+        let mut event = AuditEvent::refused(
+            "workspace:p/w\x1b[8m",
+            "agent.outbox",
+            format!("file:{file}"),
+            format!("DLP hit in {file}"),
+        );
+        event.source = Some("10.0.0.9\x07".into());
+        store.append(event).await.unwrap();
+        store.close().await;
+        let dangerous =
+            |s: &str| s.chars().any(|c| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c));
+        for args in [
+            vec!["tail", "--database-url", &url],
+            vec!["query", "--database-url", &url],
+            vec!["query", "--database-url", &url, "--json"],
+            vec!["export", "--database-url", &url],
+        ] {
+            let (code, out, err) = cli(&args).await;
+            assert_eq!(code, 0, "{args:?}: {err}");
+            assert!(!dangerous(&out), "{args:?} printed raw controls: {out:?}");
+            assert!(out.contains("agent.outbox"), "{out}");
+        }
+        let (_, out, _) = cli(&["tail", "--database-url", &url]).await;
+        assert!(out.contains(r"out\x1b[2J\x1b[H\x1b]0;ok\x07") && out.contains(r"\u{202e}vsc.exe"), "{out}");
+        assert_eq!(out.lines().count(), 1, "{out}");
+        // JSON stays JSON with the same value.
+        let (_, out, _) = cli(&["query", "--database-url", &url, "--json"]).await;
+        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(line["object"], format!("file:{file}"));
+        // An export to a file keeps the exact bytes.
+        let path = dir.path().join("export.jsonl");
+        let (code, _, _) = cli(&["export", "--database-url", &url, "-o", path.to_str().unwrap()]).await;
+        assert_eq!(code, 0);
+        let line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        assert_eq!(line["object"], format!("file:{file}"));
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod escape;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,7 @@ use serde_json::Value;
 
 use crate::api::people::{AdminRevocation, DecisionBody, NewRequest, RequestSummary, RevocationAck, Sessions};
 use client::{ApiClient, CliError};
+use escape::term;
 use noexit_crds::workspace::Runtime;
 
 #[derive(Parser, Debug)]
@@ -190,7 +192,7 @@ fn encode(segment: &str) -> Result<&str, CliError> {
 }
 
 fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    println!("{}", escape::json(&serde_json::to_string_pretty(v).unwrap_or_default()));
 }
 
 fn print_requests(list: &[RequestSummary]) {
@@ -202,13 +204,13 @@ fn print_requests(list: &[RequestSummary]) {
         let decision = r.decision.map(|d| format!("{d:?}")).unwrap_or_else(|| "Pending".into());
         println!(
             "{:<28} {:<20} {:<26} {:<26} {:<7} {:<9} {}",
-            r.name,
-            r.workspace_name,
-            r.requester,
-            r.owner,
+            term(&r.name),
+            term(&r.workspace_name),
+            term(&r.requester),
+            term(&r.owner),
             r.runtime.as_str(),
             decision,
-            r.decided_by.as_deref().unwrap_or("-")
+            term(r.decided_by.as_deref().unwrap_or("-"))
         );
     }
 }
@@ -245,7 +247,7 @@ async fn execute(cli: Cli) -> Result<(), CliError> {
             if cli.json {
                 print_json(&created);
             } else {
-                let name = created["metadata"]["name"].as_str().unwrap_or_default();
+                let name = term(created["metadata"]["name"].as_str().unwrap_or_default());
                 println!("workspacerequest {}/{name} created; an admin of {} must approve it:", a.project, a.project);
                 println!("  noexit approve {name} --project {}", a.project);
             }
@@ -277,11 +279,11 @@ async fn execute(cli: Cli) -> Result<(), CliError> {
                 for w in &s.workspaces {
                     println!(
                         "{:<24} {:<26} {:<8} {:<8} {}",
-                        w.workspace,
+                        term(&w.workspace),
                         w.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         w.egress_locked,
                         w.active_sessions,
-                        w.agent_version
+                        term(&w.agent_version)
                     );
                 }
                 println!();
@@ -290,10 +292,10 @@ async fn execute(cli: Cli) -> Result<(), CliError> {
                     println!(
                         "{:<26} {:<24} {:<18} {:<20} {}",
                         e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        e.workspace,
-                        e.action,
-                        e.username,
-                        e.session.as_deref().unwrap_or("-")
+                        term(&e.workspace),
+                        term(&e.action),
+                        term(&e.username),
+                        term(e.session.as_deref().unwrap_or("-"))
                     );
                 }
             }
@@ -305,9 +307,9 @@ async fn execute(cli: Cli) -> Result<(), CliError> {
             if cli.json {
                 print_json(&ack);
             } else if ack.new {
-                println!("certificate {} of workspace {} revoked", ack.serial, ack.workspace);
+                println!("certificate {} of workspace {} revoked", term(&ack.serial), term(&ack.workspace));
             } else {
-                println!("certificate {} of workspace {} was already revoked", ack.serial, ack.workspace);
+                println!("certificate {} of workspace {} was already revoked", term(&ack.serial), term(&ack.workspace));
             }
         }
         Command::Whoami { project } => {
@@ -320,9 +322,9 @@ async fn execute(cli: Cli) -> Result<(), CliError> {
                     me["roles"].as_array().map(|r| r.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
                 println!(
                     "{} in {}: {} (second factor: {})",
-                    me["user"].as_str().unwrap_or("?"),
+                    term(me["user"].as_str().unwrap_or("?")),
                     project,
-                    roles.join(", "),
+                    term(&roles.join(", ")),
                     me["mfa"]
                 );
             }
@@ -347,7 +349,8 @@ pub fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("noexit: {e}");
+            // The message can quote what the server was sent or holds.
+            eprintln!("noexit: {}", term(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

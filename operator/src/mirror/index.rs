@@ -59,16 +59,25 @@ pub struct Index {
     pub entries: Vec<Entry>,
 }
 
+/// Longest package name accepted (CRAN's longest is far shorter).
+pub const MAX_NAME: usize = 64;
+/// Longest version accepted (CRAN's are like `1.15.4`, `0.8.0-1`, `2023.10.12`).
+pub const MAX_VERSION: usize = 32;
+
 pub(crate) fn valid_name(name: &str) -> bool {
     // CRAN: letters, digits and dots, starting with a letter, not ending with a dot.
-    name.len() >= 2
+    (2..=MAX_NAME).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && !name.ends_with('.')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
 }
 
+/// R's package version form: numbers joined by single `.` or `-`, at most [`MAX_VERSION`]
+/// characters.
 pub(crate) fn valid_version(version: &str) -> bool {
-    !version.is_empty() && version.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-')
+    version.len() <= MAX_VERSION
+        && !version.is_empty()
+        && version.split(['.', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn hex_digest(value: Option<&str>, len: usize) -> Option<Result<String, String>> {
@@ -178,6 +187,32 @@ impl Rendered {
 mod tests {
     use super::*;
     use noexit_crds::project::{MirrorPolicy, PackageRule};
+
+    #[test]
+    fn versions_and_names_are_bounded_in_length_and_form() {
+        for ok in ["1", "1.0", "1.15.4", "0.8.0-1", "2023.10.12", "0.2.0.9000", &"1.".repeat(15)[..29]] {
+            assert!(valid_version(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".1",
+            "1.",
+            "1..2",
+            "1.-2",
+            "-1",
+            "1.0a",
+            "1.0 ",
+            "１.0",
+            "1.0/../x",
+            "1.0%2e",
+            &"1".repeat(33),
+            &"1.".repeat(20)[..39],
+        ] {
+            assert!(!valid_version(bad), "{bad:?}");
+        }
+        assert!(valid_name("data.table") && valid_name(&"a".repeat(MAX_NAME)));
+        assert!(!valid_name(&"a".repeat(MAX_NAME + 1)));
+    }
 
     pub(crate) const PACKAGES: &str = "Package: nxdep\nVersion: 0.1.0\nMD5sum: 0123456789abcdef0123456789ABCDEF\n\n\
         Package: nxallowed\nVersion: 1.0\nImports: nxdep (>= 0.1),\n    methods\nLinkingTo: Rcpp\nMD5sum: 00000000000000000000000000000000\n\n\

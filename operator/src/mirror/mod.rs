@@ -41,8 +41,16 @@ pub struct Args {
     pub listen: std::net::SocketAddr,
     /// Upstream CRAN repository (a CRAN mirror or a Posit Package Manager snapshot URL),
     /// read through into --cache-dir.
+    /// Must be `https://`.
     #[arg(long, env = "NOEXIT_MIRROR_UPSTREAM")]
     pub upstream: Option<String>,
+    /// CA bundle (PEM) for the upstream's HTTPS instead of the system roots (a site's own
+    /// CRAN mirror behind a private CA).
+    #[arg(long, env = "NOEXIT_MIRROR_UPSTREAM_CA", requires = "upstream")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Development and tests only: accept an `http://` upstream on a loopback address.
+    #[arg(long, requires = "upstream")]
+    pub allow_http_upstream: bool,
     /// Directory for verified downloads and the last upstream index.
     #[arg(long, env = "NOEXIT_MIRROR_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -139,12 +147,18 @@ fn log_dependency_problems(policy: &policy::PolicyFile, index: &index::Index) ->
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let upstream_ca = match &args.upstream_ca {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("--upstream-ca {}", p.display()))?),
+        None => None,
+    };
     let upstream = args
         .upstream
         .as_deref()
-        .map(|url| store::Upstream::new(url, Duration::from_secs(args.tuning.upstream_timeout_secs)))
-        .transpose()
-        .context("upstream TLS roots")?;
+        .map(|url| {
+            let timeout = Duration::from_secs(args.tuning.upstream_timeout_secs);
+            store::Upstream::new(url, timeout, upstream_ca.as_deref(), args.allow_http_upstream)
+        })
+        .transpose()?;
     let store = Arc::new(store::Store::open(args.cache_dir.clone(), args.snapshot.clone(), upstream)?);
     if store.has_upstream() {
         match store.refresh_index().await {

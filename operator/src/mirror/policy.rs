@@ -92,6 +92,12 @@ pub fn decide(policy: Option<&ProjectPolicy>, name: &str, version: &str) -> Resu
     }
 }
 
+/// Whether the project's allow list names exactly this version of `name` (an admin chose it,
+/// so it may be fetched from upstream even when the index no longer lists it).
+pub fn pins(policy: Option<&ProjectPolicy>, name: &str, version: &str) -> bool {
+    policy.is_some_and(|p| p.allow.iter().any(|r| r.name == name && r.versions.iter().any(|v| v == version)))
+}
+
 /// Packages that ship with R itself; never fetched from a repository.
 const BASE_PACKAGES: &[&str] = &[
     "base",

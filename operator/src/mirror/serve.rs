@@ -280,11 +280,16 @@ impl Mirror {
                 return text(StatusCode::NOT_FOUND, format!("{name} {version}: {reason}"));
             }
         };
-        let located = match self.store.obtain(&rel, expect).await {
+        // Upstream is asked only for what the index lists or an admin pinned: a version string
+        // of the client's choosing never reaches it.
+        let listed = entry.is_some() || policy::pins(policy.project(&client.project), name, version);
+        let located = match self.store.obtain(&rel, expect, listed).await {
             Ok(l) => l,
             Err(e) => {
                 let status = match &e {
-                    FetchError::NotAvailable | FetchError::UpstreamStatus { status: 404, .. } => StatusCode::NOT_FOUND,
+                    FetchError::NotAvailable
+                    | FetchError::NotListed
+                    | FetchError::UpstreamStatus { status: 404, .. } => StatusCode::NOT_FOUND,
                     FetchError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
                     _ => StatusCode::BAD_GATEWAY,
                 };

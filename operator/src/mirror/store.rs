@@ -42,6 +42,11 @@ pub enum Expect {
 pub enum FetchError {
     #[error("not in the offline snapshot and no upstream is configured")]
     NotAvailable,
+    #[error(
+        "not in the index, and only versions the index lists (or spec.egress.mirror.allow pins) are fetched \
+         from upstream"
+    )]
+    NotListed,
     #[error("upstream {url} answered {status}")]
     UpstreamStatus { url: String, status: u16 },
     #[error("upstream unreachable: {0}")]
@@ -57,6 +62,7 @@ impl FetchError {
     pub fn category(&self) -> &'static str {
         match self {
             Self::NotAvailable => "not_available",
+            Self::NotListed => "not_listed",
             Self::UpstreamStatus { status: 404, .. } => "upstream_not_found",
             Self::UpstreamStatus { .. } => "upstream_status",
             Self::Unreachable(_) => "upstream_unreachable",
@@ -86,13 +92,76 @@ pub struct Upstream {
     timeout: Duration,
 }
 
+/// Why the upstream cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("--upstream {url:?} is not a URL: {message}")]
+    BadUrl { url: String, message: String },
+    #[error(
+        "--upstream {url:?} is not https://: packages and the index would travel unauthenticated and could \
+         be swapped on the way (http:// is accepted only on a loopback address with --allow-http-upstream, \
+         for development and tests)"
+    )]
+    NotHttps { url: String },
+    #[error("--upstream-ca: {0}")]
+    Roots(String),
+}
+
+/// `https://`, or `http://` to a loopback host when `allow_http_loopback` (pure).
+pub fn check_upstream_url(url: &str, allow_http_loopback: bool) -> Result<(), UpstreamError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| UpstreamError::BadUrl { url: url.into(), message: e.to_string() })?;
+    let host = uri.host().unwrap_or_default();
+    if host.is_empty() {
+        return Err(UpstreamError::BadUrl { url: url.into(), message: "no host".into() });
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if allow_http_loopback && loopback => Ok(()),
+        _ => Err(UpstreamError::NotHttps { url: url.into() }),
+    }
+}
+
 impl Upstream {
-    pub fn new(base: &str, timeout: Duration) -> std::io::Result<Self> {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_http1()
-            .build();
+    /// `ca_pem`: trust these roots instead of the system's (a site's own CRAN mirror).
+    pub fn new(
+        base: &str,
+        timeout: Duration,
+        ca_pem: Option<&[u8]>,
+        allow_http_loopback: bool,
+    ) -> Result<Self, UpstreamError> {
+        check_upstream_url(base, allow_http_loopback)?;
+        let provider = rustls::crypto::ring::default_provider();
+        let builder = match ca_pem {
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                    let cert = cert.map_err(|e| UpstreamError::Roots(e.to_string()))?;
+                    roots.add(cert).map_err(|e| UpstreamError::Roots(e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(UpstreamError::Roots("no certificates in the file".into()));
+                }
+                let config = rustls::ClientConfig::builder_with_provider(provider.into())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| UpstreamError::Roots(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+            }
+            None => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_native_roots(provider)
+                .map_err(|e| UpstreamError::Roots(format!("system roots: {e}")))?,
+        };
+        let connector = if allow_http_loopback {
+            builder.https_or_http().enable_http1().build()
+        } else {
+            builder.https_only().enable_http1().build()
+        };
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         Ok(Self { base: base.trim_end_matches('/').to_owned(), client, timeout })
     }
@@ -346,7 +415,11 @@ impl Store {
 
     /// The verified file at repository path `rel` (`src/contrib/x_1.0.tar.gz`), from the
     /// cache, the snapshot, or upstream.
-    pub async fn obtain(self: &Arc<Self>, rel: &str, expect: Expect) -> Result<Located, FetchError> {
+    ///
+    /// `listed`: whether the file is one the index lists (or the policy pins): only those are
+    /// fetched from upstream, so a client cannot make the mirror ask upstream for names of
+    /// its choosing (a channel out through upstream's logs).
+    pub async fn obtain(self: &Arc<Self>, rel: &str, expect: Expect, listed: bool) -> Result<Located, FetchError> {
         if let Some(found) = self.in_cache(rel).await {
             return Ok(found);
         }
@@ -355,6 +428,7 @@ impl Store {
             // Verify it once, however many ask at the same time.
             Some((_, false)) => {}
             None if self.upstream.is_none() => return Err(FetchError::NotAvailable),
+            None if !listed => return Err(FetchError::NotListed),
             None => {}
         }
         let (flight, joined) = {
@@ -584,17 +658,53 @@ mod tests {
         let store = Arc::new(Store::open(None, Some(dir.path().into()), None).unwrap());
         assert_eq!(store.index().index.entries.len(), 2);
         let expect = Expect::Digest { md5: Some(md5), sha256: None };
-        let a = store.obtain("src/contrib/aa_1.tar.gz", expect.clone()).await.unwrap();
+        let a = store.obtain("src/contrib/aa_1.tar.gz", expect.clone(), true).await.unwrap();
         assert_eq!((a.origin, a.len), ("snapshot", good.len() as u64));
-        let b = store.obtain("src/contrib/bb_1.tar.gz", expect.clone()).await.unwrap_err();
+        let b = store.obtain("src/contrib/bb_1.tar.gz", expect.clone(), true).await.unwrap_err();
         assert_eq!(b.category(), "corrupt");
-        assert_eq!(store.obtain("src/contrib/cc_1.tar.gz", expect).await.unwrap_err(), FetchError::NotAvailable);
+        assert_eq!(store.obtain("src/contrib/cc_1.tar.gz", expect, true).await.unwrap_err(), FetchError::NotAvailable);
     }
 
     #[test]
     fn upstream_needs_a_cache() {
-        let up = Upstream::new("http://127.0.0.1:9", Duration::from_secs(1)).unwrap();
+        let up = Upstream::new("http://127.0.0.1:9", Duration::from_secs(1), None, true).unwrap();
         assert!(matches!(Store::open(None, None, Some(up)), Err(StoreError::UpstreamWithoutCache)));
         assert!(matches!(Store::open(None, None, None), Err(StoreError::NoSource)));
+    }
+
+    #[test]
+    fn upstream_is_https_unless_loopback_http_is_allowed_explicitly() {
+        for (url, allow) in [
+            ("http://cloud.r-project.org", false),
+            ("http://cloud.r-project.org", true),
+            ("http://10.0.0.5:8080/cran", true),
+            ("http://127.0.0.1:8080", false),
+            ("ftp://127.0.0.1/cran", true),
+        ] {
+            let e = Upstream::new(url, Duration::from_secs(1), None, allow).err().unwrap();
+            assert!(matches!(e, UpstreamError::NotHttps { .. }), "{url}: {e}");
+            assert!(e.to_string().contains(url) && e.to_string().contains("https://"), "{e}");
+        }
+        for (url, allow) in [
+            ("https://cloud.r-project.org", false),
+            ("https://packagemanager.posit.co/cran/2025-01-15", false),
+            ("http://127.0.0.1:8080", true),
+            ("http://localhost:8080/cran", true),
+            ("http://[::1]:8080", true),
+        ] {
+            assert!(check_upstream_url(url, allow).is_ok(), "{url}");
+        }
+        assert!(matches!(check_upstream_url("not a url", true), Err(UpstreamError::BadUrl { .. })));
+    }
+
+    #[tokio::test]
+    async fn unlisted_files_are_never_fetched_from_upstream() {
+        // Upstream is a closed port: any attempt would fail as unreachable, not as not listed.
+        let cache = tempfile::tempdir().unwrap();
+        let up = Upstream::new("http://127.0.0.1:9", Duration::from_secs(1), None, true).unwrap();
+        let store = Arc::new(Store::open(Some(cache.path().into()), None, Some(up)).unwrap());
+        let rel = "src/contrib/Archive/aa/aa_0.1.tar.gz";
+        assert_eq!(store.obtain(rel, Expect::GzipIntact, false).await.unwrap_err(), FetchError::NotListed);
+        assert_eq!(store.obtain(rel, Expect::GzipIntact, true).await.unwrap_err().category(), "upstream_unreachable");
     }
 }
