@@ -859,17 +859,18 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                     break;
                 }
             }
-            _ = tick.tick(), if options.signing_key.is_some() && unsealed > 0 => {
+            // Other writers (mirror, webhook) append too: their entries are sealed by the timer
+            // even when this store wrote nothing (sealing finds nothing to do otherwise).
+            _ = tick.tick(), if options.signing_key.is_some() => {
                 if let Some(key) = &options.signing_key && seal(&pool, key, options.checkpoint_export.as_deref()).await {
                     unsealed = 0;
                 }
             }
         }
     }
-    // Closed or dropped: seal the tail so the next verify has nothing unsigned.
-    if let Some(key) = &options.signing_key
-        && unsealed > 0
-    {
+    // Closed or dropped: seal the tail (whoever wrote it) so the next verify has nothing
+    // unsigned.
+    if let Some(key) = &options.signing_key {
         seal(&pool, key, options.checkpoint_export.as_deref()).await;
     }
     for done in closing {

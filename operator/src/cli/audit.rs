@@ -417,36 +417,68 @@ mod tests {
         (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
     }
 
-    async fn sample(dir: &std::path::Path) -> (String, PathBuf) {
+    /// Five API entries and one mirror entry, each signed by its writer; the API's key also
+    /// signs the checkpoints. Returns the URL, the API's and the mirror's public keys.
+    async fn sample(dir: &std::path::Path) -> (String, PathBuf, PathBuf) {
         let url = format!("sqlite://{}", dir.join("audit.db").display());
         let (sk, pk) = (dir.join("checkpoint.key"), dir.join("checkpoint.pub"));
         keys::write_key_pair(&sk, &pk).unwrap();
-        let options = StoreOptions { signing_key: Some(keys::load_signing_key(&sk).unwrap()), ..Default::default() };
+        let (msk, mpk) = (dir.join("mirror.key"), dir.join("mirror.pub"));
+        keys::write_key_pair(&msk, &mpk).unwrap();
+        let key = keys::load_signing_key(&sk).unwrap();
+        let options = StoreOptions {
+            writer: Some(writers::Writer::new(writers::API, key.clone())),
+            signing_key: Some(key),
+            ..Default::default()
+        };
         let store = Store::connect_with(&url, options).await.unwrap();
         for i in 0..5 {
             store.append(AuditEvent::allowed(format!("user:u{i}"), "agent.heartbeat", "workspace:p/w")).await.unwrap();
         }
+        let mirror = Store::connect_with(
+            &url,
+            StoreOptions { writer: Some(writers::Writer::load(writers::MIRROR, &msk).unwrap()), ..Default::default() },
+        )
+        .await
+        .unwrap();
+        mirror.append(AuditEvent::allowed("workspace:p/w", "mirror.fetch", "package:x@1")).await.unwrap();
+        mirror.close().await;
         store
             .append(AuditEvent::refused("user:eve", "request.approve", "workspacerequest:p/r", "own request"))
             .await
             .unwrap();
         store.close().await;
-        (url, pk)
+        (url, pk, mpk)
     }
 
     #[tokio::test]
     async fn verify_tail_query_export() {
         let dir = tempfile::tempdir().unwrap();
-        let (url, pk) = sample(dir.path()).await;
-        let pk = pk.to_str().unwrap();
+        let (url, pk, mpk) = sample(dir.path()).await;
+        let (pk, mpk) = (pk.to_str().unwrap(), format!("mirror={}", mpk.display()));
 
-        let (code, out, _) = cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk]).await;
+        let (code, out, _) =
+            cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk, "--writer-key", &mpk]).await;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("audit log intact") && out.contains("1 signatures checked"), "{out}");
+        assert!(out.contains("7 entries signed by their writers (api 6, mirror 1)"), "{out}");
 
-        let (code, _, err) = cli(&["verify", "--database-url", &url]).await;
-        assert_eq!(code, 0);
-        assert!(err.contains("NOT checked"), "{err}");
+        // The mirror's entry cannot be authenticated without the mirror's key: never "intact".
+        let (code, out, _) = cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk]).await;
+        assert_eq!(code, EXIT_TAMPERED, "{out}");
+        assert!(out.contains("NOT AUTHENTICATED") && out.contains("--writer-key mirror=FILE"), "{out}");
+
+        // No key at all: refused, or loudly unauthenticated on request.
+        let (code, out, _) = cli(&["verify", "--database-url", &url]).await;
+        assert_eq!(code, EXIT_TAMPERED, "{out}");
+        assert!(out.contains("NOT VERIFIED: no public key given"), "{out}");
+        assert!(!out.contains("intact"), "{out}");
+        let (code, out, err) = cli(&["verify", "--database-url", &url, "--no-authentication"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("NOT AUTHENTICATED") && !out.contains("intact"), "{out}");
+        assert!(err.contains("NOTHING WAS AUTHENTICATED"), "{err}");
+        let unknown = parse_writer_key("printer=x.pub").unwrap_err();
+        assert!(unknown.contains("not a writer"), "{unknown}");
 
         let (_, out, _) = cli(&["tail", "-n", "2", "--store", &url]).await;
         assert_eq!(out.lines().count(), 2, "{out}");
@@ -462,13 +494,16 @@ mod tests {
         assert_eq!(code, 0, "{err}");
         let exported = std::fs::read_to_string(&file).unwrap();
         assert_eq!(exported.lines().count(), 5);
+        let first: serde_json::Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
+        assert_eq!(first["writer"], "api");
+        assert_eq!(first["signature"].as_str().map(str::len), Some(128));
         assert!(exported.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
 
     #[tokio::test]
     async fn tampering_exits_1_and_errors_exit_2() {
         let dir = tempfile::tempdir().unwrap();
-        let (url, pk) = sample(dir.path()).await;
+        let (url, pk, _) = sample(dir.path()).await;
         let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
         sqlx::raw_sql("DROP TRIGGER audit_log_no_update; UPDATE audit_log SET object = 'x' WHERE seq = 3")
             .execute(&raw)
