@@ -27,6 +27,9 @@ enum Command {
     Render(render::Args),
     /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).
     AuditKeygen(audit::keys::KeygenArgs),
+    /// Migrate the database as its owner and give each audit writer (api, mirror, webhook,
+    /// dns) its own PostgreSQL role that may only append its own kind of entry.
+    AuditRoles(audit::roles::RolesArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +64,11 @@ fn main() -> std::process::ExitCode {
             Command::Webhook(args) => webhook::run(args).await,
             Command::Api(args) => api::run(args).await,
             Command::Mirror(args) => mirror::run(args).await,
+            Command::AuditRoles(args) => {
+                let message = audit::roles::run(&args).await?;
+                println!("{message}");
+                Ok(())
+            }
             Command::Render(_) | Command::AuditKeygen(_) => Ok(()),
         }
     });

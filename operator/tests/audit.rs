@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use noexit_operator::audit::{
     AuditEvent, Outcome, hash,
-    store::{Backend, Filter, Store, StoreOptions},
+    store::{Backend, Filter, Store, StoreOptions, read_exported_checkpoints},
     verify::{Report, Tamper, VerifyOptions, verify},
+    writers::{self, Writer, WriterKeys},
 };
 use support::pg::PgServer;
 
@@ -74,10 +75,10 @@ impl TestDb {
     async fn disable_triggers(&self) {
         let statements: &[&str] = match self.backend {
             Backend::Sqlite => &[
-                "DROP TRIGGER audit_log_no_update",
-                "DROP TRIGGER audit_log_no_delete",
-                "DROP TRIGGER audit_checkpoint_no_update",
-                "DROP TRIGGER audit_checkpoint_no_delete",
+                "DROP TRIGGER IF EXISTS audit_log_no_update",
+                "DROP TRIGGER IF EXISTS audit_log_no_delete",
+                "DROP TRIGGER IF EXISTS audit_checkpoint_no_update",
+                "DROP TRIGGER IF EXISTS audit_checkpoint_no_delete",
             ],
             Backend::Postgres => {
                 &["ALTER TABLE audit_log DISABLE TRIGGER USER", "ALTER TABLE audit_checkpoint DISABLE TRIGGER USER"]
@@ -115,7 +116,7 @@ impl TestDb {
 
     async fn verify(&self, key: &ed25519_dalek::SigningKey) -> Report {
         let store = Store::open_read_only(&self.url).await.unwrap();
-        verify(&store, &VerifyOptions { keys: vec![key.verifying_key()] }).await.unwrap()
+        verify(&store, &VerifyOptions { keys: vec![key.verifying_key()], ..VerifyOptions::default() }).await.unwrap()
     }
 
     /// Renumbers entries with `seq >= from` by `delta`, in two steps so no two rows collide.
@@ -178,6 +179,10 @@ on_both!(
     rewritten_chain_is_caught_by_the_signed_checkpoint,
     forged_checkpoint_signature_is_detected,
     truncated_tail_is_detected,
+    a_mirror_forging_an_approval_is_named,
+    rollback_of_the_newest_checkpoint_is_caught_by_the_published_copy,
+    rollback_of_every_checkpoint_is_caught_by_the_published_copy,
+    sigterm_style_close_publishes_a_checkpoint_covering_the_last_entry,
 );
 
 fn event(i: usize) -> AuditEvent {
@@ -454,7 +459,7 @@ async fn in_memory_sqlite_verifies() {
     for i in 0..10 {
         store.append(event(i)).await.unwrap();
     }
-    let report = verify(&store, &VerifyOptions { keys: vec![key.verifying_key()] }).await.unwrap();
+    let report = verify(&store, &VerifyOptions { keys: vec![key.verifying_key()], ..VerifyOptions::default() }).await.unwrap();
     assert!(report.is_intact(), "{report:?}");
     assert_eq!((report.entries, report.checkpoints, report.unsealed), (10, 2, 2));
 }
@@ -534,4 +539,330 @@ async fn postgres_restart_loses_nothing_acknowledged() {
     let report = verify(&store, &VerifyOptions::default()).await.unwrap();
     assert!(report.is_intact(), "{report:?}");
     store.close().await;
+}
+
+// ---- writers, published checkpoints ------------------------------------------------------
+
+fn api_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[42; 32])
+}
+
+fn mirror_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[43; 32])
+}
+
+fn all_writer_keys() -> WriterKeys {
+    let mut k = WriterKeys::new();
+    k.add(writers::API, api_key().verifying_key());
+    k.add(writers::MIRROR, mirror_key().verifying_key());
+    k
+}
+
+fn fetch(i: usize) -> AuditEvent {
+    AuditEvent {
+        source: Some("10.0.0.9".into()),
+        detail: serde_json::json!({ "project": "ward-7", "n": i }),
+        ..AuditEvent::allowed("workspace:ward-7/alice-r", "mirror.fetch", format!("package:pkg{i}@1.0"))
+    }
+}
+
+impl TestDb {
+    /// `n` mirror fetches (signed by the mirror) interleaved with API heartbeats (signed by the
+    /// API, which seals a checkpoint every 10 entries and publishes each into `export`).
+    async fn two_writer_log(&self, n: usize, export: &std::path::Path) {
+        let api = self
+            .store_with(StoreOptions {
+                writer: Some(Writer::new(writers::API, api_key())),
+                signing_key: Some(api_key()),
+                checkpoint_every: 10,
+                checkpoint_interval: std::time::Duration::from_secs(3600),
+                checkpoint_export: Some(export.to_owned()),
+                ..StoreOptions::default()
+            })
+            .await;
+        let mirror =
+            self.store_with(StoreOptions { writer: Some(Writer::new(writers::MIRROR, mirror_key())), ..StoreOptions::default() }).await;
+        for i in 0..n {
+            if i % 2 == 0 {
+                mirror.append(fetch(i)).await.unwrap();
+            } else {
+                api.append(event(i)).await.unwrap();
+            }
+        }
+        mirror.close().await;
+        api.close().await;
+    }
+
+    async fn verify_with(&self, published: Option<&std::path::Path>) -> Report {
+        let store = Store::open_read_only(&self.url).await.unwrap();
+        let options = VerifyOptions {
+            keys: vec![api_key().verifying_key()],
+            writers: Some(all_writer_keys()),
+            published: published.map(|p| read_exported_checkpoints(p).unwrap()),
+        };
+        verify(&store, &options).await.unwrap()
+    }
+
+    /// What a compromised mirror with the owner's rights does after removing checkpoints: it
+    /// rewrites one of its own entries (`seq`) in the now unsealed range, recomputes every hash
+    /// after it and re-signs each mirror entry with the mirror's key. API entries after it
+    /// cannot be re-signed, so the attack rewrites only a tail of mirror entries: `seq` must be
+    /// after the last API entry.
+    async fn rewrite_tail(&self, from: i64) {
+        let store = Store::open_read_only(&self.url).await.unwrap();
+        let rows = store.entries_from(from, 1000).await.unwrap();
+        let mut prev = rows[0].0.prev_hash;
+        let mirror = Writer::new(writers::MIRROR, mirror_key());
+        let mut attack = Vec::new();
+        for (mut raw, _) in rows {
+            assert_eq!(raw.action, "mirror.fetch", "the tail holds only the mirror's entries");
+            if raw.seq == from {
+                raw.object = "package:innocent@1.0".into();
+                attack.push(format!("UPDATE audit_log SET object = 'package:innocent@1.0' WHERE seq = {from}"));
+            }
+            let h = hash::entry_hash(&raw.fields_as(raw.seq), &prev);
+            attack.push(format!(
+                "UPDATE audit_log SET prev_hash = {}, hash = {}, signature = {} WHERE seq = {}",
+                self.blob(&prev),
+                self.blob(&h),
+                self.blob(&mirror.sign(&h)),
+                raw.seq
+            ));
+            prev = h;
+        }
+        self.attack(&attack).await;
+    }
+}
+
+async fn a_mirror_forging_an_approval_is_named(db: TestDb) {
+    let export = tempfile::tempdir().unwrap();
+    db.two_writer_log(6, export.path()).await;
+    let intact = db.verify_with(Some(export.path())).await;
+    assert!(intact.is_intact(), "{intact:?}");
+    assert_eq!((intact.entries_authenticated, intact.writers_without_key.len()), (6, 0));
+
+    // The mirror appends a correctly chained approval, signed with its own key. On SQLite
+    // nothing stops the insert (on PostgreSQL its role does: see the roles test); verify names it.
+    let mirror = db
+        .store_with(StoreOptions { writer: Some(Writer::new(writers::MIRROR, mirror_key())), ..StoreOptions::default() })
+        .await;
+    let forged = AuditEvent::allowed("user:carol@ward7.example", "request.approve", "workspacerequest:ward-7/r-1");
+    let seq = mirror.append(forged.clone()).await;
+    mirror.close().await;
+    if db.backend == Backend::Postgres {
+        // The owner's connection has no writer role; the database takes it, verify must not.
+        assert!(seq.is_ok(), "{seq:?}");
+    }
+    let seq = seq.unwrap();
+    // The API seals it into its next checkpoint, as it would in production.
+    let api = db
+        .store_with(StoreOptions {
+            writer: Some(Writer::new(writers::API, api_key())),
+            signing_key: Some(api_key()),
+            ..StoreOptions::default()
+        })
+        .await;
+    api.append(event(99)).await.unwrap();
+    api.close().await;
+    let report = db.verify_with(None).await;
+    assert_finding(&report, Tamper::WrongWriter, seq);
+    assert!(report.finding.unwrap().message.contains("written by mirror"));
+
+    // Claiming to be the API does not help: the signature is not the API's.
+    let store = Store::open_read_only(&db.url).await.unwrap();
+    let (raw, h) = store.entries_from(seq, 1).await.unwrap().remove(0);
+    assert_eq!(raw.action, "request.approve");
+    db.attack(&[format!("UPDATE audit_log SET writer = 'api' WHERE seq = {seq}")]).await;
+    assert_finding(&db.verify_with(None).await, Tamper::EntryForged, seq);
+    // Nor does leaving it unsigned.
+    db.sql(&["UPDATE audit_log SET writer = NULL, signature = NULL WHERE seq = 7"]).await.unwrap();
+    assert_finding(&db.verify_with(None).await, Tamper::Unsigned, seq);
+    let _ = h;
+}
+
+async fn rollback_of_the_newest_checkpoint_is_caught_by_the_published_copy(db: TestDb) {
+    let export = tempfile::tempdir().unwrap();
+    // 30 entries, checkpoints 1..=2 (the API's tenth entry, then close), then 3 more fetches
+    // sealed by checkpoint 3 at the API's close: entries 31..=33 are the mirror's alone.
+    db.two_writer_log(30, export.path()).await;
+    let api = db
+        .store_with(StoreOptions {
+            writer: Some(Writer::new(writers::API, api_key())),
+            signing_key: Some(api_key()),
+            checkpoint_export: Some(export.path().to_owned()),
+            ..StoreOptions::default()
+        })
+        .await;
+    let mirror = db
+        .store_with(StoreOptions { writer: Some(Writer::new(writers::MIRROR, mirror_key())), ..StoreOptions::default() })
+        .await;
+    for i in 100..103 {
+        mirror.append(fetch(i)).await.unwrap();
+    }
+    mirror.close().await;
+    api.close().await;
+    let before = db.verify_with(Some(export.path())).await;
+    assert!(before.is_intact(), "{before:?}");
+    assert_eq!((before.checkpoints, before.unsealed, before.published_checkpoints), (3, 0, Some(3)));
+
+    // The attack of the issue: delete the newest checkpoint row, and the entries it sealed are
+    // unsealed again; rewrite one and recompute (and re-sign) everything after it.
+    db.attack(&["DELETE FROM audit_checkpoint WHERE id = 3".into()]).await;
+    db.rewrite_tail(32).await;
+    let fooled = db.verify_with(None).await;
+    assert!(fooled.is_intact(), "without the published checkpoints the rollback is invisible: {fooled:?}");
+    assert_eq!(fooled.unsealed, 3);
+
+    let caught = db.verify_with(Some(export.path())).await;
+    assert_finding(&caught, Tamper::RolledBack, 31);
+    let f = caught.finding.unwrap();
+    assert_eq!(f.checkpoint, Some(3));
+    assert!(f.message.contains("missing from it"), "{}", f.message);
+}
+
+async fn rollback_of_every_checkpoint_is_caught_by_the_published_copy(db: TestDb) {
+    let export = tempfile::tempdir().unwrap();
+    // Checkpoint 1 seals 1..=20 (the API's tenth entry), checkpoint 2 21..=24 (close).
+    db.two_writer_log(24, export.path()).await;
+    let published = read_exported_checkpoints(export.path()).unwrap();
+    assert_eq!(published.len(), 2);
+    db.attack(&["DELETE FROM audit_checkpoint".into()]).await;
+    let fooled = db.verify_with(None).await;
+    assert!(fooled.is_intact() && fooled.checkpoints == 0, "{fooled:?}");
+    assert_finding(&db.verify_with(Some(export.path())).await, Tamper::RolledBack, 1);
+
+    // A published file that someone edited is not evidence: it must carry the API's signature.
+    let file = export.path().join(noexit_operator::audit::store::checkpoint_file_name(2));
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    v["lastSeq"] = 23.into();
+    std::fs::write(&file, v.to_string()).unwrap();
+    let report = db.verify_with(Some(export.path())).await;
+    assert_finding(&report, Tamper::RolledBack, 1);
+    let forged = read_exported_checkpoints(export.path()).unwrap();
+    let store = Store::open_read_only(&db.url).await.unwrap();
+    let only_forged = VerifyOptions {
+        keys: vec![api_key().verifying_key()],
+        writers: Some(all_writer_keys()),
+        published: Some(vec![forged[1].clone()]),
+    };
+    assert_finding(&verify(&store, &only_forged).await.unwrap(), Tamper::CheckpointForged, published[1].body.first_seq);
+}
+
+async fn sigterm_style_close_publishes_a_checkpoint_covering_the_last_entry(db: TestDb) {
+    let export = tempfile::tempdir().unwrap();
+    let api = db
+        .store_with(StoreOptions {
+            writer: Some(Writer::new(writers::API, api_key())),
+            signing_key: Some(api_key()),
+            checkpoint_export: Some(export.path().to_owned()),
+            checkpoint_interval: std::time::Duration::from_secs(3600),
+            ..StoreOptions::default()
+        })
+        .await;
+    for i in 0..3 {
+        api.append(event(i)).await.unwrap();
+    }
+    assert!(read_exported_checkpoints(export.path()).unwrap().is_empty(), "nothing sealed yet");
+    api.close().await;
+    let published = read_exported_checkpoints(export.path()).unwrap();
+    assert_eq!(published.iter().map(|c| (c.body.first_seq, c.body.last_seq)).collect::<Vec<_>>(), [(1, 3)]);
+    let report = db.verify_with(Some(export.path())).await;
+    assert!(report.is_intact() && report.unsealed == 0, "{report:?}");
+}
+
+/// Each writer its own PostgreSQL role: the mirror's role appends only `mirror.*` entries as
+/// writer `mirror`, cannot change, delete or read back entries, and cannot drop the triggers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_writer_roles_may_append_only_their_own_entries() {
+    let Some(db) = TestDb::postgres("writer_roles") else { return };
+    let args = noexit_operator::audit::roles::RolesArgs {
+        database_url: db.url.clone(),
+        api: "noexit_api".into(),
+        mirror: "noexit_mirror".into(),
+        webhook: "noexit_webhook".into(),
+        dns: "noexit_dns".into(),
+        print_sql: false,
+    };
+    let message = noexit_operator::audit::roles::run(&args).await.unwrap();
+    assert!(message.contains("noexit_mirror (mirror)"), "{message}");
+    // Running it again (every upgrade does) is harmless.
+    noexit_operator::audit::roles::run(&args).await.unwrap();
+    let as_role = |role: &str| db.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+
+    let export = tempfile::tempdir().unwrap();
+    let api = Store::connect_with(
+        &as_role("noexit_api"),
+        StoreOptions {
+            writer: Some(Writer::new(writers::API, api_key())),
+            signing_key: Some(api_key()),
+            checkpoint_export: Some(export.path().to_owned()),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .expect("the API's role connects without migrating");
+    let mirror = Store::connect_with(
+        &as_role("noexit_mirror"),
+        StoreOptions { writer: Some(Writer::new(writers::MIRROR, mirror_key())), ..StoreOptions::default() },
+    )
+    .await
+    .unwrap();
+    api.append(event(1)).await.unwrap();
+    mirror.append(fetch(2)).await.unwrap();
+    api.append(AuditEvent::allowed("user:carol@ward7.example", "request.approve", "workspacerequest:ward-7/r-1"))
+        .await
+        .unwrap();
+
+    // The forged approval of the issue: refused by the database.
+    let forged = AuditEvent::allowed("user:carol@ward7.example", "request.approve", "workspacerequest:ward-7/r-2");
+    let err = mirror.append(forged).await.unwrap_err().to_string();
+    assert!(err.contains("may append only mirror.* entries"), "{err}");
+    // The API may not write the mirror's entries either.
+    let err = api.append(fetch(3)).await.unwrap_err().to_string();
+    assert!(err.contains("belongs to another writer"), "{err}");
+
+    let mirror_sql = |sql: &'static str| {
+        let url = as_role("noexit_mirror");
+        async move {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            let r = sqlx::raw_sql(sql).execute(&pool).await.map(|_| ()).map_err(|e| e.to_string());
+            pool.close().await;
+            r
+        }
+    };
+    for (sql, expect) in [
+        (
+            "INSERT INTO audit_log (seq, time_us, actor, action, object, outcome, detail, prev_hash, hash, writer) \
+             VALUES (100, 0, 'user:x', 'request.approve', 'o', 'allowed', '{}', '\\x00', '\\x00', 'api')",
+            "writes as writer mirror",
+        ),
+        ("UPDATE audit_log SET object = 'x' WHERE seq = 2", "permission denied"),
+        ("DELETE FROM audit_log WHERE seq = 2", "permission denied"),
+        ("TRUNCATE audit_log", "permission denied"),
+        ("DROP TRIGGER audit_log_append_only ON audit_log", "must be owner"),
+        ("ALTER TABLE audit_log DISABLE TRIGGER USER", "must be owner"),
+        ("DROP TABLE audit_checkpoint", "must be owner"),
+        ("DELETE FROM audit_checkpoint", "permission denied"),
+        ("DELETE FROM audit_writers", "permission denied"),
+        ("SELECT actor, object FROM audit_log", "permission denied"),
+        ("CREATE TABLE audit_log2 (x int)", "permission denied"),
+    ] {
+        let err = mirror_sql(sql).await.expect_err(sql);
+        assert!(err.contains(expect), "{sql}: {err}");
+    }
+    let api_pool = sqlx::PgPool::connect(&as_role("noexit_api")).await.unwrap();
+    for sql in ["UPDATE audit_log SET object = 'x' WHERE seq = 1", "DELETE FROM audit_checkpoint", "DROP TABLE audit_log"] {
+        let err = sqlx::raw_sql(sql).execute(&api_pool).await.expect_err(sql).to_string();
+        assert!(err.contains("permission denied") || err.contains("must be owner"), "{sql}: {err}");
+    }
+    // The API's own tables stay writable for it.
+    sqlx::raw_sql("DELETE FROM agent_heartbeats WHERE project = 'none'").execute(&api_pool).await.unwrap();
+    api_pool.close().await;
+
+    mirror.close().await;
+    api.close().await;
+    let report = db.verify_with(Some(export.path())).await;
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!((report.entries, report.entries_authenticated, report.unsealed), (3, 3, 0));
+    assert_eq!(report.writers.get("mirror"), Some(&1));
 }

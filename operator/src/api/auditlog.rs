@@ -43,9 +43,16 @@ impl AuditQuery {
             || object.split_once(':').is_some_and(|(_, rest)| rest.starts_with(&format!("{p}/")))
     }
 
+    /// Whether an entry belongs to the queried project: its object does, or its detail names
+    /// the project (mirror fetches, admission reviews).
+    pub fn in_project(&self, event: &AuditEvent) -> bool {
+        self.object_in_project(&event.object)
+            || event.detail.get("project").and_then(|p| p.as_str()) == Some(self.project.as_str())
+    }
+
     /// Whether an event matches every filter of the query.
     pub fn matches(&self, event: &AuditEvent) -> bool {
-        self.object_in_project(&event.object)
+        self.in_project(event)
             && self.actor.as_ref().is_none_or(|a| &event.actor == a)
             && self
                 .action
@@ -92,7 +99,7 @@ impl EventLog for crate::audit::Store {
                 let Some(last) = page.last() else { break };
                 after = last.seq;
                 let full = (page.len() as i64) < QUERY_PAGE;
-                for entry in page.iter().filter(|e| query.object_in_project(&e.event.object)) {
+                for entry in page.iter().filter(|e| query.in_project(&e.event)) {
                     out.push(entry.to_json());
                     if out.len() == want {
                         return Ok(out);
@@ -197,6 +204,12 @@ mod tests {
         assert!(!q.matches(&ev("workspacerequest:ward-7/r1", "requestx")));
         assert!(q.matches(&ev("project:ward-7", "request.list")));
         assert!(!q.matches(&ev("project:ward-77", "request.list")));
+        let mut fetch = ev("package:ggplot2@3.5.1", "mirror.fetch");
+        assert!(!q.matches(&fetch));
+        fetch.detail = serde_json::json!({"project": "ward-7"});
+        assert!(AuditQuery { project: "ward-7".into(), ..Default::default() }.matches(&fetch));
+        fetch.detail = serde_json::json!({"project": "ward-70"});
+        assert!(!AuditQuery { project: "ward-7".into(), ..Default::default() }.matches(&fetch));
     }
 
     #[tokio::test]

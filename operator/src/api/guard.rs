@@ -147,6 +147,59 @@ pub async fn guard(
     record(&state, endpoint, &principal, project.as_deref(), &path, &peer, response).await
 }
 
+/// Marks a response whose request the guard already recorded.
+#[derive(Clone, Copy, Debug)]
+struct Recorded;
+
+/// The outermost layer: a request no route took (unknown path: 404; known path, wrong
+/// method: 405) never reached [`guard`]; it is refused with a JSON error and recorded here.
+pub async fn unrouted(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let peer = req.extensions().get::<PeerInfo>().cloned().unwrap_or_default();
+    let mut response = next.run(req).await;
+    if response.extensions().get::<Recorded>().is_some() {
+        return response;
+    }
+    let status = response.status();
+    if status == http::StatusCode::METHOD_NOT_ALLOWED && response.extensions().get::<ErrorBody>().is_none() {
+        let allow = response.headers().get(http::header::ALLOW).cloned();
+        response = ApiError::bad(status, "methodNotAllowed", format!("{method} is not allowed on {}", truncate(&path, 256)))
+            .into_response();
+        if let Some(allow) = allow {
+            response.headers_mut().insert(http::header::ALLOW, allow);
+        }
+    }
+    if status.is_success() || status.is_redirection() || status.is_informational() {
+        return response;
+    }
+    let error = response.extensions().get::<ErrorBody>().cloned();
+    let reason = match error {
+        Some(e) => format!("{}: {}", e.code, e.message),
+        None => format!("HTTP {status}"),
+    };
+    let event = AuditEvent {
+        actor: Principal::Anonymous.actor(),
+        role: None,
+        action: "api.request".into(),
+        object: format!("path:{}", truncate(&path, 256)),
+        outcome: Outcome::Refused(reason),
+        source: peer.source(),
+        detail: serde_json::json!({ "method": truncate(method.as_str(), 16), "status": status.as_u16() }),
+    };
+    if let Err(e) = state.audit.record(event).await {
+        tracing::error!(error = %e, "cannot record a refused request");
+    }
+    response
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}
+
 /// Write the audit entry for this request. A successful action whose entry cannot be written is
 /// turned into a 503: nothing is acknowledged that the log does not show.
 async fn record(
@@ -158,6 +211,8 @@ async fn record(
     peer: &PeerInfo,
     response: Response,
 ) -> Response {
+    let mut response = response;
+    response.extensions_mut().insert(Recorded);
     let status = response.status();
     let error = response.extensions().get::<ErrorBody>().cloned();
     let success = status.is_success() || status.is_redirection();

@@ -136,6 +136,8 @@ pub fn router(state: AppState) -> Router {
     router
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::guard))
         .fallback(not_found)
+        // Outermost: what the guard never saw (unknown paths, wrong methods) is audited too.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard::unrouted))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -163,9 +165,19 @@ pub struct Options {
     /// `sqlite:/path/api.db` (embedded default) or `postgres://user@host/db`.
     #[arg(long, env = "NOEXIT_DATABASE_URL", default_value = "sqlite:/var/lib/noexit/noexit.db")]
     pub database_url: String,
-    /// Audit checkpoint signing key (ed25519 PKCS#8 PEM); created if missing.
+    /// The API's audit key (ed25519 PKCS#8 PEM): signs each entry the API writes (as writer
+    /// `api`) and the checkpoints; created if missing.
     #[arg(long, env = "NOEXIT_AUDIT_KEY", default_value = "/var/lib/noexit/audit-signing.pem")]
     pub audit_key: PathBuf,
+    /// Also write every signed checkpoint to this directory (`checkpoint-<id>.json`), outside
+    /// the database: auditors keep copies and pass them to `noexit audit verify --checkpoints`.
+    #[arg(long, env = "NOEXIT_CHECKPOINT_EXPORT", value_name = "DIR")]
+    pub checkpoint_export: Option<PathBuf>,
+    /// Seconds between checkpoints when there are new entries.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_interval_secs: u64,
+    #[command(flatten)]
+    pub connections: crate::serving::ConnArgs,
     /// Where outbox files are stored.
     #[arg(long, env = "NOEXIT_API_DATA_DIR", default_value = "/var/lib/noexit/api")]
     pub data_dir: PathBuf,
@@ -255,7 +267,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(key = %args.audit_key.display(), public = %public.display(), "created the audit signing key");
         crate::audit::keys::load_signing_key(&args.audit_key)?
     };
-    let options = crate::audit::StoreOptions { signing_key: Some(signing_key), ..Default::default() };
+    let options = crate::audit::StoreOptions {
+        writer: Some(crate::audit::writers::Writer::new(crate::audit::writers::API, signing_key.clone())),
+        signing_key: Some(signing_key),
+        checkpoint_export: args.checkpoint_export.clone(),
+        checkpoint_interval: Duration::from_secs(args.checkpoint_interval_secs.max(1)),
+        ..Default::default()
+    };
     let audit_store = Arc::new(crate::audit::Store::connect_with(&args.database_url, options).await?);
     let db = audit_store.pool().clone();
     let audit: Arc<dyn EventLog> = audit_store.clone();
@@ -290,11 +308,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %args.listen, "control-plane API serving");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    server::serve(listener, tls_config, state.clone(), router(state), shutdown).await?;
-    // Commit what is queued and seal the tail with a checkpoint.
+    let limits = args.connections.limits();
+    server::serve_with(listener, tls_config, state.clone(), router(state), limits, crate::telemetry::shutdown_signal())
+        .await?;
+    // Commit what is queued and seal the tail with a checkpoint (also published).
     audit_store.close().await;
+    tracing::info!("audit log sealed; control-plane API stopped");
     Ok(())
 }

@@ -74,7 +74,8 @@ pub fn write_key_pair(private_path: &Path, public_path: &Path) -> Result<Verifyi
     load_verifying_key(public_path)
 }
 
-/// `noexit-operator audit-keygen`: writes a new checkpoint signing key pair.
+/// `noexit-operator audit-keygen`: writes a new key pair for an audit writer (the API's also
+/// signs checkpoints).
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeygenArgs {
     /// Private key to create (PKCS#8 PEM, mode 0600); it is never overwritten.

@@ -6,9 +6,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod hash;
 pub mod keys;
+pub mod roles;
 mod sqlite_scan;
 pub mod store;
 pub mod verify;
+pub mod writers;
 
 pub use store::{Seq, Store, StoreOptions};
 

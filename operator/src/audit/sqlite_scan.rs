@@ -36,10 +36,17 @@ fn message(db: &Db) -> String {
     unsafe { std::ffi::CStr::from_ptr(ffi::sqlite3_errmsg(db.0)).to_string_lossy().into_owned() }
 }
 
-/// Streams `sql` (13 columns: two integers, then text/blob) from the database file at `path`
+/// Streams `sql` (`columns` columns: two integers, then text/blob) from the database file at `path`
 /// as binary COPY tuples (after `header`) in chunks of about `chunk` bytes. Returns early without
 /// error when the receiver hangs up.
-pub(crate) fn scan(path: &Path, sql: &str, header: &[u8], chunk: usize, tx: mpsc::Sender<Bytes>) -> Result<(), String> {
+pub(crate) fn scan(
+    path: &Path,
+    sql: &str,
+    columns: i16,
+    header: &[u8],
+    chunk: usize,
+    tx: mpsc::Sender<Bytes>,
+) -> Result<(), String> {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| "database path contains NUL".to_string())?;
     let c_sql = CString::new(sql).map_err(|_| "query contains NUL".to_string())?;
     let mut raw = ptr::null_mut();
@@ -72,13 +79,13 @@ pub(crate) fn scan(path: &Path, sql: &str, header: &[u8], chunk: usize, tx: mpsc
         // SAFETY: prepared statement of this thread's connection.
         match unsafe { ffi::sqlite3_step(stmt.0) } {
             ffi::SQLITE_ROW => {
-                buf.put_i16(13);
+                buf.put_i16(columns);
                 for i in 0..2 {
                     buf.put_i32(8);
-                    // SAFETY: column index within the 13 selected columns.
+                    // SAFETY: column index within the selected columns.
                     buf.put_i64(unsafe { ffi::sqlite3_column_int64(stmt.0, i) });
                 }
-                for i in 2..13 {
+                for i in 2..i32::from(columns) {
                     // SAFETY: the pointer and length describe the current row's value and stay
                     // valid until the next step; the bytes are copied before that.
                     unsafe {

@@ -20,6 +20,7 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::hash::{self, CheckpointBody, EntryFields, GENESIS, Hash};
+use super::writers::Writer;
 use super::{AuditError, AuditEvent, AuditSink, Outcome, keys};
 
 /// Position of an entry in the log: 1, 2, 3, … without gaps.
@@ -72,6 +73,12 @@ pub(crate) use with_pool;
 pub struct StoreOptions {
     /// Signs checkpoints; without it no checkpoints are written (verify then reports that).
     pub signing_key: Option<SigningKey>,
+    /// Names and signs every entry this store appends; without it entries are unsigned (and
+    /// `verify` reports them).
+    pub writer: Option<Writer>,
+    /// Every checkpoint is also written to this directory (`checkpoint-<id>.json`), outside
+    /// the database, so that `verify --checkpoints` catches a rollback.
+    pub checkpoint_export: Option<std::path::PathBuf>,
     /// A checkpoint after this many new entries…
     pub checkpoint_every: u64,
     /// …or after this long, whichever comes first (only when there are new entries).
@@ -86,6 +93,8 @@ impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             signing_key: None,
+            writer: None,
+            checkpoint_export: None,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(10),
             max_batch: 256,
@@ -103,6 +112,10 @@ pub struct Entry {
     pub idempotency_key: Option<String>,
     pub prev_hash: Hash,
     pub hash: Hash,
+    /// The component that wrote it (`api`, `mirror`, `webhook`, `dns`), if named.
+    pub writer: Option<String>,
+    /// The writer's ed25519 signature over the entry hash.
+    pub signature: Option<Vec<u8>>,
 }
 
 impl Entry {
@@ -127,6 +140,8 @@ impl Entry {
             "idempotencyKey": self.idempotency_key,
             "prevHash": hex::encode(self.prev_hash),
             "hash": hex::encode(self.hash),
+            "writer": self.writer,
+            "signature": self.signature.as_ref().map(hex::encode),
         })
     }
 }
@@ -153,9 +168,110 @@ pub struct Checkpoint {
     pub signature: Vec<u8>,
 }
 
+impl Checkpoint {
+    /// The form published outside the database (`--checkpoint-export`) and read back by
+    /// `verify --checkpoints`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let b = &self.body;
+        serde_json::json!({
+            "id": b.id,
+            "firstSeq": b.first_seq,
+            "lastSeq": b.last_seq,
+            "timeUs": b.time_us,
+            "merkleRoot": hex::encode(b.merkle_root),
+            "headHash": hex::encode(b.head_hash),
+            "keyId": self.key_id,
+            "signature": hex::encode(&self.signature),
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<Checkpoint, String> {
+        let int = |k: &str| v.get(k).and_then(|x| x.as_i64()).ok_or_else(|| format!("checkpoint field {k} missing or not a number"));
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).ok_or_else(|| format!("checkpoint field {k} missing or not a string"));
+        let bytes = |k: &str| hex::decode(text(k)?).map_err(|e| format!("checkpoint field {k}: {e}"));
+        let hash32 = |k: &str| hash::to_hash(&bytes(k)?).ok_or_else(|| format!("checkpoint field {k} is not 32 bytes"));
+        Ok(Checkpoint {
+            body: CheckpointBody {
+                id: int("id")?,
+                first_seq: int("firstSeq")?,
+                last_seq: int("lastSeq")?,
+                time_us: int("timeUs")?,
+                merkle_root: hash32("merkleRoot")?,
+                head_hash: hash32("headHash")?,
+            },
+            key_id: text("keyId")?.to_owned(),
+            signature: bytes("signature")?,
+        })
+    }
+}
+
+/// File name of checkpoint `id` in an export directory (sorts by id).
+pub fn checkpoint_file_name(id: i64) -> String {
+    format!("checkpoint-{id:012}.json")
+}
+
+/// Writes `cp` into `dir` unless a file for its id is already there (never overwritten:
+/// what was published stays published). Written to a temporary name, synced, then renamed.
+pub fn export_checkpoint(dir: &std::path::Path, cp: &Checkpoint) -> std::io::Result<bool> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(checkpoint_file_name(cp.body.id));
+    if path.exists() {
+        return Ok(false);
+    }
+    let tmp = dir.join(format!(".{}.tmp", checkpoint_file_name(cp.body.id)));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(&cp.to_json()).unwrap_or_default().as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(true)
+}
+
+/// Reads published checkpoints: a directory of `*.json` files, or one file holding a JSON
+/// object, a JSON array, or one object per line. Sorted by id.
+pub fn read_exported_checkpoints(path: &std::path::Path) -> Result<Vec<Checkpoint>, String> {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let mut texts = Vec::new();
+    if path.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for e in entries.filter_map(Result::ok) {
+            let p = e.path();
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".json") && !name.starts_with('.') {
+                texts.push((p.clone(), read(&p)?));
+            }
+        }
+    } else {
+        texts.push((path.to_owned(), read(path)?));
+    }
+    let mut out = Vec::new();
+    for (p, text) in texts {
+        let bad = |e: String| format!("{}: {e}", p.display());
+        let values: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Array(a)) => a,
+            Ok(v) => vec![v],
+            Err(_) => text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).map_err(|e| bad(e.to_string())))
+                .collect::<Result<_, _>>()?,
+        };
+        for v in values {
+            out.push(Checkpoint::from_json(&v).map_err(bad)?);
+        }
+    }
+    out.sort_by_key(|c| c.body.id);
+    Ok(out)
+}
+
 /// The columns of `audit_log`, in the order every query selects them.
 pub(crate) const ENTRY_COLUMNS: &str = "seq, time_us, actor, role, action, object, outcome, reason, source, detail, \
-     idempotency_key, prev_hash, hash";
+     idempotency_key, prev_hash, hash, writer, signature";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct EntryRow {
@@ -172,6 +288,8 @@ pub(crate) struct EntryRow {
     idempotency_key: Option<String>,
     prev_hash: Vec<u8>,
     hash: Vec<u8>,
+    writer: Option<String>,
+    signature: Option<Vec<u8>>,
 }
 
 impl EntryRow {
@@ -217,6 +335,8 @@ impl EntryRow {
             idempotency_key: self.idempotency_key,
             prev_hash,
             hash,
+            writer: self.writer,
+            signature: self.signature,
         })
     }
 }
@@ -323,6 +443,29 @@ async fn open_pool(url: &str, read_only: bool) -> Result<Pool, AuditError> {
     }
 }
 
+/// Applies the embedded migrations unless they all are applied already. A writer's own database
+/// role (`noexit-operator audit-roles`) may not create tables: it only checks.
+pub async fn migrate(pool: &Pool, url: &str) -> Result<(), AuditError> {
+    let migrate = migrator(pool.backend());
+    let wanted: Vec<i64> = migrate.iter().map(|m| m.version).collect();
+    let applied: Option<Vec<i64>> = with_pool!(pool, p => {
+        sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(p)
+            .await
+            .ok()
+    });
+    if applied.is_some_and(|a| wanted.iter().all(|v| a.contains(v))) {
+        return Ok(());
+    }
+    with_pool!(pool, p => migrate.run(p).await).map_err(|e| {
+        AuditError::Unavailable(format!(
+            "migrating audit store {}: {e} (a writer's own role cannot migrate: run `noexit-operator audit-roles` \
+             with the owner's URL first)",
+            redact(url)
+        ))
+    })
+}
+
 /// The embedded migrations of one backend (all `migrations/<backend>/*.sql`, ours and others').
 pub fn migrator(backend: Backend) -> Migrator {
     let files = match backend {
@@ -346,12 +489,21 @@ impl Store {
 
     pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Store, AuditError> {
         let pool = open_pool(url, false).await?;
-        let migrate = migrator(pool.backend());
-        with_pool!(&pool, p => migrate.run(p).await)
-            .map_err(|e| AuditError::Unavailable(format!("migrating audit store {}: {e}", redact(url))))?;
+        migrate(&pool, url).await?;
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let task = tokio::spawn(writer(pool.clone(), rx, options));
         Ok(Store { pool, writer: Some(tx), task: Mutex::new(Some(task)) })
+    }
+
+    /// Opens the database with the owner's rights, without migrating or writing (for
+    /// `audit-roles`).
+    pub async fn open_for_owner(url: &str) -> Result<Store, AuditError> {
+        Ok(Store { pool: open_pool(url, false).await?, writer: None, task: Mutex::new(None) })
+    }
+
+    /// Closes the pool of a store without a writer.
+    pub async fn pool_close(&self) {
+        with_pool!(&self.pool, p => p.close().await);
     }
 
     /// Opens an existing store for reading only (the CLI): no migrations, no writer.
@@ -399,7 +551,7 @@ impl Store {
 
     /// Writes a checkpoint now (if there are unsealed entries and a key). Returns its id.
     pub async fn checkpoint_now(&self, key: &SigningKey) -> Result<Option<i64>, AuditError> {
-        write_checkpoint(&self.pool, key).await
+        write_checkpoint(&self.pool, key).await.map(|cp| cp.map(|c| c.body.id))
     }
 
     /// Stops the writer after everything queued is committed, seals the tail with a checkpoint
@@ -481,13 +633,16 @@ impl Store {
 
     /// All checkpoints, by id.
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
-        let sql = "SELECT id, first_seq, last_seq, time_us, merkle_root, head_hash, key_id, signature \
-                   FROM audit_checkpoint ORDER BY id";
-        let rows: Vec<CheckpointRow> =
-            with_pool!(&self.pool, p => sqlx::query_as::<_, CheckpointRow>(sql).fetch_all(p).await)
-                .map_err(unavailable)?;
-        rows.into_iter().map(CheckpointRow::into_checkpoint).collect()
+        read_checkpoints(&self.pool).await
     }
+}
+
+async fn read_checkpoints(pool: &Pool) -> Result<Vec<Checkpoint>, AuditError> {
+    let sql = "SELECT id, first_seq, last_seq, time_us, merkle_root, head_hash, key_id, signature \
+               FROM audit_checkpoint ORDER BY id";
+    let rows: Vec<CheckpointRow> =
+        with_pool!(pool, p => sqlx::query_as::<_, CheckpointRow>(sql).fetch_all(p).await).map_err(unavailable)?;
+    rows.into_iter().map(CheckpointRow::into_checkpoint).collect()
 }
 
 /// An entry's stored columns, owned, with the stored prev hash (the `Hash` beside it is the
@@ -624,13 +779,34 @@ fn pool_backend<P: BackendOf>(_: &P) -> Backend {
     P::BACKEND
 }
 
-/// Rows per INSERT statement: 13 parameters each stays under every backend's limit.
+/// Rows per INSERT statement: 15 parameters each stays under every backend's limit.
 const INSERT_ROWS: usize = 1000;
 
 /// Key for PostgreSQL's transaction-scoped advisory lock that serialises appends ("noexit-a").
 const PG_APPEND_LOCK: i64 = 0x6e6f_6578_6974_2d61;
 
+/// Writes a checkpoint file, logging (not failing) when the directory is unusable: the
+/// checkpoint is in the database, and the next start publishes what is missing.
+fn publish(dir: &std::path::Path, cp: &Checkpoint) {
+    match export_checkpoint(dir, cp) {
+        Ok(_) => tracing::debug!(id = cp.body.id, dir = %dir.display(), "checkpoint published"),
+        Err(e) => tracing::error!(id = cp.body.id, dir = %dir.display(), error = %e, "checkpoint not published outside the database"),
+    }
+}
+
+/// Publishes every stored checkpoint that the export directory lacks (after a restart or a
+/// failed write). Existing files are never replaced.
+async fn publish_missing(pool: &Pool, dir: &std::path::Path) {
+    match read_checkpoints(pool).await {
+        Ok(all) => all.iter().for_each(|cp| publish(dir, cp)),
+        Err(e) => tracing::error!(error = %e, "cannot read checkpoints to publish them"),
+    }
+}
+
 async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) {
+    if let Some(dir) = &options.checkpoint_export {
+        publish_missing(&pool, dir).await;
+    }
     let max_batch = options.max_batch.max(1);
     let mut unsealed = match &options.signing_key {
         Some(_) => unsealed_count(&pool).await.unwrap_or(1) as u64,
@@ -656,7 +832,7 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                 }
                 if !appends.is_empty() {
                     let pending: Vec<&Pending> = appends.iter().map(|(p, _)| p.as_ref()).collect();
-                    match write_batch(&pool, &pending).await {
+                    match write_batch(&pool, &pending, options.writer.as_ref()).await {
                         Ok(results) => {
                             unsealed += results.iter().filter(|(_, dup)| !dup).count() as u64;
                             for ((_, reply), r) in appends.into_iter().zip(results) {
@@ -674,7 +850,7 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                 }
                 if let Some(key) = &options.signing_key
                     && unsealed >= options.checkpoint_every
-                    && seal(&pool, key).await
+                    && seal(&pool, key, options.checkpoint_export.as_deref()).await
                 {
                     unsealed = 0;
                     tick.reset();
@@ -683,27 +859,33 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>, options: StoreOptions) 
                     break;
                 }
             }
-            _ = tick.tick(), if options.signing_key.is_some() && unsealed > 0 => {
-                if let Some(key) = &options.signing_key && seal(&pool, key).await {
+            // Other writers (mirror, webhook) append too: their entries are sealed by the timer
+            // even when this store wrote nothing (sealing finds nothing to do otherwise).
+            _ = tick.tick(), if options.signing_key.is_some() => {
+                if let Some(key) = &options.signing_key && seal(&pool, key, options.checkpoint_export.as_deref()).await {
                     unsealed = 0;
                 }
             }
         }
     }
-    // Closed or dropped: seal the tail so the next verify has nothing unsigned.
-    if let Some(key) = &options.signing_key
-        && unsealed > 0
-    {
-        seal(&pool, key).await;
+    // Closed or dropped: seal the tail (whoever wrote it) so the next verify has nothing
+    // unsigned.
+    if let Some(key) = &options.signing_key {
+        seal(&pool, key, options.checkpoint_export.as_deref()).await;
     }
     for done in closing {
         let _ = done.send(());
     }
 }
 
-async fn seal(pool: &Pool, key: &SigningKey) -> bool {
+async fn seal(pool: &Pool, key: &SigningKey, export: Option<&std::path::Path>) -> bool {
     match write_checkpoint(pool, key).await {
-        Ok(_) => true,
+        Ok(cp) => {
+            if let (Some(dir), Some(cp)) = (export, cp) {
+                publish(dir, &cp);
+            }
+            true
+        }
         Err(e) => {
             tracing::error!(error = %e, "audit checkpoint not written");
             false
@@ -722,7 +904,7 @@ async fn unsealed_count(pool: &Pool) -> Result<i64, sqlx::Error> {
 }
 
 /// Writes one batch in one transaction; per event `(seq, duplicate)`.
-async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>, sqlx::Error> {
+async fn write_batch(pool: &Pool, batch: &[&Pending], writer: Option<&Writer>) -> Result<Vec<(Seq, bool)>, sqlx::Error> {
     with_pool!(pool, p => {
         let mut tx = begin_locked!(p);
         let head: Option<(i64, Vec<u8>)> =
@@ -774,7 +956,8 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
                 idempotency_key: e.key.as_deref(),
             };
             let h = hash::entry_hash(&fields, &prev);
-            rows.push((fields, prev, h));
+            let signature = writer.map(|w| w.sign(&h));
+            rows.push((fields, prev, h, signature));
             prev = h;
             if let Some(k) = &e.key {
                 known.insert(k.clone(), seq);
@@ -785,7 +968,8 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
         // Both databases cap bind parameters per statement (SQLite 32766, PostgreSQL 65535).
         for rows in rows.chunks(INSERT_ROWS) {
             let mut q = sqlx::QueryBuilder::new(format!("INSERT INTO audit_log ({ENTRY_COLUMNS}) "));
-            q.push_values(rows, |mut b, (f, prev, h)| {
+            let writer_name = writer.map(|w| w.name.as_str());
+            q.push_values(rows, |mut b, (f, prev, h, signature)| {
                 b.push_bind(f.seq)
                     .push_bind(f.time_us)
                     .push_bind(f.actor)
@@ -798,7 +982,9 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
                     .push_bind(f.detail)
                     .push_bind(f.idempotency_key)
                     .push_bind(prev.as_slice())
-                    .push_bind(h.as_slice());
+                    .push_bind(h.as_slice())
+                    .push_bind(writer_name)
+                    .push_bind(signature.as_ref().map(|s| s.as_slice()));
             });
             q.build().execute(&mut *tx).await?;
         }
@@ -809,8 +995,8 @@ async fn write_batch(pool: &Pool, batch: &[&Pending]) -> Result<Vec<(Seq, bool)>
 
 /// Seals the entries after the last checkpoint: re-verifies them (never signs a broken chain),
 /// computes their Merkle root and stores the signed checkpoint.
-async fn write_checkpoint(pool: &Pool, key: &SigningKey) -> Result<Option<i64>, AuditError> {
-    let result: Result<Option<i64>, AuditError> = with_pool!(pool, p => {
+async fn write_checkpoint(pool: &Pool, key: &SigningKey) -> Result<Option<Checkpoint>, AuditError> {
+    let result: Result<Option<Checkpoint>, AuditError> = with_pool!(pool, p => {
         async {
             let mut tx = (async { Ok::<_, sqlx::Error>(begin_locked!(p)) }).await.map_err(unavailable)?;
             let last: Option<(i64, i64, Vec<u8>)> = sqlx::query_as(
@@ -852,6 +1038,7 @@ async fn write_checkpoint(pool: &Pool, key: &SigningKey) -> Result<Option<i64>, 
                 head_hash: prev,
             };
             let signature = key.sign(&body.message()).to_bytes();
+            let key_id = keys::key_id(&key.verifying_key());
             sqlx::query(
                 "INSERT INTO audit_checkpoint (id, first_seq, last_seq, time_us, merkle_root, head_hash, key_id, signature) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -862,13 +1049,13 @@ async fn write_checkpoint(pool: &Pool, key: &SigningKey) -> Result<Option<i64>, 
             .bind(body.time_us)
             .bind(body.merkle_root.as_slice())
             .bind(body.head_hash.as_slice())
-            .bind(keys::key_id(&key.verifying_key()))
+            .bind(&key_id)
             .bind(signature.as_slice())
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
             tx.commit().await.map_err(unavailable)?;
-            Ok(Some(body.id))
+            Ok(Some(Checkpoint { body, key_id, signature: signature.to_vec() }))
         }
         .await
     });

@@ -7,7 +7,7 @@
 //! hashes them without allocating per row. Only when the chain breaks is a small window of rows
 //! read again, owned, to tell what kind of change it was.
 
-use std::{collections::HashMap, time::Duration, time::Instant};
+use std::{collections::BTreeMap, collections::HashMap, sync::Arc, time::Duration, time::Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::hash::{self, CheckpointBody, EntryBytes, GENESIS, Hash, MerkleBuilder};
 use super::store::{Checkpoint, ENTRY_COLUMNS, EntryRaw, Pool, Seq, Store};
+use super::writers::{self, EntryAuth, WriterKeys};
 use super::{AuditError, keys, sqlite_scan};
 
 /// Public keys that may have signed checkpoints (matched by key id). Empty: signatures are not
@@ -25,6 +26,13 @@ use super::{AuditError, keys, sqlite_scan};
 #[derive(Clone, Debug, Default)]
 pub struct VerifyOptions {
     pub keys: Vec<VerifyingKey>,
+    /// The writers' public keys: each entry must be signed by the writer it names, and that
+    /// writer must own its action ([`writers::WRITERS`]). `None`: entries' writers are not
+    /// checked (the report says so).
+    pub writers: Option<WriterKeys>,
+    /// Checkpoints published outside the database (`--checkpoint-export`): each must still be
+    /// in the database, unchanged; one that is missing means the log was rolled back.
+    pub published: Option<Vec<Checkpoint>>,
 }
 
 /// What kind of tampering was found.
@@ -47,6 +55,16 @@ pub enum Tamper {
     CheckpointMissing,
     /// Entries sealed by a checkpoint are missing from the end of the log.
     Truncated,
+    /// An entry names no writer or carries no signature.
+    Unsigned,
+    /// An entry was written by a writer that does not own its action (the mirror writing
+    /// `request.approve`).
+    WrongWriter,
+    /// An entry's signature does not verify with the key of the writer it names.
+    EntryForged,
+    /// A checkpoint published outside the database is missing from it or differs: the log was
+    /// rolled back (and possibly rewritten after the rollback).
+    RolledBack,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -71,6 +89,16 @@ pub struct Report {
     pub signatures_checked: u64,
     /// Entries after the last checkpoint: chained, but not yet sealed by a signature.
     pub unsealed: u64,
+    /// Whether each entry's writer and signature were checked.
+    pub writers_checked: bool,
+    /// Entries per writer (`unnamed` for entries without one), up to the first problem.
+    pub writers: BTreeMap<String, u64>,
+    /// Entries whose signature verified with their writer's key.
+    pub entries_authenticated: u64,
+    /// Writers that wrote entries but whose public key was not given: not authenticated.
+    pub writers_without_key: Vec<String>,
+    /// Checkpoints published outside the database that were compared (`--checkpoints`).
+    pub published_checkpoints: Option<u64>,
     pub finding: Option<Finding>,
     #[serde(serialize_with = "seconds")]
     pub elapsed: Duration,
@@ -96,9 +124,13 @@ pub async fn verify(store: &Store, options: &VerifyOptions) -> Result<Report, Au
     let started = Instant::now();
     let checkpoints = store.checkpoints().await?;
     let (sealed, mut findings, signatures_checked) = check_checkpoints(&checkpoints, &options.keys);
+    if let Some(published) = &options.published {
+        findings.extend(check_published(published, &checkpoints, &options.keys));
+    }
 
     let (tx, rx) = mpsc::channel::<Bytes>(8);
-    let chain = Chain::new(sealed.clone());
+    let mut chain = Chain::new(sealed.clone());
+    chain.writer_keys = options.writers.clone().map(Arc::new);
     let workers = hashing_threads(store.pool());
     let hasher = tokio::task::spawn_blocking(move || chain.run(rx, workers));
     let read = read_all(store.pool(), tx).await;
@@ -108,6 +140,7 @@ pub async fn verify(store: &Store, options: &VerifyOptions) -> Result<Report, Au
         return Err(AuditError::Corrupt(e));
     }
     findings.extend(chain.finding.clone());
+    findings.extend(chain.auth_finding.clone());
     let last_seen = chain.expect - 1;
     if let Some(at) = chain.broken_at {
         let rows = store.entries_from(at, WINDOW).await?;
@@ -127,15 +160,94 @@ pub async fn verify(store: &Store, options: &VerifyOptions) -> Result<Report, Au
     }
     let sealed_to = sealed.last().map_or(0, |cp| cp.last_seq);
     let finding = findings.into_iter().min_by_key(|f| f.seq);
+    let mut writers = BTreeMap::new();
+    let mut writers_without_key = Vec::new();
+    for (i, &n) in chain.per_writer.iter().enumerate() {
+        if n > 0 {
+            let name = writer_label(i);
+            writers.insert(name.to_owned(), n);
+        }
+        if chain.no_key[i] > 0 {
+            writers_without_key.push(writer_label(i).to_owned());
+        }
+    }
     Ok(Report {
         entries: chain.entries,
         last_seq: last_seen,
         checkpoints: checkpoints.len() as u64,
         signatures_checked,
         unsealed: (last_seen - sealed_to).max(0) as u64,
+        writers_checked: options.writers.is_some(),
+        writers,
+        entries_authenticated: chain.authenticated,
+        writers_without_key,
+        published_checkpoints: options.published.as_ref().map(|p| p.len() as u64),
         finding,
         elapsed: started.elapsed(),
     })
+}
+
+/// Index of a writer name in [`writers::WRITERS`]; one more for an entry without a known writer.
+const UNNAMED: usize = writers::WRITERS.len();
+
+fn writer_index(name: Option<&[u8]>) -> usize {
+    name.and_then(|n| writers::WRITERS.iter().position(|w| w.name.as_bytes() == n)).unwrap_or(UNNAMED)
+}
+
+fn writer_label(i: usize) -> &'static str {
+    writers::WRITERS.get(i).map_or("unnamed", |w| w.name)
+}
+
+/// Compares checkpoints published outside the database with those inside. A published one
+/// that verifies (or any, when no key is given) must be in the database unchanged.
+fn check_published(published: &[Checkpoint], stored: &[Checkpoint], keys: &[VerifyingKey]) -> Vec<Finding> {
+    let by_id: HashMap<String, &VerifyingKey> = keys.iter().map(|k| (keys::key_id(k), k)).collect();
+    let stored: HashMap<i64, &Checkpoint> = stored.iter().map(|c| (c.body.id, c)).collect();
+    let mut findings = Vec::new();
+    for cp in published {
+        let b = &cp.body;
+        if !keys.is_empty() {
+            let good = by_id.get(&cp.key_id).is_some_and(|k| {
+                Signature::from_slice(&cp.signature).is_ok_and(|sig| k.verify(&b.message(), &sig).is_ok())
+            });
+            if !good {
+                findings.push(Finding {
+                    kind: Tamper::CheckpointForged,
+                    seq: b.first_seq,
+                    checkpoint: Some(b.id),
+                    message: format!(
+                        "published checkpoint {} (entries {}..={}) is not signed by a trusted key",
+                        b.id, b.first_seq, b.last_seq
+                    ),
+                });
+                continue;
+            }
+        }
+        match stored.get(&b.id) {
+            Some(s) if *s == cp => {}
+            Some(_) => findings.push(Finding {
+                kind: Tamper::RolledBack,
+                seq: b.first_seq,
+                checkpoint: Some(b.id),
+                message: format!(
+                    "checkpoint {} in the database differs from the one published outside it (entries {}..={}): \
+                     the log was rolled back and rewritten",
+                    b.id, b.first_seq, b.last_seq
+                ),
+            }),
+            None => findings.push(Finding {
+                kind: Tamper::RolledBack,
+                seq: b.first_seq,
+                checkpoint: Some(b.id),
+                message: format!(
+                    "checkpoint {} (entries {}..={}) was published outside the database but is missing from it: \
+                     the log was rolled back",
+                    b.id, b.first_seq, b.last_seq
+                ),
+            }),
+        }
+    }
+    findings
 }
 
 /// Threads that hash. PostgreSQL's server process and the protocol decoding need a core of
@@ -202,10 +314,14 @@ struct Summary {
     hash: Hash,
     /// The stored hash is the hash of the row's fields and stored predecessor.
     self_consistent: bool,
+    /// Index of the writer it names ([`writer_index`]).
+    writer: usize,
+    /// Who wrote it, when writers are checked.
+    auth: Option<EntryAuth>,
 }
 
 /// Hashes every whole tuple of `chunk` (a worker's job; rows are independent of each other).
-fn summarize(chunk: &[u8], out: &mut Vec<Summary>) -> Result<(), String> {
+fn summarize(chunk: &[u8], out: &mut Vec<Summary>, writer_keys: Option<&WriterKeys>) -> Result<(), String> {
     let mut pos = 0;
     while pos < chunk.len() {
         match parse_tuple(&chunk[pos..])? {
@@ -215,7 +331,9 @@ fn summarize(chunk: &[u8], out: &mut Vec<Summary>) -> Result<(), String> {
                 let stored = hash::to_hash(row.hash);
                 let hash = stored.unwrap_or([0xff; 32]);
                 let self_consistent = stored.is_some() && hash::entry_hash_bytes(&row.entry, &prev) == hash;
-                out.push(Summary { seq: row.entry.seq, prev, hash, self_consistent });
+                let auth = writer_keys.map(|k| k.check(row.writer, row.signature, row.entry.action, &hash));
+                let writer = writer_index(row.writer);
+                out.push(Summary { seq: row.entry.seq, prev, hash, self_consistent, writer, auth });
             }
             Parsed::Skip(used) => pos += used,
             Parsed::Incomplete => return Err("an entry was cut off in the stream".into()),
@@ -258,6 +376,12 @@ struct Chain {
     broken_at: Option<Seq>,
     finding: Option<Finding>,
     wire_error: Option<String>,
+    writer_keys: Option<Arc<WriterKeys>>,
+    /// The first entry whose writer or signature is wrong.
+    auth_finding: Option<Finding>,
+    per_writer: [u64; UNNAMED + 1],
+    no_key: [u64; UNNAMED + 1],
+    authenticated: u64,
 }
 
 impl Chain {
@@ -272,6 +396,11 @@ impl Chain {
             broken_at: None,
             finding: None,
             wire_error: None,
+            writer_keys: None,
+            auth_finding: None,
+            per_writer: [0; UNNAMED + 1],
+            no_key: [0; UNNAMED + 1],
+            authenticated: 0,
         }
     }
 
@@ -290,10 +419,11 @@ impl Chain {
             for _ in 0..workers {
                 let (job_tx, job_rx) = sync_channel::<Bytes>(2);
                 let (result_tx, result_rx) = sync_channel::<Result<Vec<Summary>, String>>(2);
+                let writer_keys = self.writer_keys.clone();
                 scope.spawn(move || {
                     for chunk in job_rx {
                         let mut rows = Vec::with_capacity(chunk.len() / 160);
-                        let result = summarize(&chunk, &mut rows).map(|()| rows);
+                        let result = summarize(&chunk, &mut rows, writer_keys.as_deref()).map(|()| rows);
                         if result_tx.send(result).is_err() {
                             break;
                         }
@@ -364,6 +494,37 @@ impl Chain {
             return false;
         }
         let stored = row.hash;
+        self.per_writer[row.writer] += 1;
+        match row.auth {
+            None => {}
+            Some(EntryAuth::Good) => self.authenticated += 1,
+            Some(EntryAuth::NoKey) => self.no_key[row.writer] += 1,
+            Some(bad) if self.auth_finding.is_none() => {
+                let (kind, message) = match bad {
+                    EntryAuth::Unsigned => {
+                        (Tamper::Unsigned, format!("entry {} names no writer or carries no signature", row.seq))
+                    }
+                    EntryAuth::WrongWriter => (
+                        Tamper::WrongWriter,
+                        format!(
+                            "entry {} was written by {}, which may not write this action",
+                            row.seq,
+                            writer_label(row.writer)
+                        ),
+                    ),
+                    _ => (
+                        Tamper::EntryForged,
+                        format!(
+                            "entry {}'s signature does not verify with the key of writer {}",
+                            row.seq,
+                            writer_label(row.writer)
+                        ),
+                    ),
+                };
+                self.auth_finding = Some(Finding { kind, seq: row.seq, checkpoint: None, message });
+            }
+            Some(_) => {}
+        }
         self.entries += 1;
         self.expect += 1;
         self.prev = stored;
@@ -396,6 +557,8 @@ struct WireRow<'a> {
     entry: EntryBytes<'a>,
     prev_hash: &'a [u8],
     hash: &'a [u8],
+    writer: Option<&'a [u8]>,
+    signature: Option<&'a [u8]>,
 }
 
 enum Parsed<'a> {
@@ -406,7 +569,7 @@ enum Parsed<'a> {
 }
 
 const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
-const COLUMNS: i16 = 13;
+pub(crate) const COLUMNS: i16 = 15;
 
 /// The binary COPY header: signature, flags, extension area. `None` = need more bytes.
 fn parse_header(buf: &[u8]) -> Result<Option<usize>, String> {
@@ -464,7 +627,8 @@ fn parse_tuple(buf: &[u8]) -> Result<Parsed<'_>, String> {
             .map(i64::from_be_bytes)
             .ok_or_else(|| "bad integer column".to_string())
     };
-    let [seq, time_us, actor, role, action, object, outcome, reason, source, detail, key, prev, hash] = fields;
+    let [seq, time_us, actor, role, action, object, outcome, reason, source, detail, key, prev, hash, writer, signature] =
+        fields;
     let entry = EntryBytes {
         seq: int(seq)?,
         time_us: int(time_us)?,
@@ -478,7 +642,10 @@ fn parse_tuple(buf: &[u8]) -> Result<Parsed<'_>, String> {
         detail: detail.unwrap_or_default(),
         idempotency_key: key,
     };
-    Ok(Parsed::Entry(WireRow { entry, prev_hash: prev.unwrap_or_default(), hash: hash.unwrap_or_default() }, pos))
+    Ok(Parsed::Entry(
+        WireRow { entry, prev_hash: prev.unwrap_or_default(), hash: hash.unwrap_or_default(), writer, signature },
+        pos,
+    ))
 }
 
 fn put_field(out: &mut BytesMut, value: Option<&[u8]>) {
@@ -518,7 +685,7 @@ async fn read_all(pool: &Pool, tx: mpsc::Sender<Bytes>) -> Result<(), AuditError
             if file.is_file() {
                 let mut header = BytesMut::new();
                 put_header(&mut header);
-                let scan = tokio::task::spawn_blocking(move || sqlite_scan::scan(&file, &sql, &header, CHUNK, tx));
+                let scan = tokio::task::spawn_blocking(move || sqlite_scan::scan(&file, &sql, COLUMNS, &header, CHUNK, tx));
                 return scan
                     .await
                     .map_err(|e| AuditError::Unavailable(format!("reading the audit log: {e}")))?
@@ -676,6 +843,8 @@ mod tests {
                 f.idempotency_key.map(str::as_bytes),
                 Some(r.prev_hash.as_slice()),
                 Some(h.as_slice()),
+                None,
+                None,
             ] {
                 put_field(&mut buf, v);
             }

@@ -1,7 +1,8 @@
 //! `noexit audit tail|query|verify|export`: the auditor's commands. They open the store
 //! read-only and never write to it.
 //!
-//! Exit codes: 0 ok · 1 `verify` found tampering · 2 usage, key or connection error.
+//! Exit codes: 0 ok · 1 `verify` found tampering or could not authenticate the log · 2 usage,
+//! key or connection error.
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
@@ -11,11 +12,12 @@ use super::escape::{json as term_json, term};
 
 use crate::audit::{
     AuditError, Outcome, keys,
-    store::{Entry, Filter, Store, redact},
+    store::{Entry, Filter, Store, read_exported_checkpoints, redact},
     verify::{Report, VerifyOptions, verify},
+    writers::{self, WriterKeys},
 };
 
-/// Exit code when `verify` finds tampering.
+/// Exit code when `verify` finds tampering, or cannot authenticate what it read.
 pub const EXIT_TAMPERED: u8 = 1;
 /// Exit code for bad arguments, unreadable keys or an unreachable store.
 pub const EXIT_USAGE: u8 = 2;
@@ -60,13 +62,27 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Recompute hashes, chain, checkpoint Merkle roots and signatures; name the first
-    /// tampered entry. Exit 1 when tampering is found.
+    /// Recompute hashes, chain, checkpoint Merkle roots and signatures, and each entry's
+    /// writer signature; name the first tampered entry. Exit 1 when tampering is found or
+    /// the log could not be authenticated.
     Verify {
-        /// Public key (PEM) that signs checkpoints; repeat for rotated keys. Without it the
-        /// signatures are not checked.
+        /// Public key (PEM) that signs checkpoints (the API's key); repeat for rotated keys.
+        /// It also authenticates the `api` writer unless --writer-key api=… is given.
         #[arg(long = "checkpoint-key-pub", value_name = "FILE")]
         keys: Vec<PathBuf>,
+        /// A writer's public key, WRITER=FILE (writers: api, mirror, webhook, dns); repeat for
+        /// each writer and for rotated keys. Every entry must be signed by the writer that owns
+        /// its action.
+        #[arg(long = "writer-key", value_name = "WRITER=FILE", value_parser = parse_writer_key)]
+        writer_keys: Vec<(String, PathBuf)>,
+        /// Checkpoints published outside the database (the API's --checkpoint-export
+        /// directory, or a file of them): each must still be in the database unchanged.
+        #[arg(long = "checkpoints", value_name = "FILE_OR_DIR")]
+        published: Option<PathBuf>,
+        /// Check only that the log is consistent, authenticating nothing (no keys): the
+        /// report then says loudly that nothing was authenticated.
+        #[arg(long)]
+        no_authentication: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -127,6 +143,16 @@ impl FilterArgs {
     }
 }
 
+/// Parses `--writer-key WRITER=FILE`.
+fn parse_writer_key(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s.split_once('=').ok_or_else(|| format!("`{s}`: use WRITER=FILE, e.g. mirror=mirror.pub"))?;
+    if !writers::WRITERS.iter().any(|w| w.name == name) {
+        let known: Vec<&str> = writers::WRITERS.iter().map(|w| w.name).collect();
+        return Err(format!("`{name}` is not a writer: one of {}", known.join(", ")));
+    }
+    Ok((name.to_owned(), PathBuf::from(file)))
+}
+
 /// Parses `--since`/`--until`.
 pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -169,14 +195,36 @@ pub async fn run_with(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write)
 async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8, String> {
     let url = args.store.ok_or("no audit store given: pass --database-url URL or set NOEXIT_DATABASE_URL")?;
     // Keys first: a typo in a path should not cost a full pass over the log.
-    let keys = match &args.command {
-        AuditCommand::Verify { keys, .. } => keys
+    let mut verify_options = VerifyOptions::default();
+    if let AuditCommand::Verify { keys, writer_keys, published, no_authentication, .. } = &args.command {
+        verify_options.keys = keys
             .iter()
             .map(|p| keys::load_verifying_key(p))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?,
-        _ => Vec::new(),
-    };
+            .map_err(|e| e.to_string())?;
+        if keys.is_empty() && writer_keys.is_empty() && !no_authentication {
+            let _ = writeln!(
+                out,
+                "NOT VERIFIED: no public key given, so nothing in the log can be authenticated.\n  \
+                 Pass --checkpoint-key-pub FILE (and --writer-key WRITER=FILE for each writer), or \
+                 --no-authentication to check only that the log is consistent."
+            );
+            return Ok(EXIT_TAMPERED);
+        }
+        if !keys.is_empty() || !writer_keys.is_empty() {
+            let mut w = WriterKeys::new();
+            for (name, path) in writer_keys {
+                w.add(name, keys::load_verifying_key(path).map_err(|e| e.to_string())?);
+            }
+            if !w.has(writers::API) {
+                verify_options.keys.iter().for_each(|k| w.add(writers::API, *k));
+            }
+            verify_options.writers = Some(w);
+        }
+        if let Some(path) = published {
+            verify_options.published = Some(read_exported_checkpoints(path)?);
+        }
+    }
     let store = Store::open_read_only(&url).await.map_err(|e| e.to_string())?;
     let io = |e: std::io::Error| format!("writing output: {e}");
     let code = match args.command {
@@ -239,13 +287,15 @@ async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> R
             }
             0
         }
-        AuditCommand::Verify { json, .. } => {
-            let no_keys = keys.is_empty();
-            let report = verify(&store, &VerifyOptions { keys }).await.map_err(show)?;
+        AuditCommand::Verify { json, no_authentication, .. } => {
+            let no_keys = verify_options.keys.is_empty();
+            let published = verify_options.published.is_some();
+            let report = verify(&store, &verify_options).await.map_err(show)?;
+            let authenticated = report.writers_checked && report.writers_without_key.is_empty() && !no_keys;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(io)?;
             } else {
-                print_report(out, &report, &redact(&url)).map_err(io)?;
+                print_report(out, &report, &redact(&url), no_authentication).map_err(io)?;
             }
             if no_keys && report.checkpoints > 0 {
                 let _ = writeln!(
@@ -253,7 +303,27 @@ async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> R
                     "warning: checkpoint signatures were NOT checked; pass --checkpoint-key-pub FILE to check them"
                 );
             }
-            if report.is_intact() { 0 } else { EXIT_TAMPERED }
+            if !published && report.is_intact() {
+                let _ = writeln!(
+                    err,
+                    "note: checkpoints were not compared with a published copy (--checkpoints DIR): a rollback of \
+                     the newest entries together with their checkpoints would not be seen"
+                );
+            }
+            if !report.is_intact() {
+                EXIT_TAMPERED
+            } else if no_authentication {
+                let _ = writeln!(
+                    err,
+                    "WARNING: --no-authentication: NOTHING WAS AUTHENTICATED. Anyone with write access to the \
+                     database could have produced this log."
+                );
+                0
+            } else if !authenticated {
+                EXIT_TAMPERED
+            } else {
+                0
+            }
         }
     };
     Ok(code)
@@ -285,18 +355,43 @@ fn print_entry(out: &mut dyn Write, e: &Entry, json: bool) -> std::io::Result<()
     )
 }
 
-fn print_report(out: &mut dyn Write, r: &Report, store: &str) -> std::io::Result<()> {
+fn print_report(out: &mut dyn Write, r: &Report, store: &str, no_authentication: bool) -> std::io::Result<()> {
     let rate = r.entries as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    let writers: Vec<String> = r.writers.iter().map(|(w, n)| format!("{w} {n}")).collect();
+    let writers = if writers.is_empty() { "none".to_owned() } else { writers.join(", ") };
+    let published = match r.published_checkpoints {
+        Some(n) => format!("{n} published checkpoints match the database"),
+        None => "no published checkpoints compared".to_owned(),
+    };
     match &r.finding {
+        None if no_authentication || !r.writers_without_key.is_empty() || !r.writers_checked => {
+            let missing = if r.writers_without_key.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "\n  no public key for writer(s) {}: pass --writer-key {}=FILE",
+                    r.writers_without_key.join(", "),
+                    r.writers_without_key[0]
+                )
+            };
+            writeln!(
+                out,
+                "NOT AUTHENTICATED: {store}\n  the chain is consistent, but {} of {} entries were authenticated{missing}\n  \
+                 {} entries (last seq {}), {} checkpoints, {} signatures checked; writers: {writers}",
+                r.entries_authenticated, r.entries, r.entries, r.last_seq, r.checkpoints, r.signatures_checked,
+            )
+        }
         None => writeln!(
             out,
             "audit log intact: {store}\n  {} entries (last seq {}), {} checkpoints, {} signatures checked, \
-             {} entries after the last checkpoint\n  verified in {:.3} s ({:.0} entries/s)",
+             {} entries after the last checkpoint\n  {} entries signed by their writers ({writers})\n  {published}\n  \
+             verified in {:.3} s ({:.0} entries/s)",
             r.entries,
             r.last_seq,
             r.checkpoints,
             r.signatures_checked,
             r.unsealed,
+            r.entries_authenticated,
             r.elapsed.as_secs_f64(),
             rate
         ),
@@ -331,21 +426,38 @@ mod tests {
         (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
     }
 
-    async fn sample(dir: &std::path::Path) -> (String, PathBuf) {
+    /// Five API entries and one mirror entry, each signed by its writer; the API's key also
+    /// signs the checkpoints. Returns the URL, the API's and the mirror's public keys.
+    async fn sample(dir: &std::path::Path) -> (String, PathBuf, PathBuf) {
         let url = format!("sqlite://{}", dir.join("audit.db").display());
         let (sk, pk) = (dir.join("checkpoint.key"), dir.join("checkpoint.pub"));
         keys::write_key_pair(&sk, &pk).unwrap();
-        let options = StoreOptions { signing_key: Some(keys::load_signing_key(&sk).unwrap()), ..Default::default() };
+        let (msk, mpk) = (dir.join("mirror.key"), dir.join("mirror.pub"));
+        keys::write_key_pair(&msk, &mpk).unwrap();
+        let key = keys::load_signing_key(&sk).unwrap();
+        let options = StoreOptions {
+            writer: Some(writers::Writer::new(writers::API, key.clone())),
+            signing_key: Some(key),
+            ..Default::default()
+        };
         let store = Store::connect_with(&url, options).await.unwrap();
         for i in 0..5 {
             store.append(AuditEvent::allowed(format!("user:u{i}"), "agent.heartbeat", "workspace:p/w")).await.unwrap();
         }
+        let mirror = Store::connect_with(
+            &url,
+            StoreOptions { writer: Some(writers::Writer::load(writers::MIRROR, &msk).unwrap()), ..Default::default() },
+        )
+        .await
+        .unwrap();
+        mirror.append(AuditEvent::allowed("workspace:p/w", "mirror.fetch", "package:x@1")).await.unwrap();
+        mirror.close().await;
         store
             .append(AuditEvent::refused("user:eve", "request.approve", "workspacerequest:p/r", "own request"))
             .await
             .unwrap();
         store.close().await;
-        (url, pk)
+        (url, pk, mpk)
     }
 
     #[tokio::test]
@@ -397,16 +509,31 @@ mod tests {
     #[tokio::test]
     async fn verify_tail_query_export() {
         let dir = tempfile::tempdir().unwrap();
-        let (url, pk) = sample(dir.path()).await;
-        let pk = pk.to_str().unwrap();
+        let (url, pk, mpk) = sample(dir.path()).await;
+        let (pk, mpk) = (pk.to_str().unwrap(), format!("mirror={}", mpk.display()));
 
-        let (code, out, _) = cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk]).await;
+        let (code, out, _) =
+            cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk, "--writer-key", &mpk]).await;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("audit log intact") && out.contains("1 signatures checked"), "{out}");
+        assert!(out.contains("7 entries signed by their writers (api 6, mirror 1)"), "{out}");
 
-        let (code, _, err) = cli(&["verify", "--database-url", &url]).await;
-        assert_eq!(code, 0);
-        assert!(err.contains("NOT checked"), "{err}");
+        // The mirror's entry cannot be authenticated without the mirror's key: never "intact".
+        let (code, out, _) = cli(&["verify", "--database-url", &url, "--checkpoint-key-pub", pk]).await;
+        assert_eq!(code, EXIT_TAMPERED, "{out}");
+        assert!(out.contains("NOT AUTHENTICATED") && out.contains("--writer-key mirror=FILE"), "{out}");
+
+        // No key at all: refused, or loudly unauthenticated on request.
+        let (code, out, _) = cli(&["verify", "--database-url", &url]).await;
+        assert_eq!(code, EXIT_TAMPERED, "{out}");
+        assert!(out.contains("NOT VERIFIED: no public key given"), "{out}");
+        assert!(!out.contains("intact"), "{out}");
+        let (code, out, err) = cli(&["verify", "--database-url", &url, "--no-authentication"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("NOT AUTHENTICATED") && !out.contains("intact"), "{out}");
+        assert!(err.contains("NOTHING WAS AUTHENTICATED"), "{err}");
+        let unknown = parse_writer_key("printer=x.pub").unwrap_err();
+        assert!(unknown.contains("not a writer"), "{unknown}");
 
         let (_, out, _) = cli(&["tail", "-n", "2", "--store", &url]).await;
         assert_eq!(out.lines().count(), 2, "{out}");
@@ -422,13 +549,16 @@ mod tests {
         assert_eq!(code, 0, "{err}");
         let exported = std::fs::read_to_string(&file).unwrap();
         assert_eq!(exported.lines().count(), 5);
+        let first: serde_json::Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
+        assert_eq!(first["writer"], "api");
+        assert_eq!(first["signature"].as_str().map(str::len), Some(128));
         assert!(exported.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
 
     #[tokio::test]
     async fn tampering_exits_1_and_errors_exit_2() {
         let dir = tempfile::tempdir().unwrap();
-        let (url, pk) = sample(dir.path()).await;
+        let (url, pk, _) = sample(dir.path()).await;
         let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
         sqlx::raw_sql("DROP TRIGGER audit_log_no_update; UPDATE audit_log SET object = 'x' WHERE seq = 3")
             .execute(&raw)

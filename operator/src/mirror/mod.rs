@@ -67,9 +67,14 @@ pub struct Args {
     #[arg(long, env = "NOEXIT_MIRROR_AUDIT_FILE", conflicts_with = "database_url")]
     pub audit_file: Option<PathBuf>,
     /// Append audit events to the shared tamper-evident log (the API's database:
-    /// `sqlite:///path/noexit.db` or `postgres://…`). The API signs the checkpoints.
-    #[arg(long, env = "NOEXIT_DATABASE_URL")]
+    /// `sqlite:///path/noexit.db` or `postgres://…`, as the mirror's own role). The API signs
+    /// the checkpoints.
+    #[arg(long, env = "NOEXIT_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// The mirror's audit key (ed25519 PKCS#8 PEM, `noexit-operator audit-keygen`): signs each
+    /// entry as writer `mirror`. Without it the entries are unsigned and `verify` says so.
+    #[arg(long, env = "NOEXIT_AUDIT_KEY", requires = "database_url")]
+    pub audit_key: Option<PathBuf>,
     #[command(flatten)]
     pub tls: Box<TlsArgs>,
     #[command(flatten)]
@@ -122,9 +127,21 @@ pub struct Tuning {
 /// The one place the audit sink is chosen.
 async fn audit_sink(args: &Args) -> anyhow::Result<Arc<dyn AuditSink>> {
     match (&args.database_url, &args.audit_file) {
-        (Some(url), _) => Ok(Arc::new(
-            crate::audit::Store::connect(url).await.with_context(|| format!("--database-url {}", redact(url)))?,
-        )),
+        (Some(url), _) => {
+            let writer = match &args.audit_key {
+                Some(path) => Some(crate::audit::writers::Writer::load(crate::audit::writers::MIRROR, path)?),
+                None => {
+                    tracing::warn!("no --audit-key: the mirror's audit entries are unsigned and verify will report them");
+                    None
+                }
+            };
+            let options = crate::audit::StoreOptions { writer, ..Default::default() };
+            Ok(Arc::new(
+                crate::audit::Store::connect_with(url, options)
+                    .await
+                    .with_context(|| format!("--database-url {}", redact(url)))?,
+            ))
+        }
         (None, Some(path)) => Ok(Arc::new(
             audit_file::FileAuditSink::open(path).with_context(|| format!("--audit-file {}", path.display()))?,
         )),

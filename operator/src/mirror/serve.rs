@@ -180,33 +180,35 @@ impl Mirror {
         let clients = self.clients.get();
         let client = peer.certified.as_ref().or_else(|| clients.lookup(peer.addr.ip()));
         let source = || Some(peer.addr.to_string());
-        let refuse = |actor: String, reason: String| AuditEvent {
-            actor,
+        // Entries about a known workspace name its project, so the project's auditor sees them.
+        let refuse = |client: Option<&ClientId>, reason: String| AuditEvent {
+            actor: client.map_or_else(|| "unknown".to_owned(), |c| format!("workspace:{c}")),
             role: None,
             action: "mirror.request".into(),
             // The path is the client's: keep the record small.
             object: format!("path:{}", truncate(&path, 256)),
             outcome: Outcome::Refused(reason),
             source: source(),
-            detail: json!({ "method": req.method().as_str() }),
+            detail: match client {
+                Some(c) => json!({ "method": truncate(req.method().as_str(), 16), "project": c.project }),
+                None => json!({ "method": truncate(req.method().as_str(), 16) }),
+            },
         };
         let Some(client) = client else {
             tracing::warn!(peer = %peer.addr, path, "request from an unknown client refused");
-            let _ = self.record(refuse("unknown".into(), "unknown client".into())).await;
+            let _ = self.record(refuse(None, "unknown client".into())).await;
             return text(StatusCode::FORBIDDEN, "this address is not a known workspace");
         };
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let _ = self
-                .record(refuse(format!("workspace:{client}"), format!("method {} not allowed", req.method())))
+                .record(refuse(Some(client), format!("method {} not allowed", truncate(req.method().as_str(), 16))))
                 .await;
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
         }
         match route {
             Route::Health => text(StatusCode::OK, "ok"),
             Route::Unknown => {
-                let _ = self
-                    .record(refuse(format!("workspace:{client}"), "not part of the CRAN source layout".into()))
-                    .await;
+                let _ = self.record(refuse(Some(client), "not part of the CRAN source layout".into())).await;
                 text(StatusCode::NOT_FOUND, "not found: this mirror serves src/contrib only")
             }
             Route::Index(file) => self.serve_index(&req, client, file),
@@ -252,14 +254,17 @@ impl Mirror {
         } else {
             format!("src/contrib/{name}_{version}.tar.gz")
         };
-        let event = |outcome: Outcome, detail: serde_json::Value| AuditEvent {
-            actor: actor.to_owned(),
-            role: None,
-            action: "mirror.fetch".into(),
-            object: format!("package:{name}@{version}"),
-            outcome,
-            source: source.clone(),
-            detail,
+        let event = |outcome: Outcome, mut detail: serde_json::Value| {
+            detail["project"] = client.project.clone().into();
+            AuditEvent {
+                actor: actor.to_owned(),
+                role: None,
+                action: "mirror.fetch".into(),
+                object: format!("package:{name}@{version}"),
+                outcome,
+                source: source.clone(),
+                detail,
+            }
         };
         let policy = self.policy.get();
         if let Err(refusal) = policy::decide(policy.project(&client.project), name, version) {

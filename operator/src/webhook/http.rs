@@ -17,6 +17,9 @@ use prometheus_client::registry::Registry;
 
 use super::lookup::Lookup;
 use super::review::{self, Outcome, Policy};
+use super::rules::{Refusal, reason};
+use crate::audit::AuditSink;
+use crate::controllers::invalid::describe;
 
 /// Largest review accepted: an object may be 1.5 MiB in etcd and a review carries two.
 pub const BODY_LIMIT: usize = 4 * 1024 * 1024;
@@ -76,11 +79,20 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The time rules compare expiry dates with; tests pin it.
     pub clock: fn() -> DateTime<Utc>,
+    /// Every review of a noexit resource is recorded here (as writer `webhook`); without it
+    /// reviews are only logged.
+    pub audit: Option<Arc<dyn AuditSink>>,
 }
 
 impl AppState {
     pub fn new(lookup: Arc<dyn Lookup>, policy: Policy) -> Self {
-        Self { lookup, policy: Arc::new(policy), metrics: Arc::new(Metrics::default()), clock: Utc::now }
+        Self { lookup, policy: Arc::new(policy), metrics: Arc::new(Metrics::default()), clock: Utc::now, audit: None }
+    }
+
+    /// Records every review in `audit`.
+    pub fn with_audit(mut self, audit: Arc<dyn AuditSink>) -> Self {
+        self.audit = Some(audit);
+        self
     }
 }
 
@@ -121,12 +133,27 @@ async fn validate(State(state): State<AppState>, body: Bytes) -> Result<Response
             };
         }
     };
-    let outcome = if state.lookup.ready() {
+    let mut outcome = if state.lookup.ready() {
         review::review(&req, state.lookup.as_ref(), &state.policy, (state.clock)())
     } else {
         // Judging against empty caches would refuse with misleading reasons (project not found).
         review::not_ready(&req)
     };
+    if let Some(audit) = &state.audit
+        && let Err(e) = audit.record(super::audit::event(&req, &outcome)).await
+    {
+        tracing::error!(error = %e, uid = %req.uid, "admission review not recorded in the audit log");
+        // Nothing is admitted that the log does not show.
+        if outcome.verdict.allowed() {
+            let object = describe(outcome.kind, req.namespace.as_deref(), &req.name);
+            outcome.verdict.refusals.push(Refusal::new(
+                &object,
+                "(webhook)",
+                reason::AUDIT_UNAVAILABLE,
+                format!("the noexit audit log is unavailable ({e}); retry later"),
+            ));
+        }
+    }
     log(&req.uid, &outcome);
     state.metrics.record(&outcome);
     Ok(axum::Json(review::respond(&req, &outcome)).into_response())

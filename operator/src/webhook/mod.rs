@@ -11,6 +11,7 @@
 //!   ValidatingWebhookConfiguration
 //! - [`lookup`]: the snapshot trait, with reflector caches and an in-memory implementation
 
+pub mod audit;
 pub mod certs;
 pub mod http;
 pub mod lookup;
@@ -71,6 +72,15 @@ pub struct Args {
     /// Prefix the API server puts before OIDC user names (its --oidc-username-prefix).
     #[arg(long, default_value = "")]
     pub username_prefix: String,
+    /// Record every review of a noexit resource in the audit log (the API's database, as the
+    /// webhook's own role): kubectl changes then appear with the Kubernetes user name.
+    #[arg(long, env = "NOEXIT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// The webhook's audit key (ed25519 PKCS#8 PEM): signs its entries as writer `webhook`.
+    #[arg(long, env = "NOEXIT_AUDIT_KEY", requires = "database_url")]
+    pub audit_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub connections: crate::serving::ConnArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -99,11 +109,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let acceptor = tls::acceptor(cert)?;
     let lookup: Arc<dyn Lookup> = Arc::new(KubeLookup::start(client));
     let policy = Policy { trusted_users: args.trusted_users.clone(), username_prefix: args.username_prefix.clone() };
-    let app = router(AppState::new(lookup, policy));
+    let mut state = AppState::new(lookup, policy);
+    let mut store = None;
+    if let Some(url) = &args.database_url {
+        let writer = match &args.audit_key {
+            Some(path) => Some(crate::audit::writers::Writer::load(crate::audit::writers::WEBHOOK, path)?),
+            None => {
+                tracing::warn!("no --audit-key: the webhook's audit entries are unsigned and verify will report them");
+                None
+            }
+        };
+        let options = crate::audit::StoreOptions { writer, ..Default::default() };
+        let s = Arc::new(
+            crate::audit::Store::connect_with(url, options)
+                .await
+                .with_context(|| format!("--database-url {}", crate::audit::store::redact(url)))?,
+        );
+        state = state.with_audit(s.clone());
+        store = Some(s);
+    } else {
+        tracing::warn!("no --database-url: admission reviews are not recorded in the audit log");
+    }
+    let app = router(state);
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "admission webhook serving");
-    tls::serve(listener, acceptor, app, crate::telemetry::shutdown_signal()).await;
+    tls::serve(listener, acceptor, app, args.connections.limits(), crate::telemetry::shutdown_signal()).await;
+    if let Some(store) = store {
+        store.close().await;
+    }
     tracing::info!("admission webhook stopped");
     Ok(())
 }

@@ -31,6 +31,8 @@ pub mod reason {
     pub const NOT_READY: &str = "NotReady";
     /// A kind, operation or sub-resource this webhook does not judge.
     pub const UNSUPPORTED: &str = "Unsupported";
+    /// The review could not be recorded in the audit log (fail closed).
+    pub const AUDIT_UNAVAILABLE: &str = "AuditUnavailable";
 }
 
 /// One refusal: which object, which field, why (a fixed `reason`, for logs and metrics), and a

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -134,25 +133,41 @@ pub fn acceptor(cert: Arc<ReloadingCert>) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serve `app` over TLS until `shutdown` resolves, then let open connections finish (bounded).
+/// Serve `app` over TLS within `limits` (per-address and total connections, handshake,
+/// header-read and idle timeouts) until `shutdown` resolves, then let open connections finish
+/// (bounded).
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: axum::Router,
+    limits: crate::serving::Limits,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let gate = crate::serving::Gate::new(limits);
+    let open = Arc::new(tokio::sync::Notify::new());
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = crate::serving::accept(&listener) => accepted,
             () = &mut shutdown => break,
         };
+        let admitted = match gate.admit(peer) {
+            Ok(a) => a,
+            Err(turned) => {
+                tracing::warn!(%peer, ?turned, "connection limit reached; closing");
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let app = app.clone();
-        let watcher = graceful.watcher();
+        let limits = gate.limits().clone();
+        let (open, running) = (open.clone(), running.clone());
+        running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let _admitted = admitted;
+            let _done = Done(running, open);
+            let tls = match tokio::time::timeout(limits.tls_handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -163,15 +178,28 @@ pub async fn serve(
                     return;
                 }
             };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls), service).into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            if let Err(e) = crate::serving::serve_connection(tls, app, &limits).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+    // Open connections finish their requests (bounded); idle ones end by the idle timeout.
+    let drained = async {
+        while running.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            open.notified().await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), drained).await.is_err() {
         tracing::warn!("connections still open after 10 s; closing");
+    }
+}
+
+/// Counts a connection task down when it ends.
+struct Done(Arc<std::sync::atomic::AtomicUsize>, Arc<tokio::sync::Notify>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.1.notify_waiters();
     }
 }
