@@ -5,6 +5,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod controllers;
+pub mod dns;
 pub mod manifests;
 pub mod mirror;
 pub mod pki;

@@ -1,7 +1,7 @@
 //! `noexit-operator`: one binary, one subcommand per component.
 
 use clap::{Parser, Subcommand};
-use noexit_operator::{api, audit, controllers, mirror, render, telemetry, webhook};
+use noexit_operator::{api, audit, controllers, dns, mirror, render, telemetry, webhook};
 
 #[derive(Parser, Debug)]
 #[command(name = "noexit-operator", version, about = "noexit: secure research workspaces on Kubernetes")]
@@ -23,6 +23,8 @@ enum Command {
     Api(api::Args),
     /// Run the CRAN-only package mirror.
     Mirror(mirror::Args),
+    /// Run the workspace DNS server (authoritative for the API's and mirror's names only).
+    Dns(dns::Args),
     /// Print every object the operator would apply for the given manifests (no cluster needed).
     Render(render::Args),
     /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
                 println!("{message}");
                 Ok(())
             }
+            Command::Dns(args) => dns::run(args).await,
             Command::Render(_) | Command::AuditKeygen(_) => Ok(()),
         }
     });

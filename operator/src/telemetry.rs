@@ -9,7 +9,9 @@ use prometheus_client::registry::Registry;
 
 /// Install a tracing subscriber: human-readable by default, JSON lines when `json`.
 pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // The DNS library logs every query at info: keep that for RUST_LOG=hickory_server=info.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hickory_server=warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests) is harmless; ignore it.
     let _ = if json { builder.json().try_init() } else { builder.try_init() };

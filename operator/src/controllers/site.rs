@@ -1,6 +1,6 @@
 //! The site: everything about the cluster the operator needs to render children that the
-//! resources themselves do not say (where the API, the mirror and the gateway run, images, the
-//! DNS resolver). Read from a YAML file (`--site`); defaults suit a kind cluster installed with
+//! resources themselves do not say (where the API, the mirror, the gateway and the workspace DNS
+//! server run, images). Read from a YAML file (`--site`); defaults suit a kind cluster installed with
 //! the Helm chart in `charts/noexit`.
 
 use std::collections::BTreeMap;
@@ -17,10 +17,12 @@ pub struct Site {
     pub mirror: ServiceEndpoint,
     /// Pods allowed to open desktop connections (the gateway).
     pub gateway: PeerSelector,
-    /// The cluster DNS pods workspaces may query.
-    pub dns: PeerSelector,
-    /// Cluster DNS service address the agent allows (port 53 only).
-    pub dns_resolver: String,
+    /// noexit's own DNS server (`noexit-operator dns`), the only resolver a workspace has: it
+    /// answers the API's and the mirror's names and nothing else, and never recurses. `address`
+    /// is its Service's ClusterIP, the one nameserver of every workspace (pod `dnsConfig`, VM
+    /// guest, agent nftables; always port 53 there); `port` is the port its pods listen on
+    /// (the Service maps 53 to it; NetworkPolicies name pod ports).
+    pub dns: ServiceEndpoint,
     /// An address workspaces must NOT reach (default: the Kubernetes API service); pod-mode
     /// agents probe it to prove the NetworkPolicy wall holds.
     pub canary_address: String,
@@ -81,11 +83,12 @@ impl Default for Site {
                 pod_labels: component("mirror"),
             },
             gateway: PeerSelector { namespace: "noexit-system".into(), pod_labels: component("gateway") },
-            dns: PeerSelector {
-                namespace: "kube-system".into(),
-                pod_labels: BTreeMap::from([("k8s-app".to_owned(), "kube-dns".to_owned())]),
+            dns: ServiceEndpoint {
+                service: "noexit-dns".into(),
+                address: "10.96.100.53".into(),
+                port: 5353,
+                pod_labels: component("dns"),
             },
-            dns_resolver: "10.96.0.10".into(),
             canary_address: "10.96.0.1".into(),
             canary_port: 443,
             agent_image: "ghcr.io/noexit/agent:0.1.0".into(),
@@ -118,6 +121,17 @@ impl Site {
         format!("https://{}.{}.svc:{}", self.control_plane.service, self.operator_namespace, self.control_plane.port)
     }
 
+    /// The names workspaces resolve, and their addresses: exactly what `noexit-operator dns`
+    /// answers. The names are the host parts of [`Site::control_plane_url`] and
+    /// [`Site::mirror_url`], fully qualified and lower case.
+    pub fn workspace_names(&self) -> Vec<(String, String)> {
+        let name = |e: &ServiceEndpoint| format!("{}.{}.svc.", e.service, self.operator_namespace).to_ascii_lowercase();
+        vec![
+            (name(&self.control_plane), self.control_plane.address.clone()),
+            (name(&self.mirror), self.mirror.address.clone()),
+        ]
+    }
+
     /// In-cluster URL of the CRAN mirror.
     pub fn mirror_url(&self) -> String {
         format!("http://{}.{}.svc:{}", self.mirror.service, self.operator_namespace, self.mirror.port)
@@ -134,5 +148,21 @@ mod tests {
         assert_eq!(site.agent_image, "registry.local/agent:1");
         assert_eq!(site.desktop_port, 5901);
         assert!(serde_yaml::from_str::<Site>("agentImg: x\n").is_err());
+    }
+
+    #[test]
+    fn workspace_names_are_the_hosts_of_the_urls_workspaces_use() {
+        let site = Site::default();
+        let names = site.workspace_names();
+        assert_eq!(
+            names,
+            [
+                ("noexit-api.noexit-system.svc.".to_owned(), "10.96.100.10".to_owned()),
+                ("noexit-mirror.noexit-system.svc.".to_owned(), "10.96.100.11".to_owned()),
+            ]
+        );
+        for (url, (name, _)) in [site.control_plane_url(), site.mirror_url()].iter().zip(&names) {
+            assert!(url.contains(&format!("//{}:", name.trim_end_matches('.'))), "{url} vs {name}");
+        }
     }
 }

@@ -195,8 +195,9 @@ fn network_policies(project: &Project, owner: &Owner, ns: &str, site: &Site) -> 
             owner,
             ns,
             "noexit-allow-dns",
-            peer(&site.dns.namespace, &site.dns.pod_labels),
-            vec![port("UDP", 53), port("TCP", 53)],
+            // noexit's own DNS pods, never kube-dns (it forwards: a channel out).
+            peer(&site.operator_namespace, &site.dns.pod_labels),
+            vec![port("UDP", site.dns.port), port("TCP", site.dns.port)],
         ),
         egress_to(
             owner,

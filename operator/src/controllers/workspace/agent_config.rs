@@ -41,7 +41,8 @@ pub fn agent_config(ws: &Workspace, resolved: &ResolvedWorkspace, site: &Site) -
             key_file: KEY_FILE.into(),
         },
         egress: EgressAllowlist {
-            resolvers: site.dns_resolver.parse().into_iter().collect(),
+            // The workspace DNS server only (never the cluster resolver, which forwards).
+            resolvers: site.dns.address.parse().into_iter().collect(),
             endpoints,
             gateway_sources: if vm { vec![KUBEVIRT_MASQUERADE_GATEWAY.into()] } else { Vec::new() },
             desktop_port: site.desktop_port,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, KeyToPath, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodDNSConfig, PodSecurityContext, PodSpec,
     ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
     ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
@@ -219,6 +219,12 @@ fn resources(cpu: &Quantity, memory: &Quantity) -> ResourceRequirements {
     ResourceRequirements { requests: Some(both.clone()), limits: Some(both), ..ResourceRequirements::default() }
 }
 
+/// The workspace's resolver: noexit's DNS server alone (`dnsPolicy: None`), never the cluster
+/// DNS, which forwards any name to the internet's resolvers (query names carry data out).
+fn dns_config(site: &Site) -> PodDNSConfig {
+    PodDNSConfig { nameservers: Some(vec![site.dns.address.clone()]), options: None, searches: Some(Vec::new()) }
+}
+
 fn dataset_volume_name(dataset: &str) -> String {
     format!("dataset-{dataset}")
 }
@@ -292,6 +298,8 @@ fn pod(ws: &Workspace, resolved: &ResolvedWorkspace, site: &Site, owner: &Owner,
         host_pid: Some(false),
         host_ipc: Some(false),
         hostname: Some(name.clone()),
+        dns_policy: Some("None".into()),
+        dns_config: Some(dns_config(site)),
         restart_policy: Some("Always".into()),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
@@ -362,6 +370,9 @@ fn virtual_machine(
                         }
                     },
                     "networks": [{"name": "default", "pod": {}}],
+                    // Handed to the guest by KubeVirt's DHCP; the agent's nftables allow it alone.
+                    "dnsPolicy": "None",
+                    "dnsConfig": dns_config(site),
                     "volumes": volumes,
                     "terminationGracePeriodSeconds": 60
                 }
@@ -494,6 +505,31 @@ mod tests {
         assert_eq!(names, ["controlPlane", "mirror"]);
         assert_eq!(cfg.mode, noexit_crds::agent::AgentMode::Pod);
         assert!(cfg.clipboard_in);
+    }
+
+    /// Today's (pre-noexit-dns) pods used the cluster resolver (kube-dns, 10.96.0.10), which
+    /// forwards: the pod and the VM guest must name noexit's DNS server and nothing else.
+    #[test]
+    fn pod_and_vm_resolve_through_noexit_dns_only() {
+        let site = Site::default();
+        let kids = build_for(&testdata::workspaces()[0]);
+        let pod = &find(&kids, "Pod").expect("pod").object.data["spec"];
+        assert_eq!(pod["dnsPolicy"], "None");
+        assert_eq!(pod["dnsConfig"]["nameservers"], json!([site.dns.address]));
+        assert_eq!(pod["dnsConfig"]["searches"], json!([]));
+        assert_ne!(site.dns.address, "10.96.0.10", "kube-dns is a forwarder");
+
+        let kids = build_for(&testdata::workspaces()[1]);
+        let vm = &find(&kids, "VirtualMachine").expect("vm").object.data["spec"]["template"]["spec"];
+        assert_eq!(vm["dnsPolicy"], "None");
+        assert_eq!(vm["dnsConfig"]["nameservers"], json!([site.dns.address]));
+        let secret: Secret =
+            serde_json::from_value(serde_json::to_value(&find(&kids, "Secret").expect("secret").object).expect("json"))
+                .expect("secret");
+        let yaml =
+            String::from_utf8(secret.data.expect("data")[noexit_crds::agent::CONFIG_KEY].0.clone()).expect("utf8");
+        let cfg: noexit_crds::agent::AgentConfig = serde_yaml::from_str(&yaml).expect("agent config");
+        assert_eq!(cfg.egress.resolvers, [site.dns.address.parse::<std::net::IpAddr>().expect("ip")]);
     }
 
     #[test]
