@@ -348,9 +348,13 @@ async fn kubectl_apply_examples_runs_the_project_on_the_nodes() -> anyhow::Resul
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         anyhow::ensure!(node.starts_with("kwok-node-"), "scheduled onto {node:?}");
         let workspaces: Api<Workspace> = Api::namespaced(client.clone(), "noexit-ward-7");
-        wait_for("workspace alice-r phase Running", LONG, || async {
+        // Provisioned; no agent runs in a kwok pod, so the workspace waits for its heartbeat.
+        wait_for("workspace alice-r provisioned, waiting for its agent", LONG, || async {
             let w = workspaces.get("alice-r").await?;
-            Ok(w.status.and_then(|s| s.phase).filter(|p| *p == noexit_crds::workspace::Phase::Running))
+            let status = w.status.unwrap_or_default();
+            let waiting = status.phase == Some(noexit_crds::workspace::Phase::Provisioning)
+                && condition(&status.conditions, "Ready").is_some_and(|c| c.reason == "WaitingForAgent");
+            Ok(waiting.then_some(()))
         })
         .await?;
 
@@ -364,7 +368,7 @@ async fn kubectl_apply_examples_runs_the_project_on_the_nodes() -> anyhow::Resul
         let row = table.lines().find(|l| l.contains("alice-r")).unwrap_or_default();
         let row: Vec<&str> = row.split_whitespace().collect();
         anyhow::ensure!(
-            row.get(..6) == Some(&["noexit-ward-7", "alice-r", "ward-7", "alice@ward7.example", "pod", "Running"][..]),
+            row.get(..6) == Some(&["noexit-ward-7", "alice-r", "ward-7", "alice@ward7.example", "pod", "Provisioning"][..]),
             "kubectl get workspaces -A row: {row:?}\n{table}"
         );
         // Events a person finds with kubectl describe.

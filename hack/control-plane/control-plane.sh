@@ -21,6 +21,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 pointer=$repo/target/control-plane.dir
 NODES=${NOEXIT_CP_NODES:-2}
+NODE_CPU=${NOEXIT_CP_NODE_CPU:-64}
+NODE_MEMORY=${NOEXIT_CP_NODE_MEMORY:-512Gi}
+NODE_PODS=${NOEXIT_CP_NODE_PODS:-110}
 
 log() { echo "control-plane: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -154,8 +157,8 @@ metadata:
     kubernetes.io/arch: amd64
     type: kwok
 status:
-  allocatable: {cpu: "64", memory: 512Gi, pods: "110", ephemeral-storage: 1Ti}
-  capacity: {cpu: "64", memory: 512Gi, pods: "110", ephemeral-storage: 1Ti}
+  allocatable: {cpu: "$NODE_CPU", memory: $NODE_MEMORY, pods: "$NODE_PODS", ephemeral-storage: 10Ti}
+  capacity: {cpu: "$NODE_CPU", memory: $NODE_MEMORY, pods: "$NODE_PODS", ephemeral-storage: 10Ti}
 EOF
 }
 
