@@ -126,11 +126,8 @@ up() {
   api_up() { curl -sk "https://127.0.0.1:$api_port/healthz"; }
   wait_until 60 api_up || failed "the API did not come up" noexit-api
 
-  helm get values noexit -n "$NS" --all -o json | python3 -c '
-import json, sys
-v = json.load(sys.stdin)
-site = dict(v["site"], operatorNamespace=sys.argv[1])
-print(json.dumps(site))' "$NS" >"$dir/noexit/site.yaml"
+  # The site file the chart gives the controller (ConfigMap noexit-site).
+  kubectl -n "$NS" get configmap noexit-site -o jsonpath='{.data.site\.yaml}' >"$dir/noexit/site.yaml"
   start noexit-controller "$(sa_kubeconfig noexit-controller)" "$operator" controller \
     --site "$dir/noexit/site.yaml" --metrics-addr "127.0.0.1:$metrics_port" \
     --api-url "https://127.0.0.1:$api_port" --identity dev-controller-1

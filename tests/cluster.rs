@@ -368,7 +368,8 @@ async fn kubectl_apply_examples_runs_the_project_on_the_nodes() -> anyhow::Resul
         let row = table.lines().find(|l| l.contains("alice-r")).unwrap_or_default();
         let row: Vec<&str> = row.split_whitespace().collect();
         anyhow::ensure!(
-            row.get(..6) == Some(&["noexit-ward-7", "alice-r", "ward-7", "alice@ward7.example", "pod", "Provisioning"][..]),
+            row.get(..6)
+                == Some(&["noexit-ward-7", "alice-r", "ward-7", "alice@ward7.example", "pod", "Provisioning"][..]),
             "kubectl get workspaces -A row: {row:?}\n{table}"
         );
         // Events a person finds with kubectl describe.
@@ -771,4 +772,117 @@ async fn a_second_controller_takes_over_when_the_leader_goes() -> anyhow::Result
     })
     .await?;
     Ok(())
+}
+
+/// A free port on 127.0.0.1 with nothing listening (the agent's "outside" canary).
+fn closed_port() -> anyhow::Result<u16> {
+    free_port()
+}
+
+#[tokio::test]
+async fn the_real_agent_reports_through_the_api_and_the_workspace_runs() -> anyhow::Result<()> {
+    let Some(client) = cluster().await? else { return Ok(()) };
+    with_project(&client, "agent", |client, ex| async move {
+        create_project(&client, &ex).await?;
+        let ns = ex.namespace();
+        let project = ex.project.name_any();
+        let workspaces: Api<Workspace> = Api::namespaced(client.clone(), &ns);
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+        let ws = ex.workspaces.iter().find(|w| w.name_any() == "alice-r").cloned().ok_or(anyhow::anyhow!("alice-r"))?;
+        apply_admitted(&workspaces, &ws).await?;
+        let secret =
+            wait_for("Secret ws-alice-r-agent", LONG, || async { Ok(secrets.get_opt("ws-alice-r-agent").await?) })
+                .await?;
+
+        // The agent, outside any pod, with the certificate the controller issued for alice-r,
+        // reporting to the API that runs beside the control plane.
+        let dir = tempfile::tempdir()?;
+        let p = dir.path();
+        let data = secret.data.unwrap_or_default();
+        for key in ["ca.crt", "tls.crt", "tls.key"] {
+            let value = data.get(key).ok_or_else(|| anyhow::anyhow!("Secret ws-alice-r-agent has no {key}"))?;
+            std::fs::write(p.join(key), &value.0)?;
+        }
+        for d in ["outbox", "spool", "root"] {
+            std::fs::create_dir_all(p.join(d))?;
+        }
+        std::fs::write(p.join("wtmp"), b"")?;
+        std::fs::write(p.join("utmp"), b"")?;
+        let api = dev_env("NOEXIT_DEV_API")?;
+        let api_port = api.rsplit(':').next().unwrap_or_default().to_owned();
+        let config = format!(
+            "workspace: {{ project: {project}, name: alice-r }}
+controlPlane: {{ url: {api}, caFile: {p}/ca.crt, certFile: {p}/tls.crt, keyFile: {p}/tls.key }}
+egress:
+  resolvers: [127.0.0.53]
+  endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {api_port} }}]
+  desktopPort: 5901
+  canary: {{ name: outside, address: 127.0.0.1, port: {canary} }}
+outbox: {p}/outbox
+spool: {p}/spool
+mode: pod
+desktop: none
+heartbeatSeconds: 1
+",
+            p = p.display(),
+            canary = closed_port()?,
+        );
+        std::fs::write(p.join("agent.yaml"), config)?;
+        let log = std::fs::File::create(p.join("agent.log"))?;
+        let mut agent = tokio::process::Command::new(repo().join("target/debug/noexit-agent"))
+            .arg("--config")
+            .arg(p.join("agent.yaml"))
+            .arg("run")
+            .arg("--wtmp")
+            .arg(p.join("wtmp"))
+            .arg("--utmp")
+            .arg(p.join("utmp"))
+            .arg("--root")
+            .arg(p.join("root"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        let running = wait_for("workspace alice-r Running (Ready: agent connected, wall confirmed)", LONG, || async {
+            let w = workspaces.get("alice-r").await?;
+            let status = w.status.clone().unwrap_or_default();
+            let ready = condition(&status.conditions, "Ready").is_some_and(|c| c.status == "True");
+            Ok((ready && status.phase == Some(noexit_crds::workspace::Phase::Running)).then_some(w))
+        })
+        .await;
+        let running = match running {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = agent.kill().await;
+                let log = std::fs::read_to_string(p.join("agent.log")).unwrap_or_default();
+                anyhow::bail!("{e:#}\nagent log:\n{log}");
+            }
+        };
+        // The API's status.agent writes and the controller's status writes have separate field
+        // managers, and the phase holds steady while heartbeats keep arriving.
+        let managers: Vec<String> = running
+            .metadata
+            .managed_fields
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.subresource.as_deref() == Some("status"))
+            .filter_map(|m| m.manager)
+            .collect();
+        anyhow::ensure!(managers.iter().any(|m| m == "noexit-api"), "status managers: {managers:?}");
+        anyhow::ensure!(managers.iter().any(|m| m == "noexit-operator"), "status managers: {managers:?}");
+        let heartbeat = |w: &Workspace| w.status.as_ref().and_then(|s| s.agent.as_ref()).map(|a| a.last_heartbeat);
+        let first = heartbeat(&running);
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let w = workspaces.get("alice-r").await?;
+            let phase = w.status.as_ref().and_then(|s| s.phase);
+            anyhow::ensure!(phase == Some(noexit_crds::workspace::Phase::Running), "phase flapped to {phase:?}");
+        }
+        let w = workspaces.get("alice-r").await?;
+        anyhow::ensure!(heartbeat(&w) > first, "no newer heartbeat reached status.agent");
+        let _ = agent.kill().await;
+        Ok(())
+    })
+    .await
 }

@@ -231,7 +231,6 @@ up() {
     --use-service-account-credentials \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
     --cluster-signing-cert-file "$dir/pki/ca.crt" --cluster-signing-key-file "$dir/pki/ca.key" \
-    --controllers '*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller' \
     --enable-hostpath-provisioner --concurrent-gc-syncs 20 --profiling=false
   start kube-scheduler "$bin/kube-scheduler" \
     --kubeconfig "$dir/scheduler.kubeconfig" --leader-elect=false --secure-port 0 --profiling=false
