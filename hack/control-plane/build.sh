@@ -13,8 +13,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export PATH=$PATH:/usr/local/go/bin
 command -v go >/dev/null || { echo "control-plane/build: go is not installed" >&2; exit 1; }
-hash=$(cd "$here" && cat build.sh kube/go.mod kube/go.sum kube/etcd/main.go kwok/go.mod kwok/go.sum \
-  helm/go.mod helm/go.sum | sha256sum | cut -c1-16)
+# Bump when the build steps below change what they produce.
+BUILD_ID=1
+hash=$( (cd "$here" && echo "$BUILD_ID" && cat kube/go.mod kube/go.sum kube/etcd/main.go kwok/go.mod kwok/go.sum \
+  helm/go.mod helm/go.sum) | sha256sum | cut -c1-16)
 bin=${NOEXIT_CACHE:-$HOME/.cache/noexit}/control-plane/$hash/bin
 mkdir -p "$bin"
 export GOFLAGS=-mod=readonly
@@ -43,6 +45,17 @@ for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   build kube "$c" "k8s.io/kubernetes/cmd/$c" "$kv"
 done
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok
+# kwok's stages (what happens to Nodes and Pods it manages), from the same module: nodes become
+# Ready and keep their Lease; pods become Running with an IP, complete, and are deleted.
+if [ ! -s "$bin/kwok-stages.yaml" ]; then
+  kwok_dir=$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+  for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+    pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+    echo "---"
+    cat "$kwok_dir/kustomize/stage/$f.yaml"
+  done >"$bin/kwok-stages.yaml.tmp"
+  mv "$bin/kwok-stages.yaml.tmp" "$bin/kwok-stages.yaml"
+fi
 build helm helm helm.sh/helm/v4/cmd/helm
 [ $((SECONDS - total)) -gt 1 ] && echo "control-plane/build: done in $((SECONDS - total)) s" >&2
 echo "$bin"

@@ -234,7 +234,7 @@ up() {
     --enable-hostpath-provisioner --concurrent-gc-syncs 20 --profiling=false
   start kube-scheduler "$bin/kube-scheduler" \
     --kubeconfig "$dir/scheduler.kubeconfig" --leader-elect=false --secure-port 0 --profiling=false
-  start kwok "$bin/kwok" --kubeconfig "$dir/admin.kubeconfig" \
+  start kwok "$bin/kwok" --kubeconfig "$dir/admin.kubeconfig" --config "$bin/kwok-stages.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --cidr 10.244.0.0/16 --node-ip 10.244.0.1 --node-lease-duration-seconds 40 \
     --server-address "127.0.0.1:$kwok_port"
