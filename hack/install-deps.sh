@@ -5,6 +5,9 @@
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
 #   curl                the mirror tests fetch from inside network namespaces
+#   openssl             certificates of the local control plane (hack/control-plane)
+# The control plane itself (etcd, kube-apiserver, ..., kwok, kubectl, helm) is built from Go
+# modules by hack/control-plane/build.sh with the machine's Go (/usr/local/go, >= 1.26).
 # Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
 set -euo pipefail
 packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl)

@@ -15,16 +15,88 @@ use serde::de::DeserializeOwned;
 pub const MANAGER: &str = "noexit-e2e";
 
 /// What a skipped test prints.
-pub const SKIPPED: &str = "skipped: KUBECONFIG not set (needs a kind cluster, see docs/sre.md)";
+pub const SKIPPED: &str =
+    "SKIPPED: KUBECONFIG not set (start a control plane with noexit on it: hack/dev-cluster.sh up)";
+
+/// Whether this is CI (`NOEXIT_CI=1`), where a missing or unreachable cluster is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("NOEXIT_CI").is_ok_and(|v| v == "1")
+}
 
 /// A client for the cluster in `KUBECONFIG`, or `None` (after printing why) when it is unset.
+/// Under `NOEXIT_CI=1` an unset `KUBECONFIG` or an API server that does not answer is an error.
 pub async fn cluster() -> anyhow::Result<Option<Client>> {
     if std::env::var_os("KUBECONFIG").is_none() {
+        if in_ci() {
+            bail!(
+                "NOEXIT_CI=1 but KUBECONFIG is not set: hack/test.sh starts the control plane (hack/dev-cluster.sh up)"
+            );
+        }
         println!("{SKIPPED}");
         return Ok(None);
     }
     let client = Client::try_default().await.context("connecting to the cluster in KUBECONFIG")?;
+    client.apiserver_version().await.context("the API server in KUBECONFIG does not answer")?;
     Ok(Some(client))
+}
+
+/// Output of a command-line tool run by the suite.
+#[derive(Debug)]
+pub struct Run {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout, or an error with both streams when the command failed.
+    pub fn ok(self) -> anyhow::Result<String> {
+        if self.success { Ok(self.stdout) } else { bail!("failed: {}{}", self.stdout, self.stderr) }
+    }
+}
+
+/// Run `program args...` (found on `PATH`; `hack/dev-cluster.sh`'s env file puts the control
+/// plane's `kubectl` and `helm` there) with `stdin`, bounded to two minutes.
+pub async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Run> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().with_context(|| format!("starting {program} (is it on PATH?)"))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).await?;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .with_context(|| format!("{program} {args:?} ran for more than 2 minutes"))??;
+    Ok(Run {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `kubectl args...` against the cluster in `KUBECONFIG`.
+pub async fn kubectl(args: &[&str]) -> anyhow::Result<Run> {
+    run("kubectl", args, None).await
+}
+
+/// `kubectl args...` with `stdin` (for `apply -f -`).
+pub async fn kubectl_stdin(args: &[&str], stdin: &str) -> anyhow::Result<Run> {
+    run("kubectl", args, Some(stdin)).await
+}
+
+/// A value `hack/dev-cluster.sh` writes into its env file (`NOEXIT_DEV_*`), or an error naming it.
+pub fn dev_env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: source the env file of hack/dev-cluster.sh up"))
+}
+
+/// The repository root.
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// A client that acts as `user` (impersonation; the kubeconfig's user needs `impersonate`,
