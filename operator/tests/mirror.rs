@@ -1,5 +1,6 @@
 //! `noexit-operator mirror` end to end: real R source packages (`R CMD build`), a fake
-//! upstream CRAN (an HTTP server in this test, in its own network namespace for the R test),
+//! upstream CRAN (an HTTPS server in this test with its own CA, in its own network namespace
+//! for the R test),
 //! the real mirror binary, and R in a "workspace" namespace whose only route is the mirror.
 //!
 //! Needs R (`Rscript`), `curl`; the namespace test also needs root and `ip`. Missing tools
@@ -171,16 +172,51 @@ struct UpstreamState {
 
 struct Upstream {
     addr: SocketAddr,
+    tls: bool,
     state: Arc<UpstreamState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The CA of every fake upstream's HTTPS certificate (the mirror gets it as --upstream-ca).
+fn upstream_ca() -> &'static noexit_operator::pki::Ca {
+    static CA: OnceLock<noexit_operator::pki::Ca> = OnceLock::new();
+    CA.get_or_init(|| noexit_operator::pki::Ca::generate("fake upstream CA").unwrap())
+}
+
+fn upstream_tls(addr: SocketAddr) -> tokio_rustls::TlsAcceptor {
+    let cert = upstream_ca().issue_server(&[addr.ip().to_string()], chrono::Duration::days(1)).unwrap();
+    let chain = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes()).unwrap().unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 impl Upstream {
+    /// Over HTTPS, with a certificate from [`upstream_ca`].
     fn start(listener: TcpListener, root: PathBuf) -> Self {
+        Self::start_tls(listener, root, true)
+    }
+
+    /// Plain HTTP (only the refusal of an http:// upstream needs it).
+    fn start_plain(listener: TcpListener, root: PathBuf) -> Self {
+        Self::start_tls(listener, root, false)
+    }
+
+    fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    fn start_tls(listener: TcpListener, root: PathBuf, tls: bool) -> Self {
         use http_body_util::Full;
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
+        let acceptor = tls.then(|| upstream_tls(addr));
         let state = Arc::new(UpstreamState::default());
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
@@ -194,7 +230,7 @@ impl Upstream {
                         _ = &mut stopped => break,
                         a = listener.accept() => a.unwrap(),
                     };
-                    let (st, root) = (st.clone(), root.clone());
+                    let (st, root, acceptor) = (st.clone(), root.clone(), acceptor.clone());
                     conns.spawn(async move {
                         let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                             let (st, root) = (st.clone(), root.clone());
@@ -218,8 +254,16 @@ impl Upstream {
                                 Ok::<_, std::convert::Infallible>(resp)
                             }
                         });
-                        let io = hyper_util::rt::TokioIo::new(stream);
-                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                        let http = hyper::server::conn::http1::Builder::new();
+                        match acceptor {
+                            Some(acceptor) => {
+                                let Ok(stream) = acceptor.accept(stream).await else { return };
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                            }
+                            None => {
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                            }
+                        }
                     });
                 }
                 // Stopping means unreachable: drop the listener and every open connection.
@@ -227,7 +271,7 @@ impl Upstream {
                 conns.abort_all();
             });
         });
-        Self { addr, state, stop: Some(stop), thread: Some(thread) }
+        Self { addr, tls, state, stop: Some(stop), thread: Some(thread) }
     }
 
     fn hits(&self, path: &str) -> usize {
@@ -369,8 +413,15 @@ impl Mirror {
         let clients: String = clients.iter().map(|(a, w)| format!("  {a}: {w}\n")).collect();
         std::fs::write(dir.path().join("clients.yaml"), format!("clients:\n{clients}")).unwrap();
         let log = std::fs::File::create(dir.path().join("mirror.log")).unwrap();
+        let ca = dir.path().join("upstream-ca.pem");
+        std::fs::write(&ca, upstream_ca().cert_pem()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
             .args(["mirror", "--listen", &format!("0.0.0.0:{port}"), "--upstream", upstream])
+            .args(if upstream.starts_with("https://") {
+                vec!["--upstream-ca".into(), ca.into_os_string()]
+            } else {
+                vec![]
+            })
             .arg("--cache-dir")
             .arg(dir.path().join("cache"))
             .arg("--policy")
@@ -492,7 +543,7 @@ const POLICY: &str = "projects:\n  ward-7:\n    deny: [{name: nxdenied}]\n";
 fn host_world(policy: &str) -> (Upstream, Mirror) {
     let repo = repo();
     let upstream = Upstream::start(TcpListener::bind("127.0.0.1:0").unwrap(), repo.root.clone());
-    let mirror = Mirror::start(&format!("http://{}", upstream.addr), &[("127.0.0.1", "ward-7/host")], policy);
+    let mirror = Mirror::start(&upstream.url(), &[("127.0.0.1", "ward-7/host")], policy);
     (upstream, mirror)
 }
 
@@ -507,7 +558,7 @@ fn r_in_a_workspace_namespace_installs_allowed_packages_only_through_the_mirror(
     let repo = repo();
     let net = Netns::create();
     let upstream = Upstream::start(Netns::bind_in(&net.up, &format!("{}:0", net.up_ns)), repo.root.clone());
-    let upstream_url = format!("http://{}", upstream.addr);
+    let upstream_url = upstream.url();
     let mirror = Mirror::start(&upstream_url, &[(&net.ws_ns, "ward-7/alice")], POLICY);
     let mirror_url = format!("http://{}:{}", net.ws_host, mirror.port);
     let lib = mirror.dir.path().join("rlib");
@@ -788,7 +839,7 @@ fn client_certificates_from_the_operator_ca_name_the_workspace() {
     ];
     let upstream = Upstream::start(TcpListener::bind("127.0.0.1:0").unwrap(), repo().root.clone());
     // No address is mapped: only the certificate can name the workspace.
-    let mirror = Mirror::start_with(dir, &format!("http://{}", upstream.addr), &[], POLICY, &extra);
+    let mirror = Mirror::start_with(dir, &upstream.url(), &[], POLICY, &extra);
     let url = format!("https://127.0.0.1:{}/src/contrib/nxdep_0.1.0.tar.gz", mirror.port);
     let curl = |cert: Option<&str>| {
         let mut c = Command::new("curl");
@@ -827,8 +878,7 @@ fn stalled_clients_are_cut_off_and_do_not_starve_others() {
     std::fs::write(contrib.join("PACKAGES"), format!("Package: nxbig\nVersion: 1.0\nMD5sum: {md5}\n")).unwrap();
     let extra = ["--snapshot".into(), snapshot.display().to_string(), "--idle-timeout-secs".into(), "2".into()];
     let upstream = Upstream::start(TcpListener::bind("127.0.0.1:0").unwrap(), repo().root.clone());
-    let mirror =
-        Mirror::start_with(dir, &format!("http://{}", upstream.addr), &[("127.0.0.1", "ward-7/host")], POLICY, &extra);
+    let mirror = Mirror::start_with(dir, &upstream.url(), &[("127.0.0.1", "ward-7/host")], POLICY, &extra);
 
     // Ten clients ask for the big file and never read.
     let stalled: Vec<TcpStream> = (0..10)
@@ -867,7 +917,7 @@ fn fetches_are_recorded_in_the_shared_tamper_evident_log() {
     let url = format!("sqlite://{}", dir.path().join("noexit.db").display());
     let mirror = Mirror::start_with(
         dir,
-        &format!("http://{}", upstream.addr),
+        &upstream.url(),
         &[("127.0.0.1", "ward-7/host")],
         POLICY,
         &["--database-url".into(), url.clone()],
@@ -891,4 +941,90 @@ fn fetches_are_recorded_in_the_shared_tamper_evident_log() {
     assert!(entries.iter().all(|e| e.event.action.starts_with("mirror.")), "{entries:?}");
     let report = rt.block_on(noexit_operator::audit::verify::verify(&store, &Default::default())).unwrap();
     assert!(report.is_intact(), "{report:?}");
+}
+
+#[test]
+fn unlisted_versions_are_404_without_any_upstream_request() {
+    if !ready(false) {
+        return;
+    }
+    // nxother 0.9 is pinned by the policy: an admin chose it, so upstream may be asked.
+    let policy = "projects:\n  ward-7:\n    allow: [{name: nxdep}, {name: nxother, versions: [\"1.0\", \"0.9\"]}]\n";
+    let (upstream, mirror) = host_world(policy);
+    let cases = [
+        // Archived versions the index does not list: a channel out through upstream's logs.
+        ("/src/contrib/Archive/nxdep/nxdep_0.0.1.tar.gz", "src/contrib/Archive/nxdep/nxdep_0.0.1.tar.gz"),
+        ("/src/contrib/Archive/nxdep/nxdep_31337.0.tar.gz", "src/contrib/Archive/nxdep/nxdep_31337.0.tar.gz"),
+        // Current layout, unlisted version.
+        ("/src/contrib/nxdep_0.2.0.tar.gz", "src/contrib/nxdep_0.2.0.tar.gz"),
+        // Versions out of bounds: too long, or not R's form.
+        (
+            "/src/contrib/Archive/nxdep/nxdep_1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.tar.gz",
+            "src/contrib/Archive/nxdep/nxdep_1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.tar.gz",
+        ),
+        ("/src/contrib/Archive/nxdep/nxdep_1..2.tar.gz", "src/contrib/Archive/nxdep/nxdep_1..2.tar.gz"),
+        ("/src/contrib/Archive/nxdep/nxdep_1.0-.tar.gz", "src/contrib/Archive/nxdep/nxdep_1.0-.tar.gz"),
+    ];
+    for (path, upstream_path) in cases {
+        let r = get(mirror.addr(), path, &[]).unwrap();
+        assert_eq!(r.status, 404, "{path}: {}", text(&r));
+        assert_eq!(upstream.hits(upstream_path), 0, "{path} reached upstream");
+    }
+    let r = get(mirror.addr(), "/src/contrib/Archive/nxdep/nxdep_0.0.1.tar.gz", &[]).unwrap();
+    assert!(text(&r).contains("not in the index"), "{}", text(&r));
+    let refused = mirror
+        .audit()
+        .into_iter()
+        .filter(|e| e["object"] == "package:nxdep@0.0.1" && e["detail"]["error"] == "not_listed")
+        .count();
+    assert_eq!(refused, 2, "every refusal is audited: {:#?}", mirror.audit());
+    // The pinned archived version is asked for (upstream has no Archive/ here: 404 from it).
+    let r = get(mirror.addr(), "/src/contrib/Archive/nxother/nxother_0.9.tar.gz", &[]).unwrap();
+    assert_eq!(r.status, 404, "{}", text(&r));
+    assert_eq!(upstream.hits("src/contrib/Archive/nxother/nxother_0.9.tar.gz"), 1);
+    // Listed versions still come through.
+    let r = get(mirror.addr(), "/src/contrib/nxdep_0.1.0.tar.gz", &[]).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(upstream.hits("src/contrib/nxdep_0.1.0.tar.gz"), 1);
+}
+
+#[test]
+fn an_http_upstream_is_refused_unless_allowed_on_loopback() {
+    if !ready(false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    let refuse = |upstream: &str, extra: &[&str]| {
+        let out = run(Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+            .args(["mirror", "--listen", "127.0.0.1:0", "--upstream", upstream, "--clients", "/dev/null"])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--policy")
+            .arg(dir.path().join("policy.yaml"))
+            .arg("--audit-file")
+            .arg(dir.path().join("audit.jsonl"))
+            .args(extra));
+        assert!(!out.status.success(), "{upstream} {extra:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refuse("http://cloud.r-project.org", &[]);
+    assert!(err.contains("--upstream \"http://cloud.r-project.org\" is not https://"), "{err}");
+    let err = refuse("http://192.0.2.1:8080", &["--allow-http-upstream"]);
+    assert!(err.contains("is not https://"), "{err}");
+    let err = refuse("http://127.0.0.1:9", &[]);
+    assert!(err.contains("is not https://") && err.contains("--allow-http-upstream"), "{err}");
+    // The development flag on loopback works end to end.
+    let upstream = Upstream::start_plain(TcpListener::bind("127.0.0.1:0").unwrap(), repo().root.clone());
+    let extra = vec!["--allow-http-upstream".to_string()];
+    let mirror = Mirror::start_with(
+        tempfile::tempdir().unwrap(),
+        &upstream.url(),
+        &[("127.0.0.1", "ward-7/host")],
+        POLICY,
+        &extra,
+    );
+    let r = get(mirror.addr(), "/src/contrib/nxdep_0.1.0.tar.gz", &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(upstream.hits("src/contrib/nxdep_0.1.0.tar.gz"), 1);
 }

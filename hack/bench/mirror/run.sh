@@ -73,7 +73,7 @@ pids+=($!)
 printf 'projects:\n  bench: {}\n' > "$work/policy.yaml"
 printf 'clients:\n  127.0.0.1: bench/ws\n' > "$work/clients.yaml"
 RUST_LOG=warn "$BIN" mirror --listen "127.0.0.1:$MIRROR_PORT" \
-  --upstream "http://127.0.0.1:$NGINX_PORT" --cache-dir "$work/cache" \
+  --upstream "http://127.0.0.1:$NGINX_PORT" --allow-http-upstream --cache-dir "$work/cache" \
   --policy "$work/policy.yaml" --clients "$work/clients.yaml" --audit-file "$work/audit.jsonl" \
   --max-connections-per-client 1024 &
 pids+=($!)

@@ -176,7 +176,7 @@ fn unauth(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::unauthenticated(code, message)
 }
 
-/// Why fetching keys was not done or failed.
+/// What one call to `refresh` did.
 enum Refresh {
     Fetched,
     /// Another caller fetched while this one waited.

@@ -300,12 +300,20 @@ impl Mirror {
                 };
                 let detail = json!({ "path": rel, "error": e.category(), "status": status.as_u16() });
                 let _ = self.record(event(Outcome::Refused(e.to_string()), detail)).await;
+                if let FetchError::Io(_) = e {
+                    // The cache's own trouble: the detail stays in the log.
+                    tracing::error!(file = rel, error = %e, "cache error");
+                    return text(status, format!("{name} {version}: the mirror's cache failed; retry later"));
+                }
                 return text(status, format!("{name} {version}: {e}"));
             }
         };
         let file = match open(&located).await {
             Ok(f) => f,
-            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{rel}: {e}")),
+            Err(e) => {
+                tracing::error!(path = %located.path.display(), error = %e, "cannot open a located file");
+                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{name} {version}: the mirror's cache failed"));
+            }
         };
         let etag = match entry.and_then(|e| e.md5.as_ref()) {
             Some(md5) => format!("\"md5-{md5}\""),
@@ -326,8 +334,9 @@ impl Mirror {
             "status": resp.status().as_u16(),
             "bytes": resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
         });
-        if let Err(e) = self.record(event(Outcome::Allowed, detail)).await {
-            return text(StatusCode::SERVICE_UNAVAILABLE, format!("audit log unavailable, not serving: {e}"));
+        if self.record(event(Outcome::Allowed, detail)).await.is_err() {
+            // `record` logged the detail; the database's words are not the client's business.
+            return text(StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable, not serving; retry later");
         }
         resp
     }
