@@ -1315,7 +1315,10 @@ async fn start_limited(pki: &Pki, db: &tempfile::TempDir, limits: noexit_operato
 }
 
 /// A TLS connection as a raw stream (no HTTP client in between).
-async fn raw_tls(pki: &Pki, addr: SocketAddr) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+async fn raw_tls(
+    pki: &Pki,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let config = tls::client_config(Some(pki.ca.cert_pem().as_bytes()), None).unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await?;

@@ -137,7 +137,12 @@ pub async fn guard(
             let mut response = ApiError::bad(
                 http::StatusCode::METHOD_NOT_ALLOWED,
                 "methodNotAllowed",
-                format!("{} is not allowed on {}; use {}", truncate(req.method().as_str(), 16), truncate(&path, 256), allowed.join(", ")),
+                format!(
+                    "{} is not allowed on {}; use {}",
+                    truncate(req.method().as_str(), 16),
+                    truncate(&path, 256),
+                    allowed.join(", ")
+                ),
             )
             .into_response();
             if let Ok(v) = http::HeaderValue::from_str(&allowed.join(", ")) {
@@ -182,8 +187,9 @@ pub async fn unrouted(State(state): State<AppState>, req: Request, next: Next) -
     let status = response.status();
     if status == http::StatusCode::METHOD_NOT_ALLOWED && response.extensions().get::<ErrorBody>().is_none() {
         let allow = response.headers().get(http::header::ALLOW).cloned();
-        response = ApiError::bad(status, "methodNotAllowed", format!("{method} is not allowed on {}", truncate(&path, 256)))
-            .into_response();
+        response =
+            ApiError::bad(status, "methodNotAllowed", format!("{method} is not allowed on {}", truncate(&path, 256)))
+                .into_response();
         if let Some(allow) = allow {
             response.headers_mut().insert(http::header::ALLOW, allow);
         }
