@@ -76,7 +76,9 @@ async fn bench(name: &str, url: &str) {
     store.close().await;
     let reader = Store::open_read_only(url).await.expect("open");
     for _ in 0..2 {
-        let report = verify(&reader, &VerifyOptions { keys: vec![key.verifying_key()], ..VerifyOptions::default() }).await.expect("verify");
+        let report = verify(&reader, &VerifyOptions { keys: vec![key.verifying_key()], ..VerifyOptions::default() })
+            .await
+            .expect("verify");
         assert!(report.is_intact(), "{report:?}");
         println!(
             "{name:<9} verify: {:>10.0} entries/s   ({} entries, {} checkpoints, {:.3} s)",

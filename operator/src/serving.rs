@@ -184,7 +184,6 @@ impl Drop for Slot {
     }
 }
 
-
 /// The next connection. Accept errors (out of file descriptors and the like) are logged and
 /// retried after a short pause, so a server neither stops nor spins on them.
 pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
@@ -299,7 +298,11 @@ impl Gate {
 /// Serves one connection with hyper (HTTP/1.1, and HTTP/2 when negotiated): the headers of
 /// each HTTP/1 request must arrive within `header_read`, and the connection is closed after
 /// `idle` without progress while no request is being handled.
-pub async fn serve_connection<I, S, B>(io: I, service: S, limits: &Limits) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+pub async fn serve_connection<I, S, B>(
+    io: I,
+    service: S,
+    limits: &Limits,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>> + Clone + Send + 'static,

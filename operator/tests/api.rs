@@ -265,6 +265,16 @@ impl Api {
     }
 
     async fn start_on(pki: &Pki, issuer: Option<&Issuer>, cluster: Arc<MemoryCluster>, audit: Arc<Store>) -> Api {
+        Self::start_with_limits(pki, issuer, cluster, audit, noexit_operator::serving::Limits::default()).await
+    }
+
+    async fn start_with_limits(
+        pki: &Pki,
+        issuer: Option<&Issuer>,
+        cluster: Arc<MemoryCluster>,
+        audit: Arc<Store>,
+        limits: noexit_operator::serving::Limits,
+    ) -> Api {
         let store = ApiStore::new(audit.pool().clone());
         let oidc = issuer.map(|i| Arc::new(api::oidc::Oidc::new(i.config()).unwrap()));
         let data_dir = tempfile::tempdir().unwrap();
@@ -280,7 +290,7 @@ impl Api {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = api::router(state.clone());
         tokio::spawn(async move {
-            let _ = server::serve(listener, tls_config, state, router, async {
+            let _ = server::serve_with(listener, tls_config, state, router, limits, async {
                 let _ = stopped.await;
             })
             .await;
@@ -1384,6 +1394,10 @@ impl Drop for Child {
 
 /// `noexit-operator api` on a free loopback port; waits (bounded) until it answers.
 async fn start_binary(pki: &Pki, db_url: &str, dir: &Path) -> (Child, String) {
+    start_binary_with(pki, db_url, dir, &[]).await
+}
+
+async fn start_binary_with(pki: &Pki, db_url: &str, dir: &Path, extra: &[&str]) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::fs::write(dir.join("manifests.yaml"), PROJECT).unwrap();
     let p = |name: &str| pki.dir.path().join(name).display().to_string();
@@ -1404,6 +1418,7 @@ async fn start_binary(pki: &Pki, db_url: &str, dir: &Path) -> (Child, String) {
         .arg(dir.join("data"))
         .arg("--manifests")
         .arg(dir.join("manifests.yaml"))
+        .args(extra)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -1506,4 +1521,202 @@ async fn database_failures_answer_503_without_database_internals_or_paths() {
         refused.iter().any(|e| matches!(&e.event.outcome, Outcome::Refused(r) if r.contains(&correlation))),
         "{refused:?}"
     );
+}
+
+// ---- refusals nobody routed, and availability ------------------------------------------------
+
+#[tokio::test]
+async fn unknown_paths_and_wrong_methods_are_refused_with_json_and_audited() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let api = Api::start(&pki, None, &sqlite_url(&db)).await;
+    let anon = client(&pki, None);
+    let (status, body) = call(&anon, Method::GET, &api.url("/v1/nothing/here"), None, None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("notFound")), "{body}");
+    let (status, body) = call(&anon, Method::DELETE, &api.url("/v1/agent/events"), None, None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("methodNotAllowed")), "{body}");
+    let (status, _) = call(&anon, Method::PATCH, &api.url("/healthz"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let refused = api.refused("api.request").await;
+    let seen: Vec<(String, String)> = refused
+        .iter()
+        .map(|e| (e.event.object.clone(), e.event.detail["method"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("path:/v1/nothing/here".to_owned(), "GET".to_owned()),
+            ("path:/v1/agent/events".to_owned(), "DELETE".to_owned()),
+            ("path:/healthz".to_owned(), "PATCH".to_owned()),
+        ]
+    );
+    assert!(matches!(&refused[1].event.outcome, Outcome::Refused(r) if r.starts_with("methodNotAllowed")));
+    assert_eq!(refused[0].event.source.as_deref().map(|s| s.starts_with("127.0.0.1:")), Some(true));
+    // Routed refusals are recorded once, by the guard, not twice.
+    let (status, _) = call(&anon, Method::GET, &api.url("/v1/projects/ward-7/whoami"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.refused("api.request").await.len(), 3);
+}
+
+fn limits(header_read: Duration, per_address: usize) -> noexit_operator::serving::Limits {
+    noexit_operator::serving::Limits {
+        header_read,
+        idle: Duration::from_secs(30),
+        tls_handshake: Duration::from_secs(5),
+        max_per_address: per_address,
+        max_connections: 1000,
+    }
+}
+
+async fn start_limited(pki: &Pki, db: &tempfile::TempDir, limits: noexit_operator::serving::Limits) -> Api {
+    let cluster = Arc::new(api::memory_cluster_from(PROJECT).unwrap());
+    let audit = Arc::new(Store::connect(&sqlite_url(db)).await.unwrap());
+    Api::start_with_limits(pki, None, cluster, audit, limits).await
+}
+
+/// A TLS connection as a raw stream (no HTTP client in between).
+async fn raw_tls(
+    pki: &Pki,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = tls::client_config(Some(pki.ca.cert_pem().as_bytes()), None).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let api = start_limited(&pki, &db, limits(Duration::from_secs(1), 64)).await;
+    let mut tls = raw_tls(&pki, api.addr).await.unwrap();
+    let started = Instant::now();
+    // Headers one byte every 50 ms, forever: only the header timeout ends this.
+    let headers = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n".iter().chain(b"X-Slow: a\r\n".iter().cycle());
+    let mut cut = None;
+    for &byte in headers {
+        if tls.write_all(&[byte]).await.and(tls.flush().await).is_err() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        // The server closing shows up as EOF on a read that does not wait.
+        let mut buf = [0u8; 256];
+        if tokio::time::timeout(Duration::from_millis(50), tls.read(&mut buf)).await.is_ok() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "still connected after 10 s of slow headers");
+    }
+    let cut = cut.expect("the server closed the connection");
+    assert!(cut >= Duration::from_millis(900) && cut < Duration::from_secs(5), "cut after {cut:?}");
+    // A normal request is still served.
+    let (status, _) = call(&client(&pki, None), Method::GET, &api.url("/healthz"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn connections_over_the_per_address_limit_are_refused_and_audited() {
+    use tokio::io::AsyncReadExt;
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let n = 4;
+    let api = start_limited(&pki, &db, limits(Duration::from_secs(10), n)).await;
+    let mut open = Vec::new();
+    for _ in 0..n {
+        open.push(raw_tls(&pki, api.addr).await.expect("within the limit"));
+    }
+    // The (n+1)th from the same address: closed before the handshake completes.
+    let over = raw_tls(&pki, api.addr).await;
+    let refused = match over {
+        Err(_) => true,
+        Ok(mut s) => {
+            let mut buf = [0u8; 16];
+            matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+        }
+    };
+    assert!(refused, "connection {} from one address was served", n + 1);
+    let entries = poll(|| api.refused("api.connection"), |e: &Vec<_>| !e.is_empty()).await;
+    assert!(matches!(&entries[0].event.outcome, Outcome::Refused(r) if r.contains("more than 4 open connections")));
+    // A place frees when a connection closes.
+    drop(open.pop());
+    let again = poll(|| raw_tls(&pki, api.addr), |r| r.is_ok()).await;
+    assert!(again.is_ok(), "{:?}", again.err());
+}
+
+#[tokio::test]
+async fn a_hundred_failed_handshakes_make_one_audit_entry() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let api = Api::start(&pki, None, &sqlite_url(&db)).await;
+    for _ in 0..100 {
+        let mut tcp = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+        // Plain HTTP to a TLS port: the handshake fails.
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+    }
+    let entries = poll(|| api.refused("tls.handshake"), |e: &Vec<_>| !e.is_empty()).await;
+    // One handshake that succeeds afterwards proves the server got past all of them.
+    let (status, _) = call(&client(&pki, None), Method::GET, &api.url("/healthz"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let entries = api.refused("tls.handshake").await.len().max(entries.len());
+    assert_eq!(entries, 1, "the first failure per address per minute is recorded, the rest counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_seals_the_audit_tail_and_publishes_the_checkpoint() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&dir);
+    let export = dir.path().join("checkpoints");
+    let export_arg = export.display().to_string();
+    let (mut child, base) = start_binary_with(
+        &pki,
+        &url,
+        dir.path(),
+        &["--checkpoint-export", &export_arg, "--checkpoint-interval-secs", "3600"],
+    )
+    .await;
+    let anon = client(&pki, None);
+    for i in 0..3 {
+        let (status, _) = call(&anon, Method::GET, &format!("{base}/v1/nope/{i}"), None, None).await.unwrap();
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    let key = noexit_operator::audit::keys::load_verifying_key(&dir.path().join("audit-key.pem")).unwrap();
+    let options = || noexit_operator::audit::verify::VerifyOptions {
+        keys: vec![key],
+        writers: {
+            let mut w = noexit_operator::audit::writers::WriterKeys::new();
+            w.add("api", key);
+            Some(w)
+        },
+        published: Some(noexit_operator::audit::store::read_exported_checkpoints(&export).unwrap_or_default()),
+    };
+    let reader = Store::open_read_only(&url).await.unwrap();
+    let before = noexit_operator::audit::verify::verify(&reader, &options()).await.unwrap();
+    assert!(before.is_intact() && before.unsealed >= 3, "{before:?}");
+    reader.close().await;
+
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the API did not stop within 20 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let reader = Store::open_read_only(&url).await.unwrap();
+    let after = noexit_operator::audit::verify::verify(&reader, &options()).await.unwrap();
+    assert!(after.is_intact(), "{after:?}");
+    assert_eq!(after.unsealed, 0, "a checkpoint covers the last entry: {after:?}");
+    assert_eq!(after.entries_authenticated, after.entries);
+    let published = noexit_operator::audit::store::read_exported_checkpoints(&export).unwrap();
+    assert_eq!(published.last().map(|c| c.body.last_seq), Some(after.last_seq), "published outside the database too");
 }

@@ -459,7 +459,8 @@ async fn in_memory_sqlite_verifies() {
     for i in 0..10 {
         store.append(event(i)).await.unwrap();
     }
-    let report = verify(&store, &VerifyOptions { keys: vec![key.verifying_key()], ..VerifyOptions::default() }).await.unwrap();
+    let report =
+        verify(&store, &VerifyOptions { keys: vec![key.verifying_key()], ..VerifyOptions::default() }).await.unwrap();
     assert!(report.is_intact(), "{report:?}");
     assert_eq!((report.entries, report.checkpoints, report.unsealed), (10, 2, 2));
 }
@@ -580,8 +581,12 @@ impl TestDb {
                 ..StoreOptions::default()
             })
             .await;
-        let mirror =
-            self.store_with(StoreOptions { writer: Some(Writer::new(writers::MIRROR, mirror_key())), ..StoreOptions::default() }).await;
+        let mirror = self
+            .store_with(StoreOptions {
+                writer: Some(Writer::new(writers::MIRROR, mirror_key())),
+                ..StoreOptions::default()
+            })
+            .await;
         for i in 0..n {
             if i % 2 == 0 {
                 mirror.append(fetch(i)).await.unwrap();
@@ -644,7 +649,10 @@ async fn a_mirror_forging_an_approval_is_named(db: TestDb) {
     // The mirror appends a correctly chained approval, signed with its own key. On SQLite
     // nothing stops the insert (on PostgreSQL its role does: see the roles test); verify names it.
     let mirror = db
-        .store_with(StoreOptions { writer: Some(Writer::new(writers::MIRROR, mirror_key())), ..StoreOptions::default() })
+        .store_with(StoreOptions {
+            writer: Some(Writer::new(writers::MIRROR, mirror_key())),
+            ..StoreOptions::default()
+        })
         .await;
     let forged = AuditEvent::allowed("user:carol@ward7.example", "request.approve", "workspacerequest:ward-7/r-1");
     let seq = mirror.append(forged.clone()).await;
@@ -694,7 +702,10 @@ async fn rollback_of_the_newest_checkpoint_is_caught_by_the_published_copy(db: T
         })
         .await;
     let mirror = db
-        .store_with(StoreOptions { writer: Some(Writer::new(writers::MIRROR, mirror_key())), ..StoreOptions::default() })
+        .store_with(StoreOptions {
+            writer: Some(Writer::new(writers::MIRROR, mirror_key())),
+            ..StoreOptions::default()
+        })
         .await;
     for i in 100..103 {
         mirror.append(fetch(i)).await.unwrap();
@@ -851,7 +862,9 @@ async fn postgres_writer_roles_may_append_only_their_own_entries() {
         assert!(err.contains(expect), "{sql}: {err}");
     }
     let api_pool = sqlx::PgPool::connect(&as_role("noexit_api")).await.unwrap();
-    for sql in ["UPDATE audit_log SET object = 'x' WHERE seq = 1", "DELETE FROM audit_checkpoint", "DROP TABLE audit_log"] {
+    for sql in
+        ["UPDATE audit_log SET object = 'x' WHERE seq = 1", "DELETE FROM audit_checkpoint", "DROP TABLE audit_log"]
+    {
         let err = sqlx::raw_sql(sql).execute(&api_pool).await.expect_err(sql).to_string();
         assert!(err.contains("permission denied") || err.contains("must be owner"), "{sql}: {err}");
     }

@@ -915,12 +915,14 @@ fn fetches_are_recorded_in_the_shared_tamper_evident_log() {
     let upstream = Upstream::start(TcpListener::bind("127.0.0.1:0").unwrap(), repo.root.clone());
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("noexit.db").display());
+    let (key, public) = (dir.path().join("mirror.pem"), dir.path().join("mirror.pub"));
+    let mirror_key = noexit_operator::audit::keys::write_key_pair(&key, &public).unwrap();
     let mirror = Mirror::start_with(
         dir,
         &upstream.url(),
         &[("127.0.0.1", "ward-7/host")],
         POLICY,
-        &["--database-url".into(), url.clone()],
+        &["--database-url".into(), url.clone(), "--audit-key".into(), key.display().to_string()],
     );
     assert_eq!(get(mirror.addr(), "/src/contrib/nxdep_0.1.0.tar.gz", &[]).unwrap().status, 200);
     assert_eq!(get(mirror.addr(), "/src/contrib/nxdenied_2.0.tar.gz", &[]).unwrap().status, 403);
@@ -939,8 +941,16 @@ fn fetches_are_recorded_in_the_shared_tamper_evident_log() {
         (has("package:nxdep@0.1.0", false) && has("package:nxdenied@2.0", true)).then_some(entries)
     });
     assert!(entries.iter().all(|e| e.event.action.starts_with("mirror.")), "{entries:?}");
-    let report = rt.block_on(noexit_operator::audit::verify::verify(&store, &Default::default())).unwrap();
+    // Each entry names its writer and project, so the project's auditor sees it.
+    assert!(entries.iter().all(|e| e.writer.as_deref() == Some("mirror")), "{entries:?}");
+    let q = noexit_operator::api::AuditQuery { project: "ward-7".into(), ..Default::default() };
+    assert!(entries.iter().all(|e| q.matches(&e.event)), "{entries:?}");
+    let mut writers = noexit_operator::audit::writers::WriterKeys::new();
+    writers.add("mirror", mirror_key);
+    let options = noexit_operator::audit::verify::VerifyOptions { writers: Some(writers), ..Default::default() };
+    let report = rt.block_on(noexit_operator::audit::verify::verify(&store, &options)).unwrap();
     assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.entries_authenticated, report.entries, "{report:?}");
 }
 
 #[test]

@@ -344,7 +344,7 @@ async fn start(ca: &Ca) -> Server {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(state(cluster()));
-    let task = tokio::spawn(webhook::tls::serve(listener, acceptor, app, async {
+    let task = tokio::spawn(webhook::tls::serve(listener, acceptor, app, Default::default(), async {
         let _ = rx.await;
     }));
     Server { addr, cert, dir, stop: Some(tx), task }
@@ -749,4 +749,97 @@ async fn no_mangled_review_makes_the_webhook_fail() {
         }
     }
     assert!(checked > 1000, "only {checked} mangled reviews");
+}
+
+// ---- the audit log -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn kubectl_changes_reach_the_audit_log_with_the_kubernetes_user() {
+    use noexit_operator::api::AuditQuery;
+    use noexit_operator::audit::{MemorySink, Outcome};
+    let sink = Arc::new(MemorySink::new());
+    let app = router(state(cluster()).with_audit(sink.clone()));
+
+    // An admin approves a request with kubectl (the status sub-resource).
+    let old = example("alice-stats");
+    let mut new = old.clone();
+    new["status"] = json!({
+        "conditions": [{"type": "Approved", "status": "True", "reason": "AdminDecision", "message": "",
+                        "lastTransitionTime": "2026-11-22T10:00:00Z"}],
+        "decidedBy": "carol@ward7.example",
+    });
+    let mut approve = Review::update(old.clone(), new.clone(), "oidc:carol@ward7.example");
+    approve.sub_resource = Some("status");
+    // The requester tries the same for themselves: refused, and recorded as refused.
+    let mut own = new.clone();
+    own["status"]["decidedBy"] = json!("bob@ward7.example");
+    let mut p = example("ward-7");
+    p["spec"]["members"][1]["roles"] = json!(["dataAnalyst", "admin"]);
+    let mut self_approve = Review::update(old, own, "oidc:bob@ward7.example");
+    self_approve.sub_resource = Some("status");
+    // A Workspace created, and a Project deleted (the API server sends the old object).
+    let create = Review::create(example("alice-r"), "oidc:carol@ward7.example");
+    let mut delete = Review::create(example("ward-7"), "system:admin");
+    delete.operation = "DELETE";
+    let mut delete = delete.json();
+    delete["request"]["oldObject"] = delete["request"]["object"].take();
+
+    for review in [approve.json(), self_approve.json(), create.json(), delete] {
+        let (status, body) = send(app.clone(), review.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let events = sink.events();
+    let summary: Vec<(&str, &str, &str, bool)> = events
+        .iter()
+        .map(|e| (e.actor.as_str(), e.action.as_str(), e.object.as_str(), e.outcome == Outcome::Allowed))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("kube:oidc:carol@ward7.example", "admission.update", "workspacerequest:ward-7/alice-stats", true),
+            ("kube:oidc:bob@ward7.example", "admission.update", "workspacerequest:ward-7/alice-stats", false),
+            ("kube:oidc:carol@ward7.example", "admission.create", "workspace:ward-7/alice-r", true),
+            ("kube:system:admin", "admission.delete", "project:ward-7", true),
+        ]
+    );
+    assert_eq!(events[0].detail["decision"], "Approved");
+    assert_eq!(events[0].detail["decidedBy"], "carol@ward7.example");
+    assert_eq!(events[0].detail["subResource"], "status");
+    assert!(matches!(&events[1].outcome, Outcome::Refused(r) if r.contains("may not decide on it")), "{:?}", events[1]);
+    // A project auditor's query (GET /v1/audit?project=ward-7) shows every one of them.
+    let q = AuditQuery { project: "ward-7".into(), ..Default::default() };
+    assert!(events.iter().all(|e| q.matches(e)), "{events:#?}");
+
+    // A review that cannot even be read is refused, and recorded as such.
+    let garbage = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u-1", "kind": 7, "userInfo": {"username": "mallory"}}});
+    let (status, _) = send(app, garbage.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let last = sink.events().pop().unwrap();
+    assert_eq!((last.actor.as_str(), last.action.as_str()), ("kube:mallory", "admission.review"));
+    assert!(matches!(&last.outcome, Outcome::Refused(r) if r.starts_with("malformed admission review")));
+}
+
+/// A sink that is down.
+struct Down;
+
+impl noexit_operator::audit::AuditSink for Down {
+    fn record(
+        &self,
+        _: noexit_operator::audit::AuditEvent,
+    ) -> futures::future::BoxFuture<'_, Result<(), noexit_operator::audit::AuditError>> {
+        Box::pin(async { Err(noexit_operator::audit::AuditError::Unavailable("database down".into())) })
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_admitted_that_the_audit_log_does_not_show() {
+    let app = router(state(cluster()).with_audit(Arc::new(Down)));
+    let (status, body) =
+        send(app, Review::create(example("alice-r"), "oidc:carol@ward7.example").json().to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let r = &body["response"];
+    assert_eq!(r["allowed"], false, "{r}");
+    assert_eq!(r["status"]["reason"], "AuditUnavailable");
+    assert!(message(r).contains("database down"), "{r}");
 }

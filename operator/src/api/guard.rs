@@ -126,7 +126,30 @@ pub async fn guard(
     next: Next,
 ) -> Response {
     let path = req.uri().path().to_owned();
-    let Some(endpoint) = matched.and_then(|m| endpoint_for(req.method(), m.as_str())) else {
+    let Some(endpoint) = matched.as_ref().and_then(|m| endpoint_for(req.method(), m.as_str())) else {
+        // A known path asked with another method: 405, recorded by [`unrouted`].
+        let allowed: Vec<&str> = Endpoint::ALL
+            .iter()
+            .filter(|e| matched.as_ref().is_some_and(|m| e.route().1 == m.as_str()))
+            .map(|e| e.route().0)
+            .collect();
+        if !allowed.is_empty() {
+            let mut response = ApiError::bad(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                "methodNotAllowed",
+                format!(
+                    "{} is not allowed on {}; use {}",
+                    truncate(req.method().as_str(), 16),
+                    truncate(&path, 256),
+                    allowed.join(", ")
+                ),
+            )
+            .into_response();
+            if let Ok(v) = http::HeaderValue::from_str(&allowed.join(", ")) {
+                response.headers_mut().insert(http::header::ALLOW, v);
+            }
+            return response;
+        }
         // A route registered without a row in the table: refuse rather than serve unguarded.
         return ApiError::forbidden("noPolicy", format!("{} {path} has no authorisation rule", req.method()))
             .into_response();
@@ -164,8 +187,9 @@ pub async fn unrouted(State(state): State<AppState>, req: Request, next: Next) -
     let status = response.status();
     if status == http::StatusCode::METHOD_NOT_ALLOWED && response.extensions().get::<ErrorBody>().is_none() {
         let allow = response.headers().get(http::header::ALLOW).cloned();
-        response = ApiError::bad(status, "methodNotAllowed", format!("{method} is not allowed on {}", truncate(&path, 256)))
-            .into_response();
+        response =
+            ApiError::bad(status, "methodNotAllowed", format!("{method} is not allowed on {}", truncate(&path, 256)))
+                .into_response();
         if let Some(allow) = allow {
             response.headers_mut().insert(http::header::ALLOW, allow);
         }

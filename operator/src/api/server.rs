@@ -178,7 +178,11 @@ async fn record_refusal(state: &AppState, action: &str, source: String, reason: 
 async fn record_suppressed(state: &AppState, throttles: &Throttles, all: bool) {
     for (action, throttle) in [("tls.handshake", &throttles.handshake), ("api.connection", &throttles.turned)] {
         for (ip, n) in throttle.expired(all) {
-            let source = if ip == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) { "many addresses".into() } else { ip.to_string() };
+            let source = if ip == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+                "many addresses".into()
+            } else {
+                ip.to_string()
+            };
             let reason = format!("{n} more refusals from this source within {} s", throttle.window().as_secs());
             record_refusal(state, action, source, reason, n).await;
         }

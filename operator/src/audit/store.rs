@@ -186,8 +186,12 @@ impl Checkpoint {
     }
 
     pub fn from_json(v: &serde_json::Value) -> Result<Checkpoint, String> {
-        let int = |k: &str| v.get(k).and_then(|x| x.as_i64()).ok_or_else(|| format!("checkpoint field {k} missing or not a number"));
-        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).ok_or_else(|| format!("checkpoint field {k} missing or not a string"));
+        let int = |k: &str| {
+            v.get(k).and_then(|x| x.as_i64()).ok_or_else(|| format!("checkpoint field {k} missing or not a number"))
+        };
+        let text = |k: &str| {
+            v.get(k).and_then(|x| x.as_str()).ok_or_else(|| format!("checkpoint field {k} missing or not a string"))
+        };
         let bytes = |k: &str| hex::decode(text(k)?).map_err(|e| format!("checkpoint field {k}: {e}"));
         let hash32 = |k: &str| hash::to_hash(&bytes(k)?).ok_or_else(|| format!("checkpoint field {k} is not 32 bytes"));
         Ok(Checkpoint {
@@ -234,7 +238,8 @@ pub fn export_checkpoint(dir: &std::path::Path, cp: &Checkpoint) -> std::io::Res
 /// Reads published checkpoints: a directory of `*.json` files, or one file holding a JSON
 /// object, a JSON array, or one object per line. Sorted by id.
 pub fn read_exported_checkpoints(path: &std::path::Path) -> Result<Vec<Checkpoint>, String> {
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let read =
+        |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
     let mut texts = Vec::new();
     if path.is_dir() {
         let entries = std::fs::read_dir(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -790,7 +795,9 @@ const PG_APPEND_LOCK: i64 = 0x6e6f_6578_6974_2d61;
 fn publish(dir: &std::path::Path, cp: &Checkpoint) {
     match export_checkpoint(dir, cp) {
         Ok(_) => tracing::debug!(id = cp.body.id, dir = %dir.display(), "checkpoint published"),
-        Err(e) => tracing::error!(id = cp.body.id, dir = %dir.display(), error = %e, "checkpoint not published outside the database"),
+        Err(e) => {
+            tracing::error!(id = cp.body.id, dir = %dir.display(), error = %e, "checkpoint not published outside the database")
+        }
     }
 }
 
@@ -904,7 +911,11 @@ async fn unsealed_count(pool: &Pool) -> Result<i64, sqlx::Error> {
 }
 
 /// Writes one batch in one transaction; per event `(seq, duplicate)`.
-async fn write_batch(pool: &Pool, batch: &[&Pending], writer: Option<&Writer>) -> Result<Vec<(Seq, bool)>, sqlx::Error> {
+async fn write_batch(
+    pool: &Pool,
+    batch: &[&Pending],
+    writer: Option<&Writer>,
+) -> Result<Vec<(Seq, bool)>, sqlx::Error> {
     with_pool!(pool, p => {
         let mut tx = begin_locked!(p);
         let head: Option<(i64, Vec<u8>)> =

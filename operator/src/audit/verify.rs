@@ -561,6 +561,8 @@ struct WireRow<'a> {
     signature: Option<&'a [u8]>,
 }
 
+// Returned by value once per row on the hot path; boxing would allocate per row.
+#[allow(clippy::large_enum_variant)]
 enum Parsed<'a> {
     Entry(WireRow<'a>, usize),
     /// The trailer of the binary COPY format.
@@ -627,8 +629,23 @@ fn parse_tuple(buf: &[u8]) -> Result<Parsed<'_>, String> {
             .map(i64::from_be_bytes)
             .ok_or_else(|| "bad integer column".to_string())
     };
-    let [seq, time_us, actor, role, action, object, outcome, reason, source, detail, key, prev, hash, writer, signature] =
-        fields;
+    let [
+        seq,
+        time_us,
+        actor,
+        role,
+        action,
+        object,
+        outcome,
+        reason,
+        source,
+        detail,
+        key,
+        prev,
+        hash,
+        writer,
+        signature,
+    ] = fields;
     let entry = EntryBytes {
         seq: int(seq)?,
         time_us: int(time_us)?,
@@ -685,7 +702,8 @@ async fn read_all(pool: &Pool, tx: mpsc::Sender<Bytes>) -> Result<(), AuditError
             if file.is_file() {
                 let mut header = BytesMut::new();
                 put_header(&mut header);
-                let scan = tokio::task::spawn_blocking(move || sqlite_scan::scan(&file, &sql, COLUMNS, &header, CHUNK, tx));
+                let scan =
+                    tokio::task::spawn_blocking(move || sqlite_scan::scan(&file, &sql, COLUMNS, &header, CHUNK, tx));
                 return scan
                     .await
                     .map_err(|e| AuditError::Unavailable(format!("reading the audit log: {e}")))?

@@ -37,10 +37,7 @@ pub const WRITERS: [WriterRule; 4] = [
 
 /// The writer that owns `action`.
 pub fn owner_of(action: &[u8]) -> &'static str {
-    WRITERS
-        .iter()
-        .find(|w| w.prefix.is_some_and(|p| action.starts_with(p.as_bytes())))
-        .map_or(API, |w| w.name)
+    WRITERS.iter().find(|w| w.prefix.is_some_and(|p| action.starts_with(p.as_bytes()))).map_or(API, |w| w.name)
 }
 
 const SIGNATURE_DOMAIN: &[u8] = b"noexit-audit-entry-signature-v1";
@@ -65,7 +62,10 @@ pub struct Writer {
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer").field("name", &self.name).field("key_id", &super::keys::key_id(&self.key.verifying_key())).finish()
+        f.debug_struct("Writer")
+            .field("name", &self.name)
+            .field("key_id", &super::keys::key_id(&self.key.verifying_key()))
+            .finish()
     }
 }
 
@@ -129,7 +129,11 @@ impl WriterKeys {
         };
         let Ok(signature) = Signature::from_slice(signature) else { return EntryAuth::BadSignature };
         let message = signed_message(writer, hash);
-        if keys.iter().any(|k| k.verify(&message, &signature).is_ok()) { EntryAuth::Good } else { EntryAuth::BadSignature }
+        if keys.iter().any(|k| k.verify(&message, &signature).is_ok()) {
+            EntryAuth::Good
+        } else {
+            EntryAuth::BadSignature
+        }
     }
 }
 

@@ -131,7 +131,9 @@ async fn audit_sink(args: &Args) -> anyhow::Result<Arc<dyn AuditSink>> {
             let writer = match &args.audit_key {
                 Some(path) => Some(crate::audit::writers::Writer::load(crate::audit::writers::MIRROR, path)?),
                 None => {
-                    tracing::warn!("no --audit-key: the mirror's audit entries are unsigned and verify will report them");
+                    tracing::warn!(
+                        "no --audit-key: the mirror's audit entries are unsigned and verify will report them"
+                    );
                     None
                 }
             };

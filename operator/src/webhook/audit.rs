@@ -39,11 +39,21 @@ pub fn object_of(req: &AdmissionRequest<DynamicObject>, kind: &str, project: Opt
     }
 }
 
-/// The decision a WorkspaceRequest status update records (`Approved`/`Denied`), if it changes.
+/// The decision a WorkspaceRequest status update records (`Approved`/`Denied`, from
+/// `status.decision` or a true condition of that type), if this update makes it.
 fn decision(req: &AdmissionRequest<DynamicObject>) -> Option<Value> {
-    let new = req.object.as_ref()?.data["status"]["decision"].clone();
-    let old = req.old_object.as_ref().map(|o| o.data["status"]["decision"].clone()).unwrap_or(Value::Null);
-    (!new.is_null() && new != old).then_some(new)
+    fn of(obj: Option<&DynamicObject>) -> Option<String> {
+        let status = &obj?.data["status"];
+        if let Some(d) = status["decision"].as_str() {
+            return Some(d.to_owned());
+        }
+        status["conditions"].as_array()?.iter().find_map(|c| {
+            let kind = c["type"].as_str()?;
+            (matches!(kind, "Approved" | "Denied") && c["status"] == "True").then(|| kind.to_owned())
+        })
+    }
+    let new = of(req.object.as_ref())?;
+    (of(req.old_object.as_ref()).as_deref() != Some(new.as_str())).then(|| json!(new))
 }
 
 /// The audit entry of one review.
@@ -73,6 +83,9 @@ pub fn event(req: &AdmissionRequest<DynamicObject>, outcome: &Outcome) -> AuditE
         && let Some(d) = decision(req)
     {
         detail["decision"] = d;
+        if let Some(by) = req.object.as_ref().and_then(|o| o.data["status"]["decidedBy"].as_str()) {
+            detail["decidedBy"] = json!(truncate(by, 254));
+        }
     }
     if !outcome.verdict.warnings.is_empty() {
         detail["warnings"] = json!(outcome.verdict.warnings.len());
@@ -86,6 +99,21 @@ pub fn event(req: &AdmissionRequest<DynamicObject>, outcome: &Outcome) -> AuditE
         outcome: result,
         source: Some("kube-apiserver".into()),
         detail,
+    }
+}
+
+/// The entry of a review that could not be read (always refused).
+pub fn unreadable(body: Option<&Value>, error: &str) -> AuditEvent {
+    let text = |p: &str| body.and_then(|b| b.pointer(p)).and_then(|v| v.as_str()).map(|s| truncate(s, 256).to_owned());
+    let user = text("/request/userInfo/username").unwrap_or_else(|| "unknown".into());
+    AuditEvent {
+        actor: format!("kube:{user}"),
+        role: None,
+        action: "admission.review".into(),
+        object: format!("review:{}", text("/request/uid").unwrap_or_default()),
+        outcome: AuditOutcome::Refused(format!("malformed admission review: {}", truncate(error, 500))),
+        source: Some("kube-apiserver".into()),
+        detail: json!({}),
     }
 }
 

@@ -127,6 +127,12 @@ async fn validate(State(state): State<AppState>, body: Bytes) -> Result<Response
         Ok(req) => req,
         Err((json, error)) => {
             tracing::warn!(error = %error, "admission review unreadable");
+            if let Some(audit) = &state.audit {
+                let event = super::audit::unreadable(json.as_ref(), &error);
+                if let Err(e) = audit.record(event).await {
+                    tracing::error!(error = %e, "unreadable admission review not recorded in the audit log");
+                }
+            }
             return match json.as_ref().and_then(|v| review::respond_unreadable(v, &error)) {
                 Some(review) => Ok(axum::Json(review).into_response()),
                 None => Err(ApiError { status: StatusCode::BAD_REQUEST, code: "bad_review", message: error }),
