@@ -5,9 +5,12 @@
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
 #   curl                the mirror tests fetch from inside network namespaces
-# Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
+#   bind9-dnsutils      dig: the workspace DNS test queries from a workspace namespace
+#   dnsmasq-base        the "outside" resolver of the DNS test, which logs every query it gets
+# Benchmarks also want nginx and wrk (hack/bench/README.md), and dnsperf for the DNS server;
+# tests do not.
 set -euo pipefail
-packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates)
+packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates bind9-dnsutils dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
