@@ -535,3 +535,115 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     assert!(status.success(), "{status}:\n{}", dns.log());
     assert!(dns.log().contains("workspace DNS stopped"), "{}", dns.log());
 }
+
+// ---------------------------------------------------------------------------------------------
+// On loopback, without root: the wire protocol, attribution and the JSON-lines audit file.
+
+fn free_port() -> u16 {
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+    if tcp.is_ok() { port } else { free_port() }
+}
+
+fn ask(sock: &UdpSocket, server: SocketAddr, name: &str, qtype: RecordType) -> Message {
+    let mut m = Message::query();
+    m.add_query(hickory_proto::op::Query::query(Name::from_ascii(name).unwrap(), qtype));
+    sock.send_to(&m.to_vec().unwrap(), server).unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = sock.recv_from(&mut buf).expect("an answer");
+    let reply = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(reply.metadata.id, m.metadata.id);
+    reply
+}
+
+#[test]
+fn answers_refuses_and_audits_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site.yaml");
+    std::fs::write(&site, site_yaml("127.0.0.53")).unwrap();
+    let clients = dir.path().join("clients.yaml");
+    std::fs::write(&clients, "clients:\n  127.0.0.1: ward-7/alice-r\n").unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let (port, metrics_port) = (free_port(), free_port());
+    let log = dir.path().join("dns.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args(["dns", "--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .arg("--site")
+        .arg(&site)
+        .arg("--clients")
+        .arg(&clients)
+        .arg("--audit-file")
+        .arg(&audit)
+        .args(["--audit-burst", "3", "--audits-per-minute", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut dns = Proc { child, log };
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    poll("noexit dns to answer", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = dns.child.try_wait() {
+            panic!("noexit dns exited with {status}:\n{}", dns.log());
+        }
+        let mut m = Message::query();
+        m.add_query(hickory_proto::op::Query::query(Name::from_ascii(format!("{API}.")).unwrap(), RecordType::A));
+        sock.send_to(&m.to_vec().unwrap(), server).ok()?;
+        let mut buf = [0u8; 1500];
+        sock.recv_from(&mut buf).ok().map(|_| ())
+    });
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+
+    let a = ask(&sock, server, &format!("{MIRROR}."), RecordType::A);
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.metadata.authoritative && !a.metadata.recursion_available);
+    assert_eq!(a.answers.iter().map(|r| r.data.to_string()).collect::<Vec<_>>(), ["10.96.100.11"]);
+    let any = ask(&sock, server, &format!("{API}."), RecordType::ANY);
+    assert_eq!(any.answers.len(), 1, "{any:?}");
+    let aaaa = ask(&sock, server, &format!("{API}."), RecordType::AAAA);
+    assert_eq!((aaaa.metadata.response_code, aaaa.answers.len()), (ResponseCode::NoError, 0));
+    assert_eq!(
+        aaaa.authorities.first().map(|r| r.record_type()),
+        Some(RecordType::SOA),
+        "negative answers carry the SOA"
+    );
+    let nx = ask(&sock, server, "nope.noexit-system.svc.", RecordType::A);
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    for i in 0..10 {
+        let r = ask(&sock, server, &format!("Exfil{i}.Example.org."), RecordType::TXT);
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        assert!(!r.metadata.recursion_available);
+    }
+
+    // 11 refused names, an audit burst of 3: three lines, the workspace's, the name as sent.
+    let lines = poll("three audit lines", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (lines.len() >= 3).then_some(lines)
+    });
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(lines.iter().all(|l| l["actor"] == "workspace:ward-7/alice-r" && l["action"] == "dns.query"));
+    assert_eq!(lines[0]["object"], "dns:nope.noexit-system.svc.");
+    assert_eq!(lines[1]["object"], "dns:Exfil0.Example.org.");
+    assert_eq!(lines[1]["outcome"]["outcome"], "refused");
+    assert_eq!(lines[1]["source"], "127.0.0.1");
+    assert_eq!(lines[1]["detail"]["qtype"], "TXT");
+
+    // /metrics counts per project; SIGTERM stops it cleanly.
+    let body = {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        use std::io::{Read, Write};
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(body.contains(r#"noexit_dns_refused_names_total{project="ward-7"} 11"#), "{body}");
+    assert!(body.contains(r#"noexit_dns_audit_suppressed_total{project="ward-7"} 8"#), "{body}");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(dns.child.id() as i32, libc::SIGTERM) };
+    let status = poll("noexit dns to stop", Duration::from_secs(15), || dns.child.try_wait().ok().flatten());
+    assert!(status.success(), "{status}:\n{}", dns.log());
+}
