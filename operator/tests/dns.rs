@@ -164,7 +164,7 @@ impl Lab {
 
     /// `dig` from the workspace; returns (status, flags, answers).
     fn dig(&self, server: &str, extra: &[&str]) -> Dig {
-        let out = run(&mut self.exec(&self.ws, &["dig", &format!("@{server}"), "+tries=1", "+time=3"]).args(extra));
+        let out = run(self.exec(&self.ws, &["dig", &format!("@{server}"), "+tries=1", "+time=3"]).args(extra));
         Dig::parse(&String::from_utf8_lossy(&out.stdout))
     }
 
