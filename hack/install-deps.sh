@@ -6,11 +6,15 @@
 #   r-base-core         real R packages for the CRAN mirror tests
 #   curl                the mirror tests fetch from inside network namespaces
 #   openssl             certificates of the local control plane (hack/control-plane)
+#   bind9-dnsutils      dig: the workspace DNS test queries from a workspace namespace
+#   dnsmasq-base        the "outside" resolver of the DNS test, which logs every query it gets
 # The control plane itself (etcd, kube-apiserver, ..., kwok, kubectl, helm) is built from Go
 # modules by hack/control-plane/build.sh with the machine's Go (/usr/local/go, >= 1.26).
-# Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
+# Benchmarks also want nginx and wrk (hack/bench/README.md), and dnsperf for the DNS server;
+# tests do not.
 set -euo pipefail
-packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl)
+packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl
+  bind9-dnsutils dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -176,7 +176,10 @@ fn every_template_object_has_kind_and_name() {
 fn deployments_are_restricted_probed_and_have_their_own_service_account() {
     let deployments: Vec<(String, Value)> = objects().into_iter().filter(|(_, o)| o["kind"] == "Deployment").collect();
     let names: BTreeSet<&str> = deployments.iter().filter_map(|(_, o)| o["metadata"]["name"].as_str()).collect();
-    assert_eq!(names, BTreeSet::from(["noexit-api", "noexit-controller", "noexit-mirror", "noexit-webhook"]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["noexit-api", "noexit-controller", "noexit-dns", "noexit-mirror", "noexit-webhook"])
+    );
     for (file, d) in &deployments {
         let pod = &d["spec"]["template"]["spec"];
         assert!(pod["serviceAccountName"].as_str().is_some_and(|s| s.starts_with("noexit-")), "{file}");
@@ -366,4 +369,70 @@ fn the_controller_may_keep_the_mirror_config_current() {
         assert!(allows("Role", role, "configmaps", verb, Some("noexit-mirror-config")), "configmaps {verb}");
     }
     assert!(bound("Role", role));
+}
+
+/// The DNS wall: workspaces resolve through noexit's own DNS server only. Its Service has the
+/// site's fixed address on port 53 (what workspace pods, VMs and agents are given), only
+/// project namespaces may query it, and it may reach nothing but the audit database: it has
+/// no upstream to forward to. None of this depends on `networkPolicy.enabled`.
+#[test]
+fn the_chart_deploys_the_workspace_dns_server_behind_its_own_walls() {
+    let text = read("templates/dns.yaml");
+    assert!(!text.contains(".Values.networkPolicy.enabled"), "the DNS wall must not be optional");
+    let objects: Vec<Value> = objects().into_iter().filter(|(f, _)| f == "dns.yaml").map(|(_, o)| o).collect();
+    let get = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("dns.yaml has no {kind} {name}"))
+    };
+    let deployment = get("Deployment", "noexit-dns");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"][0], "dns");
+    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    for flag in ["--site=/etc/noexit/site.yaml", "--clients=/etc/noexit-mirror/clients.yaml"] {
+        assert!(args.contains(&flag), "{flag} missing: {args:?}");
+    }
+    assert!(text.contains("--listen=0.0.0.0:{{ .Values.site.dns.port }}"));
+    assert!(text.contains("name: NOEXIT_DATABASE_URL"), "refused names are audited into the shared log");
+
+    // The Service: the site's address, port 53 over UDP and TCP.
+    assert!(text.contains("clusterIP: {{ .Values.site.dns.address }}"));
+    assert!(text.contains("name: {{ .Values.site.dns.service }}"));
+    let service = objects.iter().find(|o| o["kind"] == "Service").expect("a Service");
+    let ports: BTreeSet<(i64, &str)> = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["port"].as_i64().unwrap(), p["protocol"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ports, BTreeSet::from([(53, "TCP"), (53, "UDP")]));
+
+    // Ingress: DNS from project namespaces only (UDP and TCP), metrics from Prometheus.
+    let ingress = &get("NetworkPolicy", "noexit-dns-ingress")["spec"];
+    assert_eq!(ingress["policyTypes"], serde_yaml::from_str::<Value>("[Ingress]").unwrap());
+    let dns_rule = &ingress["ingress"][0];
+    assert_eq!(dns_rule["from"].as_sequence().unwrap().len(), 1);
+    assert_eq!(dns_rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["key"], "noexit.io/project");
+    assert!(dns_rule["from"][0]["podSelector"].is_null());
+    let protocols: BTreeSet<&str> =
+        dns_rule["ports"].as_sequence().unwrap().iter().filter_map(|p| p["protocol"].as_str()).collect();
+    assert_eq!(protocols, BTreeSet::from(["TCP", "UDP"]));
+    assert!(text.contains("- {port: {{ .Values.site.dns.port }}, protocol: UDP}"));
+
+    // Egress: the audit database only. No port 53 anywhere: nothing to forward to.
+    let egress = &get("NetworkPolicy", "noexit-dns-egress")["spec"];
+    assert_eq!(egress["policyTypes"], serde_yaml::from_str::<Value>("[Egress]").unwrap());
+    let rules = egress["egress"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["ports"], serde_yaml::from_str::<Value>("[{port: 5432, protocol: TCP}]").unwrap());
+
+    // The site the chart renders sends workspaces there, not to kube-dns.
+    let site: Site = serde_yaml::from_value(values()["site"].clone()).expect("site");
+    assert_eq!(site.dns.service, "noexit-dns");
+    assert_eq!(site.dns.pod_labels["app.kubernetes.io/component"], "dns");
+    assert_ne!(site.dns.address, "10.96.0.10", "kube-dns forwards names to the internet");
+    assert!(!read("values.yaml").contains("k8s-app: kube-dns"));
 }

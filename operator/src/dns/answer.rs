@@ -248,9 +248,10 @@ fn soa(apex: &Name, server: &str) -> Record {
     Record::from_rdata(apex.to_lowercase(), TTL, RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86400, TTL)))
 }
 
-/// A refused name as an auditor reads it: escaped by the DNS library (`\DDD` for bytes that are
-/// not printable), at most `max` characters, with a note of the full length when cut.
-pub fn audit_name(name: &LowerName, max: usize) -> String {
+/// A refused name as an auditor reads it: as sent (case kept: case can carry data too),
+/// escaped by the DNS library (`\DDD` for bytes that are not printable), at most `max`
+/// characters, with a note of the full length when cut.
+pub fn audit_name(name: &Name, max: usize) -> String {
     let text = name.to_string();
     if text.chars().count() <= max {
         return text;
@@ -400,10 +401,11 @@ mod tests {
     #[test]
     fn audited_names_are_escaped_and_bounded() {
         let raw = Name::from_labels(vec![b"a\x01b".to_vec(), b"example".to_vec(), b"org".to_vec()]).unwrap();
-        let shown = audit_name(&LowerName::new(&raw), 100);
+        let shown = audit_name(&raw, 100);
         assert!(!shown.contains('\x01') && shown.contains("\\001"), "{shown}");
-        let long = LowerName::new(&Name::from_ascii(format!("{}.example.org.", "x".repeat(60))).unwrap());
+        let long = Name::from_ascii(format!("{}.example.org.", "x".repeat(60))).unwrap();
         let cut = audit_name(&long, 20);
+        assert_eq!(audit_name(&Name::from_ascii("MiXeD.Example.org.").unwrap(), 100), "MiXeD.Example.org.");
         assert!(cut.starts_with(&"x".repeat(20)) && cut.ends_with("(73 chars)"), "{cut}");
     }
 }

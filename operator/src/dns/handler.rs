@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, LowerQuery, Metadata, ResponseCode};
-use hickory_proto::rr::{LowerName, Record, RecordType};
+use hickory_proto::rr::Record;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -189,15 +189,7 @@ impl Handler {
     }
 
     /// Count the query; count and (within the workspace's audit rate) audit a refused name.
-    fn account(
-        &self,
-        src: IpAddr,
-        protocol: Protocol,
-        name: &LowerName,
-        qtype: RecordType,
-        d: &Decision,
-        now: Instant,
-    ) {
+    fn account(&self, src: IpAddr, protocol: Protocol, query: &LowerQuery, d: &Decision, now: Instant) {
         self.metrics
             .queries
             .get_or_create(&QueryLabels { result: d.category(), protocol: protocol_label(protocol) })
@@ -213,7 +205,8 @@ impl Handler {
             self.metrics.audit_suppressed.get_or_create(&project).inc();
             return;
         };
-        let shown = audit_name(name, self.settings.audit_name_chars);
+        let shown = audit_name(query.original().name(), self.settings.audit_name_chars);
+        let qtype = query.query_type();
         tracing::info!(workspace = %key, source = %src, name = %shown, %qtype, result = d.category(), "refused name");
         let event = refusal_event(&Refused {
             workspace,
@@ -268,10 +261,9 @@ impl RequestHandler for Handler {
                     .unwrap_or_else(|_| failed(request));
             }
         };
-        let (name, qtype) = (query.name(), query.query_type());
         let now = Instant::now();
         let decision = self.decide(src, request, &query, now);
-        self.account(src, request.protocol(), name, qtype, &decision, now);
+        self.account(src, request.protocol(), &query, &decision, now);
         let none = std::iter::empty::<&Record>;
         let sent = match &decision {
             Decision::Answer(records) => {

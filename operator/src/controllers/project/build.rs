@@ -421,6 +421,25 @@ mod tests {
         assert!(deny.get("ingress").is_none() && deny.get("egress").is_none());
     }
 
+    /// The only DNS a workspace may reach is noexit's own server (authoritative, no
+    /// forwarding), on its pods' port; never kube-dns, which forwards any name outside.
+    #[test]
+    fn dns_allow_names_the_noexit_dns_pods_only() {
+        let kids = children();
+        let allow = &kids.iter().find(|c| c.name() == "noexit-allow-dns").expect("allow dns").object.data["spec"];
+        let site = Site::default();
+        let rule = &allow["egress"][0];
+        assert_eq!(rule["to"].as_array().expect("to").len(), 1);
+        assert_eq!(rule["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "noexit-system");
+        assert_eq!(rule["to"][0]["podSelector"]["matchLabels"], serde_json::json!(site.dns.pod_labels));
+        assert_eq!(rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "dns");
+        assert_eq!(
+            rule["ports"],
+            serde_json::json!([{"port": site.dns.port, "protocol": "UDP"}, {"port": site.dns.port, "protocol": "TCP"}])
+        );
+        assert!(!allow.to_string().contains("kube-dns"));
+    }
+
     #[test]
     fn mirror_off_means_no_mirror_allow() {
         let mut p = testdata::project();
