@@ -34,7 +34,9 @@ pub struct ProjectSpec {
     #[schemars(length(max = 200))]
     pub display_name: Option<String>,
     /// People and their roles. A user appears once; a user may hold several roles.
-    #[schemars(length(min = 1, max = 500))]
+    // At most 300: with 500 the API server refuses the CRD (the duplicate rule's CEL cost
+    // estimate is over its budget).
+    #[schemars(length(min = 1, max = 300))]
     #[x_kube(validation = Rule::new("self.all(m, self.exists_one(n, n.user == m.user))").message("each user appears once in spec.members"))]
     pub members: Vec<Member>,
     /// The ethics / data-access approval this project works under.

@@ -52,8 +52,10 @@ pub struct WorkspaceSpec {
     #[serde(default)]
     pub resources: WorkspaceResources,
     /// Datasets to attach read-only; each must be granted to the project.
+    // Items are bounded like Dataset names, so that the API server's CEL cost estimate of the
+    // duplicate rule stays within its budget (unbounded, it refuses the CRD).
     #[serde(default)]
-    #[schemars(length(max = 20))]
+    #[schemars(length(max = 20), inner(length(max = 40)))]
     #[x_kube(validation = Rule::new("self.all(d, self.exists_one(e, e == d))").message("spec.datasets lists a dataset twice"))]
     pub datasets: Vec<String>,
     #[serde(default)]
