@@ -97,7 +97,7 @@ pub fn render(
         }
     }
     for p in &inputs.projects {
-        let built = project::validate(&p.object, &datasets, now.date_naive())
+        let built = project::validate(&p.object, &datasets, &site.operator_namespace, now.date_naive())
             .map_err(|e| e.to_string())
             .and_then(|resolved| project::build(&p.object, &resolved, site).map_err(|e| e.to_string()));
         match built {
@@ -110,7 +110,8 @@ pub fn render(
     let project_named = |name: &str| inputs.projects.iter().map(|p| &p.object).find(|p| p.name_any() == name);
     for w in &inputs.workspaces {
         let ws = &w.object;
-        let resolved = workspace::validate(ws, project_named(&ws.spec.project), &datasets, now);
+        let resolved =
+            workspace::validate(ws, project_named(&ws.spec.project), &datasets, &site.workspace_images, now);
         if !resolved.problems.is_empty() {
             errors.extend(resolved.problems.iter().map(|p| format!("{}: {p}", w.file)));
             continue;

@@ -538,3 +538,68 @@ async fn the_mirror_config_follows_project_policies_and_workspace_addresses() {
     wait("the mapping gone", || files(&api)?.1.lookup(address).is_none().then_some(())).await;
     running.stop().await;
 }
+
+/// A namespace `noexit-ward-7` that noexit did not create (here: a team's, with its own labels)
+/// is never adopted: the Project is refused with `NamespaceNotOwned`, the namespace is not
+/// written to and nothing is created in it.
+#[tokio::test]
+async fn a_foreign_namespace_is_never_adopted() {
+    let api = FakeApi::new();
+    let foreign = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(NS.into()),
+            labels: Some([("team".to_owned(), "someone-else".to_owned())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&foreign).expect("the foreign namespace");
+    let before = api.get::<Namespace>(None, NS).expect("namespace");
+    seed(&api, &[]);
+    let running = Running::in_process(api.clone());
+
+    let message = wait("Ready=False NamespaceNotOwned", || {
+        let status = api.get::<Project>(None, "ward-7")?.status?;
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False" && ready.reason == "NamespaceNotOwned").then_some(ready.message)
+    })
+    .await;
+    assert!(message.contains(r#"namespace "noexit-ward-7" already exists and was not created by noexit"#), "{message}");
+    let after = api.get::<Namespace>(None, NS).expect("namespace");
+    assert_eq!(after, before, "the foreign namespace was changed");
+    let writes: Vec<_> = api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method != "GET" && c.path.contains("noexit-ward-7") && !c.path.contains("/events"))
+        .collect();
+    assert!(writes.is_empty(), "writes into the foreign namespace: {writes:#?}");
+    assert!(api.list::<NetworkPolicy>(Some(NS)).is_empty());
+    running.stop().await;
+}
+
+/// A Project named `system` would be the operator's own namespace `noexit-system`: refused
+/// before anything is built, and the operator namespace is left alone.
+#[tokio::test]
+async fn a_project_named_after_the_operator_namespace_is_refused() {
+    let api = FakeApi::new();
+    let mut ex = example();
+    ex.project.metadata.name = Some("system".into());
+    api.create(&ex.project).expect("project");
+    let running = Running::in_process(api.clone());
+    let message = wait("Ready=False for project system", || {
+        let status = api.get::<Project>(None, "system")?.status?;
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False").then_some(ready.message)
+    })
+    .await;
+    assert!(message.starts_with("project system: metadata.name: \"system\" is reserved"), "{message}");
+    let touched: Vec<_> = api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method != "GET" && c.path.contains("namespaces/noexit-system") && !c.path.contains("secrets"))
+        .filter(|c| !c.path.contains("leases") && !c.path.contains("events") && !c.path.contains("configmaps"))
+        .collect();
+    assert!(touched.is_empty(), "the operator namespace was written to: {touched:#?}");
+    assert!(api.list::<NetworkPolicy>(Some("noexit-system")).is_empty());
+    running.stop().await;
+}
