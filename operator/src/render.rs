@@ -261,9 +261,10 @@ mod tests {
                 count += 1;
             }
         }
-        // Project: ns, sa, quota, limits, 5 netpols, 3 roles + 3 bindings, 2 × (pv + pvc) = 19;
-        // pod workspace: secret, pvc, svc, pod = 4; vm workspace: 4; request (undecided): 0.
-        assert_eq!(count, 27);
+        // Project: ns, the controller's binding, sa, quota, limits, 5 netpols, 3 roles + 3
+        // bindings, 2 × (pv + pvc) = 20; pod workspace: secret, pvc, svc, pod = 4; vm workspace:
+        // 4; request (undecided): 0.
+        assert_eq!(count, 28);
     }
 
     #[test]
@@ -288,7 +289,7 @@ mod tests {
         let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
             .map(|d| serde::Deserialize::deserialize(d).expect("document"))
             .collect();
-        assert_eq!(docs.len(), 27);
+        assert_eq!(docs.len(), 28);
         assert!(docs.iter().all(|d| d.get("apiVersion").is_some() && d.get("kind").is_some()));
     }
 }
