@@ -603,3 +603,36 @@ async fn a_project_named_after_the_operator_namespace_is_refused() {
     assert!(api.list::<NetworkPolicy>(Some("noexit-system")).is_empty());
     running.stop().await;
 }
+
+/// With the site's image allowlist (examples/site.yaml), a workspace whose image is a tag, or
+/// not listed, gets no pod (`Ready=False ImageNotAllowed` naming `spec.image`); the listed
+/// digest runs.
+#[tokio::test]
+async fn a_workspace_image_off_the_site_allowlist_gets_no_pod() {
+    let site: noexit_operator::controllers::Site =
+        serde_yaml::from_str(include_str!("../../examples/site.yaml")).expect("examples/site.yaml");
+    assert!(site.workspace_images.is_set());
+    let api = FakeApi::new();
+    let ex = seed(&api, &[]);
+    let mut tagged = ex.workspaces[0].clone();
+    tagged.spec.image = "registry.ward7.example/noexit/r-desktop:4.4".into();
+    api.create(&tagged).expect("workspace");
+    let running = Running::in_process_with_site(api.clone(), site);
+
+    let message = wait("Ready=False ImageNotAllowed", || {
+        let ws = api.get::<Workspace>(Some(NS), "alice-r")?;
+        let ready = ws.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False" && ready.reason == "ImageNotAllowed").then_some(ready.message)
+    })
+    .await;
+    assert!(message.starts_with("workspace ward-7/alice-r: spec.image: "), "{message}");
+    assert!(pod(&api, "alice-r").is_none(), "a pod was made from an image off the allowlist");
+
+    // The listed digest: the pod appears.
+    let pinned = ex.workspaces[0].spec.image.clone();
+    api.update::<Workspace>(Some(NS), "alice-r", json!({"spec": {"image": pinned}})).expect("pin");
+    let p = wait("the pod with the pinned image", || pod(&api, "alice-r")).await;
+    let image = p.spec.expect("spec").containers.into_iter().find(|c| c.name == "workspace").and_then(|c| c.image);
+    assert_eq!(image.as_deref(), Some(pinned.as_str()));
+    running.stop().await;
+}
