@@ -231,7 +231,8 @@ fn no_component_may_read_secrets_except_the_controller() {
             let verbs: Vec<&str> =
                 rule["verbs"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
             let reads = verbs.iter().any(|v| matches!(*v, "get" | "list" | "watch"));
-            if touches_secrets && reads && name != "noexit-controller" {
+            // The controller's rights in project namespaces (bound there only, see below).
+            if touches_secrets && reads && name != "noexit-controller-project" {
                 assert!(
                     !rule["resourceNames"].is_null() && !verbs.contains(&"list") && !verbs.contains(&"watch"),
                     "{file}: {name} reads secrets beyond one named Secret"
@@ -435,4 +436,174 @@ fn the_chart_deploys_the_workspace_dns_server_behind_its_own_walls() {
     assert_eq!(site.dns.pod_labels["app.kubernetes.io/component"], "dns");
     assert_ne!(site.dns.address, "10.96.0.10", "kube-dns forwards names to the internet");
     assert!(!read("values.yaml").contains("k8s-app: kube-dns"));
+}
+
+/// `(role kind, role name)` of every binding whose subjects include the ServiceAccount `sa`.
+fn roles_bound_to(objects: &[(String, Value)], sa: &str) -> Vec<(String, String, String)> {
+    objects
+        .iter()
+        .filter(|(_, o)| matches!(o["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding")))
+        .filter(|(_, o)| {
+            o["subjects"].as_sequence().into_iter().flatten().any(|s| s["kind"] == "ServiceAccount" && s["name"] == sa)
+        })
+        .map(|(_, o)| {
+            (
+                o["kind"].as_str().unwrap_or_default().to_owned(),
+                o["roleRef"]["kind"].as_str().unwrap_or_default().to_owned(),
+                o["roleRef"]["name"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn rules_of<'a>(objects: &'a [(String, Value)], kind: &str, name: &str) -> Vec<&'a Value> {
+    objects
+        .iter()
+        .filter(|(_, o)| o["kind"].as_str() == Some(kind) && o["metadata"]["name"].as_str() == Some(name))
+        .flat_map(|(_, o)| o["rules"].as_sequence().into_iter().flatten())
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_sequence().into_iter().flatten().filter_map(|s| s.as_str()).collect()
+}
+
+const WRITE: &[&str] = &["create", "update", "patch", "delete", "deletecollection", "*"];
+
+/// Issue 9: nothing the chart binds cluster-wide may write Secrets or Pods (nor read Secrets):
+/// the controller's rights over them come from the ClusterRole noexit-controller-project, which
+/// the chart never binds cluster-wide and the controller binds only in the project namespaces
+/// it creates (`project::build`, RoleBinding `noexit-controller`).
+#[test]
+fn nothing_bound_cluster_wide_writes_secrets_or_pods() {
+    use noexit_operator::controllers::project::build::{CONTROLLER_PROJECT_ROLE, CONTROLLER_SERVICE_ACCOUNT};
+    let objects = objects();
+    let cluster_wide: Vec<&str> = objects
+        .iter()
+        .filter(|(_, o)| o["kind"] == "ClusterRoleBinding")
+        .filter_map(|(_, o)| o["roleRef"]["name"].as_str())
+        .collect();
+    assert!(!cluster_wide.is_empty());
+    assert!(!cluster_wide.contains(&CONTROLLER_PROJECT_ROLE), "{CONTROLLER_PROJECT_ROLE} is bound cluster-wide");
+    for role in &cluster_wide {
+        for rule in rules_of(&objects, "ClusterRole", role) {
+            let resources = strings(&rule["resources"]);
+            let verbs = strings(&rule["verbs"]);
+            for kind in ["secrets", "pods", "*"] {
+                if resources.contains(&kind) {
+                    let writes: Vec<_> = verbs.iter().filter(|v| WRITE.contains(v)).collect();
+                    assert!(writes.is_empty(), "ClusterRole {role} (bound cluster-wide) may {writes:?} {kind}");
+                }
+            }
+            if resources.contains(&"secrets") {
+                panic!("ClusterRole {role} (bound cluster-wide) touches secrets: {verbs:?}");
+            }
+        }
+    }
+    // The per-project ClusterRole exists and carries what the controller writes there.
+    let project = rules_of(&objects, "ClusterRole", CONTROLLER_PROJECT_ROLE);
+    for kind in ["secrets", "pods", "services", "roles", "rolebindings", "networkpolicies", "virtualmachines"] {
+        assert!(
+            project.iter().any(|r| strings(&r["resources"]).contains(&kind) && strings(&r["verbs"]).contains(&"patch")),
+            "{CONTROLLER_PROJECT_ROLE} cannot patch {kind}"
+        );
+    }
+    // The controller may create the bootstrap RoleBinding and bind only that ClusterRole.
+    assert_eq!(CONTROLLER_SERVICE_ACCOUNT, "noexit-controller");
+    let controller = rules_of(&objects, "ClusterRole", "noexit-controller");
+    let bind: Vec<_> = controller.iter().filter(|r| strings(&r["verbs"]).contains(&"bind")).collect();
+    assert_eq!(bind.len(), 1);
+    assert_eq!(strings(&bind[0]["resourceNames"]), [CONTROLLER_PROJECT_ROLE]);
+    assert!(controller.iter().any(|r| strings(&r["resources"]) == ["rolebindings"] && strings(&r["verbs"]) == ["create"]));
+    // Namespaces are never deleted by the controller (garbage collection does it).
+    for r in &controller {
+        if strings(&r["resources"]).contains(&"namespaces") {
+            assert!(!strings(&r["verbs"]).contains(&"delete"), "the controller may delete namespaces");
+        }
+    }
+}
+
+/// Issue 9: the webhook holds no Secret rights at all (its certificate is mounted from the
+/// Secret the controller issues), so it cannot read the CA key; its Deployment mounts that
+/// Secret read-only and no longer issues or patches anything.
+#[test]
+fn the_webhook_cannot_read_the_ca_secret() {
+    let objects = objects();
+    let bound = roles_bound_to(&objects, "noexit-webhook");
+    assert!(!bound.is_empty(), "the webhook has no bindings at all?");
+    for (_, kind, name) in &bound {
+        for rule in rules_of(&objects, kind, name) {
+            let resources = strings(&rule["resources"]);
+            assert!(
+                !resources.contains(&"secrets") && !resources.contains(&"*"),
+                "{kind} {name} gives the webhook {:?} on secrets",
+                strings(&rule["verbs"])
+            );
+            assert!(
+                !resources.contains(&"validatingwebhookconfigurations"),
+                "the webhook still patches its configuration ({kind} {name})"
+            );
+        }
+    }
+    let text = read("templates/webhook.yaml");
+    assert!(!text.contains("--ca-secret"), "the webhook still issues from the CA");
+    let (_, webhook) = objects
+        .iter()
+        .find(|(_, o)| o["kind"] == "Deployment" && o["metadata"]["name"] == "noexit-webhook")
+        .expect("webhook Deployment");
+    let mounts = &webhook["spec"]["template"]["spec"]["containers"][0]["volumeMounts"];
+    let tls = mounts.as_sequence().unwrap().iter().find(|m| m["name"] == "tls").expect("tls mount");
+    assert_eq!(tls["readOnly"], true);
+    // The controller issues it, into the Secret the webhook mounts.
+    let controller = read("templates/controller.yaml");
+    assert!(controller.contains("--webhook-secret={{ include \"noexit.webhookTlsSecret\" . }}"), "{controller}");
+    assert!(controller.contains("--webhook-configuration="));
+    assert_eq!(values()["webhook"]["tls"]["issuedByController"], true);
+}
+
+/// Issue 9: the control plane's NetworkPolicies are on by default, deny both ways, and every
+/// egress rule names its destination (`to:` with a namespace/pod selector or an ipBlock), not
+/// just a port.
+#[test]
+fn network_policies_are_on_by_default_with_destinations() {
+    assert_eq!(values()["networkPolicy"]["enabled"], true, "NetworkPolicies must be on by default");
+    let policies: Vec<Value> =
+        objects().into_iter().filter(|(_, o)| o["kind"] == "NetworkPolicy").map(|(_, o)| o).collect();
+    let deny = policies.iter().find(|p| p["metadata"]["name"] == "noexit-default-deny").expect("a default deny");
+    assert_eq!(deny["spec"]["podSelector"], Value::Mapping(Default::default()));
+    assert_eq!(strings(&deny["spec"]["policyTypes"]), ["Ingress", "Egress"]);
+    let mut egress_for: BTreeSet<String> = BTreeSet::new();
+    for p in &policies {
+        let name = p["metadata"]["name"].as_str().unwrap_or_default();
+        for rule in p["spec"]["egress"].as_sequence().into_iter().flatten() {
+            let to = rule["to"].as_sequence().unwrap_or_else(|| panic!("{name}: an egress rule without `to:`"));
+            assert!(!to.is_empty(), "{name}: empty `to:`");
+            for peer in to {
+                let named = ["namespaceSelector", "podSelector", "ipBlock"].iter().any(|k| !peer[*k].is_null());
+                assert!(named, "{name}: a peer without a selector or ipBlock: {peer:?}");
+                if let Some(cidr) = peer["ipBlock"]["cidr"].as_str()
+                    && cidr == "0.0.0.0/0"
+                {
+                    assert!(!peer["ipBlock"]["except"].is_null(), "{name}: the whole internet, private ranges included");
+                }
+            }
+            assert!(!rule["ports"].is_null(), "{name}: an egress rule without ports");
+            egress_for.insert(name.to_owned());
+        }
+    }
+    // Where each component may go: DNS (all), the Kubernetes API (controller, webhook, api),
+    // the api (controller), the database and HTTPS outside (api, mirror).
+    for name in [
+        "noexit-allow-cluster-dns",
+        "noexit-allow-kubernetes-api",
+        "noexit-controller-egress",
+        "noexit-api-egress",
+        "noexit-mirror-egress",
+    ] {
+        assert!(egress_for.contains(name), "no egress policy {name}");
+    }
+    let api = policies.iter().find(|p| p["metadata"]["name"] == "noexit-allow-kubernetes-api").expect("api policy");
+    assert_eq!(strings(&api["spec"]["podSelector"]["matchExpressions"][0]["values"]), ["controller", "webhook", "api"]);
+    let text = read("templates/networkpolicies.yaml");
+    assert!(text.contains("range $np.kubernetesApi.cidrs"), "the Kubernetes API is reached by ipBlock");
 }

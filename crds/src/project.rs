@@ -21,6 +21,7 @@ use crate::common::{Condition, Role};
     cel,
     validation = Rule::new("size(self.metadata.name) <= 56").message("project names are at most 56 characters (the namespace is noexit-<name>)"),
     validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("project names must be DNS-1123 labels"),
+    validation = Rule::new("!(self.metadata.name in ['system', 'operator', 'control-plane', 'controller', 'default', 'kube', 'public', 'monitoring']) && !self.metadata.name.startsWith('kube-')").message("this project name is reserved (its namespace noexit-<name> is kept for noexit or the cluster)"),
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.memberCount"}"#,
     printcolumn = r#"{"name":"Workspaces","type":"integer","jsonPath":".status.workspaceCount"}"#,
     printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".spec.approval.expires"}"#,

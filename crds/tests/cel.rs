@@ -100,3 +100,18 @@ fn a_request_cannot_be_edited_after_filing() {
     bad_name.spec.workspace_name = "No Spaces".into();
     assert!(bad_name.validate_cel().is_err());
 }
+
+#[test]
+fn reserved_project_names_are_refused() {
+    for name in ["system", "operator", "kube-system", "kube-x", "default"] {
+        let mut p = of_kind::<Project>("Project").remove(0);
+        p.metadata.name = Some(name.into());
+        let err = p.validate_cel().expect_err(name).to_string();
+        assert!(err.contains("reserved"), "{name}: {err}");
+    }
+    // The CEL list is the Rust list.
+    for name in noexit_crds::names::RESERVED_PROJECT_NAMES {
+        assert!(noexit_crds::names::RESERVED_PROJECT_CEL.contains(&format!("'{name}'")), "{name}");
+    }
+    assert!(include_str!("../src/project.rs").contains(noexit_crds::names::RESERVED_PROJECT_CEL));
+}

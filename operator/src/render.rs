@@ -97,7 +97,7 @@ pub fn render(
         }
     }
     for p in &inputs.projects {
-        let built = project::validate(&p.object, &datasets, now.date_naive())
+        let built = project::validate(&p.object, &datasets, &site.operator_namespace, now.date_naive())
             .map_err(|e| e.to_string())
             .and_then(|resolved| project::build(&p.object, &resolved, site).map_err(|e| e.to_string()));
         match built {
@@ -110,7 +110,8 @@ pub fn render(
     let project_named = |name: &str| inputs.projects.iter().map(|p| &p.object).find(|p| p.name_any() == name);
     for w in &inputs.workspaces {
         let ws = &w.object;
-        let resolved = workspace::validate(ws, project_named(&ws.spec.project), &datasets, now);
+        let resolved =
+            workspace::validate(ws, project_named(&ws.spec.project), &datasets, &site.workspace_images, now);
         if !resolved.problems.is_empty() {
             errors.extend(resolved.problems.iter().map(|p| format!("{}: {p}", w.file)));
             continue;
@@ -260,9 +261,10 @@ mod tests {
                 count += 1;
             }
         }
-        // Project: ns, sa, quota, limits, 5 netpols, 3 roles + 3 bindings, 2 × (pv + pvc) = 19;
-        // pod workspace: secret, pvc, svc, pod = 4; vm workspace: 4; request (undecided): 0.
-        assert_eq!(count, 27);
+        // Project: ns, the controller's binding, sa, quota, limits, 5 netpols, 3 roles + 3
+        // bindings, 2 × (pv + pvc) = 20; pod workspace: secret, pvc, svc, pod = 4; vm workspace:
+        // 4; request (undecided): 0.
+        assert_eq!(count, 28);
     }
 
     #[test]
@@ -287,7 +289,7 @@ mod tests {
         let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
             .map(|d| serde::Deserialize::deserialize(d).expect("document"))
             .collect();
-        assert_eq!(docs.len(), 27);
+        assert_eq!(docs.len(), 28);
         assert!(docs.iter().all(|d| d.get("apiVersion").is_some() && d.get("kind").is_some()));
     }
 }

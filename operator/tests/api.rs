@@ -1014,7 +1014,7 @@ async fn authz_matrix_every_caller_times_every_endpoint() {
                 Endpoint::OperatorRevoke => {
                     json_body(&json!({"workspace": "ward-7/old", "serial": "0c0d", "reason": "matrix"}))
                 }
-                Endpoint::WorkspaceRevoke => json_body(&json!({"serial": "0e0f", "reason": "matrix"})),
+                Endpoint::WorkspaceRevoke => json_body(&json!({"serial": "0a0b", "reason": "matrix"})),
                 Endpoint::AgentHeartbeat => json_body(&heartbeat()),
                 Endpoint::AgentEvents => json_body(&json!({"events": []})),
                 Endpoint::AgentOutboxContent => Some(("application/octet-stream", b"x".to_vec())),
@@ -1719,4 +1719,115 @@ async fn sigterm_seals_the_audit_tail_and_publishes_the_checkpoint() {
     assert_eq!(after.entries_authenticated, after.entries);
     let published = noexit_operator::audit::store::read_exported_checkpoints(&export).unwrap();
     assert_eq!(published.last().map(|c| c.body.last_seq), Some(after.last_seq), "published outside the database too");
+}
+
+/// An admin of project A may revoke only A's workspaces' certificates: not B's (seen when B's
+/// agent authenticated), not the operator's own client certificate; each refusal is audited.
+#[tokio::test]
+async fn an_admin_revokes_only_their_own_projects_certificates() {
+    let pki = pki();
+    let db = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start().await;
+    let ward9 = r#"
+---
+apiVersion: noexit.io/v1alpha1
+kind: Project
+metadata: {name: ward-9}
+spec:
+  members:
+    - {user: zoe@ward9.example, roles: [researcher, admin]}
+  approval: {reference: "REC 24/LO/0001", expires: "2027-06-30"}
+---
+apiVersion: noexit.io/v1alpha1
+kind: Workspace
+metadata: {name: zoe-r, namespace: noexit-ward-9}
+spec: {project: ward-9, owner: zoe@ward9.example, runtime: pod, image: "r:4"}
+"#;
+    let cluster = Arc::new(api::memory_cluster_from(&format!("{PROJECT}{ward9}")).unwrap());
+    let audit = Arc::new(Store::connect(&sqlite_url(&db)).await.unwrap());
+    let api = Api::start_on(&pki, Some(&issuer), cluster, audit).await;
+
+    // ward-9's agent and the operator talk to the API: their serials are now known.
+    let zoe_agent = pki.ca.issue_workspace_client(
+        &WorkspaceIdentity { project: "ward-9".into(), name: "zoe-r".into() },
+        chrono::Duration::days(1),
+    )
+    .unwrap();
+    let (status, body) = call(
+        &client(&pki, Some(&zoe_agent)),
+        Method::POST,
+        &api.url("/v1/agent/heartbeat"),
+        None,
+        json_body(&heartbeat()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let operator = pki.ca.issue_operator_client(chrono::Duration::days(1)).unwrap();
+
+    let carol = issuer.token("carol@ward7.example");
+    let url = api.url("/v1/projects/ward-7/workspaces/alice-r/revoke");
+    for (serial, whose) in [(&zoe_agent.serial, "ward-9's agent"), (&operator.serial, "the operator")] {
+        let body = json!({"serial": serial, "reason": "attack"});
+        let (status, body) =
+            call(&client(&pki, None), Method::POST, &url, Some(&carol), json_body(&body)).await.unwrap();
+        assert_eq!(status, StatusCode::FORBIDDEN, "{whose}: {body}");
+        assert_eq!(body["code"], "serialNotOfWorkspace", "{whose}: {body}");
+    }
+    // Neither was revoked: both still work.
+    let (status, _) = call(
+        &client(&pki, Some(&zoe_agent)),
+        Method::POST,
+        &api.url("/v1/agent/heartbeat"),
+        None,
+        json_body(&heartbeat()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK, "ward-9's agent was revoked by ward-7's admin");
+    let revocation = json!({"workspace": "ward-7/old", "serial": "0c0d", "reason": "still the operator"});
+    let (status, body) = call(
+        &client(&pki, Some(&operator)),
+        Method::POST,
+        &api.url("/v1/operator/revocations"),
+        None,
+        json_body(&revocation),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK, "the operator's certificate was revoked: {body}");
+    // Both refusals are in the audit log, under carol.
+    let refused = api.refused("certificate.revoke").await;
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(refused.iter().all(|e| e.event.actor == "user:carol@ward7.example"), "{refused:#?}");
+
+    // Her own workspace's certificates: the current one (status) and one its agent used.
+    let alice_agent = pki.agent("alice-r");
+    let (status, _) = call(
+        &client(&pki, Some(&alice_agent)),
+        Method::POST,
+        &api.url("/v1/agent/heartbeat"),
+        None,
+        json_body(&heartbeat()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    for serial in ["0a0b", alice_agent.serial.as_str()] {
+        let body = json!({"serial": serial, "reason": "laptop lost"});
+        let (status, body) =
+            call(&client(&pki, None), Method::POST, &url, Some(&carol), json_body(&body)).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{serial}: {body}");
+        assert_eq!(body["new"], true);
+    }
+    let (status, body) = call(
+        &client(&pki, Some(&alice_agent)),
+        Method::POST,
+        &api.url("/v1/agent/heartbeat"),
+        None,
+        json_body(&heartbeat()),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateRevoked")));
 }

@@ -538,3 +538,101 @@ async fn the_mirror_config_follows_project_policies_and_workspace_addresses() {
     wait("the mapping gone", || files(&api)?.1.lookup(address).is_none().then_some(())).await;
     running.stop().await;
 }
+
+/// A namespace `noexit-ward-7` that noexit did not create (here: a team's, with its own labels)
+/// is never adopted: the Project is refused with `NamespaceNotOwned`, the namespace is not
+/// written to and nothing is created in it.
+#[tokio::test]
+async fn a_foreign_namespace_is_never_adopted() {
+    let api = FakeApi::new();
+    let foreign = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(NS.into()),
+            labels: Some([("team".to_owned(), "someone-else".to_owned())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&foreign).expect("the foreign namespace");
+    let before = api.get::<Namespace>(None, NS).expect("namespace");
+    seed(&api, &[]);
+    let running = Running::in_process(api.clone());
+
+    let message = wait("Ready=False NamespaceNotOwned", || {
+        let status = api.get::<Project>(None, "ward-7")?.status?;
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False" && ready.reason == "NamespaceNotOwned").then_some(ready.message)
+    })
+    .await;
+    assert!(message.contains(r#"namespace "noexit-ward-7" already exists and was not created by noexit"#), "{message}");
+    let after = api.get::<Namespace>(None, NS).expect("namespace");
+    assert_eq!(after, before, "the foreign namespace was changed");
+    let writes: Vec<_> = api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method != "GET" && c.path.contains("noexit-ward-7") && !c.path.contains("/events"))
+        .collect();
+    assert!(writes.is_empty(), "writes into the foreign namespace: {writes:#?}");
+    assert!(api.list::<NetworkPolicy>(Some(NS)).is_empty());
+    running.stop().await;
+}
+
+/// A Project named `system` would be the operator's own namespace `noexit-system`: refused
+/// before anything is built, and the operator namespace is left alone.
+#[tokio::test]
+async fn a_project_named_after_the_operator_namespace_is_refused() {
+    let api = FakeApi::new();
+    let mut ex = example();
+    ex.project.metadata.name = Some("system".into());
+    api.create(&ex.project).expect("project");
+    let running = Running::in_process(api.clone());
+    let message = wait("Ready=False for project system", || {
+        let status = api.get::<Project>(None, "system")?.status?;
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False").then_some(ready.message)
+    })
+    .await;
+    assert!(message.starts_with("project system: metadata.name: \"system\" is reserved"), "{message}");
+    let touched: Vec<_> = api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method != "GET" && c.path.contains("namespaces/noexit-system") && !c.path.contains("secrets"))
+        .filter(|c| !c.path.contains("leases") && !c.path.contains("events") && !c.path.contains("configmaps"))
+        .collect();
+    assert!(touched.is_empty(), "the operator namespace was written to: {touched:#?}");
+    assert!(api.list::<NetworkPolicy>(Some("noexit-system")).is_empty());
+    running.stop().await;
+}
+
+/// With the site's image allowlist (examples/site.yaml), a workspace whose image is a tag, or
+/// not listed, gets no pod (`Ready=False ImageNotAllowed` naming `spec.image`); the listed
+/// digest runs.
+#[tokio::test]
+async fn a_workspace_image_off_the_site_allowlist_gets_no_pod() {
+    let site: noexit_operator::controllers::Site =
+        serde_yaml::from_str(include_str!("../../examples/site.yaml")).expect("examples/site.yaml");
+    assert!(site.workspace_images.is_set());
+    let api = FakeApi::new();
+    let ex = seed(&api, &[]);
+    let mut tagged = ex.workspaces[0].clone();
+    tagged.spec.image = "registry.ward7.example/noexit/r-desktop:4.4".into();
+    api.create(&tagged).expect("workspace");
+    let running = Running::in_process_with_site(api.clone(), site);
+
+    let message = wait("Ready=False ImageNotAllowed", || {
+        let ws = api.get::<Workspace>(Some(NS), "alice-r")?;
+        let ready = ws.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False" && ready.reason == "ImageNotAllowed").then_some(ready.message)
+    })
+    .await;
+    assert!(message.starts_with("workspace ward-7/alice-r: spec.image: "), "{message}");
+    assert!(pod(&api, "alice-r").is_none(), "a pod was made from an image off the allowlist");
+
+    // The listed digest: the pod appears.
+    let pinned = ex.workspaces[0].spec.image.clone();
+    api.update::<Workspace>(Some(NS), "alice-r", json!({"spec": {"image": pinned}})).expect("pin");
+    let p = wait("the pod with the pinned image", || pod(&api, "alice-r")).await;
+    let image = p.spec.expect("spec").containers.into_iter().find(|c| c.name == "workspace").and_then(|c| c.image);
+    assert_eq!(image.as_deref(), Some(pinned.as_str()));
+    running.stop().await;
+}

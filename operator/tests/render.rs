@@ -24,7 +24,7 @@ fn renders_the_example_project_with_real_certificates() {
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
         .map(|d| serde::Deserialize::deserialize(d).expect("document"))
         .collect();
-    assert_eq!(docs.len(), 27);
+    assert_eq!(docs.len(), 28);
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "Pod").count(), 1);
     assert_eq!(kinds.iter().filter(|k| **k == "VirtualMachine").count(), 1);

@@ -46,8 +46,11 @@ fn cluster() -> Snapshot {
 }
 
 fn state(lookup: impl Lookup + 'static) -> AppState {
-    let mut state =
-        AppState::new(Arc::new(lookup), Policy { trusted_users: vec![API.into()], username_prefix: "oidc:".into() });
+    let site: noexit_operator::controllers::Site =
+        serde_yaml::from_str(include_str!("../../examples/site.yaml")).expect("examples/site.yaml");
+    let policy =
+        Policy { site: (&site).into(), trusted_users: vec![API.into()], username_prefix: "oidc:".into() };
+    let mut state = AppState::new(Arc::new(lookup), policy);
     state.clock = fixed_now;
     state
 }
@@ -234,6 +237,63 @@ async fn a_request_in_someone_elses_name_is_refused_unless_the_api_files_it() {
     assert_eq!(r["status"]["reason"], "RequesterMismatch");
     let r = judge(cluster(), Review::create(example("alice-stats"), API)).await;
     assert_eq!(r["allowed"], true, "{r}");
+}
+
+/// With `--username-prefix=oidc:`, `bob@ward7.example` from a client certificate or a static
+/// token is not the OIDC member `bob@ward7.example`: it may neither file nor decide requests.
+#[tokio::test]
+async fn a_user_name_without_the_configured_prefix_is_refused() {
+    let r = judge(cluster(), Review::create(example("alice-stats"), "bob@ward7.example")).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert_eq!(r["status"]["reason"], "UsernamePrefixMissing");
+    assert!(message(&r).starts_with("workspacerequest ward-7/alice-stats: userInfo.username:"), "{r}");
+
+    let old = example("alice-stats");
+    let mut new = old.clone();
+    new["status"] = json!({
+        "conditions": [{"type": "Approved", "status": "True", "reason": "AdminDecision", "message": "",
+                        "lastTransitionTime": "2026-11-22T10:00:00Z"}],
+        "decidedBy": "carol@ward7.example",
+    });
+    let mut review = Review::update(old, new, "carol@ward7.example");
+    review.sub_resource = Some("status");
+    let r = judge(cluster(), review).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert_eq!(r["status"]["reason"], "UsernamePrefixMissing");
+    // The prefixed name is the member (see a_requester_approving_their_own_request_...).
+    let r = judge(cluster(), Review::create(example("alice-stats"), "oidc:bob@ward7.example")).await;
+    assert_eq!(r["allowed"], true, "{r}");
+}
+
+/// examples/site.yaml lists the example images by digest: a tag, or another image, is refused
+/// naming the field.
+#[tokio::test]
+async fn a_workspace_image_off_the_site_allowlist_is_refused() {
+    let mut ws = example("alice-vm");
+    ws["spec"]["image"] = json!("registry.ward7.example/noexit/r-desktop-vm:4.4");
+    let r = judge(cluster(), Review::create(ws, "oidc:carol@ward7.example")).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert_eq!(r["status"]["reason"], "ImageNotAllowed");
+    assert!(message(&r).starts_with("workspace ward-7/alice-vm: spec.image: "), "{r}");
+    assert!(message(&r).contains("workspaceImages.vm"), "{r}");
+
+    let mut req = example("alice-stats");
+    req["spec"]["workspace"]["image"] =
+        json!("evil.example/r@sha256:e52fc2c04c00008eff4893909017748b11bc4f99d2b8a408a2b9fe5ac8f7e221");
+    let r = judge(cluster(), Review::create(req, "oidc:bob@ward7.example")).await;
+    assert_eq!(r["status"]["reason"], "ImageNotAllowed", "{r}");
+    assert!(message(&r).contains("spec.workspace.image"), "{r}");
+}
+
+/// A Project named `system` would become the operator's namespace `noexit-system`.
+#[tokio::test]
+async fn a_project_named_system_is_refused() {
+    let mut p = example("ward-7");
+    p["metadata"]["name"] = json!("system");
+    let r = judge(Snapshot::new(), Review::create(p, "oidc:carol@ward7.example")).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert_eq!(r["status"]["reason"], "InvalidField");
+    assert!(message(&r).starts_with(r#"project system: metadata.name: "system" is reserved"#), "{r}");
 }
 
 #[tokio::test]
@@ -535,15 +595,17 @@ async fn the_webhook_process_serves_reviews_from_its_caches_and_stops_on_sigterm
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
 
-/// What the fake API saw of the webhook's certificate bootstrap.
+/// What the fake API saw of the certificate bootstrap.
 #[derive(Default)]
 struct Recorded {
-    ca_secret: Option<Value>,
+    tls_secret: Option<Value>,
+    secret_writes: usize,
     vwc_patch: Option<(String, Value)>,
     vwc_reads: usize,
 }
 
-/// A fake API that also serves the CA Secret (absent at first) and the webhook configuration.
+/// A fake API that serves the webhook's TLS Secret (absent at first) and the webhook
+/// configuration, and empty lists of noexit objects.
 async fn fake_api_with_pki(recorded: Arc<std::sync::Mutex<Recorded>>) -> std::net::SocketAddr {
     use axum::extract::State;
     use axum::response::IntoResponse;
@@ -555,18 +617,21 @@ async fn fake_api_with_pki(recorded: Arc<std::sync::Mutex<Recorded>>) -> std::ne
                 "clientConfig": {"service": {"name": "noexit-webhook", "namespace": "noexit-system", "path": "/validate"}}}]})
     };
     let get_secret = |State(s): State<Shared>| async move {
-        match s.lock().unwrap().ca_secret.clone() {
+        match s.lock().unwrap().tls_secret.clone() {
             Some(secret) => axum::Json(secret).into_response(),
             None => (
                 StatusCode::NOT_FOUND,
                 axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "reason": "NotFound", "code": 404, "message": "secrets \"noexit-ca\" not found"})),
+                "reason": "NotFound", "code": 404, "message": "secrets \"noexit-webhook-tls\" not found"})),
             )
                 .into_response(),
         }
     };
-    let create_secret = |State(s): State<Shared>, axum::Json(body): axum::Json<Value>| async move {
-        s.lock().unwrap().ca_secret = Some(body.clone());
+    let write_secret = |State(s): State<Shared>, axum::Json(mut body): axum::Json<Value>| async move {
+        let mut r = s.lock().unwrap();
+        r.secret_writes += 1;
+        body["metadata"]["resourceVersion"] = json!(r.secret_writes.to_string());
+        r.tls_secret = Some(body.clone());
         (StatusCode::CREATED, axum::Json(body))
     };
     // The first read finds no configuration yet (the pod started before Helm created it).
@@ -602,8 +667,11 @@ async fn fake_api_with_pki(recorded: Arc<std::sync::Mutex<Recorded>>) -> std::ne
     };
     let app = axum::Router::new()
         .route("/apis/noexit.io/v1alpha1/{plural}", axum::routing::get(lists))
-        .route("/api/v1/namespaces/noexit-system/secrets/noexit-ca", axum::routing::get(get_secret))
-        .route("/api/v1/namespaces/noexit-system/secrets", axum::routing::post(create_secret))
+        .route(
+            "/api/v1/namespaces/noexit-system/secrets/noexit-webhook-tls",
+            axum::routing::get(get_secret).put(write_secret),
+        )
+        .route("/api/v1/namespaces/noexit-system/secrets", axum::routing::post(write_secret))
         .route(
             "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/noexit-webhook",
             axum::routing::get(get_vwc).patch(patch_vwc),
@@ -629,16 +697,67 @@ fn kubeconfig(dir: &std::path::Path, api: std::net::SocketAddr) -> std::path::Pa
     path
 }
 
+/// The controller issues the webhook's certificate into a Secret (no CA key in it) and sets the
+/// caBundle; the webhook, given only the Secret's files (as the kubelet mounts them), serves
+/// with it and has no way left to reach the CA (`--ca-secret` is gone).
 #[tokio::test]
-async fn the_webhook_creates_the_ca_issues_its_certificate_and_sets_the_ca_bundle() {
+async fn the_controller_issues_the_webhook_certificate_and_the_webhook_only_reads_it() {
     use base64::Engine;
     let recorded = Arc::new(std::sync::Mutex::new(Recorded::default()));
     let api = fake_api_with_pki(recorded.clone()).await;
+    let ca = Arc::new(Ca::generate("noexit operator CA").unwrap());
+    let client = kube::Client::try_from(kube::Config::new(format!("http://{api}").parse().unwrap())).unwrap();
+    let issuer = webhook::certs::ServingIssuer {
+        client,
+        namespace: "noexit-system".into(),
+        secret: "noexit-webhook-tls".into(),
+        dns_names: vec!["localhost".into()],
+        ca: ca.clone(),
+    };
+    assert!(issuer.ensure(chrono::Utc::now()).await.unwrap(), "first pass issues");
+    assert!(!issuer.ensure(chrono::Utc::now()).await.unwrap(), "a good certificate is kept");
+    // Near expiry it is replaced in place.
+    assert!(issuer.ensure(chrono::Utc::now() + chrono::Duration::days(80)).await.unwrap());
+    assert_eq!(recorded.lock().unwrap().secret_writes, 2);
+    let secret = recorded.lock().unwrap().tls_secret.clone().unwrap();
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let field = |k: &str| {
+        let b64 = secret["data"][k].as_str().unwrap_or_else(|| panic!("no {k}")).to_owned();
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+    };
+    assert_eq!(field("ca.crt"), ca.cert_pem());
+    assert!(secret["data"]["ca.key"].is_null(), "the CA key must not reach the webhook's Secret");
+
+    // The caBundle, set in the background after a retry (the configuration was missing at first).
+    tokio::spawn(issuer.clone().run(Some("noexit-webhook".into()), Duration::from_millis(200)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (content_type, patch) = loop {
+        if let Some(p) = recorded.lock().unwrap().vwc_patch.clone() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the caBundle was not set");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(recorded.lock().unwrap().vwc_reads >= 2, "no retry after the 404");
+    assert_eq!(content_type, "application/strategic-merge-patch+json");
+    assert_eq!(patch["webhooks"][0]["name"], "validate.noexit.io");
+    let bundle = patch["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap();
+    let bundle = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundle).unwrap()).unwrap();
+    assert_eq!(bundle, ca.cert_pem());
+
+    // The webhook with the mounted files only.
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), field("tls.crt")).unwrap();
+    std::fs::write(dir.path().join("tls.key"), field("tls.key")).unwrap();
+    let old = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
+        .args(["webhook", "--ca-secret", "noexit-ca", "--tls-cert", "x", "--tls-key", "y"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(old.status.code(), Some(2), "the webhook still accepts --ca-secret");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
-        .args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--ca-secret", "noexit-ca"])
-        .args(["--namespace", "noexit-system", "--dns-name", "localhost", "--webhook-configuration", "noexit-webhook"])
+        .args(["webhook", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--tls-cert")
         .arg(dir.path().join("tls.crt"))
         .arg("--tls-key")
@@ -649,22 +768,6 @@ async fn the_webhook_creates_the_ca_issues_its_certificate_and_sets_the_ca_bundl
         .spawn()
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-
-    // The CA the webhook created is in the Secret it posted; its certificate verifies with it.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ca = loop {
-        let secret = recorded.lock().unwrap().ca_secret.clone();
-        if let Some(secret) = secret {
-            let field = |k: &str| {
-                let b64 = secret["data"][k].as_str().unwrap().to_owned();
-                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
-            };
-            break Ca::from_pem(&field("ca.crt"), &field("ca.key")).unwrap();
-        }
-        assert!(Instant::now() < deadline, "no CA Secret created within 20 s");
-        assert!(child.try_wait().unwrap().is_none(), "the webhook exited");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
     let body = Review::create(example("alice-r"), "carol@ward7.example").json().to_string();
     loop {
         if let Ok(r) = post_tls(addr, &ca, body.clone()).await {
@@ -672,24 +775,10 @@ async fn the_webhook_creates_the_ca_issues_its_certificate_and_sets_the_ca_bundl
             assert_eq!(r["response"]["status"]["reason"], "ProjectNotFound", "{r}");
             break;
         }
-        assert!(Instant::now() < deadline, "the webhook did not serve a certificate from its CA within 20 s");
+        assert!(Instant::now() < deadline + Duration::from_secs(10), "the webhook did not serve its certificate");
+        assert!(child.try_wait().unwrap().is_none(), "the webhook exited");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
-    // Set in the background, after a retry.
-    let (content_type, patch) = loop {
-        if let Some(p) = recorded.lock().unwrap().vwc_patch.clone() {
-            break p;
-        }
-        assert!(Instant::now() < deadline + Duration::from_secs(10), "the caBundle was not set");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(recorded.lock().unwrap().vwc_reads >= 2, "the webhook did not retry after the 404");
-    assert_eq!(content_type, "application/strategic-merge-patch+json");
-    assert_eq!(patch["webhooks"][0]["name"], "validate.noexit.io");
-    let bundle = patch["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap();
-    let bundle = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundle).unwrap()).unwrap();
-    assert_eq!(bundle, ca.cert_pem());
 }
 
 /// Every leaf and object of `value`, as JSON pointers.

@@ -43,3 +43,8 @@ tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{- /* The Secret holding the webhook's serving certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "noexit.webhookTlsSecret" -}}
+{{ .Values.webhook.tls.secretName }}
+{{- end }}

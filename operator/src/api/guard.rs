@@ -294,6 +294,7 @@ async fn authenticate(
                     ),
                 )
             })?;
+            state.revoked.record_agent(&cert.serial, &id);
             Ok(Principal::Agent { id, serial: cert.serial.clone() })
         }
         Authn::OperatorCert => {

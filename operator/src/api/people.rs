@@ -459,18 +459,30 @@ pub async fn workspace_revoke(
     path_project(&principal, &project)?;
     let who = person(&principal)?;
     let ws = WorkspaceIdentity { project: project.clone(), name: name.clone() };
+    let current = state
+        .cluster
+        .workspace(&ws)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("workspace {project}/{name}")))?
+        .status
+        .and_then(|s| s.agent_certificate_serial);
     let serial = match body.serial {
-        Some(s) => s,
-        None => state
-            .cluster
-            .workspace(&ws)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("workspace {project}/{name}")))?
-            .status
-            .and_then(|s| s.agent_certificate_serial)
-            .ok_or_else(|| {
-                ApiError::conflict("noCertificate", format!("workspace {project}/{name} has no agent certificate yet"))
-            })?,
+        Some(s) => {
+            let s = check_serial(&s)?;
+            let seen = state.revoked.agent_of(&s);
+            if !super::revocation::belongs_to(&s, &ws, current.as_deref(), seen.as_ref()) {
+                return Err(ApiError::forbidden(
+                    "serialNotOfWorkspace",
+                    format!(
+                        "certificate {s} is not known as an agent certificate of workspace {project}/{name}; a project admin may revoke only their own workspaces' certificates"
+                    ),
+                ));
+            }
+            s
+        }
+        None => current.ok_or_else(|| {
+            ApiError::conflict("noCertificate", format!("workspace {project}/{name} has no agent certificate yet"))
+        })?,
     };
     revoke(&state, &ws, &serial, &body.reason, &format!("user:{}", who.user)).await
 }

@@ -16,6 +16,10 @@ pub enum Reason {
     DecisionByNonAdmin,
     RequesterMismatch,
     RequesterNotAnalyst,
+    /// The workspace image is not in the site's allowlist (or is not pinned by digest).
+    ImageNotAllowed,
+    /// The project's namespace exists and was not made by noexit for this project.
+    NamespaceNotOwned,
 }
 
 impl Reason {
@@ -33,6 +37,8 @@ impl Reason {
             Reason::DecisionByNonAdmin => "DecisionByNonAdmin",
             Reason::RequesterMismatch => "RequesterMismatch",
             Reason::RequesterNotAnalyst => "RequesterNotAnalyst",
+            Reason::ImageNotAllowed => "ImageNotAllowed",
+            Reason::NamespaceNotOwned => "NamespaceNotOwned",
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod context;
 pub mod dataset;
 pub mod error;
 pub mod finalizers;
+pub mod images;
 pub mod invalid;
 pub mod leader;
 pub mod mirror_config;

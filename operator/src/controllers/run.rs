@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota, Secret, Service, ServiceAccount,
+    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -60,7 +60,21 @@ pub struct Args {
     /// Reconciles running at once, per controller.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
+    /// Issue the admission webhook's serving certificate from the operator's CA into this
+    /// `kubernetes.io/tls` Secret (in --namespace) and renew it; the webhook mounts it. The
+    /// webhook itself never reads the CA.
+    #[arg(long)]
+    pub webhook_secret: Option<String>,
+    /// DNS names of the webhook's certificate (its Service).
+    #[arg(long = "webhook-dns-name", default_values_t = ["noexit-webhook.noexit-system.svc".to_owned()])]
+    pub webhook_dns_names: Vec<String>,
+    /// ValidatingWebhookConfiguration whose `caBundle` the controller keeps set to the CA.
+    #[arg(long)]
+    pub webhook_configuration: Option<String>,
 }
+
+/// How often the webhook's certificate and `caBundle` are checked.
+const WEBHOOK_CERT_CHECK_EVERY: Duration = Duration::from_secs(300);
 
 /// Label selector of every object the operator creates.
 pub const MANAGED: &str = "app.kubernetes.io/managed-by=noexit-operator";
@@ -114,6 +128,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let api_url = args.api_url.clone().unwrap_or_else(|| site.control_plane_url());
     let authority = CaStore::new(client.clone(), args.namespace.clone()).get().await?;
+    if let Some(secret) = &args.webhook_secret {
+        let issuer = crate::webhook::certs::ServingIssuer {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            secret: secret.clone(),
+            dns_names: args.webhook_dns_names.clone(),
+            ca: authority.clone(),
+        };
+        tokio::spawn(issuer.run(args.webhook_configuration.clone(), WEBHOOK_CERT_CHECK_EVERY));
+    }
     let revoker = Arc::new(HttpRevoker::new(&api_url, authority).map_err(anyhow::Error::msg)?);
     let ctx = Arc::new(Context::new(client, site, args.namespace.clone(), revoker, metrics.clone(), identity));
     let (controllers_stop, controllers_stop_rx) = watch::channel(false);
@@ -308,8 +332,9 @@ fn workspace_controller(client: &Client, config: ControllerConfig) -> Controller
     let by_project = c.store();
     let by_dataset = c.store();
     let (project_gate, dataset_gate) = (SpecChanges::default(), SpecChanges::default());
-    c.owns(Api::<Secret>::all(client.clone()), managed_by("Workspace"))
-        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), managed_by("Workspace"))
+    // No watch of Secrets: the controller may not list Secrets cluster-wide (only in project
+    // namespaces it made); the agent Secret is read on every pass and repaired on the next.
+    c.owns(Api::<PersistentVolumeClaim>::all(client.clone()), managed_by("Workspace"))
         .owns(Api::<Service>::all(client.clone()), managed_by("Workspace"))
         .owns(Api::<Pod>::all(client.clone()), managed_by("Workspace"))
         .owns_with(Api::<DynamicObject>::all_with(client.clone(), &vm), vm, managed_by("Workspace"))

@@ -39,6 +39,9 @@ pub struct Site {
     pub workspace_uid: i64,
     /// Non-root user id of the agent sidecar; shares the outbox through `fsGroup`.
     pub agent_uid: i64,
+    /// The workspace images (container images, VM disk images) a Workspace may name, by digest.
+    /// Empty: any image. See [`crate::controllers::images`].
+    pub workspace_images: crate::controllers::images::ImageAllowlist,
 }
 
 /// A Service other components reach: in-cluster DNS name, address for the agent's nftables
@@ -97,6 +100,7 @@ impl Default for Site {
             agent_cert_days: 30,
             workspace_uid: 1000,
             agent_uid: 65532,
+            workspace_images: crate::controllers::images::ImageAllowlist::default(),
         }
     }
 }

@@ -50,3 +50,8 @@ pub fn request() -> WorkspaceRequest {
         })
         .expect("example has a request")
 }
+
+/// `examples/site.yaml`.
+pub fn site() -> crate::controllers::Site {
+    serde_yaml::from_str(include_str!("../../../examples/site.yaml")).expect("examples/site.yaml parses")
+}

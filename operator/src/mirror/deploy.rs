@@ -290,6 +290,7 @@ mod tests {
         let resolved = crate::controllers::project::validate(
             &project,
             &crate::controllers::testdata::datasets(),
+            &site.operator_namespace,
             chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap(),
         )
         .unwrap();

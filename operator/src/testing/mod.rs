@@ -36,10 +36,20 @@ impl Running {
         concurrency: u16,
         observer: Option<crate::controllers::context::ReconcileObserver>,
     ) -> Self {
+        Self::start_with(client, Site::default(), backoff, concurrency, observer)
+    }
+
+    fn start_with(
+        client: kube::Client,
+        site: Site,
+        backoff: Backoff,
+        concurrency: u16,
+        observer: Option<crate::controllers::context::ReconcileObserver>,
+    ) -> Self {
         let revoker = Arc::new(RecordingRevoker::default());
         let mut ctx = Context::new(
             client,
-            Site::default(),
+            site,
             "noexit-system".into(),
             revoker.clone(),
             Arc::new(Metrics::default()),
@@ -56,6 +66,12 @@ impl Running {
     /// In-process client, test backoff (50 ms doubling to 1 s).
     pub fn in_process(api: FakeApi) -> Self {
         Self::start(api.client(), Backoff { base: Duration::from_millis(50), max: Duration::from_secs(1) }, 16)
+    }
+
+    /// As `in_process`, with a site file other than the default.
+    pub fn in_process_with_site(api: FakeApi, site: Site) -> Self {
+        let backoff = Backoff { base: Duration::from_millis(50), max: Duration::from_secs(1) };
+        Self::start_with(api.client(), site, backoff, 16, None)
     }
 
     /// Stop the controllers and wait for them (bounded).

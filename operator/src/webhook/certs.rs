@@ -1,12 +1,15 @@
-//! The webhook's serving certificate comes from the operator's CA (Secret `noexit-ca` in the
-//! operator namespace, keys `ca.crt`/`ca.key`; created once by whichever component starts
-//! first and reused by all). The API server trusts it through the `caBundle` of the
-//! ValidatingWebhookConfiguration, which the webhook sets itself, so neither Helm nor an admin
-//! ever handles key material.
+//! The webhook's serving certificate. The **controller** issues it from the operator's CA
+//! (Secret `noexit-ca`, which only the controller reads) into a `kubernetes.io/tls` Secret
+//! (`tls.crt`, `tls.key`, `ca.crt`) that the webhook pod mounts read-only, renews it when a
+//! third of its validity is left, and keeps the `caBundle` of the ValidatingWebhookConfiguration
+//! set to the CA. The webhook only reads its certificate files ([`super::tls`] re-reads them
+//! when the kubelet updates the mount): a compromised webhook holds no key that could sign
+//! agent or operator certificates.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,84 +19,82 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
-use crate::pki::{CA_CERT_KEY, CA_KEY_KEY, Ca, IssuedCert};
+use crate::pki::{CA_CERT_KEY, Ca, CertInfo, IssuedCert, TLS_CERT_KEY, TLS_KEY_KEY};
 
 /// Validity of an issued serving certificate; renewed when a third is left.
 pub const SERVING_DAYS: i64 = 90;
+/// Annotation on the serving Secret: the DNS names the certificate was issued for.
+pub const DNS_NAMES_ANNOTATION: &str = "noexit.io/dns-names";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("secret {0} lacks {1}")]
-    Incomplete(String, &'static str),
-    #[error("CA in secret {0}: {1}")]
-    Pki(String, crate::pki::PkiError),
+    #[error("issuing the serving certificate: {0}")]
+    Pki(crate::pki::PkiError),
     #[error("writing {path}: {source}")]
     Write { path: String, source: std::io::Error },
 }
 
-/// Issues the serving certificate from the CA Secret into two files.
+/// Issues the webhook's serving certificate into a Secret (run by the controller).
 #[derive(Clone)]
-pub struct Issuer {
+pub struct ServingIssuer {
     pub client: Client,
     pub namespace: String,
-    pub ca_secret: String,
+    /// The `kubernetes.io/tls` Secret the webhook mounts.
+    pub secret: String,
+    /// DNS names for the certificate (the webhook Service).
     pub dns_names: Vec<String>,
-    pub cert_path: PathBuf,
-    pub key_path: PathBuf,
+    pub ca: Arc<Ca>,
 }
 
-impl Issuer {
-    /// Load (or create) the CA, issue a serving certificate, write it. Returns the CA PEM.
-    pub async fn ensure(&self) -> Result<String, CertError> {
-        let ca = self.load_or_create_ca().await?;
-        self.issue(&ca)?;
-        Ok(ca.cert_pem().to_owned())
-    }
-
-    fn issue(&self, ca: &Ca) -> Result<IssuedCert, CertError> {
-        let issued = ca
+impl ServingIssuer {
+    /// Issue a certificate into the Secret unless the one there is still good. Returns whether
+    /// a new one was written. Another replica writing at the same time wins (409), harmlessly.
+    pub async fn ensure(&self, now: DateTime<Utc>) -> Result<bool, CertError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let live = api.get_opt(&self.secret).await?;
+        if live.as_ref().is_some_and(|s| !needs_reissue(s, self.ca.cert_pem(), &self.dns_names, now)) {
+            return Ok(false);
+        }
+        let issued = self
+            .ca
             .issue_server(&self.dns_names, chrono::Duration::days(SERVING_DAYS))
-            .map_err(|e| CertError::Pki(self.ca_secret.clone(), e))?;
-        write_pair(&issued, &self.cert_path, &self.key_path)?;
-        tracing::info!(serial = %issued.serial, not_after = %issued.not_after, names = ?self.dns_names, "serving certificate issued");
-        Ok(issued)
-    }
-
-    /// Re-issue before expiry, forever. The TLS layer picks the new files up by itself.
-    pub async fn renew_forever(self, every: Duration) {
-        let mut not_after = Utc::now() + chrono::Duration::days(SERVING_DAYS);
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            if !needs_renewal(not_after, Utc::now()) {
-                continue;
+            .map_err(CertError::Pki)?;
+        let mut secret = serving_secret(&self.secret, &self.namespace, self.ca.cert_pem(), &self.dns_names, &issued);
+        let written = match live {
+            Some(live) => {
+                secret.metadata.resource_version = live.metadata.resource_version;
+                api.replace(&self.secret, &PostParams::default(), &secret).await.map(|_| ())
             }
-            match self.load_or_create_ca().await.and_then(|ca| self.issue(&ca)) {
-                Ok(issued) => not_after = issued.not_after,
-                Err(e) => tracing::warn!(error = %e, "serving certificate renewal failed; retrying"),
+            None => api.create(&PostParams::default(), &secret).await.map(|_| ()),
+        };
+        match written {
+            Ok(()) => {
+                tracing::info!(secret = %self.secret, serial = %issued.serial, not_after = %issued.not_after, names = ?self.dns_names, "webhook serving certificate issued");
+                Ok(true)
             }
-        }
-    }
-
-    async fn load_or_create_ca(&self) -> Result<Ca, CertError> {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        if let Some(secret) = secrets.get_opt(&self.ca_secret).await? {
-            return ca_from_secret(&self.ca_secret, &secret);
-        }
-        let ca = Ca::generate("noexit operator CA").map_err(|e| CertError::Pki(self.ca_secret.clone(), e))?;
-        match secrets.create(&PostParams::default(), &ca_secret(&self.ca_secret, &self.namespace, &ca)).await {
-            Ok(_) => {
-                tracing::info!(secret = %self.ca_secret, "operator CA created");
-                Ok(ca)
-            }
-            // Another component created it first: use theirs.
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                let secret = secrets.get(&self.ca_secret).await?;
-                ca_from_secret(&self.ca_secret, &secret)
-            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Keep the certificate fresh and (when `configuration` is given) the `caBundle` set,
+    /// forever: check every `every`, back off on errors.
+    pub async fn run(self, configuration: Option<String>, every: Duration) {
+        if let Some(name) = configuration {
+            tokio::spawn(keep_ca_bundle(self.client.clone(), name, self.ca.cert_pem().to_owned(), every));
+        }
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match self.ensure(Utc::now()).await {
+                Ok(_) => delay = every,
+                Err(e) => {
+                    tracing::warn!(secret = %self.secret, error = %e, retry_in = ?delay, "cannot issue the webhook's serving certificate");
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -103,35 +104,42 @@ pub fn needs_renewal(not_after: DateTime<Utc>, now: DateTime<Utc>) -> bool {
     not_after - now < chrono::Duration::days(SERVING_DAYS / 3)
 }
 
-fn ca_from_secret(name: &str, secret: &Secret) -> Result<Ca, CertError> {
-    let field = |key: &'static str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .ok_or_else(|| CertError::Incomplete(name.to_owned(), key))
-    };
-    Ca::from_pem(&field(CA_CERT_KEY)?, &field(CA_KEY_KEY)?).map_err(|e| CertError::Pki(name.to_owned(), e))
+fn text(secret: &Secret, key: &str) -> Option<String> {
+    secret.data.as_ref()?.get(key).and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
-/// The CA Secret as the operator's components create it.
-pub fn ca_secret(name: &str, namespace: &str, ca: &Ca) -> Secret {
+/// The live Secret must be replaced: another CA, other names, unreadable, or due for renewal.
+pub fn needs_reissue(live: &Secret, ca_pem: &str, dns_names: &[String], now: DateTime<Utc>) -> bool {
+    let names = live.metadata.annotations.as_ref().and_then(|a| a.get(DNS_NAMES_ANNOTATION)).cloned();
+    let cert = text(live, TLS_CERT_KEY).and_then(|pem| CertInfo::from_pem(&pem).ok());
+    let fresh = cert.is_some_and(|c| now >= c.not_before && !needs_renewal(c.not_after, now));
+    !(fresh
+        && text(live, TLS_KEY_KEY).is_some()
+        && text(live, CA_CERT_KEY).as_deref() == Some(ca_pem)
+        && names.as_deref() == Some(dns_names.join(",").as_str()))
+}
+
+/// The `kubernetes.io/tls` Secret the webhook mounts: certificate, key, and the CA (no CA key).
+pub fn serving_secret(name: &str, namespace: &str, ca_pem: &str, dns_names: &[String], issued: &IssuedCert) -> Secret {
+    let b = |s: &str| ByteString(s.as_bytes().to_vec());
     Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
             labels: Some(BTreeMap::from([
                 ("app.kubernetes.io/name".to_owned(), "noexit".to_owned()),
-                ("app.kubernetes.io/component".to_owned(), "ca".to_owned()),
+                ("app.kubernetes.io/component".to_owned(), "webhook".to_owned()),
+                ("app.kubernetes.io/managed-by".to_owned(), "noexit-operator".to_owned()),
             ])),
+            annotations: Some(BTreeMap::from([(DNS_NAMES_ANNOTATION.to_owned(), dns_names.join(","))])),
             ..Default::default()
         },
         data: Some(BTreeMap::from([
-            (CA_CERT_KEY.to_owned(), ByteString(ca.cert_pem().as_bytes().to_vec())),
-            (CA_KEY_KEY.to_owned(), ByteString(ca.key_pem().as_bytes().to_vec())),
+            (TLS_CERT_KEY.to_owned(), b(&issued.cert_pem)),
+            (TLS_KEY_KEY.to_owned(), b(&issued.key_pem)),
+            (CA_CERT_KEY.to_owned(), b(ca_pem)),
         ])),
-        type_: Some("Opaque".into()),
+        type_: Some("kubernetes.io/tls".into()),
         ..Default::default()
     }
 }
@@ -232,14 +240,25 @@ mod tests {
     }
 
     #[test]
-    fn the_ca_secret_round_trips() {
+    fn the_serving_secret_carries_no_ca_key_and_is_reissued_when_it_must_be() {
         let ca = Ca::generate("test CA").expect("ca");
-        let secret = ca_secret("noexit-ca", "noexit-system", &ca);
-        let again = ca_from_secret("noexit-ca", &secret).expect("load");
-        assert_eq!(again.cert_pem(), ca.cert_pem());
+        let names = vec!["noexit-webhook.noexit-system.svc".to_owned()];
+        let now = Utc::now();
+        let issued = ca.issue_server(&names, chrono::Duration::days(SERVING_DAYS)).expect("issue");
+        let secret = serving_secret("noexit-webhook-tls", "noexit-system", ca.cert_pem(), &names, &issued);
+        let data = secret.data.as_ref().expect("data");
+        assert_eq!(data.keys().map(String::as_str).collect::<Vec<_>>(), ["ca.crt", "tls.crt", "tls.key"]);
+        assert!(!data.values().any(|v| v.0 == ca.key_pem().as_bytes()), "the CA key must never leave the controller");
+        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+        assert!(!needs_reissue(&secret, ca.cert_pem(), &names, now));
+        // Due for renewal, another CA, other names, a missing key.
+        assert!(needs_reissue(&secret, ca.cert_pem(), &names, now + chrono::Duration::days(61)));
+        let other = Ca::generate("other CA").expect("ca");
+        assert!(needs_reissue(&secret, other.cert_pem(), &names, now));
+        assert!(needs_reissue(&secret, ca.cert_pem(), &["localhost".to_owned()], now));
         let mut broken = secret.clone();
-        broken.data.as_mut().map(|d| d.remove(CA_KEY_KEY));
-        assert!(matches!(ca_from_secret("noexit-ca", &broken), Err(CertError::Incomplete(_, "ca.key"))));
+        broken.data.as_mut().map(|d| d.remove(TLS_KEY_KEY));
+        assert!(needs_reissue(&broken, ca.cert_pem(), &names, now));
     }
 
     #[test]

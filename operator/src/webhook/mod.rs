@@ -7,8 +7,8 @@
 //! - [`review`]: AdmissionReview in, AdmissionReview out (typed objects, malformed → refused)
 //! - [`http`]: the axum [`router`] (`/validate`, `/healthz`, `/readyz`, `/metrics`)
 //! - [`tls`]: rustls with a certificate re-read when its files change
-//! - [`certs`]: serving certificate from the operator's CA and the `caBundle` of the
-//!   ValidatingWebhookConfiguration
+//! - [`certs`]: the serving certificate the controller issues into a Secret the webhook mounts,
+//!   and the `caBundle` of the ValidatingWebhookConfiguration (also set by the controller)
 //! - [`lookup`]: the snapshot trait, with reflector caches and an in-memory implementation
 
 pub mod audit;
@@ -30,10 +30,8 @@ pub use http::{AppState, router};
 pub use lookup::{KubeLookup, Lookup, Snapshot};
 pub use review::Policy;
 
-/// How often the certificate files are checked for changes (and renewal).
+/// How often the certificate files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
-/// How often the webhook configuration's `caBundle` is checked once set.
-const CA_BUNDLE_CHECK_EVERY: Duration = Duration::from_secs(300);
 
 /// Arguments of `noexit-operator webhook`.
 #[derive(clap::Args, Debug, Clone)]
@@ -41,30 +39,17 @@ pub struct Args {
     /// Address to serve HTTPS on.
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
-    /// Serving certificate (PEM), issued by the operator's CA; re-read when it changes.
+    /// Serving certificate (PEM), re-read when it changes. In the chart: the Secret the
+    /// controller issues (`controller --webhook-secret`), mounted read-only.
     #[arg(long)]
     pub tls_cert: PathBuf,
     /// Private key of the serving certificate (PEM).
     #[arg(long)]
     pub tls_key: PathBuf,
-    /// Issue the serving certificate from the operator's CA in this Secret (keys `ca.crt`,
-    /// `ca.key`; created if missing) and write it to --tls-cert/--tls-key before serving, and
-    /// again before it expires. Without it the files must be provided (e.g. by cert-manager).
+    /// Site file (the controller's `--site`): the operator namespace no Project may take, and
+    /// the workspace image allowlist. Default: the built-in site.
     #[arg(long)]
-    pub ca_secret: Option<String>,
-    /// Namespace of --ca-secret (the operator's namespace).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "noexit-system")]
-    pub namespace: String,
-    /// DNS names for the issued certificate (the webhook Service).
-    #[arg(long = "dns-name", default_values_t = ["noexit-webhook.noexit-system.svc".to_owned()])]
-    pub dns_names: Vec<String>,
-    /// ValidatingWebhookConfiguration whose `caBundle` is set to the CA certificate (from
-    /// --ca-secret, or from --ca-bundle).
-    #[arg(long)]
-    pub webhook_configuration: Option<String>,
-    /// CA certificate file (PEM) for the `caBundle`, when --ca-secret is not used.
-    #[arg(long)]
-    pub ca_bundle: Option<PathBuf>,
+    pub site: Option<PathBuf>,
     /// User names (as the API server reports them) trusted to act for people they
     /// authenticated: they may file requests for analysts and record admins' decisions.
     #[arg(long = "trusted-user", value_delimiter = ',', env = "NOEXIT_WEBHOOK_TRUSTED_USERS")]
@@ -84,31 +69,20 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let site = match &args.site {
+        Some(path) => crate::controllers::Site::from_file(path)?,
+        None => crate::controllers::Site::default(),
+    };
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    if let Some(secret) = &args.ca_secret {
-        let issuer = certs::Issuer {
-            client: client.clone(),
-            namespace: args.namespace.clone(),
-            ca_secret: secret.clone(),
-            dns_names: args.dns_names.clone(),
-            cert_path: args.tls_cert.clone(),
-            key_path: args.tls_key.clone(),
-        };
-        let ca = issuer.ensure().await.context("issuing the serving certificate from the operator's CA")?;
-        if let Some(name) = &args.webhook_configuration {
-            tokio::spawn(certs::keep_ca_bundle(client.clone(), name.clone(), ca, CA_BUNDLE_CHECK_EVERY));
-        }
-        tokio::spawn(issuer.renew_forever(RELOAD_EVERY));
-    } else if let (Some(name), Some(path)) = (&args.webhook_configuration, &args.ca_bundle) {
-        let ca = std::fs::read_to_string(path).with_context(|| format!("reading --ca-bundle {}", path.display()))?;
-        tokio::spawn(certs::keep_ca_bundle(client.clone(), name.clone(), ca, CA_BUNDLE_CHECK_EVERY));
-    }
-
     let cert = tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?;
     cert.watch(RELOAD_EVERY);
     let acceptor = tls::acceptor(cert)?;
     let lookup: Arc<dyn Lookup> = Arc::new(KubeLookup::start(client));
-    let policy = Policy { trusted_users: args.trusted_users.clone(), username_prefix: args.username_prefix.clone() };
+    let policy = Policy {
+        site: (&site).into(),
+        trusted_users: args.trusted_users.clone(),
+        username_prefix: args.username_prefix.clone(),
+    };
     let mut state = AppState::new(lookup, policy);
     let mut store = None;
     if let Some(url) = &args.database_url {

@@ -15,6 +15,8 @@ use crate::controllers::invalid::describe;
 /// members are listed by.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
+    /// From the site file: the operator namespace and the workspace image allowlist.
+    pub site: rules::SiteRules,
     /// User names (as the API server reports them) of services that act for people they
     /// authenticated themselves (the control-plane API's ServiceAccount).
     pub trusted_users: Vec<String>,
@@ -26,8 +28,12 @@ pub struct Policy {
 impl Policy {
     pub fn caller(&self, username: &str) -> Caller {
         let trusted = self.trusted_users.iter().any(|t| t == username);
-        let user = username.strip_prefix(self.username_prefix.as_str()).unwrap_or(username).to_owned();
-        Caller { user, trusted }
+        // With a prefix configured, only a prefixed name is an OIDC user (and so may be a member).
+        let (user, member_name) = match username.strip_prefix(self.username_prefix.as_str()) {
+            Some(rest) if !rest.is_empty() => (rest.to_owned(), true),
+            _ => (username.to_owned(), false),
+        };
+        Caller { user, trusted, member_name }
     }
 }
 
@@ -57,7 +63,7 @@ pub fn review(
         let message = format!("the noexit webhook does not judge {}/{}", req.kind.group, req.kind.kind);
         Verdict { refusals: vec![Refusal::new(&object, "kind", reason::UNSUPPORTED, message)], warnings: vec![] }
     } else {
-        judge(kind, req, &caller, lookup, now).unwrap_or_else(|r| Verdict { refusals: vec![r], warnings: vec![] })
+        judge(kind, req, &caller, lookup, &policy.site, now).unwrap_or_else(|r| Verdict { refusals: vec![r], warnings: vec![] })
     };
     Outcome { kind, operation, user: username, verdict }
 }
@@ -107,6 +113,7 @@ fn judge(
     req: &AdmissionRequest<DynamicObject>,
     caller: &Caller,
     lookup: &dyn Lookup,
+    site: &rules::SiteRules,
     now: DateTime<Utc>,
 ) -> Result<Verdict, Refusal> {
     let object = describe(kind, req.namespace.as_deref(), &req.name);
@@ -129,7 +136,7 @@ fn judge(
     Ok(match kind {
         "project" => {
             let (new, old) = objects(req, &object)?;
-            rules::check_project(&new, old.as_ref(), lookup, now)
+            rules::check_project(&new, old.as_ref(), lookup, site, now)
         }
         "dataset" => {
             let (new, old) = objects(req, &object)?;
@@ -137,11 +144,11 @@ fn judge(
         }
         "workspace" => {
             let (new, old) = objects(req, &object)?;
-            rules::check_workspace(&new, old.as_ref(), lookup, now)
+            rules::check_workspace(&new, old.as_ref(), lookup, site, now)
         }
         "workspacerequest" => {
             let (new, old) = objects(req, &object)?;
-            rules::check_request(&new, old.as_ref(), caller, lookup, now)
+            rules::check_request(&new, old.as_ref(), caller, lookup, site, now)
         }
         // `review` refuses unknown kinds before judging.
         _ => Verdict::default(),
@@ -220,13 +227,17 @@ mod tests {
     #[test]
     fn oidc_prefix_is_removed_and_trust_is_by_exact_name() {
         let policy = Policy {
+            site: rules::SiteRules::default(),
             trusted_users: vec!["system:serviceaccount:noexit-system:noexit-api".into()],
             username_prefix: "oidc:".into(),
         };
         assert_eq!(
             policy.caller("oidc:carol@ward7.example"),
-            Caller { user: "carol@ward7.example".into(), trusted: false }
+            Caller { user: "carol@ward7.example".into(), trusted: false, member_name: true }
         );
+        // Without the prefix the name is kept as it is but names no member.
+        assert!(!policy.caller("carol@ward7.example").member_name);
+        assert!(Policy::default().caller("carol@ward7.example").member_name);
         assert!(policy.caller("system:serviceaccount:noexit-system:noexit-api").trusted);
         assert!(!policy.caller("system:serviceaccount:noexit-system:noexit-api2").trusted);
         assert_eq!(policy.caller("carol").user, "carol");

@@ -14,6 +14,7 @@ use kube::ResourceExt;
 use noexit_crds::workspace_request::Decision;
 use noexit_crds::{Dataset, Project, Role, Workspace, WorkspaceRequest};
 
+use crate::controllers::images::ImageAllowlist;
 use crate::controllers::invalid::{Invalid, describe};
 use crate::controllers::{dataset, project, workspace, workspace_request};
 
@@ -33,6 +34,8 @@ pub mod reason {
     pub const UNSUPPORTED: &str = "Unsupported";
     /// The review could not be recorded in the audit log (fail closed).
     pub const AUDIT_UNAVAILABLE: &str = "AuditUnavailable";
+    /// The caller's user name lacks the configured OIDC prefix where it must name a member.
+    pub const USERNAME_PREFIX: &str = "UsernamePrefixMissing";
 }
 
 /// One refusal: which object, which field, why (a fixed `reason`, for logs and metrics), and a
@@ -89,20 +92,66 @@ pub struct Caller {
     /// file requests for any analyst and record any admin's decision, and the rules then judge
     /// the person it names (`spec.requester`, `status.decidedBy`) instead of the caller.
     pub trusted: bool,
+    /// The user name carried the site's OIDC prefix (or none is configured), so `user` may name
+    /// a project member. A name without the prefix (a client certificate's CN, a static token)
+    /// could otherwise pass for an OIDC member of the same name.
+    pub member_name: bool,
+}
+
+impl Caller {
+    /// The refusal for a caller whose name may not stand for a member, if it may not.
+    fn unprefixed(&self, object: &str) -> Option<Refusal> {
+        (!self.trusted && !self.member_name).then(|| {
+            Refusal::new(
+                object,
+                "userInfo.username",
+                reason::USERNAME_PREFIX,
+                format!(
+                    "{:?} is not an OIDC user name (it lacks the prefix the site configured), so it names no project member",
+                    self.user
+                ),
+            )
+        })
+    }
+}
+
+/// What the rules need from the site file: the namespace a Project may not take, and the
+/// workspace image allowlist. Same values the controller reads (`--site`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteRules {
+    pub operator_namespace: String,
+    pub images: ImageAllowlist,
+}
+
+impl Default for SiteRules {
+    fn default() -> Self {
+        Self::from(&crate::controllers::Site::default())
+    }
+}
+
+impl From<&crate::controllers::Site> for SiteRules {
+    fn from(site: &crate::controllers::Site) -> Self {
+        Self { operator_namespace: site.operator_namespace.clone(), images: site.workspace_images.clone() }
+    }
 }
 
 /// Project: the controller's checks (members, roles, an admin, approval date, quota), plus
 /// warnings for what the change means for other objects.
-pub fn check_project(new: &Project, old: Option<&Project>, lookup: &dyn Lookup, now: DateTime<Utc>) -> Verdict {
+pub fn check_project(
+    new: &Project,
+    old: Option<&Project>,
+    lookup: &dyn Lookup,
+    site: &SiteRules,
+    now: DateTime<Utc>,
+) -> Verdict {
     let mut v = Verdict::default();
     let name = new.name_any();
     let object = describe("project", None, &name);
     let datasets: Vec<Dataset> =
         new.spec.datasets.iter().filter_map(|d| lookup.dataset(d)).map(|d| d.as_ref().clone()).collect();
-    match project::validate(new, &datasets, now.date_naive()) {
-        Err(invalid)
-            if old.is_some_and(|o| same_problem(&project::validate(o, &datasets, now.date_naive()), &invalid)) =>
-        {
+    let ns = site.operator_namespace.as_str();
+    match project::validate(new, &datasets, ns, now.date_naive()) {
+        Err(invalid) if old.is_some_and(|o| same_problem(&project::validate(o, &datasets, ns, now.date_naive()), &invalid)) => {
             v.warn(format!("{invalid} (as before this change)"));
         }
         Err(invalid) => v.refuse(invalid),
@@ -184,12 +233,18 @@ pub fn check_dataset(new: &Dataset, old: Option<&Dataset>, lookup: &dyn Lookup) 
 /// Workspace: the project exists and the namespace is its own, the owner is a researcher of
 /// it, every dataset is granted to it (both keys), the approval has not expired. On update,
 /// only problems the change introduces are refused.
-pub fn check_workspace(new: &Workspace, old: Option<&Workspace>, lookup: &dyn Lookup, now: DateTime<Utc>) -> Verdict {
+pub fn check_workspace(
+    new: &Workspace,
+    old: Option<&Workspace>,
+    lookup: &dyn Lookup,
+    site: &SiteRules,
+    now: DateTime<Utc>,
+) -> Verdict {
     let mut v = Verdict::default();
     let before: BTreeSet<(String, &'static str)> = old
-        .map(|o| workspace_problems(o, lookup, now).into_iter().map(|p| (p.field, p.reason.as_str())).collect())
+        .map(|o| workspace_problems(o, lookup, site, now).into_iter().map(|p| (p.field, p.reason.as_str())).collect())
         .unwrap_or_default();
-    for p in workspace_problems(new, lookup, now) {
+    for p in workspace_problems(new, lookup, site, now) {
         if !before.contains(&(p.field.clone(), p.reason.as_str())) {
             v.refuse(p);
         }
@@ -203,11 +258,11 @@ fn same_problem<T>(old: &Result<T, Invalid>, new: &Invalid) -> bool {
     old.as_ref().err().is_some_and(|o| o.field == new.field && o.reason == new.reason)
 }
 
-fn workspace_problems(ws: &Workspace, lookup: &dyn Lookup, now: DateTime<Utc>) -> Vec<Invalid> {
+fn workspace_problems(ws: &Workspace, lookup: &dyn Lookup, site: &SiteRules, now: DateTime<Utc>) -> Vec<Invalid> {
     let project = lookup.project(&ws.spec.project);
     let datasets: Vec<Dataset> =
         ws.spec.datasets.iter().filter_map(|d| lookup.dataset(d)).map(|d| d.as_ref().clone()).collect();
-    workspace::validate(ws, project.as_deref(), &datasets, now).problems
+    workspace::validate(ws, project.as_deref(), &datasets, &site.images, now).problems
 }
 
 /// WorkspaceRequest, on create: the requester is the caller (unless a trusted service files it
@@ -219,6 +274,7 @@ pub fn check_request(
     old: Option<&WorkspaceRequest>,
     caller: &Caller,
     lookup: &dyn Lookup,
+    site: &SiteRules,
     now: DateTime<Utc>,
 ) -> Verdict {
     let mut v = Verdict::default();
@@ -226,7 +282,9 @@ pub fn check_request(
     let object = describe("workspacerequest", Some(&ns), &new.name_any());
     let project = lookup.project(&new.spec.workspace.project);
     if old.is_none() {
-        if !caller.trusted && new.spec.requester != caller.user {
+        if let Some(r) = caller.unprefixed(&object) {
+            v.refuse(r);
+        } else if !caller.trusted && new.spec.requester != caller.user {
             v.refuse(Refusal::new(
                 &object,
                 "spec.requester",
@@ -250,7 +308,7 @@ pub fn check_request(
                     "{object}: spec.workspaceName: workspace {wanted:?} already exists; approving this request will not replace it"
                 ));
             }
-            for p in workspace_problems(&requested_workspace(new), lookup, now) {
+            for p in workspace_problems(&requested_workspace(new), lookup, site, now) {
                 v.refuse(Refusal {
                     object: object.clone(),
                     field: request_field(&p.field),
@@ -311,6 +369,9 @@ pub fn check_decision(
             format!("the request was already {d:?} by {:?}; a decision is final", before_by.unwrap_or_default()),
         );
     }
+    if let Some(r) = caller.unprefixed(object) {
+        return Some(r);
+    }
     if after.is_none() {
         // `decidedBy` changed without a decision: nothing to judge but the name.
         return refuse("status.decidedBy", reason::DECIDER_MISMATCH, "set only together with a decision".into());
@@ -366,6 +427,10 @@ mod tests {
     use crate::controllers::workspace_request::validate::tests::decided;
     use crate::webhook::lookup::Snapshot;
 
+    fn site() -> SiteRules {
+        SiteRules::from(&testdata::site())
+    }
+
     fn now() -> DateTime<Utc> {
         "2026-11-22T10:00:00Z".parse().expect("time")
     }
@@ -383,11 +448,11 @@ mod tests {
     }
 
     fn person(user: &str) -> Caller {
-        Caller { user: user.into(), trusted: false }
+        Caller { user: user.into(), trusted: false, member_name: true }
     }
 
     fn service() -> Caller {
-        Caller { user: "system:serviceaccount:noexit-system:noexit-api".into(), trusted: true }
+        Caller { user: "system:serviceaccount:noexit-system:noexit-api".into(), trusted: true, member_name: false }
     }
 
     fn reasons(v: &Verdict) -> Vec<&'static str> {
@@ -403,7 +468,7 @@ mod tests {
     #[test]
     fn example_workspaces_are_admitted() {
         for ws in testdata::workspaces() {
-            let v = check_workspace(&ws, None, &cluster(), now());
+            let v = check_workspace(&ws, None, &cluster(), &site(), now());
             assert!(v.allowed(), "{:?}", v.refusals);
         }
     }
@@ -416,7 +481,7 @@ mod tests {
         let mut icu = testdata::datasets().remove(0);
         icu.spec.granted_to = vec!["ward-9".into()];
         let lookup = cluster().with_dataset(icu);
-        let v = check_workspace(&ws, None, &lookup, now());
+        let v = check_workspace(&ws, None, &lookup, &site(), now());
         assert_eq!(
             v.refusals.iter().map(ToString::to_string).collect::<Vec<_>>(),
             [r#"workspace ward-7/alice: spec.datasets[1]: dataset "icu-2019" is not granted to project "ward-7""#]
@@ -428,7 +493,7 @@ mod tests {
     fn a_dataset_the_project_does_not_list_is_refused_even_if_the_steward_granted_it() {
         let mut p = testdata::project();
         p.spec.datasets = vec!["icu-2019".into()];
-        let v = check_workspace(&pod_workspace(), None, &cluster().with_project(p), now());
+        let v = check_workspace(&pod_workspace(), None, &cluster().with_project(p), &site(), now());
         assert_eq!(reasons(&v), ["DatasetNotGranted"]);
         assert_eq!(v.refusals[0].field, "spec.datasets[1]");
     }
@@ -437,14 +502,14 @@ mod tests {
     fn a_dataset_that_does_not_exist_is_refused() {
         let mut ws = pod_workspace();
         ws.spec.datasets.push("icu-2020".into());
-        let v = check_workspace(&ws, None, &cluster(), now());
+        let v = check_workspace(&ws, None, &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["DatasetNotFound"]);
         assert_eq!(v.refusals[0].field, "spec.datasets[2]");
     }
 
     #[test]
     fn a_workspace_of_a_missing_project_is_refused() {
-        let v = check_workspace(&pod_workspace(), None, &Snapshot::new(), now());
+        let v = check_workspace(&pod_workspace(), None, &Snapshot::new(), &site(), now());
         assert_eq!(reasons(&v), ["ProjectNotFound"]);
         assert_eq!(
             v.refusals[0].to_string(),
@@ -457,7 +522,7 @@ mod tests {
         for owner in ["bob@ward7.example", "carol@ward7.example", "mallory@elsewhere.example"] {
             let mut ws = pod_workspace();
             ws.spec.owner = owner.into();
-            let v = check_workspace(&ws, None, &cluster(), now());
+            let v = check_workspace(&ws, None, &cluster(), &site(), now());
             assert_eq!(reasons(&v), ["OwnerNotResearcher"], "{owner}");
             assert_eq!(v.refusals[0].field, "spec.owner");
         }
@@ -467,14 +532,14 @@ mod tests {
     fn a_workspace_outside_its_project_namespace_is_refused() {
         let mut ws = pod_workspace();
         ws.metadata.namespace = Some("noexit-ward-9".into());
-        assert_eq!(reasons(&check_workspace(&ws, None, &cluster(), now())), ["WrongNamespace"]);
+        assert_eq!(reasons(&check_workspace(&ws, None, &cluster(), &site(), now())), ["WrongNamespace"]);
     }
 
     #[test]
     fn a_new_workspace_in_an_expired_project_is_refused() {
         let mut p = testdata::project();
         p.spec.approval.expires = "2026-01-31".into();
-        let v = check_workspace(&pod_workspace(), None, &cluster().with_project(p), now());
+        let v = check_workspace(&pod_workspace(), None, &cluster().with_project(p), &site(), now());
         assert_eq!(reasons(&v), ["ApprovalExpired"]);
     }
 
@@ -483,7 +548,7 @@ mod tests {
         let mut ws = pod_workspace();
         ws.spec.owner = "bob@ward7.example".into();
         ws.spec.datasets.push("nope".into());
-        let v = check_workspace(&ws, None, &cluster(), now());
+        let v = check_workspace(&ws, None, &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["OwnerNotResearcher", "DatasetNotFound"]);
     }
 
@@ -495,11 +560,11 @@ mod tests {
         let old = pod_workspace();
         let mut stopped = old.clone();
         stopped.spec.lifecycle.running = false;
-        assert!(check_workspace(&stopped, Some(&old), &lookup, now()).allowed(), "stopping must always work");
+        assert!(check_workspace(&stopped, Some(&old), &lookup, &site(), now()).allowed(), "stopping must always work");
 
         let mut more = old.clone();
         more.spec.datasets.push("nope".into());
-        assert_eq!(reasons(&check_workspace(&more, Some(&old), &lookup, now())), ["DatasetNotFound"]);
+        assert_eq!(reasons(&check_workspace(&more, Some(&old), &lookup, &site(), now())), ["DatasetNotFound"]);
     }
 
     #[test]
@@ -510,14 +575,14 @@ mod tests {
         let old = pod_workspace();
         let mut new = old.clone();
         new.spec.datasets = vec!["cohort-2024".into()];
-        assert!(check_workspace(&new, Some(&old), &lookup, now()).allowed());
+        assert!(check_workspace(&new, Some(&old), &lookup, &site(), now()).allowed());
     }
 
     // --- Project ---
 
     #[test]
     fn example_project_is_admitted_without_warnings() {
-        let v = check_project(&testdata::project(), None, &cluster(), now());
+        let v = check_project(&testdata::project(), None, &cluster(), &site(), now());
         assert!(v.allowed() && v.warnings.is_empty(), "{v:?}");
     }
 
@@ -535,7 +600,7 @@ mod tests {
         for (mutate, expected) in cases {
             let mut p = testdata::project();
             mutate(&mut p);
-            let v = check_project(&p, None, &cluster(), now());
+            let v = check_project(&p, None, &cluster(), &site(), now());
             assert_eq!(v.refusals.len(), 1, "{expected}");
             let got = v.refusals[0].to_string();
             assert!(got.contains(expected), "{got:?} should contain {expected:?}");
@@ -548,13 +613,13 @@ mod tests {
         old.spec.members.retain(|m| !m.roles.contains(&Role::Admin));
         let mut new = old.clone();
         new.spec.display_name = Some("renamed".into());
-        let v = check_project(&new, Some(&old), &cluster(), now());
+        let v = check_project(&new, Some(&old), &cluster(), &site(), now());
         assert!(v.allowed(), "{v:?}");
         assert!(v.warnings[0].ends_with("(as before this change)"), "{:?}", v.warnings);
 
         let mut worse = testdata::project();
         worse.spec.members[0].roles.clear();
-        let v = check_project(&worse, Some(&testdata::project()), &cluster(), now());
+        let v = check_project(&worse, Some(&testdata::project()), &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["InvalidField"]);
     }
 
@@ -562,7 +627,7 @@ mod tests {
     fn project_listing_an_ungranted_dataset_is_admitted_with_a_warning() {
         let mut p = testdata::project();
         p.spec.datasets.push("genomes-2025".into());
-        let v = check_project(&p, None, &cluster(), now());
+        let v = check_project(&p, None, &cluster(), &site(), now());
         assert!(v.allowed());
         assert_eq!(v.warnings.len(), 1);
         assert!(v.warnings[0].contains(r#"spec.datasets[2]: dataset "genomes-2025""#), "{:?}", v.warnings);
@@ -573,7 +638,7 @@ mod tests {
         let old = testdata::project();
         let mut new = old.clone();
         new.spec.members.retain(|m| m.user != "alice@ward7.example");
-        let v = check_project(&new, Some(&old), &cluster(), now());
+        let v = check_project(&new, Some(&old), &cluster(), &site(), now());
         assert!(v.allowed());
         assert_eq!(v.warnings.len(), 2, "both of alice's workspaces: {:?}", v.warnings);
         assert!(v.warnings[0].contains("workspace noexit-ward-7/alice-r will be stopped"));
@@ -672,29 +737,29 @@ mod tests {
 
     #[test]
     fn an_analyst_may_file_a_request_in_their_own_name() {
-        let v = check_request(&request(), None, &person("bob@ward7.example"), &cluster(), now());
+        let v = check_request(&request(), None, &person("bob@ward7.example"), &cluster(), &site(), now());
         assert!(v.allowed(), "{:?}", v.refusals);
     }
 
     #[test]
     fn nobody_files_in_someone_elses_name_but_the_trusted_api_may() {
-        let v = check_request(&request(), None, &person("carol@ward7.example"), &cluster(), now());
+        let v = check_request(&request(), None, &person("carol@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["RequesterMismatch"]);
         assert_eq!(v.refusals[0].field, "spec.requester");
-        assert!(check_request(&request(), None, &service(), &cluster(), now()).allowed());
+        assert!(check_request(&request(), None, &service(), &cluster(), &site(), now()).allowed());
     }
 
     #[test]
     fn the_requester_must_be_a_data_analyst() {
         let mut req = request();
         req.spec.requester = "alice@ward7.example".into();
-        let v = check_request(&req, None, &person("alice@ward7.example"), &cluster(), now());
+        let v = check_request(&req, None, &person("alice@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["RequesterNotAnalyst"]);
     }
 
     #[test]
     fn a_request_for_a_missing_project_is_refused() {
-        let v = check_request(&request(), None, &person("bob@ward7.example"), &Snapshot::new(), now());
+        let v = check_request(&request(), None, &person("bob@ward7.example"), &Snapshot::new(), &site(), now());
         assert_eq!(reasons(&v), ["ProjectNotFound"]);
     }
 
@@ -703,7 +768,7 @@ mod tests {
         let mut req = request();
         req.spec.workspace.datasets = vec!["cohort-2024".into(), "icu-2020".into()];
         req.spec.workspace.owner = "bob@ward7.example".into();
-        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), now());
+        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), &site(), now());
         let fields: Vec<&str> = v.refusals.iter().map(|r| r.field.as_str()).collect();
         assert_eq!(fields, ["spec.workspace.owner", "spec.workspace.datasets[1]"]);
         assert!(v.refusals[0].to_string().starts_with("workspacerequest ward-7/alice-stats: spec.workspace.owner:"));
@@ -713,11 +778,11 @@ mod tests {
     fn a_request_for_an_existing_workspace_name_warns() {
         let mut req = request();
         req.spec.workspace_name = "alice-r".into();
-        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), now());
+        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), &site(), now());
         assert!(v.allowed());
         assert_eq!(v.warnings.len(), 1);
         assert!(v.warnings[0].contains(r#"workspace "alice-r" already exists"#), "{:?}", v.warnings);
-        assert!(check_request(&request(), None, &person("bob@ward7.example"), &cluster(), now()).warnings.is_empty());
+        assert!(check_request(&request(), None, &person("bob@ward7.example"), &cluster(), &site(), now()).warnings.is_empty());
     }
 
     #[test]
@@ -725,7 +790,7 @@ mod tests {
         let old = request();
         let mut new = old.clone();
         decided(&mut new, "Approved", "carol@ward7.example");
-        let v = check_request(&new, Some(&old), &person("carol@ward7.example"), &cluster(), now());
+        let v = check_request(&new, Some(&old), &person("carol@ward7.example"), &cluster(), &site(), now());
         assert!(v.allowed(), "{:?}", v.refusals);
     }
 
@@ -737,7 +802,7 @@ mod tests {
         let old = request();
         let mut new = old.clone();
         decided(&mut new, "Approved", "bob@ward7.example");
-        let v = check_request(&new, Some(&old), &person("bob@ward7.example"), &lookup, now());
+        let v = check_request(&new, Some(&old), &person("bob@ward7.example"), &lookup, &site(), now());
         assert_eq!(reasons(&v), ["SelfApproval"]);
         assert_eq!(
             v.refusals[0].to_string(),
@@ -750,7 +815,7 @@ mod tests {
         let old = request();
         let mut new = old.clone();
         decided(&mut new, "Approved", "bob@ward7.example");
-        let v = check_request(&new, Some(&old), &service(), &cluster(), now());
+        let v = check_request(&new, Some(&old), &service(), &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["SelfApproval"]);
     }
 
@@ -759,7 +824,7 @@ mod tests {
         let old = request();
         let mut new = old.clone();
         decided(&mut new, "Approved", "carol@ward7.example");
-        let v = check_request(&new, Some(&old), &person("bob@ward7.example"), &cluster(), now());
+        let v = check_request(&new, Some(&old), &person("bob@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), [reason::DECIDER_MISMATCH]);
         assert!(v.refusals[0].message.contains(r#"not the authenticated user "bob@ward7.example""#));
     }
@@ -772,7 +837,7 @@ mod tests {
         if let Some(s) = new.status.as_mut() {
             s.decided_by = None;
         }
-        let v = check_request(&new, Some(&old), &person("carol@ward7.example"), &cluster(), now());
+        let v = check_request(&new, Some(&old), &person("carol@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), [reason::DECIDER_MISMATCH]);
     }
 
@@ -781,7 +846,7 @@ mod tests {
         let old = request();
         let mut new = old.clone();
         decided(&mut new, "Denied", "alice@ward7.example");
-        let v = check_request(&new, Some(&old), &person("alice@ward7.example"), &cluster(), now());
+        let v = check_request(&new, Some(&old), &person("alice@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["DecisionByNonAdmin"]);
     }
 
@@ -791,12 +856,12 @@ mod tests {
         decided(&mut old, "Approved", "carol@ward7.example");
         let mut new = request();
         decided(&mut new, "Denied", "carol@ward7.example");
-        let v = check_request(&new, Some(&old), &person("carol@ward7.example"), &cluster(), now());
+        let v = check_request(&new, Some(&old), &person("carol@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), [reason::DECISION_FINAL]);
 
         let mut withdrawn = old.clone();
         withdrawn.status = None;
-        let v = check_request(&withdrawn, Some(&old), &person("carol@ward7.example"), &cluster(), now());
+        let v = check_request(&withdrawn, Some(&old), &person("carol@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), [reason::DECISION_FINAL]);
     }
 
@@ -809,16 +874,34 @@ mod tests {
             s.observed_generation = Some(1);
             s.decision = Some(Decision::Approved);
         }
-        let operator = Caller { user: "system:serviceaccount:noexit-system:noexit-controller".into(), trusted: false };
-        assert!(check_request(&new, Some(&old), &operator, &cluster(), now()).allowed());
+        let operator = Caller {
+            user: "system:serviceaccount:noexit-system:noexit-controller".into(),
+            trusted: false,
+            member_name: false,
+        };
+        assert!(check_request(&new, Some(&old), &operator, &cluster(), &site(), now()).allowed());
     }
 
     #[test]
     fn a_request_created_already_approved_by_its_requester_is_refused() {
         let mut req = request();
         decided(&mut req, "Approved", "bob@ward7.example");
-        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), now());
+        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), &site(), now());
         assert_eq!(reasons(&v), ["SelfApproval"]);
+    }
+
+    #[test]
+    fn a_user_name_without_the_oidc_prefix_names_no_member() {
+        // `bob@ward7.example` from a client certificate, not from the OIDC issuer.
+        let impostor = Caller { user: "bob@ward7.example".into(), trusted: false, member_name: false };
+        let v = check_request(&request(), None, &impostor, &cluster(), &site(), now());
+        assert_eq!(reasons(&v), [reason::USERNAME_PREFIX]);
+        assert!(v.refusals[0].to_string().contains("userInfo.username"), "{v:?}");
+        let carol = Caller { user: "carol@ward7.example".into(), trusted: false, member_name: false };
+        let mut new = request();
+        decided(&mut new, "Approved", "carol@ward7.example");
+        let v = check_request(&new, Some(&request()), &carol, &cluster(), &site(), now());
+        assert_eq!(reasons(&v), [reason::USERNAME_PREFIX]);
     }
 
     #[test]
@@ -826,5 +909,37 @@ mod tests {
         assert_eq!(request_field("spec.datasets[3]"), "spec.workspace.datasets[3]");
         assert_eq!(request_field("metadata.name"), "spec.workspaceName");
         assert_eq!(request_field("metadata.namespace"), "metadata.namespace");
+    }
+
+    // --- Site rules: reserved project names, workspace images ---
+
+    #[test]
+    fn a_project_taking_the_operator_namespace_is_refused() {
+        let mut p = testdata::project();
+        p.metadata.name = Some("system".into());
+        let v = check_project(&p, None, &cluster(), &site(), now());
+        assert_eq!(reasons(&v), ["InvalidField"]);
+        assert!(v.refusals[0].to_string().starts_with("project system: metadata.name: \"system\" is reserved"));
+        let mut p = testdata::project();
+        p.metadata.name = Some("ops".into());
+        let ops = SiteRules { operator_namespace: "noexit-ops".into(), ..site() };
+        assert_eq!(reasons(&check_project(&p, None, &cluster(), &ops, now())), ["InvalidField"]);
+        assert!(check_project(&p, None, &cluster(), &site(), now()).allowed());
+    }
+
+    #[test]
+    fn a_workspace_or_request_with_an_image_off_the_allowlist_is_refused() {
+        let mut ws = pod_workspace();
+        ws.spec.image = "registry.ward7.example/noexit/r-desktop:4.4".into();
+        let v = check_workspace(&ws, None, &cluster(), &site(), now());
+        assert_eq!(reasons(&v), ["ImageNotAllowed"]);
+        assert_eq!(v.refusals[0].field, "spec.image");
+        // Without an allowlist, the tag passes (as before).
+        assert!(check_workspace(&ws, None, &cluster(), &SiteRules::default(), now()).allowed());
+        let mut req = request();
+        req.spec.workspace.image = "ghcr.io/someone/anything:latest".into();
+        let v = check_request(&req, None, &person("bob@ward7.example"), &cluster(), &site(), now());
+        assert_eq!(reasons(&v), ["ImageNotAllowed"]);
+        assert_eq!(v.refusals[0].field, "spec.workspace.image");
     }
 }

@@ -29,6 +29,14 @@ pub const WORKSPACE_SERVICE_ACCOUNT: &str = "noexit-workspace";
 /// Label on workspace pods (and VM launcher pods) that the network policies select.
 pub const WORKSPACE_COMPONENT: &str = "workspace";
 
+/// The controller's ServiceAccount (in the operator namespace) and the ClusterRole it is bound
+/// to in each project namespace: its rights over Secrets, Pods, RBAC and the other children
+/// hold only where it made the namespace (see `docs/architecture.md`, "Decisions").
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "noexit-controller";
+pub const CONTROLLER_PROJECT_ROLE: &str = "noexit-controller-project";
+/// Name of the RoleBinding that gives the controller its rights in a project namespace.
+pub const CONTROLLER_BINDING: &str = "noexit-controller";
+
 /// PVC name of a dataset inside a project namespace.
 pub fn dataset_claim_name(dataset: &str) -> String {
     format!("dataset-{dataset}")
@@ -45,6 +53,7 @@ pub fn build(project: &Project, resolved: &ResolvedProject, site: &Site) -> Resu
     let owner = Owner::of(project, &name);
     let mut out = vec![
         Child::from_typed(&namespace(&owner, &ns))?,
+        Child::from_typed(&controller_binding(&owner, &ns, site))?,
         Child::from_typed(&service_account(&owner, &ns))?,
         Child::from_typed(&quota(project, &owner, &ns))?,
         Child::from_typed(&limits(project, &owner, &ns))?,
@@ -72,6 +81,41 @@ fn namespace(owner: &Owner, ns: &str) -> Namespace {
         labels.insert(format!("pod-security.kubernetes.io/{mode}-version"), "latest".into());
     }
     Namespace { metadata: meta, ..Namespace::default() }
+}
+
+/// The controller's own rights in the namespace: the ClusterRole [`CONTROLLER_PROJECT_ROLE`]
+/// bound here only. Applied right after the namespace (created with a plain POST the first
+/// time, see `project::reconcile`), since every later child needs it.
+fn controller_binding(owner: &Owner, ns: &str, site: &Site) -> RoleBinding {
+    RoleBinding {
+        metadata: owner.meta(CONTROLLER_BINDING, Some(ns), "project"),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: CONTROLLER_PROJECT_ROLE.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: CONTROLLER_SERVICE_ACCOUNT.into(),
+            namespace: Some(site.operator_namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// Is the live namespace noexit's for this project? Only a namespace whose controller owner
+/// reference names this Project (by uid when the Project has one) is: a namespace someone else
+/// made, or one left by an earlier Project of the same name, is never adopted.
+pub fn owns_namespace(project: &Project, live: &Namespace) -> bool {
+    let name = project.name_any();
+    let uid = project.metadata.uid.as_deref();
+    live.metadata.owner_references.iter().flatten().any(|r| {
+        r.controller == Some(true)
+            && r.kind == "Project"
+            && r.api_version.starts_with("noexit.io/")
+            && r.name == name
+            && uid.is_none_or(|u| r.uid == u)
+    })
 }
 
 fn service_account(owner: &Owner, ns: &str) -> ServiceAccount {
@@ -375,7 +419,7 @@ mod tests {
     fn children() -> Vec<Child> {
         let p = testdata::project();
         let today = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).expect("date");
-        let r = validate(&p, &testdata::datasets(), today).expect("valid");
+        let r = validate(&p, &testdata::datasets(), "noexit-system", today).expect("valid");
         build(&p, &r, &Site::default()).expect("build")
     }
 
@@ -444,7 +488,7 @@ mod tests {
     fn mirror_off_means_no_mirror_allow() {
         let mut p = testdata::project();
         p.spec.egress.mirror.enabled = false;
-        let r = validate::validate(&p, &[], chrono::NaiveDate::MIN).expect("valid");
+        let r = validate::validate(&p, &[], "noexit-system", chrono::NaiveDate::MIN).expect("valid");
         let kids = build(&p, &r, &Site::default()).expect("build");
         assert!(!kids.iter().any(|c| c.name() == "noexit-allow-mirror"));
     }
@@ -459,6 +503,41 @@ mod tests {
         assert_eq!(spec["claimRef"]["namespace"], "noexit-ward-7");
         assert_eq!(spec["claimRef"]["name"], "dataset-icu-2019");
         assert_eq!(spec["persistentVolumeReclaimPolicy"], "Retain");
+    }
+
+    #[test]
+    fn the_controller_is_bound_in_the_namespace_only() {
+        let kids = children();
+        assert_eq!(kids[0].kind(), "Namespace");
+        let binding = &kids[1];
+        assert_eq!((binding.kind(), binding.name().as_str()), ("RoleBinding", CONTROLLER_BINDING));
+        assert_eq!(binding.namespace(), Some("noexit-ward-7"));
+        let data = &binding.object.data;
+        assert_eq!(data["roleRef"]["kind"], "ClusterRole");
+        assert_eq!(data["roleRef"]["name"], CONTROLLER_PROJECT_ROLE);
+        assert_eq!(data["subjects"][0]["name"], CONTROLLER_SERVICE_ACCOUNT);
+        assert_eq!(data["subjects"][0]["namespace"], "noexit-system");
+    }
+
+    #[test]
+    fn only_a_namespace_owned_by_this_project_is_ours() {
+        let mut p = testdata::project();
+        p.metadata.uid = Some("u-1".into());
+        let owner = Owner::of(&p, "ward-7");
+        let ours = namespace(&owner, "noexit-ward-7");
+        assert!(owns_namespace(&p, &ours));
+        let mut foreign = ours.clone();
+        foreign.metadata.owner_references = None;
+        assert!(!owns_namespace(&p, &foreign), "no owner reference: made by someone else");
+        let mut labelled_only = foreign.clone();
+        labelled_only.metadata.labels = ours.metadata.labels.clone();
+        assert!(!owns_namespace(&p, &labelled_only), "labels can be copied; the owner reference counts");
+        let mut earlier = p.clone();
+        earlier.metadata.uid = Some("u-0".into());
+        assert!(!owns_namespace(&p, &namespace(&Owner::of(&earlier, "ward-7"), "noexit-ward-7")));
+        let mut other = p.clone();
+        other.metadata.name = Some("ward-8".into());
+        assert!(!owns_namespace(&other, &ours));
     }
 
     #[test]

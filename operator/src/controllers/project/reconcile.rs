@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{LimitRange, PersistentVolume, PersistentVolumeClaim, ResourceQuota, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    LimitRange, Namespace, PersistentVolume, PersistentVolumeClaim, ResourceQuota, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::ListParams;
+use kube::api::{ListParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -14,12 +16,15 @@ use noexit_crds::common::condition;
 use noexit_crds::names::project_namespace;
 use noexit_crds::{Dataset, Project, Workspace};
 
+use super::build::{CONTROLLER_BINDING, owns_namespace};
 use super::{build, status, validate};
+use crate::controllers::children::Child;
+use crate::controllers::invalid::{Invalid, Reason, describe};
 use crate::controllers::apply::{Scope, apply_all, prune};
 use crate::controllers::children::Owner;
 use crate::controllers::conditions::transitions;
 use crate::controllers::context::{Context, Outcome, RESYNC, key_of};
-use crate::controllers::error::{Error, is_not_found};
+use crate::controllers::error::{Error, is_conflict, is_not_found};
 
 pub const KIND: &str = "Project";
 
@@ -73,11 +78,21 @@ async fn provision(p: &Project, api: &Api<Project>, ctx: &Context) -> Result<Out
         .await
         .map_err(|e| Error::kube("list", "datasets", e))?
         .items;
-    let (new, outcome) = match validate(p, &datasets, now.date_naive()) {
-        Err(problem) => (status::invalid(p, &problem, now), Outcome::invalid()),
+    let ns = project_namespace(&name);
+    let checked = match validate(p, &datasets, &ctx.site.operator_namespace, now.date_naive()) {
+        Err(problem) => Err((problem, Outcome::invalid())),
         Ok(resolved) => {
-            let ns = project_namespace(&name);
             let children = build(p, &resolved, &ctx.site)?;
+            match claim_namespace(p, &ns, &children, ctx).await? {
+                // Someone else's namespace: look again later (its deletion does not wake us).
+                Err(problem) => Err((problem, Outcome::requeue(RESYNC))),
+                Ok(()) => Ok((resolved, children)),
+            }
+        }
+    };
+    let (new, outcome) = match checked {
+        Err((problem, outcome)) => (status::invalid(p, &problem, now), outcome),
+        Ok((resolved, children)) => {
             apply_all(&ctx.client, &children).await?;
             let owner = Owner::of(p, &name);
             let pruned = prune(&ctx.client, &owner.selector(), &scopes(&ns), &children).await?;
@@ -106,4 +121,54 @@ async fn provision(p: &Project, api: &Api<Project>, ctx: &Context) -> Result<Out
         }
     }
     Ok(outcome)
+}
+
+/// Make sure the project namespace is noexit's before anything is applied into it: create it
+/// (a plain POST, which fails if it exists, so a namespace made in between is never adopted)
+/// when absent, refuse when it exists without this Project's owner reference, and create the
+/// controller's own RoleBinding in it (a POST too: until it exists the controller has no rights
+/// there to patch with).
+async fn claim_namespace(p: &Project, ns: &str, children: &[Child], ctx: &Context) -> Result<Result<(), Invalid>, Error> {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let what = format!("Namespace {ns}");
+    let live = namespaces.get_opt(ns).await.map_err(|e| Error::kube("read", &what, e))?;
+    let live = match live {
+        Some(live) => Some(live),
+        None => {
+            let built = children.iter().find(|c| c.kind() == "Namespace").ok_or_else(|| {
+                Error::Internal(format!("project {}: no namespace was built", p.name_any()))
+            })?;
+            let object: Namespace = serde_json::to_value(&built.object)
+                .and_then(serde_json::from_value)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            match namespaces.create(&PostParams::default(), &object).await {
+                Ok(_) => None,
+                Err(e) if is_conflict(&e) => {
+                    Some(namespaces.get(ns).await.map_err(|e| Error::kube("read", &what, e))?)
+                }
+                Err(e) => return Err(Error::kube("create", &what, e)),
+            }
+        }
+    };
+    if let Some(live) = live
+        && !owns_namespace(p, &live)
+    {
+        return Ok(Err(Invalid::new(
+            describe("project", None, &p.name_any()),
+            "metadata.name",
+            Reason::NamespaceNotOwned,
+            format!(
+                "namespace {ns:?} already exists and was not created by noexit for this project (no owner reference to it); noexit will not adopt or change it: rename the project, or remove the namespace if it is an old one"
+            ),
+        )));
+    }
+    if let Some(binding) = children.iter().find(|c| c.kind() == "RoleBinding" && c.name() == CONTROLLER_BINDING) {
+        let api: Api<kube::core::DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &binding.resource);
+        match api.create(&PostParams::default(), &binding.object).await {
+            Ok(_) => tracing::info!(namespace = ns, "controller bound in the project namespace"),
+            Err(e) if is_conflict(&e) => {}
+            Err(e) => return Err(Error::kube("create", binding.describe(), e)),
+        }
+    }
+    Ok(Ok(()))
 }

@@ -2,7 +2,7 @@
 
 use chrono::NaiveDate;
 use kube::ResourceExt;
-use noexit_crds::names::{MAX_PROJECT_NAME, check_dns1123_label};
+use noexit_crds::names::{check_dns1123_label, check_project_name};
 use noexit_crds::{Dataset, Project, Role};
 
 use crate::controllers::invalid::{Invalid, Reason, describe};
@@ -20,13 +20,19 @@ pub struct ResolvedProject {
     pub expired: bool,
 }
 
-/// Check a Project against the datasets that exist and today's date.
-pub fn validate(project: &Project, datasets: &[Dataset], today: NaiveDate) -> Result<ResolvedProject, Invalid> {
+/// Check a Project against the datasets that exist, the namespace the control plane runs in
+/// (a project may not take it over) and today's date.
+pub fn validate(
+    project: &Project,
+    datasets: &[Dataset],
+    operator_namespace: &str,
+    today: NaiveDate,
+) -> Result<ResolvedProject, Invalid> {
     let name = project.name_any();
     let object = describe("project", None, &name);
     let bad = |field: String, message: String| Invalid::new(object.clone(), field, Reason::InvalidField, message);
 
-    check_dns1123_label(&name, MAX_PROJECT_NAME).map_err(|m| bad("metadata.name".into(), m))?;
+    check_project_name(&name, operator_namespace).map_err(|m| bad("metadata.name".into(), m))?;
 
     let spec = &project.spec;
     if spec.members.is_empty() {
@@ -90,7 +96,7 @@ mod tests {
 
     #[test]
     fn example_project_is_valid_and_resolves_both_datasets() {
-        let r = validate(&testdata::project(), &testdata::datasets(), today()).expect("valid");
+        let r = validate(&testdata::project(), &testdata::datasets(), "noexit-system", today()).expect("valid");
         let names: Vec<_> = r.datasets.iter().map(|d| d.name_any()).collect();
         assert_eq!(names, ["icu-2019", "cohort-2024"]);
         assert!(r.ungranted.is_empty());
@@ -101,7 +107,7 @@ mod tests {
     fn a_dataset_needs_both_keys() {
         let mut datasets = testdata::datasets();
         datasets[0].spec.granted_to.clear();
-        let r = validate(&testdata::project(), &datasets, today()).expect("still valid");
+        let r = validate(&testdata::project(), &datasets, "noexit-system", today()).expect("still valid");
         assert_eq!(r.ungranted, ["icu-2019"]);
         assert_eq!(r.datasets.len(), 1);
     }
@@ -110,7 +116,22 @@ mod tests {
     fn expiry_is_noticed() {
         let mut p = testdata::project();
         p.spec.approval.expires = "2026-11-21".into();
-        assert!(validate(&p, &[], today()).expect("valid").expired);
+        assert!(validate(&p, &[], "noexit-system", today()).expect("valid").expired);
+    }
+
+    #[test]
+    fn reserved_names_and_the_operator_namespace_are_refused() {
+        for (name, operator_namespace) in [("system", "noexit-system"), ("kube-system", "x"), ("ops", "noexit-ops")] {
+            let mut p = testdata::project();
+            p.metadata.name = Some(name.into());
+            let err = validate(&p, &[], operator_namespace, today()).expect_err(name);
+            assert_eq!((err.field.as_str(), err.reason), ("metadata.name", Reason::InvalidField));
+            assert!(err.to_string().starts_with(&format!("project {name}: metadata.name: ")), "{err}");
+            assert!(err.message.contains("reserved"), "{err}");
+        }
+        let mut p = testdata::project();
+        p.metadata.name = Some("ops".into());
+        assert!(validate(&p, &[], "noexit-system", today()).is_ok());
     }
 
     #[test]
@@ -133,7 +154,7 @@ mod tests {
         for (mutate, expected) in cases {
             let mut p = testdata::project();
             mutate(&mut p);
-            let err = validate(&p, &testdata::datasets(), today()).expect_err(expected).to_string();
+            let err = validate(&p, &testdata::datasets(), "noexit-system", today()).expect_err(expected).to_string();
             assert!(err.contains(expected), "{err:?} should contain {expected:?}");
         }
     }

@@ -402,7 +402,7 @@ mod tests {
     }
 
     fn build_for(ws: &Workspace) -> Vec<Child> {
-        let r = validate(ws, Some(&testdata::project()), &testdata::datasets(), now());
+        let r = validate(ws, Some(&testdata::project()), &testdata::datasets(), &Default::default(), now());
         build(ws, &r, &Site::default(), &creds()).expect("build")
     }
 

@@ -87,7 +87,7 @@ async fn apply(ws: &Workspace, api: &Api<Workspace>, ctx: &Context) -> Result<Ou
             datasets.push(found);
         }
     }
-    let resolved = validate(ws, project.as_ref(), &datasets, now);
+    let resolved = validate(ws, project.as_ref(), &datasets, &ctx.site.workspace_images, now);
 
     let secret_name = agent_secret_name(&name);
     let live_secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)

@@ -7,6 +7,7 @@ use kube::ResourceExt;
 use noexit_crds::names::{check_dns1123_label, project_namespace};
 use noexit_crds::{Dataset, Project, Role, Workspace};
 
+use crate::controllers::images::ImageAllowlist;
 use crate::controllers::invalid::{Invalid, Reason, describe};
 use crate::controllers::quantity;
 
@@ -36,6 +37,7 @@ pub fn validate(
     ws: &Workspace,
     project: Option<&Project>,
     datasets: &[Dataset],
+    images: &ImageAllowlist,
     now: DateTime<Utc>,
 ) -> ResolvedWorkspace {
     let name = ws.name_any();
@@ -63,6 +65,8 @@ pub fn validate(
     }
     if spec.image.trim().is_empty() {
         problem("spec.image", Reason::InvalidField, "must name an image".into());
+    } else if let Err(m) = images.check(spec.runtime, &spec.image) {
+        problem("spec.image", Reason::ImageNotAllowed, m);
     }
     for (field, value) in [
         ("spec.resources.cpu", &spec.resources.cpu),
@@ -132,7 +136,7 @@ mod tests {
     }
 
     fn check(ws: &Workspace) -> ResolvedWorkspace {
-        validate(ws, Some(&testdata::project()), &testdata::datasets(), now())
+        validate(ws, Some(&testdata::project()), &testdata::datasets(), &ImageAllowlist::default(), now())
     }
 
     #[test]
@@ -151,7 +155,7 @@ mod tests {
         ds[0].spec.granted_to = vec!["ward-9".into()];
         let mut ws = testdata::workspaces().remove(0);
         ws.spec.datasets = vec!["cohort-2024".into(), "icu-2019".into()];
-        let r = validate(&ws, Some(&testdata::project()), &ds, now());
+        let r = validate(&ws, Some(&testdata::project()), &ds, &ImageAllowlist::default(), now());
         let p = r.blocked().expect("blocked");
         assert_eq!(p.reason, Reason::DatasetNotGranted);
         assert_eq!(
@@ -166,7 +170,7 @@ mod tests {
         let mut p = testdata::project();
         p.spec.datasets.retain(|d| d != "cohort-2024");
         let ws = testdata::workspaces().remove(0);
-        let r = validate(&ws, Some(&p), &testdata::datasets(), now());
+        let r = validate(&ws, Some(&p), &testdata::datasets(), &ImageAllowlist::default(), now());
         assert_eq!(r.blocked().map(|p| p.reason), Some(Reason::DatasetNotGranted));
     }
 
@@ -184,12 +188,34 @@ mod tests {
             let mut ws = testdata::workspaces().remove(0);
             let mut p = testdata::project();
             mutate(&mut ws, &mut p);
-            let r = validate(&ws, Some(&p), &testdata::datasets(), now());
+            let r = validate(&ws, Some(&p), &testdata::datasets(), &ImageAllowlist::default(), now());
             assert_eq!(r.blocked().map(|i| i.reason), Some(reason), "{:?}", r.problems);
         }
         let ws = testdata::workspaces().remove(0);
-        let r = validate(&ws, None, &[], now());
+        let r = validate(&ws, None, &[], &ImageAllowlist::default(), now());
         assert_eq!(r.blocked().map(|i| i.reason), Some(Reason::ProjectNotFound));
+    }
+
+    #[test]
+    fn the_site_allowlist_admits_the_examples_and_refuses_tags_and_strangers() {
+        let images = testdata::site().workspace_images;
+        assert!(images.is_set(), "examples/site.yaml lists the example images");
+        for ws in testdata::workspaces() {
+            let r = validate(&ws, Some(&testdata::project()), &testdata::datasets(), &images, now());
+            assert!(r.problems.is_empty(), "{}: {:?}", ws.name_any(), r.problems);
+        }
+        let mut ws = testdata::workspaces().remove(0);
+        let pinned = ws.spec.image.clone();
+        ws.spec.image = pinned.split('@').next().expect("name").to_owned();
+        let r = validate(&ws, Some(&testdata::project()), &testdata::datasets(), &images, now());
+        let p = r.blocked().expect("a tag is refused");
+        assert_eq!((p.reason, p.field.as_str()), (Reason::ImageNotAllowed, "spec.image"));
+        assert!(p.to_string().starts_with("workspace ward-7/alice-r: spec.image: "), "{p}");
+        assert!(p.message.contains("workspaceImages.pod"), "{p}");
+        // The researcher's own image, pinned by digest, is still not the site's.
+        ws.spec.image = format!("evil.example/r@{}", pinned.split('@').nth(1).expect("digest"));
+        let r = validate(&ws, Some(&testdata::project()), &testdata::datasets(), &images, now());
+        assert_eq!(r.blocked().map(|p| p.reason), Some(Reason::ImageNotAllowed));
     }
 
     #[test]
