@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::client::{ApiClient, Backoff, ClientError};
-use crate::dlp::{Detectors, DlpError};
+use crate::dlp::DlpError;
 use crate::guards;
 use crate::outbox::{DEFAULT_MAX_SCAN_BYTES, Outbox};
 use crate::sessions::{self, IdleTracker, utmp::WtmpFollower};
@@ -49,7 +49,7 @@ pub async fn run(cfg: AgentConfig, opts: Options) -> Result<(), AgentError> {
     let spool_dir = cfg.spool.clone();
     let spool: SharedSpool = Arc::new(Mutex::new(Spool::open(&spool_dir, opts.spool_max_bytes)?));
     let client = ApiClient::new(&cfg.control_plane)?;
-    let detectors = Detectors::new(&cfg.dlp)?;
+    let detectors = crate::dlp::detectors(&cfg.dlp)?;
     let spooled = Arc::new(Notify::new());
     let guards = guards::start(&cfg, opts.root.clone(), opts.guard_interval);
     tracing::info!(workspace = %cfg.workspace.uri(), version = VERSION, depth = depth(&spool), "agent started");

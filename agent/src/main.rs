@@ -135,7 +135,7 @@ fn scan(config_path: &std::path::Path, files: &[PathBuf]) -> anyhow::Result<()> 
             Default::default()
         }
     };
-    let det = dlp::Detectors::new(&dlp_cfg)?;
+    let det = dlp::detectors(&dlp_cfg)?;
     let max = dlp_cfg.max_scan_bytes.unwrap_or(outbox::DEFAULT_MAX_SCAN_BYTES);
     for f in files {
         let (size, sha256, result) = outbox::hash_and_scan(f, &det, max).with_context(|| format!("{}", f.display()))?;

@@ -61,7 +61,7 @@ pub fn report(result: Option<&ScanResult>, size: u64, max_scan: u64) -> ScanRepo
         (true, Some(_)) => ScanVerdict::ManualReview,
         (true, None) => ScanVerdict::Clean,
     };
-    ScanReport { verdict, findings: result.findings.clone(), note: result.binary.map(str::to_owned) }
+    ScanReport { verdict, findings: crate::dlp::findings(result), note: result.binary.map(str::to_owned) }
 }
 
 /// Hash (SHA-256) and, unless larger than `max_scan`, scan a file in one streaming pass.

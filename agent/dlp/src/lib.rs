@@ -1,4 +1,6 @@
-//! DLP scanner for outbox files.
+//! noexit-dlp: the DLP scanner for files leaving a workspace. The agent runs it on outbox
+//! files (advice to the researcher); the airlock runs the same code on what it receives (the
+//! check that counts). It knows nothing of Kubernetes or of the agent's config format.
 //!
 //! Built for throughput: one pass finds the only bytes a built-in detector can start from
 //! (ASCII digits and `@`), 64 bytes at a time; each number is read once into a token and
@@ -11,7 +13,6 @@ mod numbers;
 pub mod testdata;
 mod text;
 
-use noexit_crds::agent::{DlpConfig, Finding};
 use numbers::Token;
 use text::is_alnum;
 
@@ -45,11 +46,28 @@ impl Kind {
     }
 }
 
+/// One pattern found in a scanned file: never the matched value itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// [`Kind::name`] or the name of an extra pattern.
+    pub kind: String,
+    pub count: u64,
+    /// Byte offset, in the original input, of the first occurrence.
+    pub first_offset: u64,
+}
+
+/// A site-defined pattern: a name for findings and a regular expression (bytes, Rust syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraPattern {
+    pub name: String,
+    pub regex: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DlpError {
-    #[error("dlp.extraPatterns[{index}] ({name:?}): invalid regular expression: {source}")]
+    #[error("extra pattern [{index}] ({name:?}): invalid regular expression: {source}")]
     Pattern { index: usize, name: String, source: Box<regex::Error> },
-    #[error("dlp.extraPatterns[{index}]: name must not be empty")]
+    #[error("extra pattern [{index}]: name must not be empty")]
     EmptyName { index: usize },
 }
 
@@ -60,9 +78,9 @@ pub struct Detectors {
 }
 
 impl Detectors {
-    pub fn new(cfg: &DlpConfig) -> Result<Self, DlpError> {
-        let extra = cfg
-            .extra_patterns
+    /// Built-in detectors plus `extra` patterns (checked: a bad pattern is an error, not ignored).
+    pub fn new(extra: &[ExtraPattern]) -> Result<Self, DlpError> {
+        let extra = extra
             .iter()
             .enumerate()
             .map(|(index, p)| {
@@ -469,19 +487,13 @@ mod tests {
 
     #[test]
     fn extra_patterns_are_counted_and_bad_ones_refused() {
-        let cfg = DlpConfig {
-            extra_patterns: vec![noexit_crds::agent::NamedPattern { name: "mrn".into(), regex: r"MRN-\d{6}".into() }],
-            max_scan_bytes: None,
-        };
-        let det = Detectors::new(&cfg).unwrap();
+        let det = Detectors::new(&[ExtraPattern { name: "mrn".into(), regex: r"MRN-\d{6}".into() }]).unwrap();
         let r = det.scan(b"MRN-123456 and MRN-654321");
         assert_eq!(r.findings, [Finding { kind: "mrn".into(), count: 2, first_offset: 0 }]);
-        let bad = DlpConfig {
-            extra_patterns: vec![noexit_crds::agent::NamedPattern { name: "x".into(), regex: "(".into() }],
-            max_scan_bytes: None,
-        };
-        let err = Detectors::new(&bad).unwrap_err().to_string();
-        assert!(err.starts_with("dlp.extraPatterns[0] (\"x\")"), "{err}");
+        let err = Detectors::new(&[ExtraPattern { name: "x".into(), regex: "(".into() }]).unwrap_err().to_string();
+        assert!(err.starts_with("extra pattern [0] (\"x\")"), "{err}");
+        let err = Detectors::new(&[ExtraPattern { name: " ".into(), regex: "x".into() }]).unwrap_err();
+        assert!(matches!(err, DlpError::EmptyName { index: 0 }), "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! DLP precision and recall on a generated corpus of true positives and near-misses (wrong
 //! checksums, look-alike numbers, dates without a birth context).
 
-use noexit_agent::dlp::testdata::labeled_lines;
-use noexit_agent::dlp::{Detectors, Kind};
+use noexit_dlp::testdata::labeled_lines;
+use noexit_dlp::{Detectors, Kind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
