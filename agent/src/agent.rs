@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::client::{ApiClient, Backoff, ClientError};
 use crate::dlp::DlpError;
 use crate::guards;
-use crate::outbox::{DEFAULT_MAX_SCAN_BYTES, Outbox};
+use crate::outbox::{DEFAULT_MAX_SCAN_BYTES, Outbox, OutboxPolicy};
 use crate::sessions::{self, IdleTracker, utmp::WtmpFollower};
 use crate::spool::{Spool, SpoolError};
 
@@ -29,6 +29,8 @@ pub struct Options {
     /// Root under which hardening edits desktop settings.
     pub root: PathBuf,
     pub outbox_interval: Duration,
+    /// Owner and mode of the outbox directory (VM: the researcher's account).
+    pub outbox_policy: OutboxPolicy,
     pub guard_interval: Duration,
 }
 
@@ -60,6 +62,7 @@ pub async fn run(cfg: AgentConfig, opts: Options) -> Result<(), AgentError> {
     let outbox = Outbox::new(
         &cfg.outbox,
         &spool_dir.join("outbox-state"),
+        opts.outbox_policy,
         detectors,
         cfg.dlp.max_scan_bytes.unwrap_or(DEFAULT_MAX_SCAN_BYTES),
         client.clone(),
