@@ -239,10 +239,14 @@ impl Scanner<'_> {
             }
             return;
         }
-        if numbers::digit_at(buf, p).is_none()
-            || self.base + (p as u64) < self.next_token
-            || (!glued && p > 0 && is_alnum(buf[p - 1]))
-            || (p >= 3 && numbers::digit_at(buf, p - 3).is_some_and(|(_, len)| len == 3))
+        if self.base + (p as u64) < self.next_token {
+            return;
+        }
+        let prev = if p > 0 { buf[p - 1] } else { b' ' };
+        if (!glued && is_alnum(prev))
+            || (!b.is_ascii_digit() && numbers::digit_at(buf, p).is_none())
+            // The second of two full-width digits (their last byte is >= 0x80).
+            || (prev >= 0x80 && p >= 3 && numbers::digit_at(buf, p - 3).is_some_and(|(_, len)| len == 3))
         {
             return;
         }

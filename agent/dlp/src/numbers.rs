@@ -35,7 +35,7 @@ pub(crate) struct Token {
 }
 
 /// The digit at `i` (ASCII, or full-width U+FF10..U+FF19) as its value and byte length.
-#[inline]
+#[inline(always)]
 pub(crate) fn digit_at(buf: &[u8], i: usize) -> Option<(u8, usize)> {
     let b = *buf.get(i)?;
     if b.is_ascii_digit() {
@@ -53,7 +53,7 @@ pub(crate) fn digit_at(buf: &[u8], i: usize) -> Option<(u8, usize)> {
 /// One separator unit at `i`, normalised to an ASCII separator, with its byte length: the ASCII
 /// separators, tab, no-break / figure / thin / narrow no-break / ideographic spaces, and the
 /// Unicode and full-width hyphens.
-#[inline]
+#[inline(always)]
 pub(crate) fn sep_at(buf: &[u8], i: usize) -> Option<(u8, usize)> {
     let b = *buf.get(i)?;
     if is(b, SEP) {
@@ -112,7 +112,10 @@ impl Token {
             let group_start = i;
             let mut run = 0;
             let mut j = i;
-            while let Some((_, len)) = digit_at(buf, j) {
+            while let Some((d, len)) = digit_at(buf, j) {
+                if let Some(slot) = t.digits.get_mut(t.n + run) {
+                    *slot = d;
+                }
                 run += 1;
                 j += len;
             }
@@ -127,11 +130,8 @@ impl Token {
                 }
                 return t;
             }
-            while let Some((d, len)) = digit_at(buf, i) {
-                t.digits[t.n] = d;
-                t.n += 1;
-                i += len;
-            }
+            t.n += run;
+            i = j;
             t.groups[t.ng] = u8::try_from(run).unwrap_or(u8::MAX);
             t.group_pos[t.ng] = group_start;
             t.ng += 1;
