@@ -11,9 +11,9 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::client::{ApiClient, Backoff, ClientError};
-use crate::dlp::{Detectors, DlpError};
+use crate::dlp::DlpError;
 use crate::guards;
-use crate::outbox::{DEFAULT_MAX_SCAN_BYTES, Outbox};
+use crate::outbox::{DEFAULT_MAX_SCAN_BYTES, Outbox, OutboxPolicy};
 use crate::sessions::{self, IdleTracker, utmp::WtmpFollower};
 use crate::spool::{Spool, SpoolError};
 
@@ -29,6 +29,8 @@ pub struct Options {
     /// Root under which hardening edits desktop settings.
     pub root: PathBuf,
     pub outbox_interval: Duration,
+    /// Owner and mode of the outbox directory (VM: the researcher's account).
+    pub outbox_policy: OutboxPolicy,
     pub guard_interval: Duration,
 }
 
@@ -49,7 +51,7 @@ pub async fn run(cfg: AgentConfig, opts: Options) -> Result<(), AgentError> {
     let spool_dir = cfg.spool.clone();
     let spool: SharedSpool = Arc::new(Mutex::new(Spool::open(&spool_dir, opts.spool_max_bytes)?));
     let client = ApiClient::new(&cfg.control_plane)?;
-    let detectors = Detectors::new(&cfg.dlp)?;
+    let detectors = crate::dlp::detectors(&cfg.dlp)?;
     let spooled = Arc::new(Notify::new());
     let guards = guards::start(&cfg, opts.root.clone(), opts.guard_interval);
     tracing::info!(workspace = %cfg.workspace.uri(), version = VERSION, depth = depth(&spool), "agent started");
@@ -60,6 +62,7 @@ pub async fn run(cfg: AgentConfig, opts: Options) -> Result<(), AgentError> {
     let outbox = Outbox::new(
         &cfg.outbox,
         &spool_dir.join("outbox-state"),
+        opts.outbox_policy,
         detectors,
         cfg.dlp.max_scan_bytes.unwrap_or(DEFAULT_MAX_SCAN_BYTES),
         client.clone(),

@@ -162,9 +162,11 @@ impl ApiClient {
 
     /// Stream the file as the content of submission `id`. The API checks size and SHA-256
     /// against the manifest, so a file changed since it was scanned is refused.
-    pub async fn put_content(&self, id: Uuid, file: &Path, size: u64) -> Result<OutboxAck, ClientError> {
+    /// `file` is an open handle (positioned at the start) the caller has checked: the outbox is
+    /// the researcher's, so a path could lead somewhere else by now.
+    pub async fn put_content(&self, id: Uuid, file: std::fs::File, size: u64) -> Result<OutboxAck, ClientError> {
         let path = format!("{OUTBOX_PATH}/{id}/content");
-        let f = open_no_follow(file).await.map_err(|source| ClientError::File { path: file.into(), source })?;
+        let f = tokio::fs::File::from_std(file);
         let body = FileBody { file: f, buf: vec![0; 64 * 1024].into_boxed_slice(), remaining: size }.boxed();
         let req = self.request(Method::PUT, &path, "application/octet-stream", body)?;
         self.send(Method::PUT, &path, req, UPLOAD_TIMEOUT).await
@@ -270,12 +272,6 @@ fn tls_config(cp: &ControlPlane) -> Result<rustls::ClientConfig, ClientError> {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| tls_err(&cp.key_file, format!("certificate and key do not match: {e}")))
-}
-
-async fn open_no_follow(path: &Path) -> io::Result<tokio::fs::File> {
-    let mut opts = tokio::fs::OpenOptions::new();
-    opts.read(true).custom_flags(libc::O_NOFOLLOW);
-    opts.open(path).await
 }
 
 /// Streams exactly `remaining` bytes of a file; a file that shrank is an error, not a short body.

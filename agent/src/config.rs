@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use noexit_crds::agent::AgentConfig;
 use noexit_crds::names::check_dns1123_label;
 
-use crate::dlp::{Detectors, DlpError};
+use crate::dlp::DlpError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,7 +72,7 @@ pub fn validate(cfg: &AgentConfig) -> Result<(), (String, String)> {
     if cfg.dlp.max_scan_bytes == Some(0) {
         return field("dlp.maxScanBytes", "must be greater than 0".into());
     }
-    if let Err(e) = Detectors::new(&cfg.dlp) {
+    if let Err(e) = crate::dlp::detectors(&cfg.dlp) {
         let f = match &e {
             DlpError::Pattern { index, .. } => format!("dlp.extraPatterns[{index}].regex"),
             DlpError::EmptyName { index } => format!("dlp.extraPatterns[{index}].name"),

@@ -62,6 +62,27 @@ struct RunArgs {
     /// Seconds between checks of the egress lock / probe and hardening.
     #[arg(long, default_value_t = 10)]
     guard_interval: u64,
+    /// Owner of the outbox directory as UID:GID (the researcher's account in a VM). The agent,
+    /// when root, creates the directory with this owner and puts it back if changed.
+    #[arg(long, env = "NOEXIT_OUTBOX_OWNER", value_parser = parse_owner)]
+    outbox_owner: Option<(u32, u32)>,
+    /// Permission bits of the outbox directory, in octal.
+    #[arg(long, env = "NOEXIT_OUTBOX_MODE", default_value = "1777", value_parser = parse_mode)]
+    outbox_mode: u32,
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected UID:GID, e.g. 1000:1000"))?;
+    let num = |v: &str, what: &str| v.parse::<u32>().map_err(|e| format!("{s:?}: {what} {v:?}: {e}"));
+    Ok((num(u, "uid")?, num(g, "gid")?))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        Ok(_) => Err(format!("{s:?}: a mode is at most 7777 (octal)")),
+        Err(e) => Err(format!("{s:?}: not an octal mode: {e}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -94,6 +115,8 @@ fn real_main() -> anyhow::Result<()> {
         root: "/".into(),
         outbox_interval: 2,
         guard_interval: 10,
+        outbox_owner: None,
+        outbox_mode: outbox::DEFAULT_MODE,
     })) {
         Command::Run(a) => {
             let opts = agent::Options {
@@ -104,6 +127,7 @@ fn real_main() -> anyhow::Result<()> {
                 root: a.root,
                 outbox_interval: Duration::from_secs(a.outbox_interval.max(1)),
                 guard_interval: Duration::from_secs(a.guard_interval.max(1)),
+                outbox_policy: outbox::OutboxPolicy { owner: a.outbox_owner, mode: a.outbox_mode },
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
@@ -135,7 +159,7 @@ fn scan(config_path: &std::path::Path, files: &[PathBuf]) -> anyhow::Result<()> 
             Default::default()
         }
     };
-    let det = dlp::Detectors::new(&dlp_cfg)?;
+    let det = dlp::detectors(&dlp_cfg)?;
     let max = dlp_cfg.max_scan_bytes.unwrap_or(outbox::DEFAULT_MAX_SCAN_BYTES);
     for f in files {
         let (size, sha256, result) = outbox::hash_and_scan(f, &det, max).with_context(|| format!("{}", f.display()))?;

@@ -566,3 +566,105 @@ fn apply_failure_reports_not_locked_and_opens_nothing() {
     let listing = run(Command::new("ip").args(["netns", "exec", &ns, "nft", "list", "ruleset"]));
     assert!(String::from_utf8_lossy(&listing.stdout).trim().is_empty(), "nothing may be half-applied");
 }
+
+/// Whether the workspace holds our table with its final rule (fully applied).
+fn table_in_force(ns: &str) -> bool {
+    let out = run(Command::new("ip").args(["netns", "exec", ns, "nft", "list", "table", "inet", "noexit"]));
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("noexit: blocked")
+}
+
+#[test]
+fn the_lock_replaces_a_table_tampered_before_it_started_and_restores_a_flush_at_once() {
+    if skip() {
+        return;
+    }
+    use Host::*;
+    let lab = Lab::build("c");
+    let ws = lab.ws();
+    serve_tcp(&lab.host_ns(Outside), 443, "outside");
+    serve_tcp(&lab.host_ns(Mirror), 443, "mirror");
+    let config = lab.path("agent.yaml");
+    std::fs::write(&config, config_yaml()).unwrap();
+    let config = config.to_str().unwrap();
+
+    // Before the agent starts, someone (root in the guest) left a table of the same name that
+    // lets everything out, with rule comments copied from ours.
+    sh(&["ip", "netns", "exec", &ws, "nft", "add", "table", "inet", "noexit"]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ws,
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "noexit",
+        "output",
+        "{ type filter hook output priority 0; policy accept; }",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ws,
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "noexit",
+        "output",
+        "accept",
+        "comment",
+        "\"noexit: blocked\"",
+    ]);
+    assert!(tcp(&ws, Outside.v4(), 443).is_ok(), "the planted table should let traffic out");
+
+    // The interval is an hour: only the kernel's change notifications can make it react.
+    let mut watcher = Command::new("ip")
+        .args(["netns", "exec", &ws, BIN, "watch", "--config", config])
+        .args(["--interval-ms", "3600000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut watcher);
+    let _reaper = Reaper(watcher);
+    wait_for(&rx, "locked state", Duration::from_secs(10), |v| v["event"] == "state" && v["state"]["locked"] == true);
+    // Replaced, not adopted: a fresh process comparing with the plan finds it intact.
+    let (code, check) = lab.egress(&ws, &["check", "--config", config]);
+    assert_eq!((code, &check["outcome"]), (Some(0), &Value::from("intact")), "{check}");
+    assert!(tcp(&ws, Outside.v4(), 443).is_err(), "the planted table was adopted");
+    assert_eq!(tcp(&ws, Mirror.v4(), 443).as_deref(), Ok("hello mirror"));
+
+    // A flush is put back well under a second later (bounded poll), and reported.
+    for attempt in 0..3 {
+        let flushed = Instant::now();
+        sh(&["ip", "netns", "exec", &ws, "nft", "flush", "ruleset"]);
+        let deadline = flushed + Duration::from_secs(5);
+        while !table_in_force(&ws) {
+            assert!(Instant::now() < deadline, "flush not restored within 5 s");
+        }
+        let took = flushed.elapsed();
+        println!("flush #{attempt} restored after {} ms", took.as_millis());
+        assert!(took < Duration::from_millis(1000), "restored after {took:?}: not at once");
+        let v = wait_for(&rx, "tamper violation", Duration::from_secs(5), |v| v["violation"]["kind"] == "tamper");
+        assert!(v["violation"]["detail"].as_str().unwrap().contains("is gone"), "{v}");
+    }
+    // A rule slipped in is removed as quickly.
+    let inserted = Instant::now();
+    sh(&["ip", "netns", "exec", &ws, "nft", "insert", "rule", "inet", "noexit", "output", "accept"]);
+    let v = wait_for(&rx, "tamper violation", Duration::from_secs(5), |v| v["violation"]["kind"] == "tamper");
+    assert!(v["violation"]["detail"].as_str().unwrap().contains("chain output"), "{v}");
+    println!("inserted rule removed after {} ms", inserted.elapsed().as_millis());
+    assert!(inserted.elapsed() < Duration::from_millis(1000));
+    let (_, check) = lab.egress(&ws, &["check", "--config", config]);
+    assert_eq!(check["outcome"], "intact", "{check}");
+    assert_all_blocked_minimal(&lab);
+}
+
+/// The outside host is unreachable (a short form of [`assert_all_blocked`] for labs that serve
+/// only a few ports).
+fn assert_all_blocked_minimal(lab: &Lab) {
+    assert!(tcp(&lab.ws(), Host::Outside.v4(), 443).is_err(), "outside reachable");
+    assert!(tcp(&lab.ws(), Host::Outside.v6(), 443).is_err(), "outside v6 reachable");
+}

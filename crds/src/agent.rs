@@ -237,6 +237,9 @@ pub enum ViolationKind {
     Tamper,
     /// USB mass storage driver loaded despite the blacklist.
     UsbStorage,
+    /// An outbox entry the agent will not touch (a link, FIFO, device, hard link, bad name) or an
+    /// outbox that was tampered with (`.submitted` replaced).
+    OutboxRefused,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

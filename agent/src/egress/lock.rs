@@ -6,7 +6,6 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 
 use noexit_crds::agent::{AgentConfig, AgentMode, EgressState};
 use serde_json::Value;
@@ -20,9 +19,9 @@ use super::plan::{self, BLOCKED_IN, BLOCKED_OUT, Ruleset, TABLE};
 pub struct EgressLock {
     plan: Ruleset,
     nft: OsString,
-    /// What a healthy table looks like: the plan, or (if this nft prints some expression in a
-    /// different but equivalent form) what the kernel listed right after our own apply.
-    expected: Mutex<Canonical>,
+    /// What a healthy table looks like: the plan, and only the plan. The live table is never
+    /// taken as the reference (it could have been changed before, or while, we applied ours).
+    expected: Canonical,
 }
 
 /// Result of one check of the live table.
@@ -47,7 +46,7 @@ impl EgressLock {
     /// Plans the table for `cfg` (no I/O). Config errors are returned here.
     pub fn new(cfg: &AgentConfig) -> Result<Self, EgressError> {
         let plan = plan::plan(cfg)?;
-        let expected = Mutex::new(live::planned(&plan));
+        let expected = live::planned(&plan);
         Ok(Self { plan, nft: "nft".into(), expected })
     }
 
@@ -65,19 +64,13 @@ impl EgressLock {
     pub fn apply(&self) -> Result<EgressState, EgressError> {
         self.replace()?;
         let listing = self.list()?;
-        let live = live::from_listing(&listing);
-        let planned = live::planned(&self.plan);
-        let diff = live::differences(&planned, &live);
+        let diff = live::differences(&self.expected, &live::from_listing(&listing));
         if !diff.is_empty() {
-            // Same chains and rule comments but differently printed expressions: accept the
-            // kernel's rendering of *our* transaction as the reference. Anything structural
-            // (a chain, a policy, a rule missing) means the apply did not do what we asked.
-            if live.objects != planned.objects || !same_comments(&planned, &live) {
-                return Err(EgressError::Verify(diff.join("; ")));
-            }
-            tracing::warn!(differences = %diff.join("; "), "nft prints the egress table differently from the plan; using its listing as reference");
+            // Not what we asked for: changed between our transaction and the read-back, or
+            // printed differently by this nft. Either way the wall is not proven; the caller
+            // retries and reports not locked meanwhile.
+            return Err(EgressError::Verify(diff.join("; ")));
         }
-        *self.expected.lock().unwrap_or_else(|p| p.into_inner()) = if diff.is_empty() { planned } else { live };
         Ok(locked_state(format!("nftables table inet {TABLE} applied ({} rules)", self.plan.rules.len())))
     }
 
@@ -87,8 +80,7 @@ impl EgressLock {
             Ok(l) => l,
             Err(e) => return CheckOutcome::Failed { tamper: None, error: e.to_string() },
         };
-        let expected = self.expected.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let diff = live::differences(&expected, &live::from_listing(&listing));
+        let diff = live::differences(&self.expected, &live::from_listing(&listing));
         if diff.is_empty() {
             return CheckOutcome::Intact;
         }
@@ -150,16 +142,6 @@ impl EgressLock {
         }
         String::from_utf8(out.stdout).map_err(|e| fail(format!("output is not UTF-8: {e}")))
     }
-}
-
-fn same_comments(a: &Canonical, b: &Canonical) -> bool {
-    let comments = |c: &Canonical| -> Vec<Vec<Option<String>>> {
-        c.rules
-            .values()
-            .map(|rules| rules.iter().map(|r| r.get("comment").and_then(Value::as_str).map(String::from)).collect())
-            .collect()
-    };
-    a.rules.keys().eq(b.rules.keys()) && comments(a) == comments(b)
 }
 
 pub(crate) fn locked_state(detail: String) -> EgressState {
@@ -281,9 +263,10 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn an_equivalent_rendering_becomes_the_reference() {
-        // Same rules, one printed differently (as another nft version might): accepted, and
-        // later checks compare against what the kernel printed.
+    fn the_live_table_is_never_adopted_as_the_reference() {
+        // The read-back after our apply differs in one expression but keeps every comment (a
+        // rule loosened between our transaction and the listing, or an nft printing it
+        // differently): not locked, and later checks still compare against the plan.
         let plan = plan::plan(&config()).unwrap();
         let mut listing = listing_of(&plan);
         for o in listing["nftables"].as_array_mut().unwrap() {
@@ -293,6 +276,13 @@ pub(crate) mod tests {
         }
         let fake = FakeNft::new(&listing);
         let lock = fake.lock();
+        let err = lock.apply().unwrap_err();
+        assert_eq!(err.category(), "verify");
+        assert!(err.to_string().contains("log blocked"), "{err}");
+        let CheckOutcome::Failed { tamper, .. } = lock.check_and_restore() else { panic!("adopted") };
+        assert!(tamper.unwrap().contains("first difference at rule"));
+        // Once the kernel holds the plan, it is intact.
+        fake.set("after-apply.json", &listing_of(&plan));
         assert!(lock.apply().unwrap().locked);
         assert_eq!(lock.check_and_restore(), CheckOutcome::Intact);
     }

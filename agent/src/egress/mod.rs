@@ -4,14 +4,16 @@
 //!
 //! - [`plan`] (pure) computes the table from the config;
 //! - [`EgressLock`] applies it atomically, compares the live table with it and restores it;
-//! - [`watch`] is the loop the agent spawns: it publishes [`EgressState`] and sends
-//!   `tamper` / `egressBlocked` [`Violation`]s.
+//! - [`watch`] is the loop the agent spawns: it re-checks the table as soon as the kernel reports
+//!   an nftables change ([`monitor`], netlink) and on an interval as a backstop, publishes
+//!   [`EgressState`] and sends `tamper` / `egressBlocked` [`Violation`]s.
 //!
 //! [`EgressState`]: noexit_crds::agent::EgressState
 //! [`Violation`]: noexit_crds::agent::Violation
 
 mod live;
 mod lock;
+pub mod monitor;
 mod plan;
 mod watch;
 

@@ -210,7 +210,7 @@ pub fn plan(cfg: &AgentConfig) -> Result<Ruleset, EgressError> {
     let mut out = |comment: String, expr: Vec<Statement<'static>>| rules.push(rule("output", comment, expr));
     out("loopback".into(), vec![eq(meta(MetaKey::Oif), s("lo")), accept()]);
     out("allowed flows: replies and related".into(), vec![established(), marked(), accept()]);
-    out("ipv6 neighbour discovery".into(), vec![neighbour_discovery(), accept()]);
+    out("ipv6 neighbour discovery".into(), neighbour_discovery());
     for r in &resolvers {
         for proto in ["udp", "tcp"] {
             out(format!("dns {proto} {r}"), vec![addr("daddr", r), port(proto, DNS_PORT), mark(), accept()]);
@@ -228,7 +228,7 @@ pub fn plan(cfg: &AgentConfig) -> Result<Ruleset, EgressError> {
     let mut inp = |comment: String, expr: Vec<Statement<'static>>| rules.push(rule("input", comment, expr));
     inp("loopback".into(), vec![eq(meta(MetaKey::Iif), s("lo")), accept()]);
     inp("allowed flows: replies and related".into(), vec![established(), marked(), accept()]);
-    inp("ipv6 neighbour discovery".into(), vec![neighbour_discovery(), accept()]);
+    inp("ipv6 neighbour discovery".into(), neighbour_discovery());
     for g in &gateways {
         inp(
             format!("desktop from gateway {g} port {}", egress.desktop_port),
@@ -294,16 +294,26 @@ fn established() -> Statement<'static> {
 }
 
 /// Without neighbour solicitations/advertisements no IPv6 address on the link is reachable,
-/// including allowed ones. They only reach the local link, where the outer wall sits.
-fn neighbour_discovery() -> Statement<'static> {
-    eq(
-        payload("icmpv6", "type"),
-        Expression::Named(NamedExpression::Set(vec![
-            nftables::expr::SetItem::Element(s("nd-neighbor-solicit")),
-            nftables::expr::SetItem::Element(s("nd-neighbor-advert")),
-        ])),
-    )
+/// including allowed ones. Only with hop limit 255 (RFC 4861 §7.1: receivers drop anything
+/// else): such a packet was never routed and can never be, so it stays on the local link,
+/// where the outer wall sits. Without the check ICMPv6 of these types with any hop limit would
+/// be a channel to any IPv6 address.
+fn neighbour_discovery() -> Vec<Statement<'static>> {
+    vec![
+        eq(payload("ip6", "hoplimit"), Expression::Number(ND_HOP_LIMIT)),
+        eq(
+            payload("icmpv6", "type"),
+            Expression::Named(NamedExpression::Set(vec![
+                nftables::expr::SetItem::Element(s("nd-neighbor-solicit")),
+                nftables::expr::SetItem::Element(s("nd-neighbor-advert")),
+            ])),
+        ),
+        accept(),
+    ]
 }
+
+/// The hop limit every neighbour discovery message carries (RFC 4861).
+pub const ND_HOP_LIMIT: u32 = 255;
 
 fn ct_mark() -> Expression<'static> {
     Expression::Named(NamedExpression::CT(CT { key: "mark".into(), family: None, dir: None }))
@@ -419,6 +429,32 @@ desktop: vnc
         );
         assert!(rs.comments("forward").is_empty());
         assert!(rs.chains.iter().all(|c| c.policy == Some(NfChainPolicy::Drop)));
+    }
+
+    #[test]
+    fn neighbour_discovery_only_with_hop_limit_255() {
+        let rs = plan(&config()).unwrap();
+        for chain in ["output", "input"] {
+            let nd: Vec<_> = rs
+                .rules
+                .iter()
+                .filter(|r| r.chain == chain && r.comment.as_deref() == Some("noexit: ipv6 neighbour discovery"))
+                .collect();
+            assert_eq!(nd.len(), 1, "{chain}");
+            let expr = serde_json::to_value(&nd[0].expr).unwrap();
+            assert_eq!(
+                expr[0],
+                serde_json::json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "hoplimit"}}, "right": 255}}),
+                "{chain}: the hop limit is matched first"
+            );
+            assert_eq!(expr[1]["match"]["left"]["payload"]["field"], "type", "{chain}");
+            assert_eq!(expr[2], serde_json::json!({"accept": null}), "{chain}");
+            // No other rule accepts ICMPv6 by type.
+            let others = rs.rules.iter().filter(|r| r.chain == chain && !std::ptr::eq(*r, nd[0]));
+            for r in others {
+                assert!(!serde_json::to_string(&r.expr).unwrap().contains("icmpv6"), "{chain}: {:?}", r.comment);
+            }
+        }
     }
 
     #[test]

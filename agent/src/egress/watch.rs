@@ -1,11 +1,12 @@
-//! The agent's loop around the lock: apply (retrying until it holds), re-check on an
-//! interval, restore and report tampering, report blocked attempts at a bounded rate.
+//! The agent's loop around the lock: apply (retrying until it holds), re-check as soon as the
+//! kernel reports an nftables change and on an interval, restore and report tampering, report
+//! blocked attempts at a bounded rate.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use noexit_crds::agent::{EgressState, Violation, ViolationKind};
-use tokio::sync::{mpsc, watch as tokio_watch};
+use tokio::sync::{Notify, mpsc, watch as tokio_watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::lock::{BlockedCounts, CheckOutcome, EgressLock, locked_state, not_locked};
@@ -17,7 +18,8 @@ pub const DEFAULT_BLOCKED_REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Options of [`watch_with`].
 #[derive(Clone, Copy, Debug)]
 pub struct WatchOptions {
-    /// How often the live table is compared with the plan.
+    /// How often the live table is compared with the plan when nothing changed (a backstop:
+    /// changes reported by the kernel are checked at once).
     pub interval: Duration,
     /// Minimum time between two `egressBlocked` violations.
     pub blocked_report_every: Duration,
@@ -42,6 +44,8 @@ pub async fn watch_with(
     state: tokio_watch::Sender<EgressState>,
 ) {
     let lock = Arc::new(lock);
+    let changed = Arc::new(Notify::new());
+    let monitor = AbortOnDrop(tokio::spawn(super::monitor::run(changed.clone())));
     let mut ticker = tokio::time::interval(opts.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut applied = false;
@@ -50,7 +54,10 @@ pub async fn watch_with(
     let mut failures = 0u32;
     let mut next_try = Instant::now();
     while !tx.is_closed() {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = changed.notified() => {}
+        }
         if Instant::now() < next_try {
             continue;
         }
@@ -113,6 +120,16 @@ pub async fn watch_with(
             *s = next;
             changed
         });
+    }
+    drop(monitor);
+}
+
+/// Stops the monitor task when the watch ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

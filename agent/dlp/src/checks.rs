@@ -63,10 +63,9 @@ fn known_issuer(d: &[u8]) -> bool {
                 || ((3528..=3589).contains(&p4) && (16..=19).contains(&n))         // JCB
                 || (((300..=305).contains(&p3) || p2 == 36 || p2 == 38 || p2 == 39) && (14..=19).contains(&n)) // Diners
         }
-        6 => {
-            // Discover, UnionPay, Maestro 6x
-            ((p4 == 6011 || (644..=649).contains(&p3) || p2 == 65 || p2 == 62) && (16..=19).contains(&n)) || p2 >= 60
-        }
+        // Discover (6011, 644–649, 65), UnionPay (62) and Maestro (56–69, any length) together
+        // take every 6x prefix at every length from 13 to 19.
+        6 => true,
         _ => false,
     }
 }
@@ -133,6 +132,82 @@ mod tests {
         }
     }
 
+    /// `prefix` padded with zeros to `len` digits, with a valid Luhn check digit.
+    fn card(prefix: &str, len: usize) -> Vec<u8> {
+        let mut d = digits(prefix);
+        d.resize(len, 0);
+        for x in 0..10 {
+            d[len - 1] = x;
+            if luhn(&d) {
+                return d;
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn issuer_ranges_and_lengths_at_their_edges() {
+        let cases: &[(&str, &[usize], bool)] = &[
+            // Visa: 13, 16 or 19 digits only
+            ("4", &[13, 16, 19], true),
+            ("4", &[14, 15, 17, 18], false),
+            // Mastercard 2-series 2221–2720, 16 digits
+            ("2221", &[16], true),
+            ("2720", &[16], true),
+            ("2220", &[16], false),
+            ("2721", &[16], false),
+            ("2221", &[15, 17], false),
+            // Mastercard 51–55, 16 digits; Maestro 50 and 56–59 at any length
+            ("51", &[16], true),
+            ("55", &[16], true),
+            ("51", &[13, 15, 17, 19], false),
+            ("55", &[15], false),
+            ("50", &[13, 16, 19], true),
+            ("56", &[13, 19], true),
+            ("59", &[13], true),
+            // Amex 34/37, 15 digits
+            ("34", &[15], true),
+            ("37", &[15], true),
+            ("35", &[15], false),
+            ("33", &[15], false),
+            ("34", &[14, 16], false),
+            // JCB 3528–3589, 16–19 digits
+            ("3528", &[16, 19], true),
+            ("3589", &[16], true),
+            ("3527", &[16], false),
+            ("3590", &[16], false),
+            ("3528", &[15], false),
+            // Diners 300–305, 36, 38, 39: 14–19 digits
+            ("300", &[14, 19], true),
+            ("305", &[14], true),
+            ("306", &[14], false),
+            ("36", &[14], true),
+            ("38", &[14], true),
+            ("39", &[14], true),
+            ("37", &[14], false),
+            ("300", &[13], false),
+            // 6x: Discover, UnionPay, Maestro
+            ("6011", &[16], true),
+            ("62", &[16, 19], true),
+            ("60", &[13], true),
+            // No scheme starts with 0, 1, 7, 8 or 9.
+            ("0", &[16], false),
+            ("1", &[16], false),
+            ("7", &[16], false),
+            ("8", &[16], false),
+            ("9", &[16], false),
+        ];
+        for (prefix, lengths, want) in cases {
+            for &len in *lengths {
+                let d = card(prefix, len);
+                assert_eq!(payment_card(&d), *want, "{prefix}… with {len} digits");
+            }
+        }
+        // Length bounds of the whole check.
+        assert!(!payment_card(&card("4", 12)));
+        assert!(!payment_card(&card("62", 20)));
+    }
+
     #[test]
     fn luhn_matches_the_textbook_example() {
         assert!(luhn(&digits("79927398713")));
@@ -141,10 +216,24 @@ mod tests {
 
     #[test]
     fn dates_know_month_lengths_and_leap_years() {
-        assert!(valid_date(2000, 2, 29));
-        assert!(!valid_date(1900, 2, 29));
-        assert!(!valid_date(1980, 4, 31));
+        // The last day of every month, and the day after it.
+        let lengths = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+        for (m, &days) in (1..=12).zip(&lengths) {
+            assert!(valid_date(1981, m, days), "{m}/{days}");
+            assert!(!valid_date(1981, m, days + 1), "{m}/{}", days + 1);
+            assert!(valid_date(1981, m, 1));
+            assert!(!valid_date(1981, m, 0));
+        }
+        // February 29th: every 4th year, not every 100th, but every 400th.
+        for leap in [1904, 1980, 1996, 2000, 2024, 2400] {
+            assert!(valid_date(leap, 2, 29), "{leap}");
+            assert!(!valid_date(leap, 2, 30), "{leap}");
+        }
+        for common in [1900, 1981, 2023, 2100, 2200] {
+            assert!(!valid_date(common, 2, 29), "{common}");
+            assert!(valid_date(common, 2, 28), "{common}");
+        }
         assert!(!valid_date(1980, 13, 1));
-        assert!(!valid_date(1980, 1, 0));
+        assert!(!valid_date(1980, 0, 1));
     }
 }

@@ -1,15 +1,15 @@
 //! DLP throughput: our scanner against a plain single-regex scan of the same corpus, same run.
 //!
-//!     cargo bench -p noexit-agent --bench dlp            # 100 MB
-//!     NOEXIT_BENCH_MB=20 cargo bench -p noexit-agent --bench dlp
+//!     cargo bench -p noexit-dlp --bench dlp            # 100 MB
+//!     NOEXIT_BENCH_MB=20 cargo bench -p noexit-dlp --bench dlp
 //!
 //! Single-threaded; throughput is per CPU-second of this thread (per core), wall-clock beside it.
 //! Streams the corpus in 1 MiB chunks as the outbox does.
 
 use std::time::Instant;
 
-use noexit_agent::dlp::Detectors;
-use noexit_agent::dlp::testdata::mixed_corpus;
+use noexit_dlp::Detectors;
+use noexit_dlp::testdata::mixed_corpus;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

@@ -1,8 +1,8 @@
 //! DLP precision and recall on a generated corpus of true positives and near-misses (wrong
 //! checksums, look-alike numbers, dates without a birth context).
 
-use noexit_agent::dlp::testdata::labeled_lines;
-use noexit_agent::dlp::{Detectors, Kind};
+use noexit_dlp::testdata::labeled_lines;
+use noexit_dlp::{Detectors, Kind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -41,8 +41,9 @@ fn precision_and_recall_on_a_labelled_corpus() {
     for (kind, (tp, fp, fn_)) in &per_kind {
         println!("  {kind:12} tp {tp:4}  fp {fp:3}  fn {fn_:3}");
     }
-    assert!(precision >= 0.95, "precision {precision:.4} < 0.95");
-    assert!(recall >= 0.95, "recall {recall:.4} < 0.95");
+    // 1.00 / 1.00 today; the margin allows one odd line from a generator change, no more.
+    assert!(precision >= 0.999, "precision {precision:.4} < 0.999");
+    assert!(recall >= 0.999, "recall {recall:.4} < 0.999");
 }
 
 fn kind_name(k: &str) -> &'static str {

@@ -11,7 +11,10 @@ const MAX_GROUPS: usize = 24;
 /// The separator ` (` packed as in [`Token::seps`].
 const OPEN_PAREN: u16 = b' ' as u16 | (b'(' as u16) << 8;
 
-/// One run of digit groups. Separators are stored as up to two bytes packed into a `u16`.
+/// One run of digit groups. Digits are ASCII or full-width (`９`); separators are normalised
+/// (tab and the Unicode spaces to ` `, Unicode hyphens to `-`) and stored as up to two bytes
+/// packed into a `u16`. Positions are byte offsets into the original buffer, so findings point
+/// at the text as written.
 pub(crate) struct Token {
     pub start: usize,
     pub end: usize,
@@ -19,6 +22,8 @@ pub(crate) struct Token {
     n: usize,
     /// Digit count of each group (saturating).
     groups: [u8; MAX_GROUPS],
+    /// Byte offset where each group starts.
+    group_pos: [usize; MAX_GROUPS],
     ng: usize,
     /// `seps[i]` joins group `i` and `i + 1`.
     seps: [u16; MAX_GROUPS],
@@ -29,8 +34,64 @@ pub(crate) struct Token {
     overflow: bool,
 }
 
+/// The digit at `i` (ASCII, or full-width U+FF10..U+FF19) as its value and byte length.
+#[inline(always)]
+pub(crate) fn digit_at(buf: &[u8], i: usize) -> Option<(u8, usize)> {
+    let b = *buf.get(i)?;
+    if b.is_ascii_digit() {
+        return Some((b - b'0', 1));
+    }
+    if b != 0xEF {
+        return None;
+    }
+    match buf.get(i + 1..i + 3)? {
+        [0xBC, c @ 0x90..=0x99] => Some((c - 0x90, 3)),
+        _ => None,
+    }
+}
+
+/// One separator unit at `i`, normalised to an ASCII separator, with its byte length: the ASCII
+/// separators, tab, no-break / figure / thin / narrow no-break / ideographic spaces, and the
+/// Unicode and full-width hyphens.
+#[inline(always)]
+pub(crate) fn sep_at(buf: &[u8], i: usize) -> Option<(u8, usize)> {
+    let b = *buf.get(i)?;
+    if is(b, SEP) {
+        return Some((b, 1));
+    }
+    match b {
+        b'\t' => Some((b' ', 1)),
+        0xC2 if buf.get(i + 1) == Some(&0xA0) => Some((b' ', 2)),
+        0xE2 => match buf.get(i + 1..i + 3)? {
+            [0x80, 0x87 | 0x89 | 0xAF] => Some((b' ', 3)),
+            [0x80, 0x90 | 0x91] => Some((b'-', 3)),
+            _ => None,
+        },
+        0xE3 if buf.get(i + 1..i + 3)? == [0x80, 0x80] => Some((b' ', 3)),
+        0xEF if buf.get(i + 1..i + 3)? == [0xBC, 0x8D] => Some((b'-', 3)),
+        _ => None,
+    }
+}
+
+/// Words that may be glued to a number and still name it (`NHS9434765919`).
+const GLUED_PREFIXES: [&[u8]; 5] = [b"nhs", b"nhsno", b"nhsnum", b"nhsnumber", b"ssn"];
+
+/// The digit at `p` follows letters that are one of [`GLUED_PREFIXES`] standing as a word.
+pub(crate) fn glued_prefix(buf: &[u8], p: usize) -> bool {
+    let mut i = p;
+    while i > 0 && p - i < 10 && is(buf[i - 1], text::UPPER | text::LOWER) {
+        i -= 1;
+    }
+    if i > 0 && is_alnum(buf[i - 1]) {
+        return false;
+    }
+    let word = &buf[i..p];
+    GLUED_PREFIXES.iter().any(|k| word.eq_ignore_ascii_case(k))
+}
+
 impl Token {
-    /// Read the token starting at the digit `p` (which must not follow a letter or digit).
+    /// Read the token starting at the digit `p` (which must not follow a letter or digit,
+    /// unless a [`glued_prefix`]).
     pub fn read(buf: &[u8], p: usize) -> Token {
         let mut t = Token {
             start: p,
@@ -38,6 +99,7 @@ impl Token {
             digits: [0; MAX_DIGITS],
             n: 0,
             groups: [0; MAX_GROUPS],
+            group_pos: [0; MAX_GROUPS],
             ng: 0,
             seps: [0; MAX_GROUPS],
             plus: p > 0 && buf[p - 1] == b'+',
@@ -45,43 +107,52 @@ impl Token {
             overflow: false,
         };
         let mut i = p;
+        let mut sep_start = p;
         loop {
             let group_start = i;
-            let run = buf[i..].iter().take_while(|&&b| is(b, DIGIT)).count();
+            let mut run = 0;
+            let mut j = i;
+            while let Some((d, len)) = digit_at(buf, j) {
+                if let Some(slot) = t.digits.get_mut(t.n + run) {
+                    *slot = d;
+                }
+                run += 1;
+                j += len;
+            }
             if t.n + run > MAX_DIGITS {
                 if t.ng == 0 {
                     // One run longer than any number we look for (a hash, a long id): skip it.
                     t.overflow = true;
-                    t.end = i + run;
+                    t.end = j;
                 } else {
                     // The group is read again as the start of the next token.
-                    t.end = group_start - t.sep_len(t.ng - 1);
+                    t.end = sep_start;
                 }
                 return t;
             }
-            for &b in &buf[i..i + run] {
-                t.digits[t.n] = b - b'0';
-                t.n += 1;
-            }
-            i += run;
-            t.groups[t.ng] = u8::try_from(i - group_start).unwrap_or(u8::MAX);
+            t.n += run;
+            i = j;
+            t.groups[t.ng] = u8::try_from(run).unwrap_or(u8::MAX);
+            t.group_pos[t.ng] = group_start;
             t.ng += 1;
-            let sep_start = i;
-            while i < buf.len() && i - sep_start < 2 && is(buf[i], SEP) {
-                i += 1;
+            sep_start = i;
+            let mut sep = [0u8; 2];
+            let mut units = 0;
+            while units < 2
+                && let Some((c, len)) = sep_at(buf, i)
+            {
+                sep[units] = c;
+                units += 1;
+                i += len;
             }
-            let joined = i > sep_start && i < buf.len() && is(buf[i], DIGIT);
-            if !joined {
+            let joined = units > 0 && digit_at(buf, i).is_some();
+            if !joined || t.ng == MAX_GROUPS {
+                // Not followed by another group; or a long list of small numbers, whose rest
+                // is read as a new token.
                 t.end = sep_start;
                 break;
             }
-            if t.ng == MAX_GROUPS {
-                // Long lists of small numbers: stop here, the rest is read as a new token.
-                t.end = sep_start;
-                break;
-            }
-            let sep = &buf[sep_start..i];
-            t.seps[t.ng - 1] = u16::from(sep[0]) | (u16::from(sep.get(1).copied().unwrap_or(0)) << 8);
+            t.seps[t.ng - 1] = u16::from(sep[0]) | (u16::from(sep[1]) << 8);
         }
         t
     }
@@ -93,13 +164,9 @@ impl Token {
         if self.overflow || self.n < 6 {
             return;
         }
-        let mut group_offsets = [0usize; MAX_GROUPS];
         let mut digit_offsets = [0usize; MAX_GROUPS + 1];
-        let mut pos = self.start;
         for g in 0..self.ng {
-            group_offsets[g] = pos;
             digit_offsets[g + 1] = digit_offsets[g] + usize::from(self.groups[g]);
-            pos += usize::from(self.groups[g]) + self.sep_len(g);
         }
         // Inside a token a span may only start or end at a plain space: `790 59 2231-4211-…` is
         // not an SSN followed by a card.
@@ -113,25 +180,17 @@ impl Token {
                     first: g,
                     last: h,
                     digits: &self.digits[digit_offsets[g]..digit_offsets[h + 1]],
-                    start: group_offsets[g],
+                    start: self.group_pos[g],
                 };
                 span.kind(buf).map(|k| (k, h))
             });
             match found {
                 Some((kind, h)) => {
-                    hit(kind, group_offsets[g]);
+                    hit(kind, self.group_pos[g]);
                     g = h + 1;
                 }
                 None => g += 1,
             }
-        }
-    }
-
-    fn sep_len(&self, g: usize) -> usize {
-        match self.seps[g] {
-            0 => 0,
-            s if s > 0xff => 2,
-            _ => 1,
         }
     }
 }
@@ -216,7 +275,7 @@ impl Span<'_> {
         if self.leading_plus() {
             return false;
         }
-        self.single_group() || (self.groups() == [3, 3, 4] && self.uniform_sep(b" -"))
+        self.single_group() || (self.groups() == [3, 3, 4] && self.uniform_sep(b" -."))
     }
 
     fn ssn_layout(&self, buf: &[u8]) -> bool {
@@ -346,7 +405,11 @@ mod tests {
         let mut out = Vec::new();
         let mut i = 0;
         while i < buf.len() {
-            if buf[i].is_ascii_digit() && (i == 0 || !is_alnum(buf[i - 1])) {
+            // The scanner's anchors: a digit not after a letter or digit, or after a prefix word.
+            let start = digit_at(buf, i).is_some()
+                && (i == 0 || !is_alnum(buf[i - 1]) || glued_prefix(buf, i))
+                && !(i >= 3 && digit_at(buf, i - 3).is_some_and(|(_, len)| len == 3));
+            if start {
                 let t = Token::read(buf, i);
                 t.classify(buf, |k, _| out.push(k));
                 i = t.end.max(i + 1);
@@ -368,8 +431,43 @@ mod tests {
     }
 
     #[test]
+    fn nhs_numbers_with_unicode_spaces_dots_tabs_full_width_digits_or_a_glued_prefix() {
+        for ok in [
+            "943.476.5919",
+            "943\t476\t5919",
+            "943\u{a0}476\u{a0}5919",
+            "943\u{202f}476\u{202f}5919",
+            "943\u{2009}476\u{2009}5919",
+            "943\u{3000}476\u{3000}5919",
+            "943\u{2011}476\u{2011}5919",
+            "９４３４７６５９１９",
+            "９４３ ４７６ ５９１９",
+            "NHS ９４３\u{a0}４７６\u{a0}５９１９",
+            "NHS9434765919",
+            "nhsNo9434765919",
+            "NHSnumber943 476 5919",
+            "NHS:9434765919",
+        ] {
+            assert_eq!(kinds(ok), [Kind::NhsNumber], "{ok:?}");
+        }
+        for bad in [
+            "943.476.5918",
+            "943\u{a0}476\u{a0}5918",
+            "９４３４７６５９１８",
+            "NHS9434765918",
+            "ABC9434765919",
+            "xNHS9434765919",
+            "NHS9434765919x",
+            "943.476.59.19",
+            "943\u{a0}\u{a0}\u{a0}476 5919",
+        ] {
+            assert_eq!(kinds(bad), [], "{bad:?}");
+        }
+    }
+
+    #[test]
     fn ssns_dashed_spaced_or_with_context() {
-        for ok in ["SSN 536-22-1234", "536 22 1234", "ssn: 536221234"] {
+        for ok in ["SSN 536-22-1234", "536 22 1234", "ssn: 536221234", "SSN536221234", "536\t22\t1234"] {
             assert_eq!(kinds(ok), [Kind::Ssn], "{ok}");
         }
         for bad in ["000-22-1234", "666-22-1234", "536-00-1234", "536-22-0000", "536221234", "53-622-1234"] {
@@ -420,10 +518,49 @@ mod tests {
     }
 
     #[test]
+    fn dates_of_birth_exist_on_the_calendar() {
+        for ok in [
+            "DOB: 30/04/1980",
+            "DOB: 30/06/1980",
+            "DOB: 30/09/1980",
+            "DOB: 30/11/1980",
+            "DOB: 31/12/1980",
+            "DOB: 29/02/2000",
+            "DOB: 29/02/1996",
+            "DOB: 28/02/1900",
+            "DOB 1996-02-29",
+            "DOB: 02/29/1996",
+        ] {
+            assert_eq!(kinds(ok), [Kind::DateOfBirth], "{ok}");
+        }
+        for bad in [
+            "DOB: 31/04/1980",
+            "DOB: 31/06/1980",
+            "DOB: 31/09/1980",
+            "DOB: 31/11/1980",
+            "DOB: 32/12/1980",
+            "DOB: 29/02/1900",
+            "DOB: 29/02/1999",
+            "DOB: 30/02/2000",
+            "DOB 1999-02-29",
+            "DOB: 12/03/1899",
+            "DOB: 12/03/2101",
+        ] {
+            assert_eq!(kinds(bad), [], "{bad}");
+        }
+    }
+
+    #[test]
     fn written_dates() {
         let s = b"DOB 12 March 1980 ok";
         assert_eq!(written_date_end(s, 4, 6), Some(17));
         assert_eq!(written_date_end(b"31 Feb 1980", 0, 2), None);
+        assert_eq!(written_date_end(b"29 Feb 2000", 0, 2), Some(11));
+        assert_eq!(written_date_end(b"29 February 1900", 0, 2), None);
+        assert_eq!(written_date_end(b"30 April 1980", 0, 2), Some(13));
+        assert_eq!(written_date_end(b"31 April 1980", 0, 2), None);
+        assert_eq!(written_date_end(b"31 Sept 1980", 0, 2), None);
+        assert_eq!(written_date_end(b"30 Sept 1980", 0, 2), Some(12));
         assert_eq!(written_date_end(b"12 Marchx 1980", 0, 2), None);
         assert_eq!(written_date_end(b"12 apples 1980", 0, 2), None);
     }

@@ -1,4 +1,6 @@
-//! DLP scanner for outbox files.
+//! noexit-dlp: the DLP scanner for files leaving a workspace. The agent runs it on outbox
+//! files (advice to the researcher); the airlock runs the same code on what it receives (the
+//! check that counts). It knows nothing of Kubernetes or of the agent's config format.
 //!
 //! Built for throughput: one pass finds the only bytes a built-in detector can start from
 //! (ASCII digits and `@`), 64 bytes at a time; each number is read once into a token and
@@ -11,7 +13,6 @@ mod numbers;
 pub mod testdata;
 mod text;
 
-use noexit_crds::agent::{DlpConfig, Finding};
 use numbers::Token;
 use text::is_alnum;
 
@@ -45,11 +46,28 @@ impl Kind {
     }
 }
 
+/// One pattern found in a scanned file: never the matched value itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// [`Kind::name`] or the name of an extra pattern.
+    pub kind: String,
+    pub count: u64,
+    /// Byte offset, in the original input, of the first occurrence.
+    pub first_offset: u64,
+}
+
+/// A site-defined pattern: a name for findings and a regular expression (bytes, Rust syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraPattern {
+    pub name: String,
+    pub regex: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DlpError {
-    #[error("dlp.extraPatterns[{index}] ({name:?}): invalid regular expression: {source}")]
+    #[error("extra pattern [{index}] ({name:?}): invalid regular expression: {source}")]
     Pattern { index: usize, name: String, source: Box<regex::Error> },
-    #[error("dlp.extraPatterns[{index}]: name must not be empty")]
+    #[error("extra pattern [{index}]: name must not be empty")]
     EmptyName { index: usize },
 }
 
@@ -60,9 +78,9 @@ pub struct Detectors {
 }
 
 impl Detectors {
-    pub fn new(cfg: &DlpConfig) -> Result<Self, DlpError> {
-        let extra = cfg
-            .extra_patterns
+    /// Built-in detectors plus `extra` patterns (checked: a bad pattern is an error, not ignored).
+    pub fn new(extra: &[ExtraPattern]) -> Result<Self, DlpError> {
+        let extra = extra
             .iter()
             .enumerate()
             .map(|(index, p)| {
@@ -108,7 +126,7 @@ impl Detectors {
 const LOOKBACK: usize = 96;
 /// Bytes a match may extend past its first anchor; anchors this close to the end of the buffer
 /// wait for the next chunk.
-const MARGIN: usize = 192;
+const MARGIN: usize = 512;
 /// Input is processed once this much is buffered.
 const CHUNK: usize = 256 * 1024;
 
@@ -186,13 +204,23 @@ impl Scanner<'_> {
         while block_start < limit {
             let block_end = (block_start + 64).min(limit);
             let m = ByteMasks::of(&self.buf[block_start..block_end]);
-            // A number starts at a digit that does not follow a letter or digit.
-            let carry = u64::from(block_start > 0 && is_alnum(self.buf[block_start - 1]));
-            let mut anchors = (m.digit & !((m.alnum << 1) | carry)) | m.at;
+            // A number starts at a digit (or the lead byte of a full-width digit) that does not
+            // follow a letter or digit, or at a digit glued to a word such as `NHS`.
+            let before = block_start.checked_sub(1).map(|i| self.buf[i]);
+            let carry = u64::from(before.is_some_and(is_alnum));
+            let carry_letter = u64::from(before.is_some_and(|b| b.is_ascii_alphabetic()));
+            let letters = m.alnum & !m.digit;
+            let glued = m.digit & ((letters << 1) | carry_letter);
+            let mut anchors = ((m.digit | m.wide) & !((m.alnum << 1) | carry)) | m.at | glued;
             while anchors != 0 {
-                let p = block_start + anchors.trailing_zeros() as usize;
+                let bit = anchors.trailing_zeros();
+                let p = block_start + bit as usize;
                 anchors &= anchors - 1;
-                self.anchor(p);
+                if glued >> bit & 1 == 0 {
+                    self.anchor(p, false);
+                } else if numbers::glued_prefix(&self.buf, p) {
+                    self.anchor(p, true);
+                }
             }
             block_start = block_end;
         }
@@ -200,7 +228,9 @@ impl Scanner<'_> {
         self.done = limit;
     }
 
-    fn anchor(&mut self, p: usize) {
+    /// Handle one anchor: an `@`, or the first digit of a number (`glued`: right after a
+    /// prefix word such as `NHS`).
+    fn anchor(&mut self, p: usize, glued: bool) {
         let buf = &self.buf;
         let b = buf[p];
         if b == b'@' {
@@ -209,7 +239,15 @@ impl Scanner<'_> {
             }
             return;
         }
-        if !b.is_ascii_digit() || self.base + (p as u64) < self.next_token || (p > 0 && is_alnum(buf[p - 1])) {
+        if self.base + (p as u64) < self.next_token {
+            return;
+        }
+        let prev = if p > 0 { buf[p - 1] } else { b' ' };
+        if (!glued && is_alnum(prev))
+            || (!b.is_ascii_digit() && numbers::digit_at(buf, p).is_none())
+            // The second of two full-width digits (their last byte is >= 0x80).
+            || (prev >= 0x80 && p >= 3 && numbers::digit_at(buf, p - 3).is_some_and(|(_, len)| len == 3))
+        {
             return;
         }
         // Fast path for the most common case, a short number standing alone (`47`, `2021,`):
@@ -262,24 +300,28 @@ impl Scanner<'_> {
 }
 
 /// End of the number starting at `p` if it has fewer than six digits in all (`47`, `12.5`,
-/// `3/4`): too short for any numeric detector.
+/// `3/4`): too short for any numeric detector. Separators and digits as [`numbers::Token`]
+/// reads them (Unicode spaces, full-width digits).
 #[inline]
 fn short_number_end(buf: &[u8], p: usize) -> Option<usize> {
-    let sep = |i: usize| text::is(text::at(buf, i), text::SEP);
-    let digit = |i: usize| text::at(buf, i).is_ascii_digit();
+    let sep = |i: usize| numbers::sep_at(buf, i).map(|(_, len)| len);
+    let digit = |i: usize| numbers::digit_at(buf, i).is_some();
     let (mut i, mut digits) = (p, 0);
     loop {
-        while digit(i) {
-            i += 1;
+        while let Some((_, len)) = numbers::digit_at(buf, i) {
+            i += len;
             digits += 1;
         }
         if digits >= 6 {
             return None;
         }
-        let next = if sep(i) && digit(i + 1) {
-            i + 1
-        } else if sep(i) && sep(i + 1) && digit(i + 2) {
-            i + 2
+        let Some(first) = sep(i) else { return Some(i) };
+        let next = if digit(i + first) {
+            i + first
+        } else if let Some(second) = sep(i + first)
+            && digit(i + first + second)
+        {
+            i + first + second
         } else {
             return Some(i);
         };
@@ -318,6 +360,8 @@ struct ByteMasks {
     digit: u64,
     alnum: u64,
     at: u64,
+    /// 0xEF: the lead byte of a full-width digit (among other characters).
+    wide: u64,
 }
 
 impl ByteMasks {
@@ -336,6 +380,7 @@ impl ByteMasks {
             m.digit |= u64::from(b.is_ascii_digit()) << i;
             m.alnum |= u64::from(b.is_ascii_alphanumeric()) << i;
             m.at |= u64::from(b == b'@') << i;
+            m.wide |= u64::from(b == 0xEF) << i;
         }
         m
     }
@@ -351,7 +396,7 @@ mod sse2 {
         let mut m = super::ByteMasks::default();
         for lane in 0..4 {
             // SAFETY: SSE2 is baseline on x86_64; the load reads 16 bytes inside `block`.
-            let (d, a, at) = unsafe {
+            let (d, a, at, wide) = unsafe {
                 let v = _mm_loadu_si128(block.as_ptr().add(lane * 16).cast());
                 let in_range = |v: __m128i, lo: i8, span: i8| {
                     let t = _mm_sub_epi8(v, _mm_set1_epi8(lo));
@@ -360,12 +405,19 @@ mod sse2 {
                 let digit = in_range(v, b'0' as i8, 9);
                 let letter = in_range(_mm_or_si128(v, _mm_set1_epi8(0x20)), b'a' as i8, 25);
                 let at = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'@' as i8));
-                (_mm_movemask_epi8(digit), _mm_movemask_epi8(_mm_or_si128(digit, letter)), _mm_movemask_epi8(at))
+                let wide = _mm_cmpeq_epi8(v, _mm_set1_epi8(0xEFu8 as i8));
+                (
+                    _mm_movemask_epi8(digit),
+                    _mm_movemask_epi8(_mm_or_si128(digit, letter)),
+                    _mm_movemask_epi8(at),
+                    _mm_movemask_epi8(wide),
+                )
             };
             let shift = lane * 16;
             m.digit |= u64::from(d as u16) << shift;
             m.alnum |= u64::from(a as u16) << shift;
             m.at |= u64::from(at as u16) << shift;
+            m.wide |= u64::from(wide as u16) << shift;
         }
         m
     }
@@ -436,6 +488,72 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// `(kind, first offset)` of every finding.
+    fn hits(doc: &[u8]) -> Vec<(String, u64)> {
+        Detectors::builtin().scan(doc).findings.into_iter().map(|f| (f.kind, f.first_offset)).collect()
+    }
+
+    #[test]
+    fn every_kind_reports_the_offset_of_its_first_occurrence_in_the_original_bytes() {
+        // Multi-byte text before and between the values: offsets count bytes as written.
+        let doc = "Café née Zoë —\n\
+                   tel: +44 7700 900123 / 07700 900456\n\
+                   card 4111\u{a0}1111\u{a0}1111\u{a0}1111\n\
+                   NHS ９４３\u{a0}４７６\u{a0}５９１９ then NHS9434765919\n\
+                   ssn 536-22-1234, mail: a.b@example.org, at SW1A 2AA\n\
+                   Alice Jones, 12.03.1980; born 3 March 1975\n";
+        let b = doc.as_bytes();
+        let at = |needle: &str| doc.find(needle).unwrap() as u64;
+        let mut want = vec![
+            ("nhsNumber".to_owned(), at("９４３")),
+            ("ssn".to_owned(), at("536-22")),
+            ("paymentCard".to_owned(), at("4111")),
+            ("email".to_owned(), at("a.b@")),
+            ("phone".to_owned(), at("44 7700")),
+            ("ukPostcode".to_owned(), at("SW1A")),
+            ("dateOfBirth".to_owned(), at("12.03")),
+        ];
+        want.sort();
+        let mut got = hits(b);
+        got.sort();
+        assert_eq!(got, want);
+        let counts: Vec<u64> = Detectors::builtin().scan(b).findings.iter().map(|f| f.count).collect();
+        assert_eq!(counts, [2, 1, 1, 1, 2, 1, 2], "in Kind order");
+        // The same offsets however the input is cut into pieces.
+        let det = Detectors::builtin();
+        for piece in [1, 2, 3, 5, 64] {
+            let mut s = det.scanner();
+            for c in b.chunks(piece) {
+                s.feed(c);
+            }
+            let mut got: Vec<(String, u64)> =
+                s.finish().findings.into_iter().map(|f| (f.kind, f.first_offset)).collect();
+            got.sort();
+            assert_eq!(got, want, "pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn normalised_nhs_forms_are_found_by_the_scanner_with_their_offsets() {
+        for (doc, offset) in [
+            ("ref NHS9434765919.", 7),
+            ("ref nhsno9434765919", 9),
+            ("x 943.476.5919", 2),
+            ("x\t943\t476\t5919", 2),
+            ("no: 943\u{a0}476\u{a0}5919", 4),
+            ("no: 943\u{202f}476\u{202f}5919", 4),
+            ("é ９４３４７６５９１９", 3),
+            ("NHS:９４３-４７６-５９１９", 4),
+        ] {
+            assert_eq!(hits(doc.as_bytes()), [("nhsNumber".to_owned(), offset)], "{doc:?}");
+        }
+        for doc in
+            ["SW1A9434765919", "x9434765919", "NHS9434765918", "９４３４７６５９１８", "ＮＨＳ９４３４７６５９１８"]
+        {
+            assert_eq!(hits(doc.as_bytes()), [], "{doc:?}");
+        }
+    }
+
     #[test]
     fn near_misses_stay_clean() {
         let doc = "ref 9434765918, ssn 666-22-1234, card 4111 1111 1111 1112, user@localhost, \
@@ -469,19 +587,13 @@ mod tests {
 
     #[test]
     fn extra_patterns_are_counted_and_bad_ones_refused() {
-        let cfg = DlpConfig {
-            extra_patterns: vec![noexit_crds::agent::NamedPattern { name: "mrn".into(), regex: r"MRN-\d{6}".into() }],
-            max_scan_bytes: None,
-        };
-        let det = Detectors::new(&cfg).unwrap();
+        let det = Detectors::new(&[ExtraPattern { name: "mrn".into(), regex: r"MRN-\d{6}".into() }]).unwrap();
         let r = det.scan(b"MRN-123456 and MRN-654321");
         assert_eq!(r.findings, [Finding { kind: "mrn".into(), count: 2, first_offset: 0 }]);
-        let bad = DlpConfig {
-            extra_patterns: vec![noexit_crds::agent::NamedPattern { name: "x".into(), regex: "(".into() }],
-            max_scan_bytes: None,
-        };
-        let err = Detectors::new(&bad).unwrap_err().to_string();
-        assert!(err.starts_with("dlp.extraPatterns[0] (\"x\")"), "{err}");
+        let err = Detectors::new(&[ExtraPattern { name: "x".into(), regex: "(".into() }]).unwrap_err().to_string();
+        assert!(err.starts_with("extra pattern [0] (\"x\")"), "{err}");
+        let err = Detectors::new(&[ExtraPattern { name: " ".into(), regex: "x".into() }]).unwrap_err();
+        assert!(matches!(err, DlpError::EmptyName { index: 0 }), "{err}");
     }
 
     #[test]

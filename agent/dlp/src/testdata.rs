@@ -110,12 +110,23 @@ fn nhs(rng: &mut StdRng, valid: bool) -> Vec<u8> {
     }
 }
 
+/// Full-width digits (U+FF10..U+FF19), as East Asian input methods type them.
+fn full_width(d: &[u8]) -> String {
+    d.iter().filter_map(|&x| char::from_u32(0xFF10 + u32::from(x))).collect()
+}
+
 fn nhs_text(rng: &mut StdRng, valid: bool) -> String {
     let d = nhs(rng, valid);
-    match rng.gen_range(0..3) {
+    match rng.gen_range(0..9) {
         0 => format!("NHS {}", text(&d)),
         1 => format!("NHS no. {}", grouped(&d, &[3, 3, 4], " ")),
-        _ => grouped(&d, &[3, 3, 4], "-"),
+        2 => grouped(&d, &[3, 3, 4], "-"),
+        3 => format!("NHS no. {}", grouped(&d, &[3, 3, 4], ".")),
+        4 => format!("NHS\t{}", grouped(&d, &[3, 3, 4], "\t")),
+        5 => format!("NHS number {}", grouped(&d, &[3, 3, 4], "\u{a0}")),
+        6 => format!("NHS {}", grouped(&d, &[3, 3, 4], "\u{202f}")),
+        7 => format!("NHS {}", full_width(&d)),
+        _ => format!("NHS{}", text(&d)),
     }
 }
 
@@ -266,8 +277,9 @@ pub fn labeled_lines(rng: &mut StdRng, per_kind: usize) -> Vec<Labeled> {
     for kind in Kind::ALL {
         for _ in 0..per_kind {
             for valid in [true, false] {
-                let before = filler(rng, 0..8);
-                // Starts with a word: a near-miss followed by a stray number is a different number.
+                // Ends and starts with a word: a value next to a stray number is a different
+                // number (`522 020 7946 4535` is a valid NHS number as much as a phone number).
+                let before = format!("{} {}", filler(rng, 0..8), WORDS.choose(rng).copied().unwrap_or("and"));
                 let after = format!("{} {}", WORDS.choose(rng).copied().unwrap_or("and"), filler(rng, 0..8));
                 let text = format!("{before} {} {after}", item(rng, kind, valid));
                 out.push(Labeled { text, expect: valid.then_some(kind) });
