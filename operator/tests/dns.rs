@@ -453,6 +453,22 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     // A flood from one address is rate-limited; another address is not held back.
     let sock = lab.udp_in_ws(&lab.ws_ip);
     sock.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    {
+        // Room for every answer: they are read only after the whole flood is sent.
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt on our own socket with a c_int option of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    }
     let server: SocketAddr = format!("{}:53", lab.dns_ip).parse().unwrap();
     const FLOOD: u16 = 400;
     let flood_started = Instant::now();

@@ -31,7 +31,7 @@ pub const UNKNOWN: &str = "unknown";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueryLabels {
-    /// `answered`, `nodata`, `nxdomain`, or a [`Refusal::category`].
+    /// `answered`, `nodata`, `nxdomain`, `malformed`, or a [`Refusal::category`].
     pub result: &'static str,
     /// `udp` or `tcp`.
     pub protocol: &'static str,
@@ -254,6 +254,9 @@ impl RequestHandler for Handler {
         let query = match request.request_info() {
             Ok(info) => info.query.clone(),
             Err(_) => {
+                // Not exactly one question: nothing to decide on.
+                let labels = QueryLabels { result: "malformed", protocol: protocol_label(request.protocol()) };
+                self.metrics.queries.get_or_create(&labels).inc();
                 meta.response_code = ResponseCode::FormErr;
                 return response
                     .send_response(builder.build_no_records(meta))
