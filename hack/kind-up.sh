@@ -101,8 +101,23 @@ spec:
   ports: [{port: 5432}]
 PG
 kubectl -n noexit-db rollout status deploy/postgres --timeout=300s
-kubectl -n "$NS" create secret generic noexit-audit-db --dry-run=client -o yaml \
-  --from-literal=url="postgres://noexit:$password@postgres.noexit-db.svc:5432/noexit" | kubectl apply -f -
+# The owner (migrations, roles: the chart's audit-roles Job) and one role per audit writer, each
+# with its own password; and each writer's signing key (the API makes its own on its volume).
+db=postgres.noexit-db.svc:5432/noexit
+secret() { kubectl -n "$NS" create secret generic "$1" --dry-run=client -o yaml "${@:2}" | kubectl apply -f -; }
+secret noexit-audit-db-owner --from-literal=url="postgres://noexit:$password@$db"
+secret noexit-audit-db --from-literal=url="postgres://noexit_api:$(openssl rand -hex 16)@$db"
+for writer in mirror webhook; do
+  secret "noexit-audit-db-$writer" --from-literal=url="postgres://noexit_$writer:$(openssl rand -hex 16)@$db"
+  if ! kubectl -n "$NS" get secret "noexit-audit-key-$writer" >/dev/null 2>&1; then
+    key=$(mktemp)
+    openssl genpkey -algorithm ed25519 -out "$key"
+    # The public key, for `noexit audit verify --writer-key $writer=…`.
+    openssl pkey -in "$key" -pubout -out "audit-$writer.pub"
+    secret "noexit-audit-key-$writer" --from-file=key.pem="$key"
+    rm -f "$key"
+  fi
+done
 
 step "chart charts/noexit"
 helm upgrade --install noexit charts/noexit -n "$NS" \

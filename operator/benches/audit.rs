@@ -55,7 +55,12 @@ async fn bench(name: &str, url: &str) {
     let writers = env("NOEXIT_BENCH_WRITERS", 64);
     let verify_n = env("NOEXIT_BENCH_VERIFY", 1_000_000);
     let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-    let options = StoreOptions { signing_key: Some(key.clone()), ..StoreOptions::default() };
+    // The API: signs each entry as writer `api`, and the checkpoints.
+    let options = StoreOptions {
+        signing_key: Some(key.clone()),
+        writer: Some(noexit_operator::audit::writers::Writer::new("api", key.clone())),
+        ..StoreOptions::default()
+    };
 
     let store = Arc::new(Store::connect_with(url, options.clone()).await.expect("connect"));
     let one = appends(store.clone(), 1, single).await;
@@ -76,10 +81,12 @@ async fn bench(name: &str, url: &str) {
     store.close().await;
     let reader = Store::open_read_only(url).await.expect("open");
     for _ in 0..2 {
-        let report = verify(&reader, &VerifyOptions { keys: vec![key.verifying_key()], ..VerifyOptions::default() })
-            .await
-            .expect("verify");
-        assert!(report.is_intact(), "{report:?}");
+        let mut writers = noexit_operator::audit::writers::WriterKeys::new();
+        writers.add("api", key.verifying_key());
+        let options =
+            VerifyOptions { keys: vec![key.verifying_key()], writers: Some(writers), ..VerifyOptions::default() };
+        let report = verify(&reader, &options).await.expect("verify");
+        assert!(report.is_intact() && report.entries_authenticated == report.entries, "{report:?}");
         println!(
             "{name:<9} verify: {:>10.0} entries/s   ({} entries, {} checkpoints, {:.3} s)",
             report.entries as f64 / report.elapsed.as_secs_f64(),

@@ -396,6 +396,10 @@ fn write_cert(ca: &Ca, dir: &std::path::Path) {
 }
 
 async fn start(ca: &Ca) -> Server {
+    start_limited(ca, Default::default()).await
+}
+
+async fn start_limited(ca: &Ca, limits: noexit_operator::serving::Limits) -> Server {
     let dir = tempfile::tempdir().unwrap();
     write_cert(ca, dir.path());
     let cert = webhook::tls::ReloadingCert::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
@@ -404,7 +408,7 @@ async fn start(ca: &Ca) -> Server {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(state(cluster()));
-    let task = tokio::spawn(webhook::tls::serve(listener, acceptor, app, Default::default(), async {
+    let task = tokio::spawn(webhook::tls::serve(listener, acceptor, app, limits, async {
         let _ = rx.await;
     }));
     Server { addr, cert, dir, stop: Some(tx), task }
@@ -931,4 +935,98 @@ async fn nothing_is_admitted_that_the_audit_log_does_not_show() {
     assert_eq!(r["allowed"], false, "{r}");
     assert_eq!(r["status"]["reason"], "AuditUnavailable");
     assert!(message(r).contains("database down"), "{r}");
+}
+
+/// A raw TLS connection to the webhook (no HTTP client in between).
+async fn raw_tls(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca.cert_pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+}
+
+#[tokio::test]
+async fn slow_headers_and_connections_over_the_per_address_limit_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::generate("noexit test CA").unwrap();
+    let limits = noexit_operator::serving::Limits {
+        header_read: Duration::from_secs(1),
+        max_per_address: 3,
+        ..Default::default()
+    };
+    let server = start_limited(&ca, limits).await;
+
+    // Slowloris: one header byte every 50 ms is cut after the 1 s header timeout.
+    let mut slow = raw_tls(server.addr, &ca).await.unwrap();
+    let started = Instant::now();
+    let mut cut = None;
+    for &byte in b"POST /validate HTTP/1.1\r\nHost: localhost\r\n".iter().chain(b"X-Slow: a\r\n".iter().cycle()) {
+        let mut buf = [0u8; 64];
+        let closed = slow.write_all(&[byte]).await.is_err()
+            || tokio::time::timeout(Duration::from_millis(50), slow.read(&mut buf)).await.is_ok();
+        if closed {
+            cut = Some(started.elapsed());
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "slow headers still accepted after 10 s");
+    }
+    let cut = cut.unwrap();
+    assert!(cut >= Duration::from_millis(900) && cut < Duration::from_secs(5), "cut after {cut:?}");
+    drop(slow);
+
+    // Three open connections from 127.0.0.1; the fourth is closed before its handshake ends.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let c = poll_until(|| raw_tls(server.addr, &ca)).await;
+        open.push(c);
+    }
+    let fourth = raw_tls(server.addr, &ca).await;
+    let refused = match fourth {
+        Err(_) => true,
+        Ok(mut s) => {
+            let mut buf = [0u8; 16];
+            matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+        }
+    };
+    assert!(refused, "a fourth connection from one address was served");
+    drop(open.pop());
+    let review = Review::create(example("ward-7"), "oidc:carol@ward7.example").json().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match post_tls(server.addr, &ca, review.clone()).await {
+            Ok(v) => {
+                assert_eq!(v["response"]["allowed"], true, "{v}");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no place freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connects until it succeeds (a slot of a just-closed connection frees asynchronously).
+async fn poll_until<F, Fut, T>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f().await {
+            Ok(t) => return t,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

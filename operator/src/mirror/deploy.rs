@@ -14,9 +14,9 @@ use std::net::IpAddr;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -121,9 +121,13 @@ fn service(site: &Site) -> Service {
     }
 }
 
-/// The Secret holding the audit database URL (key `url`), shared with the API (chart value
-/// `api.store.secretName`).
-const AUDIT_DB_SECRET: &str = "noexit-audit-db";
+/// The Secret holding the mirror's audit database URL as its own role (key `url`; chart value
+/// `audit.mirror.databaseSecretName`).
+const AUDIT_DB_SECRET: &str = "noexit-audit-db-mirror";
+/// The Secret holding the mirror's audit signing key (key `key.pem`; chart value
+/// `audit.mirror.keySecretName`).
+const AUDIT_KEY_SECRET: &str = "noexit-audit-key-mirror";
+const AUDIT_KEY_DIR: &str = "/audit-key";
 
 fn deployment(site: &Site) -> Deployment {
     let port = i32::from(site.mirror.port);
@@ -176,19 +180,27 @@ fn deployment(site: &Site) -> Deployment {
                         name: "mirror".into(),
                         image: Some(IMAGE.into()),
                         args: Some(args),
-                        // Fetches go into the API's tamper-evident audit log (same Secret as the API).
-                        env: Some(vec![EnvVar {
-                            name: "NOEXIT_DATABASE_URL".into(),
-                            value_from: Some(EnvVarSource {
-                                secret_key_ref: Some(SecretKeySelector {
-                                    name: AUDIT_DB_SECRET.into(),
-                                    key: "url".into(),
-                                    optional: Some(false),
+                        // Fetches go into the API's tamper-evident audit log, as the mirror's own
+                        // database role and signed with the mirror's own key.
+                        env: Some(vec![
+                            EnvVar {
+                                name: "NOEXIT_DATABASE_URL".into(),
+                                value_from: Some(EnvVarSource {
+                                    secret_key_ref: Some(SecretKeySelector {
+                                        name: AUDIT_DB_SECRET.into(),
+                                        key: "url".into(),
+                                        optional: Some(false),
+                                    }),
+                                    ..EnvVarSource::default()
                                 }),
-                                ..EnvVarSource::default()
-                            }),
-                            ..EnvVar::default()
-                        }]),
+                                ..EnvVar::default()
+                            },
+                            EnvVar {
+                                name: "NOEXIT_AUDIT_KEY".into(),
+                                value: Some(format!("{AUDIT_KEY_DIR}/key.pem")),
+                                ..EnvVar::default()
+                            },
+                        ]),
                         ports: Some(vec![ContainerPort {
                             name: Some("http".into()),
                             container_port: port,
@@ -226,6 +238,12 @@ fn deployment(site: &Site) -> Deployment {
                                 mount_path: CACHE_DIR.into(),
                                 ..VolumeMount::default()
                             },
+                            VolumeMount {
+                                name: "audit-key".into(),
+                                mount_path: AUDIT_KEY_DIR.into(),
+                                read_only: Some(true),
+                                ..VolumeMount::default()
+                            },
                         ]),
                         ..Container::default()
                     }],
@@ -243,6 +261,19 @@ fn deployment(site: &Site) -> Deployment {
                             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                                 claim_name: CACHE_CLAIM.into(),
                                 read_only: Some(false),
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "audit-key".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(AUDIT_KEY_SECRET.into()),
+                                items: Some(vec![KeyToPath {
+                                    key: "key.pem".into(),
+                                    path: "key.pem".into(),
+                                    mode: None,
+                                }]),
+                                ..SecretVolumeSource::default()
                             }),
                             ..Volume::default()
                         },
