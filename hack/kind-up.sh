@@ -123,9 +123,10 @@ step "chart charts/noexit"
 helm upgrade --install noexit charts/noexit -n "$NS" \
   --set image.repository=localhost/noexit/operator --set image.tag="$TAG" --set image.pullPolicy=Never \
   --set site.agentImage="localhost/noexit/agent:$TAG"
-# The webhook creates the operator CA (Secret noexit-ca) if it does not exist yet.
-kubectl -n "$NS" rollout status deploy/noexit-webhook --timeout=300s
+# The controller creates the operator CA (Secret noexit-ca) if it does not exist yet and issues
+# the webhook's serving certificate (Secret noexit-webhook-tls), which the webhook pods wait for.
 kubectl -n "$NS" rollout status deploy/noexit-controller --timeout=300s
+kubectl -n "$NS" rollout status deploy/noexit-webhook --timeout=300s
 
 step "API serving certificate from the operator CA (Secret noexit-api-tls)"
 if ! kubectl -n "$NS" get secret noexit-api-tls >/dev/null 2>&1; then

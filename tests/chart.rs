@@ -514,7 +514,9 @@ fn nothing_bound_cluster_wide_writes_secrets_or_pods() {
     let bind: Vec<_> = controller.iter().filter(|r| strings(&r["verbs"]).contains(&"bind")).collect();
     assert_eq!(bind.len(), 1);
     assert_eq!(strings(&bind[0]["resourceNames"]), [CONTROLLER_PROJECT_ROLE]);
-    assert!(controller.iter().any(|r| strings(&r["resources"]) == ["rolebindings"] && strings(&r["verbs"]) == ["create"]));
+    assert!(
+        controller.iter().any(|r| strings(&r["resources"]) == ["rolebindings"] && strings(&r["verbs"]) == ["create"])
+    );
     // Namespaces are never deleted by the controller (garbage collection does it).
     for r in &controller {
         if strings(&r["resources"]).contains(&"namespaces") {
@@ -584,7 +586,10 @@ fn network_policies_are_on_by_default_with_destinations() {
                 if let Some(cidr) = peer["ipBlock"]["cidr"].as_str()
                     && cidr == "0.0.0.0/0"
                 {
-                    assert!(!peer["ipBlock"]["except"].is_null(), "{name}: the whole internet, private ranges included");
+                    assert!(
+                        !peer["ipBlock"]["except"].is_null(),
+                        "{name}: the whole internet, private ranges included"
+                    );
                 }
             }
             assert!(!rule["ports"].is_null(), "{name}: an egress rule without ports");

@@ -149,7 +149,7 @@ fn bench_render(f: &Fixtures) {
     let mut children = 0;
     for ws in &f.workspaces {
         let project = f.projects.iter().find(|p| p.name_any() == ws.spec.project);
-        let resolved = workspace::validate(ws, project, &f.datasets, now);
+        let resolved = workspace::validate(ws, project, &f.datasets, &site.workspace_images, now);
         assert!(resolved.problems.is_empty(), "{:?}", resolved.problems);
         children += workspace::build(ws, &resolved, &site, &creds).expect("build").len();
     }

@@ -110,8 +110,7 @@ pub fn render(
     let project_named = |name: &str| inputs.projects.iter().map(|p| &p.object).find(|p| p.name_any() == name);
     for w in &inputs.workspaces {
         let ws = &w.object;
-        let resolved =
-            workspace::validate(ws, project_named(&ws.spec.project), &datasets, &site.workspace_images, now);
+        let resolved = workspace::validate(ws, project_named(&ws.spec.project), &datasets, &site.workspace_images, now);
         if !resolved.problems.is_empty() {
             errors.extend(resolved.problems.iter().map(|p| format!("{}: {p}", w.file)));
             continue;

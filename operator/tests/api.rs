@@ -1761,11 +1761,13 @@ spec: {project: ward-9, owner: zoe@ward9.example, runtime: pod, image: "r:4"}
     let api = Api::start_on(&pki, Some(&issuer), cluster, audit).await;
 
     // ward-9's agent and the operator talk to the API: their serials are now known.
-    let zoe_agent = pki.ca.issue_workspace_client(
-        &WorkspaceIdentity { project: "ward-9".into(), name: "zoe-r".into() },
-        chrono::Duration::days(1),
-    )
-    .unwrap();
+    let zoe_agent = pki
+        .ca
+        .issue_workspace_client(
+            &WorkspaceIdentity { project: "ward-9".into(), name: "zoe-r".into() },
+            chrono::Duration::days(1),
+        )
+        .unwrap();
     let (status, body) = call(
         &client(&pki, Some(&zoe_agent)),
         Method::POST,

@@ -48,8 +48,7 @@ fn cluster() -> Snapshot {
 fn state(lookup: impl Lookup + 'static) -> AppState {
     let site: noexit_operator::controllers::Site =
         serde_yaml::from_str(include_str!("../../examples/site.yaml")).expect("examples/site.yaml");
-    let policy =
-        Policy { site: (&site).into(), trusted_users: vec![API.into()], username_prefix: "oidc:".into() };
+    let policy = Policy { site: (&site).into(), trusted_users: vec![API.into()], username_prefix: "oidc:".into() };
     let mut state = AppState::new(Arc::new(lookup), policy);
     state.clock = fixed_now;
     state

@@ -243,7 +243,9 @@ where
 mod tests {
     use super::*;
     use noexit_operator::webhook::Snapshot;
-    use noexit_operator::webhook::rules::{Caller, check_dataset, check_project, check_request, check_workspace};
+    use noexit_operator::webhook::rules::{
+        Caller, SiteRules, check_dataset, check_project, check_request, check_workspace,
+    };
 
     /// The renamed example is what the cluster will see: the webhook's rules must admit it.
     #[test]
@@ -253,19 +255,23 @@ mod tests {
         assert_eq!(ex.datasets.len(), 2);
         assert_eq!(ex.workspaces.len(), 2);
         let now = "2026-11-22T10:00:00Z".parse().unwrap();
+        // The chart's site (values.yaml `site:` equals examples/site.yaml), image allowlist included.
+        let site: noexit_operator::controllers::Site =
+            serde_yaml::from_str(include_str!("../../examples/site.yaml")).unwrap();
+        let site = SiteRules::from(&site);
         let mut lookup = Snapshot::new().with_project(ex.project.clone());
-        assert!(check_project(&ex.project, None, &lookup, now).allowed());
+        assert!(check_project(&ex.project, None, &lookup, &site, now).allowed());
         for d in &ex.datasets {
             let v = check_dataset(d, None, &lookup);
             assert!(v.allowed(), "{:?}", v.refusals);
             lookup = lookup.with_dataset(d.clone());
         }
         for w in &ex.workspaces {
-            let v = check_workspace(w, None, &lookup, now);
+            let v = check_workspace(w, None, &lookup, &site, now);
             assert!(v.allowed(), "{:?}", v.refusals);
         }
-        let bob = Caller { user: "bob@ward7.example".into(), trusted: false };
-        let v = check_request(&ex.request, None, &bob, &lookup, now);
+        let bob = Caller { user: "bob@ward7.example".into(), trusted: false, member_name: true };
+        let v = check_request(&ex.request, None, &bob, &lookup, &site, now);
         assert!(v.allowed(), "{:?}", v.refusals);
     }
 

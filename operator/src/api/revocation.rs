@@ -61,7 +61,12 @@ impl RevocationSet {
 /// to be that workspace's: its current serial as the controller recorded it, or a serial an
 /// agent of that workspace authenticated with. Anything else (another project's agent, the
 /// operator's client certificate, a serial nobody has seen) is not theirs to revoke.
-pub fn belongs_to(serial: &str, ws: &WorkspaceIdentity, current: Option<&str>, seen: Option<&WorkspaceIdentity>) -> bool {
+pub fn belongs_to(
+    serial: &str,
+    ws: &WorkspaceIdentity,
+    current: Option<&str>,
+    seen: Option<&WorkspaceIdentity>,
+) -> bool {
     let serial = normalize_serial(serial);
     current.is_some_and(|c| normalize_serial(c) == serial) || seen == Some(ws)
 }

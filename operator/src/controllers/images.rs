@@ -101,9 +101,8 @@ impl ImageAllowlist {
             return Ok(());
         }
         let key = format!("workspaceImages.{}", runtime.as_str());
-        let wanted = DigestRef::parse(image).map_err(|e| {
-            format!("{e}; the site admits workspace images by digest only (site file {key})")
-        })?;
+        let wanted = DigestRef::parse(image)
+            .map_err(|e| format!("{e}; the site admits workspace images by digest only (site file {key})"))?;
         if self.list(runtime).iter().any(|allowed| allowed.same_image(&wanted)) {
             Ok(())
         } else {

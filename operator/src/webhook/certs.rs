@@ -57,10 +57,8 @@ impl ServingIssuer {
         if live.as_ref().is_some_and(|s| !needs_reissue(s, self.ca.cert_pem(), &self.dns_names, now)) {
             return Ok(false);
         }
-        let issued = self
-            .ca
-            .issue_server(&self.dns_names, chrono::Duration::days(SERVING_DAYS))
-            .map_err(CertError::Pki)?;
+        let issued =
+            self.ca.issue_server(&self.dns_names, chrono::Duration::days(SERVING_DAYS)).map_err(CertError::Pki)?;
         let mut secret = serving_secret(&self.secret, &self.namespace, self.ca.cert_pem(), &self.dns_names, &issued);
         let written = match live {
             Some(live) => {

@@ -63,7 +63,8 @@ pub fn review(
         let message = format!("the noexit webhook does not judge {}/{}", req.kind.group, req.kind.kind);
         Verdict { refusals: vec![Refusal::new(&object, "kind", reason::UNSUPPORTED, message)], warnings: vec![] }
     } else {
-        judge(kind, req, &caller, lookup, &policy.site, now).unwrap_or_else(|r| Verdict { refusals: vec![r], warnings: vec![] })
+        judge(kind, req, &caller, lookup, &policy.site, now)
+            .unwrap_or_else(|r| Verdict { refusals: vec![r], warnings: vec![] })
     };
     Outcome { kind, operation, user: username, verdict }
 }

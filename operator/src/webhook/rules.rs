@@ -151,7 +151,9 @@ pub fn check_project(
         new.spec.datasets.iter().filter_map(|d| lookup.dataset(d)).map(|d| d.as_ref().clone()).collect();
     let ns = site.operator_namespace.as_str();
     match project::validate(new, &datasets, ns, now.date_naive()) {
-        Err(invalid) if old.is_some_and(|o| same_problem(&project::validate(o, &datasets, ns, now.date_naive()), &invalid)) => {
+        Err(invalid)
+            if old.is_some_and(|o| same_problem(&project::validate(o, &datasets, ns, now.date_naive()), &invalid)) =>
+        {
             v.warn(format!("{invalid} (as before this change)"));
         }
         Err(invalid) => v.refuse(invalid),
@@ -782,7 +784,11 @@ mod tests {
         assert!(v.allowed());
         assert_eq!(v.warnings.len(), 1);
         assert!(v.warnings[0].contains(r#"workspace "alice-r" already exists"#), "{:?}", v.warnings);
-        assert!(check_request(&request(), None, &person("bob@ward7.example"), &cluster(), &site(), now()).warnings.is_empty());
+        assert!(
+            check_request(&request(), None, &person("bob@ward7.example"), &cluster(), &site(), now())
+                .warnings
+                .is_empty()
+        );
     }
 
     #[test]

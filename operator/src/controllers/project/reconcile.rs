@@ -18,13 +18,13 @@ use noexit_crds::{Dataset, Project, Workspace};
 
 use super::build::{CONTROLLER_BINDING, owns_namespace};
 use super::{build, status, validate};
-use crate::controllers::children::Child;
-use crate::controllers::invalid::{Invalid, Reason, describe};
 use crate::controllers::apply::{Scope, apply_all, prune};
+use crate::controllers::children::Child;
 use crate::controllers::children::Owner;
 use crate::controllers::conditions::transitions;
 use crate::controllers::context::{Context, Outcome, RESYNC, key_of};
 use crate::controllers::error::{Error, is_conflict, is_not_found};
+use crate::controllers::invalid::{Invalid, Reason, describe};
 
 pub const KIND: &str = "Project";
 
@@ -128,24 +128,28 @@ async fn provision(p: &Project, api: &Api<Project>, ctx: &Context) -> Result<Out
 /// when absent, refuse when it exists without this Project's owner reference, and create the
 /// controller's own RoleBinding in it (a POST too: until it exists the controller has no rights
 /// there to patch with).
-async fn claim_namespace(p: &Project, ns: &str, children: &[Child], ctx: &Context) -> Result<Result<(), Invalid>, Error> {
+async fn claim_namespace(
+    p: &Project,
+    ns: &str,
+    children: &[Child],
+    ctx: &Context,
+) -> Result<Result<(), Invalid>, Error> {
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let what = format!("Namespace {ns}");
     let live = namespaces.get_opt(ns).await.map_err(|e| Error::kube("read", &what, e))?;
     let live = match live {
         Some(live) => Some(live),
         None => {
-            let built = children.iter().find(|c| c.kind() == "Namespace").ok_or_else(|| {
-                Error::Internal(format!("project {}: no namespace was built", p.name_any()))
-            })?;
+            let built = children
+                .iter()
+                .find(|c| c.kind() == "Namespace")
+                .ok_or_else(|| Error::Internal(format!("project {}: no namespace was built", p.name_any())))?;
             let object: Namespace = serde_json::to_value(&built.object)
                 .and_then(serde_json::from_value)
                 .map_err(|e| Error::Internal(e.to_string()))?;
             match namespaces.create(&PostParams::default(), &object).await {
                 Ok(_) => None,
-                Err(e) if is_conflict(&e) => {
-                    Some(namespaces.get(ns).await.map_err(|e| Error::kube("read", &what, e))?)
-                }
+                Err(e) if is_conflict(&e) => Some(namespaces.get(ns).await.map_err(|e| Error::kube("read", &what, e))?),
                 Err(e) => return Err(Error::kube("create", &what, e)),
             }
         }
