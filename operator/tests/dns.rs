@@ -389,6 +389,8 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     let clients = dir.path().join("clients.yaml");
     std::fs::write(&clients, format!("clients:\n  {}: ward-7/alice-r\n", lab.ws_ip)).unwrap();
     let db = format!("sqlite://{}", dir.path().join("noexit.db").display());
+    let (key, public) = (dir.path().join("dns.pem"), dir.path().join("dns.pub"));
+    let dns_key = noexit_operator::audit::keys::write_key_pair(&key, &public).unwrap();
     let log = dir.path().join("dns.log");
     let child = lab
         .exec(&lab.dns, &[env!("CARGO_BIN_EXE_noexit-operator"), "dns"])
@@ -398,6 +400,8 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
         .arg("--clients")
         .arg(&clients)
         .args(["--database-url", &db])
+        .arg("--audit-key")
+        .arg(&key)
         .args(["--queries-per-second", &QPS.to_string(), "--query-burst", &BURST.to_string()])
         .args(["--audits-per-minute", &AUDITS_PER_MINUTE.to_string(), "--audit-burst", &AUDIT_BURST.to_string()])
         .args(["--max-name-length", "100"])
@@ -534,7 +538,15 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
         assert_eq!(e.event.actor, "workspace:ward-7/alice-r", "{e:?}");
         assert_eq!(e.event.source.as_deref(), Some(lab.ws_ip.as_str()));
         assert!(matches!(e.event.outcome, noexit_operator::audit::Outcome::Refused(_)));
+        assert_eq!(e.writer.as_deref(), Some("dns"), "{e:?}");
     }
+    // Every entry is signed by the DNS server's own key, as the writer that owns `dns.*`.
+    let mut writers = noexit_operator::audit::writers::WriterKeys::new();
+    writers.add("dns", dns_key);
+    let options = noexit_operator::audit::verify::VerifyOptions { writers: Some(writers), ..Default::default() };
+    let report = rt.block_on(noexit_operator::audit::verify::verify(&store, &options)).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.entries_authenticated, report.entries, "{report:?}");
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     let bound = f64::from(AUDIT_BURST) + f64::from(AUDITS_PER_MINUTE) * minutes + 1.0;
     let refused = f64::from(limited) + f64::from(answered) + 6.0;

@@ -16,22 +16,6 @@ use crate::mirror::clients::ClientId;
 /// Action of every DNS audit entry.
 pub const ACTION: &str = "dns.query";
 
-/// The one place the DNS server's audit sink is chosen.
-pub async fn open_sink(database_url: Option<&str>, audit_file: Option<&Path>) -> anyhow::Result<Arc<dyn AuditSink>> {
-    match (database_url, audit_file) {
-        (Some(url), _) => Ok(Arc::new(
-            crate::audit::Store::connect(url)
-                .await
-                .with_context(|| format!("--database-url {}", crate::audit::store::redact(url)))?,
-        )),
-        (None, Some(path)) => Ok(Arc::new(
-            crate::mirror::audit_file::FileAuditSink::open(path)
-                .with_context(|| format!("--audit-file {}", path.display()))?,
-        )),
-        (None, None) => anyhow::bail!("no audit sink: give --database-url or --audit-file (refused names are audited)"),
-    }
-}
-
 /// What one refused query says in the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused<'a> {

@@ -46,9 +46,14 @@ pub struct Args {
     /// Append audit events to this file as JSON lines.
     #[arg(long, env = "NOEXIT_DNS_AUDIT_FILE", conflicts_with = "database_url")]
     pub audit_file: Option<PathBuf>,
-    /// Append audit events to the shared tamper-evident log (the API's database).
-    #[arg(long, env = "NOEXIT_DATABASE_URL")]
+    /// Append audit events to the shared tamper-evident log (the API's database, as the DNS
+    /// server's own role: `dns.*` entries only).
+    #[arg(long, env = "NOEXIT_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// The DNS server's audit key (ed25519 PKCS#8 PEM, `noexit-operator audit-keygen`): signs
+    /// each entry as writer `dns`. Without it the entries are unsigned and `verify` says so.
+    #[arg(long, env = "NOEXIT_AUDIT_KEY", requires = "database_url")]
+    pub audit_key: Option<PathBuf>,
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -123,7 +128,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(reload::Watched::new(ClientMap::default()))
         }
     };
-    let sink = audit::open_sink(args.database_url.as_deref(), args.audit_file.as_deref()).await?;
+    let sink = crate::mirror::audit_file::open_sink(
+        crate::audit::writers::DNS,
+        args.database_url.as_deref(),
+        args.audit_key.as_deref(),
+        args.audit_file.as_deref(),
+    )
+    .await?;
     let metrics = Arc::new(handler::DnsMetrics::default());
     let (writer, writer_task) = {
         let metrics = metrics.clone();

@@ -16,6 +16,44 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditError, AuditEvent, AuditSink};
 
+/// Where an auditing component (the mirror, the DNS server) writes: the shared tamper-evident
+/// log as `writer` (its entries signed with `audit_key`), or a JSON-lines file. `what` names the
+/// component in the refusal to run unaudited.
+pub async fn open_sink(
+    writer: &'static str,
+    database_url: Option<&str>,
+    audit_key: Option<&Path>,
+    audit_file: Option<&Path>,
+) -> anyhow::Result<std::sync::Arc<dyn AuditSink>> {
+    use anyhow::Context;
+    match (database_url, audit_file) {
+        (Some(url), _) => {
+            let writer = match audit_key {
+                Some(path) => Some(crate::audit::writers::Writer::load(writer, path)?),
+                None => {
+                    tracing::warn!(
+                        writer,
+                        "no --audit-key: these audit entries are unsigned and verify will report them"
+                    );
+                    None
+                }
+            };
+            let options = crate::audit::StoreOptions { writer, ..Default::default() };
+            Ok(std::sync::Arc::new(
+                crate::audit::Store::connect_with(url, options)
+                    .await
+                    .with_context(|| format!("--database-url {}", crate::audit::store::redact(url)))?,
+            ))
+        }
+        (None, Some(path)) => Ok(std::sync::Arc::new(
+            FileAuditSink::open(path).with_context(|| format!("--audit-file {}", path.display()))?,
+        )),
+        (None, None) => {
+            anyhow::bail!("no audit sink: give --database-url or --audit-file ({writer} does not run unaudited)")
+        }
+    }
+}
+
 /// Most events appended under one sync.
 const MAX_GROUP: usize = 4096;
 

@@ -124,35 +124,6 @@ pub struct Tuning {
     pub reload_secs: u64,
 }
 
-/// The one place the audit sink is chosen.
-async fn audit_sink(args: &Args) -> anyhow::Result<Arc<dyn AuditSink>> {
-    match (&args.database_url, &args.audit_file) {
-        (Some(url), _) => {
-            let writer = match &args.audit_key {
-                Some(path) => Some(crate::audit::writers::Writer::load(crate::audit::writers::MIRROR, path)?),
-                None => {
-                    tracing::warn!(
-                        "no --audit-key: the mirror's audit entries are unsigned and verify will report them"
-                    );
-                    None
-                }
-            };
-            let options = crate::audit::StoreOptions { writer, ..Default::default() };
-            Ok(Arc::new(
-                crate::audit::Store::connect_with(url, options)
-                    .await
-                    .with_context(|| format!("--database-url {}", redact(url)))?,
-            ))
-        }
-        (None, Some(path)) => Ok(Arc::new(
-            audit_file::FileAuditSink::open(path).with_context(|| format!("--audit-file {}", path.display()))?,
-        )),
-        (None, None) => {
-            anyhow::bail!("no audit sink: give --database-url or --audit-file (the mirror does not serve unaudited)")
-        }
-    }
-}
-
 fn redact(url: &str) -> String {
     crate::audit::store::redact(url)
 }
@@ -197,7 +168,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("policy ok: every allowed package's dependencies are allowed");
         return Ok(());
     }
-    let audit = audit_sink(&args).await?;
+    let audit = audit_file::open_sink(
+        crate::audit::writers::MIRROR,
+        args.database_url.as_deref(),
+        args.audit_key.as_deref(),
+        args.audit_file.as_deref(),
+    )
+    .await?;
     log_dependency_problems(&policy_file, &store.index().index);
     let policy = Arc::new(reload::Watched::new(policy_file));
     let reload_every = Duration::from_secs(args.tuning.reload_secs.max(1));
