@@ -4,10 +4,8 @@
 //! [`super::handler`] keeps the rows bounded however many names a workspace tries.
 
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::audit::{AuditEvent, AuditSink};

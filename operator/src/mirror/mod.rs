@@ -31,8 +31,6 @@ use anyhow::Context;
 
 pub use policy::policy_from_projects;
 
-use crate::audit::AuditSink;
-
 /// Arguments of `noexit-operator mirror`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -122,10 +120,6 @@ pub struct Tuning {
     /// Seconds between checks of the policy and clients files.
     #[arg(long, default_value_t = 2)]
     pub reload_secs: u64,
-}
-
-fn redact(url: &str) -> String {
-    crate::audit::store::redact(url)
 }
 
 fn log_dependency_problems(policy: &policy::PolicyFile, index: &index::Index) -> Vec<policy::DependencyProblem> {
