@@ -99,15 +99,41 @@ pub enum EntryAuth {
     NoKey,
 }
 
-/// The public keys of the writers (several per writer after a rotation).
-#[derive(Clone, Debug, Default)]
+/// The public keys of the writers (several per writer after a rotation), and which actions
+/// each may write (by default [`WRITERS`]).
+#[derive(Clone, Debug)]
 pub struct WriterKeys {
     keys: HashMap<String, Vec<VerifyingKey>>,
+    /// Writer and the action prefix it owns; `None`: every action no other writer owns.
+    rules: Vec<(String, Option<String>)>,
+}
+
+impl Default for WriterKeys {
+    fn default() -> Self {
+        let rules = WRITERS.iter().map(|w| (w.name.to_owned(), w.prefix.map(str::to_owned))).collect();
+        Self { keys: HashMap::new(), rules }
+    }
 }
 
 impl WriterKeys {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the actions `writer` owns: a prefix (`mirror.`), or `None` for every action no
+    /// other writer owns.
+    pub fn set_actions(&mut self, writer: &str, prefix: Option<&str>) {
+        self.rules.retain(|(w, _)| w != writer);
+        self.rules.push((writer.to_owned(), prefix.map(str::to_owned)));
+    }
+
+    /// The writer that owns `action` under these rules.
+    pub fn owner_of(&self, action: &[u8]) -> Option<&str> {
+        self.rules
+            .iter()
+            .find(|(_, p)| p.as_ref().is_some_and(|p| action.starts_with(p.as_bytes())))
+            .or_else(|| self.rules.iter().find(|(_, p)| p.is_none()))
+            .map(|(w, _)| w.as_str())
     }
 
     pub fn add(&mut self, writer: &str, key: VerifyingKey) {
@@ -121,7 +147,7 @@ impl WriterKeys {
     /// Judges one entry from its stored columns.
     pub fn check(&self, writer: Option<&[u8]>, signature: Option<&[u8]>, action: &[u8], hash: &Hash) -> EntryAuth {
         let (Some(writer), Some(signature)) = (writer, signature) else { return EntryAuth::Unsigned };
-        if owner_of(action).as_bytes() != writer {
+        if self.owner_of(action).map(str::as_bytes) != Some(writer) {
             return EntryAuth::WrongWriter;
         }
         let Some(keys) = std::str::from_utf8(writer).ok().and_then(|w| self.keys.get(w)) else {
@@ -165,5 +191,10 @@ mod tests {
         assert_eq!(keys.check(Some(b"api"), Some(&sig), b"request.approve", &h), EntryAuth::BadSignature);
         assert_eq!(keys.check(None, None, b"request.approve", &h), EntryAuth::Unsigned);
         assert_eq!(keys.check(Some(b"webhook"), Some(&sig), b"admission.create", &h), EntryAuth::NoKey);
+        // The auditor may say which actions a writer owns.
+        keys.set_actions(MIRROR, Some("cran."));
+        assert_eq!(keys.owner_of(b"cran.fetch"), Some(MIRROR));
+        assert_eq!(keys.owner_of(b"mirror.fetch"), Some(API));
+        assert_eq!(keys.check(Some(b"mirror"), Some(&sig), b"mirror.fetch", &h), EntryAuth::WrongWriter);
     }
 }

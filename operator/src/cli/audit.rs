@@ -75,6 +75,11 @@ pub enum AuditCommand {
         /// its action.
         #[arg(long = "writer-key", value_name = "WRITER=FILE", value_parser = parse_writer_key)]
         writer_keys: Vec<(String, PathBuf)>,
+        /// Which actions a writer may write, WRITER=PREFIX (`mirror=mirror.`), or WRITER=* for
+        /// every action no other writer owns. Default: api=*, mirror=mirror., webhook=admission.,
+        /// dns=dns.
+        #[arg(long = "writer-actions", value_name = "WRITER=PREFIX", value_parser = parse_writer_actions)]
+        writer_actions: Vec<(String, Option<String>)>,
         /// Checkpoints published outside the database (the API's --checkpoint-export
         /// directory, or a file of them): each must still be in the database unchanged.
         #[arg(long = "checkpoints", value_name = "FILE_OR_DIR")]
@@ -153,6 +158,17 @@ fn parse_writer_key(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_owned(), PathBuf::from(file)))
 }
 
+/// Parses `--writer-actions WRITER=PREFIX|*`.
+fn parse_writer_actions(s: &str) -> Result<(String, Option<String>), String> {
+    let (name, prefix) = s.split_once('=').ok_or_else(|| format!("`{s}`: use WRITER=PREFIX, e.g. mirror=mirror."))?;
+    parse_writer_key(&format!("{name}=x"))?;
+    match prefix {
+        "*" => Ok((name.to_owned(), None)),
+        "" => Err(format!("`{s}`: the prefix is empty (use * for every other action)")),
+        p => Ok((name.to_owned(), Some(p.to_owned()))),
+    }
+}
+
 /// Parses `--since`/`--until`.
 pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -196,7 +212,8 @@ async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> R
     let url = args.store.ok_or("no audit store given: pass --database-url URL or set NOEXIT_DATABASE_URL")?;
     // Keys first: a typo in a path should not cost a full pass over the log.
     let mut verify_options = VerifyOptions::default();
-    if let AuditCommand::Verify { keys, writer_keys, published, no_authentication, .. } = &args.command {
+    if let AuditCommand::Verify { keys, writer_keys, writer_actions, published, no_authentication, .. } = &args.command
+    {
         verify_options.keys = keys
             .iter()
             .map(|p| keys::load_verifying_key(p))
@@ -218,6 +235,9 @@ async fn execute(args: AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> R
             }
             if !w.has(writers::API) {
                 verify_options.keys.iter().for_each(|k| w.add(writers::API, *k));
+            }
+            for (name, prefix) in writer_actions {
+                w.set_actions(name, prefix.as_deref());
             }
             verify_options.writers = Some(w);
         }
@@ -532,6 +552,24 @@ mod tests {
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("NOT AUTHENTICATED") && !out.contains("intact"), "{out}");
         assert!(err.contains("NOTHING WAS AUTHENTICATED"), "{err}");
+        assert_eq!(parse_writer_actions("mirror=cran.").unwrap(), ("mirror".into(), Some("cran.".into())));
+        assert_eq!(parse_writer_actions("api=*").unwrap(), ("api".into(), None));
+        assert!(parse_writer_actions("mirror=").is_err());
+        // Declaring that the mirror owns nothing of what it wrote: its entry is now refused.
+        let (code, out, _) = cli(&[
+            "verify",
+            "--database-url",
+            &url,
+            "--checkpoint-key-pub",
+            pk,
+            "--writer-key",
+            &mpk,
+            "--writer-actions",
+            "mirror=cran.",
+        ])
+        .await;
+        assert_eq!(code, EXIT_TAMPERED, "{out}");
+        assert!(out.contains("entry 6 was written by mirror, which may not write this action"), "{out}");
         let unknown = parse_writer_key("printer=x.pub").unwrap_err();
         assert!(unknown.contains("not a writer"), "{unknown}");
 
