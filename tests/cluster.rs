@@ -540,7 +540,7 @@ async fn every_cel_rule_in_the_crds_fires_on_a_bad_object() -> anyhow::Result<()
         expect(
             "projects.noexit.io",
             projects.create(&create, &p).await.map(drop),
-            &["project names are at most 56 characters"],
+            &["project names are at most 56 characters (the namespace is noexit-<name>)"],
         )?;
         p.metadata.name = Some(format!("{}.x", ex.project.name_any()));
         expect(
