@@ -146,9 +146,10 @@ export NOEXIT_DEV_CONTROLLER_KUBECONFIG=$dir/sa-noexit-controller.kubeconfig
 EOF
   if [ "$EXAMPLES" = 1 ]; then
     log "kubectl apply -f examples/"
-    # The webhook judges Workspaces from its caches: retry while it has not seen the Project yet.
+    # Retried while the controller makes the project's namespace and quota, the quota controller
+    # first counts Workspaces there, and the webhook's caches catch up with the Project.
     apply_examples() { kubectl apply -f examples/ward-7.yaml; }
-    wait_until 30 apply_examples || { kubectl apply -f examples/ward-7.yaml; exit 1; }
+    wait_until 180 apply_examples || { kubectl apply -f examples/ward-7.yaml; exit 1; }
   fi
   log "up: . $dir/env  (logs in $dir/logs)"
 }

@@ -231,7 +231,8 @@ up() {
     --use-service-account-credentials \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
     --cluster-signing-cert-file "$dir/pki/ca.crt" --cluster-signing-key-file "$dir/pki/ca.key" \
-    --enable-hostpath-provisioner --concurrent-gc-syncs 20 --profiling=false
+    --enable-hostpath-provisioner --concurrent-gc-syncs 20 --profiling=false \
+    --resource-quota-sync-period 10s
   start kube-scheduler "$bin/kube-scheduler" \
     --kubeconfig "$dir/scheduler.kubeconfig" --leader-elect=false --secure-port 0 --profiling=false
   start kwok "$bin/kwok" --kubeconfig "$dir/admin.kubeconfig" --config "$bin/kwok-stages.yaml" \

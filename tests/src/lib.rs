@@ -143,19 +143,22 @@ where
     api.patch(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await
 }
 
-/// [`apply`], retried for up to 30 s while the webhook refuses because its caches have not
+/// [`apply`], retried for up to 180 s while the webhook refuses because its caches have not
 /// seen an object created a moment ago (a Project, a Dataset); any other refusal is returned.
 pub async fn apply_admitted<K>(api: &Api<K>, obj: &K) -> anyhow::Result<K>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         match apply(api, obj).await {
             Ok(applied) => return Ok(applied),
+            // ...or while the quota controller has not yet counted the kind in a new namespace.
             Err(kube::Error::Api(e))
                 if Instant::now() < deadline
-                    && (e.message.contains("does not exist") || e.message.contains("has not loaded")) =>
+                    && (e.message.contains("does not exist")
+                        || e.message.contains("has not loaded")
+                        || e.message.contains("status unknown for quota")) =>
             {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
