@@ -428,14 +428,21 @@ fn the_chart_deploys_the_workspace_dns_server_behind_its_own_walls() {
     assert_eq!(egress["policyTypes"], serde_yaml::from_str::<Value>("[Egress]").unwrap());
     let rules = egress["egress"].as_sequence().unwrap();
     assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0]["ports"], serde_yaml::from_str::<Value>("[{port: 5432, protocol: TCP}]").unwrap());
+    assert_eq!(rules[0]["ports"].as_sequence().map(Vec::len), Some(1));
+    assert!(text.contains("ports: [{port: {{ .Values.networkPolicy.database.port }}, protocol: TCP}]"));
+    assert_eq!(rules[0]["to"].as_sequence().map(Vec::len), Some(1), "the database pods only");
+    assert!(rules[0]["to"][0]["namespaceSelector"].is_mapping() && rules[0]["to"][0]["podSelector"].is_mapping());
+    // Nor may the cluster-DNS allow of the operator namespace reach this pod.
+    let policies = read("templates/networkpolicies.yaml");
+    assert!(policies.contains("- {key: app.kubernetes.io/component, operator: NotIn, values: [dns]}"));
 
     // The site the chart renders sends workspaces there, not to kube-dns.
     let site: Site = serde_yaml::from_value(values()["site"].clone()).expect("site");
     assert_eq!(site.dns.service, "noexit-dns");
     assert_eq!(site.dns.pod_labels["app.kubernetes.io/component"], "dns");
     assert_ne!(site.dns.address, "10.96.0.10", "kube-dns forwards names to the internet");
-    assert!(!read("values.yaml").contains("k8s-app: kube-dns"));
+    // (kube-dns stays only as the control plane's own resolver, networkPolicy.clusterDns.)
+    assert!(!serde_yaml::to_string(&values()["site"]).unwrap().contains("kube-dns"));
 }
 
 /// `(role kind, role name)` of every binding whose subjects include the ServiceAccount `sa`.
