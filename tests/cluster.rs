@@ -769,7 +769,7 @@ async fn a_second_controller_takes_over_when_the_leader_goes() -> anyhow::Result
     // Put a long-lived controller back for the other tests (hack/dev-cluster.sh down stops it),
     // then let the follower go: the Lease passes to it.
     let replacement = controller_command("dev-controller-2")?.spawn()?;
-    std::fs::write(&pidfile, replacement.id().to_string())?;
+    std::fs::write(&pidfile, format!("{}\n", replacement.id()))?;
     terminate(follower.id())?;
     let _ = follower.wait();
     outcome?;
