@@ -370,7 +370,8 @@ async fn kubectl_apply_examples_runs_the_project_on_the_nodes() -> anyhow::Resul
             header == ["NAMESPACE", "NAME", "PROJECT", "OWNER", "RUNTIME", "PHASE", "AGE"],
             "kubectl get workspaces -A header: {header:?}"
         );
-        let row = table.lines().find(|l| l.contains("alice-r")).unwrap_or_default();
+        let row =
+            table.lines().find(|l| l.starts_with("noexit-ward-7 ") && l.contains(" alice-r ")).unwrap_or_default();
         let row: Vec<&str> = row.split_whitespace().collect();
         anyhow::ensure!(
             row.get(..6)
@@ -768,7 +769,7 @@ async fn a_second_controller_takes_over_when_the_leader_goes() -> anyhow::Result
     // Put a long-lived controller back for the other tests (hack/dev-cluster.sh down stops it),
     // then let the follower go: the Lease passes to it.
     let replacement = controller_command("dev-controller-2")?.spawn()?;
-    std::fs::write(&pidfile, replacement.id().to_string())?;
+    std::fs::write(&pidfile, format!("{}\n", replacement.id()))?;
     terminate(follower.id())?;
     let _ = follower.wait();
     outcome?;
@@ -884,8 +885,9 @@ heartbeatSeconds: 1
             let phase = w.status.as_ref().and_then(|s| s.phase);
             anyhow::ensure!(phase == Some(noexit_crds::workspace::Phase::Running), "phase flapped to {phase:?}");
         }
+        // (The API writes status.agent when what the agent reports changes, not on every beat.)
         let w = workspaces.get("alice-r").await?;
-        anyhow::ensure!(heartbeat(&w) > first, "no newer heartbeat reached status.agent");
+        anyhow::ensure!(heartbeat(&w) >= first, "status.agent went back in time");
         let _ = agent.kill().await;
         Ok(())
     })
