@@ -567,6 +567,38 @@ fn apply_failure_reports_not_locked_and_opens_nothing() {
     assert!(String::from_utf8_lossy(&listing.stdout).trim().is_empty(), "nothing may be half-applied");
 }
 
+/// Sends one ICMPv6 neighbour solicitation for `to` from `ns` with the given hop limit (raw
+/// socket; needs root). `Err` carries the sender's error (the lock rejects with `EPERM`).
+fn send_neighbour_solicitation(ns: &str, to: IpAddr, hops: i32) -> Result<(), String> {
+    let IpAddr::V6(to) = to else { panic!("{to} is not IPv6") };
+    in_netns(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes; every pointer
+        // passed points to a live local of the size given.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMPV6);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            for opt in [libc::IPV6_UNICAST_HOPS, libc::IPV6_MULTICAST_HOPS] {
+                let len = std::mem::size_of::<i32>() as libc::socklen_t;
+                libc::setsockopt(fd, libc::IPPROTO_IPV6, opt, (&raw const hops).cast(), len);
+            }
+            // Type 135, code 0, checksum (the kernel fills it in), reserved, target address.
+            let mut msg = [0u8; 24];
+            msg[0] = 135;
+            msg[8..].copy_from_slice(&to.octets());
+            let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_addr.s6_addr = to.octets();
+            let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            let n = libc::sendto(fd, msg.as_ptr().cast(), msg.len(), 0, (&raw const sa).cast(), len);
+            let result = if n < 0 { Err(std::io::Error::last_os_error().to_string()) } else { Ok(()) };
+            libc::close(fd);
+            result
+        }
+    })
+}
+
 /// Whether the workspace holds our table with its final rule (fully applied).
 fn table_in_force(ns: &str) -> bool {
     let out = run(Command::new("ip").args(["netns", "exec", ns, "nft", "list", "table", "inet", "noexit"]));
@@ -635,6 +667,12 @@ fn the_lock_replaces_a_table_tampered_before_it_started_and_restores_a_flush_at_
     assert_eq!((code, &check["outcome"]), (Some(0), &Value::from("intact")), "{check}");
     assert!(tcp(&ws, Outside.v4(), 443).is_err(), "the planted table was adopted");
     assert_eq!(tcp(&ws, Mirror.v4(), 443).as_deref(), Ok("hello mirror"));
+
+    // Neighbour discovery passes only with hop limit 255: a neighbour solicitation with any
+    // other hop limit (one a router would forward) is refused like any other packet.
+    assert_eq!(send_neighbour_solicitation(&ws, Outside.v6(), 255), Ok(()));
+    let err = send_neighbour_solicitation(&ws, Outside.v6(), 64).unwrap_err();
+    assert!(err.contains("not permitted"), "{err}");
 
     // A flush is put back well under a second later (bounded poll), and reported.
     for attempt in 0..3 {
