@@ -97,19 +97,32 @@ up() {
   kubectl label namespace "$NS" --overwrite \
     pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/warn=restricted >/dev/null
   helm upgrade --install noexit charts/noexit -n "$NS" \
-    --set webhook.url="https://127.0.0.1:$webhook_port/validate" >"$dir/logs/helm.log" 2>&1 ||
+    --set webhook.url="https://127.0.0.1:$webhook_port/validate" --set audit.ownerSecretName= \
+    >"$dir/logs/helm.log" 2>&1 ||
     failed "helm install failed" helm
 
   mkdir -p "$dir/noexit/webhook" "$dir/noexit/api/data"
-  start noexit-webhook "$(sa_kubeconfig noexit-webhook)" "$operator" webhook \
-    --listen "127.0.0.1:$webhook_port" \
-    --tls-cert "$dir/noexit/webhook/tls.crt" --tls-key "$dir/noexit/webhook/tls.key" \
-    --ca-secret noexit-ca --dns-name 127.0.0.1 --webhook-configuration noexit-webhook \
-    --trusted-user "system:serviceaccount:$NS:noexit-api"
+  # The site file the chart gives the controller and the webhook (ConfigMap noexit-site).
+  kubectl -n "$NS" get configmap noexit-site -o jsonpath='{.data.site\.yaml}' >"$dir/noexit/site.yaml"
+  # The controller first: it creates the operator CA (Secret noexit-ca), issues the webhook's
+  # serving certificate into noexit-webhook-tls (for 127.0.0.1, where the API server calls it)
+  # and sets the caBundle. Revocations wait for the API, which starts below.
+  start noexit-controller "$(sa_kubeconfig noexit-controller)" "$operator" controller \
+    --site "$dir/noexit/site.yaml" --metrics-addr "127.0.0.1:$metrics_port" \
+    --api-url "https://127.0.0.1:$api_port" --identity dev-controller-1 \
+    --webhook-secret noexit-webhook-tls --webhook-dns-name 127.0.0.1 --webhook-configuration noexit-webhook
+  ready() { curl -sf "http://127.0.0.1:$metrics_port/readyz"; }
+  wait_until 60 ready || failed "the controller is not ready" noexit-controller
   caBundle_set() { [ -n "$(kubectl get validatingwebhookconfiguration noexit-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]; }
-  wait_until 60 caBundle_set || failed "the webhook did not set the caBundle" noexit-webhook
+  wait_until 60 caBundle_set || failed "the controller did not set the webhook's caBundle" noexit-controller
+  webhook_tls() {
+    kubectl -n "$NS" get secret noexit-webhook-tls -o jsonpath='{.data.tls\.crt}' | base64 -d >"$dir/noexit/webhook/tls.crt" &&
+      kubectl -n "$NS" get secret noexit-webhook-tls -o jsonpath='{.data.tls\.key}' | base64 -d >"$dir/noexit/webhook/tls.key" &&
+      [ -s "$dir/noexit/webhook/tls.crt" ] && [ -s "$dir/noexit/webhook/tls.key" ]
+  }
+  wait_until 60 webhook_tls || failed "the controller did not issue the webhook's certificate" noexit-controller
 
-  # The API's serving certificate, from the operator CA the webhook created (Secret noexit-ca).
+  # The API's serving certificate, from the operator CA the controller created.
   local pki=$dir/noexit/api
   kubectl -n "$NS" get secret noexit-ca -o jsonpath='{.data.ca\.crt}' | base64 -d >"$pki/ca.crt"
   kubectl -n "$NS" get secret noexit-ca -o jsonpath='{.data.ca\.key}' | base64 -d >"$pki/ca.key"
@@ -119,20 +132,26 @@ up() {
   openssl x509 -req -in "$pki/tls.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
     -days 30 -extfile "$pki/ext" -out "$pki/tls.crt" 2>/dev/null
   rm -f "$pki/ca.key"
+  local db="sqlite:$pki/noexit.db?mode=rwc"
   start noexit-api "$(sa_kubeconfig noexit-api)" "$operator" api \
     --listen "127.0.0.1:$api_port" --tls-cert "$pki/tls.crt" --tls-key "$pki/tls.key" \
-    --client-ca "$pki/ca.crt" --database-url "sqlite:$pki/noexit.db?mode=rwc" \
+    --client-ca "$pki/ca.crt" --database-url "$db" \
     --audit-key "$pki/audit-signing.pem" --data-dir "$pki/data"
   api_up() { curl -sk "https://127.0.0.1:$api_port/healthz"; }
   wait_until 60 api_up || failed "the API did not come up" noexit-api
 
-  # The site file the chart gives the controller (ConfigMap noexit-site).
-  kubectl -n "$NS" get configmap noexit-site -o jsonpath='{.data.site\.yaml}' >"$dir/noexit/site.yaml"
-  start noexit-controller "$(sa_kubeconfig noexit-controller)" "$operator" controller \
-    --site "$dir/noexit/site.yaml" --metrics-addr "127.0.0.1:$metrics_port" \
-    --api-url "https://127.0.0.1:$api_port" --identity dev-controller-1
-  ready() { curl -sf "http://127.0.0.1:$metrics_port/readyz"; }
-  wait_until 60 ready || failed "the controller is not ready" noexit-controller
+  # The webhook reads only its certificate (never the CA) and records every review in the
+  # same audit log, signed with its own key as writer `webhook`.
+  rm -f "$dir/noexit/webhook/audit.pem" "$dir/noexit/webhook/audit.pub"
+  "$operator" audit-keygen --private "$dir/noexit/webhook/audit.pem" --public "$dir/noexit/webhook/audit.pub" \
+    >/dev/null 2>&1 || failed "audit-keygen failed" noexit-api
+  start noexit-webhook "$(sa_kubeconfig noexit-webhook)" "$operator" webhook \
+    --listen "127.0.0.1:$webhook_port" --site "$dir/noexit/site.yaml" \
+    --tls-cert "$dir/noexit/webhook/tls.crt" --tls-key "$dir/noexit/webhook/tls.key" \
+    --database-url "$db" --audit-key "$dir/noexit/webhook/audit.pem" \
+    --trusted-user "system:serviceaccount:$NS:noexit-api"
+  webhook_up() { curl -sk "https://127.0.0.1:$webhook_port/readyz"; }
+  wait_until 60 webhook_up || failed "the webhook is not ready" noexit-webhook
 
   cat >>"$dir/env" <<EOF
 export NOEXIT_DEV_API=https://127.0.0.1:$api_port
