@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret, Service};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -158,12 +158,33 @@ async fn current_serial(ws: &Workspace, ctx: &Context) -> Result<Option<String>,
     Ok(from_secret.or_else(|| ws.status.as_ref().and_then(|s| s.agent_certificate_serial.clone())))
 }
 
+/// Whether the workspace's namespace is being deleted. Its deletion takes the controller's
+/// RoleBinding there (the only grant of Secrets and children in a project namespace) at some
+/// point, after which the Secret cannot be read nor the children listed; neither is needed then:
+/// the namespace's deletion removes them.
+async fn namespace_terminating(ns: &str, ctx: &Context) -> Result<bool, Error> {
+    let namespace = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(ns)
+        .await
+        .map_err(|e| Error::kube("read", format!("Namespace {ns}"), e))?;
+    Ok(namespace.is_some_and(|n| n.metadata.deletion_timestamp.is_some()))
+}
+
 async fn cleanup(ws: &Workspace, api: &Api<Workspace>, ctx: &Context) -> Result<Outcome, Error> {
     if !ws.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Outcome::await_change());
     }
     let regarding = ws.object_ref(&());
-    if let Some(serial) = current_serial(ws, ctx).await? {
+    let ns = ws.namespace().unwrap_or_default();
+    let terminating = namespace_terminating(&ns, ctx).await?;
+    // In a namespace being deleted, the serial recorded in status (written whenever a
+    // certificate is issued) is the one to revoke.
+    let serial = if terminating {
+        ws.status.as_ref().and_then(|s| s.agent_certificate_serial.clone())
+    } else {
+        current_serial(ws, ctx).await?
+    };
+    if let Some(serial) = serial {
         let revocation = Revocation {
             workspace: format!("{}/{}", ws.spec.project, ws.name_any()),
             serial: serial.clone(),
@@ -172,9 +193,10 @@ async fn cleanup(ws: &Workspace, api: &Api<Workspace>, ctx: &Context) -> Result<
         ctx.revoker.revoke(&revocation).await?;
         ctx.event(&regarding, false, "CertificateRevoked", format!("revoked agent certificate {serial}")).await;
     }
-    let ns = ws.namespace().unwrap_or_default();
-    let owner = Owner::of(ws, &ws.spec.project);
-    prune(&ctx.client, &owner.selector(), &scopes(&ns), &[]).await?;
+    if !terminating {
+        let owner = Owner::of(ws, &ws.spec.project);
+        prune(&ctx.client, &owner.selector(), &scopes(&ns), &[]).await?;
+    }
     finalizers::remove(api, ws, FINALIZER).await?;
     Ok(Outcome::await_change())
 }
