@@ -973,6 +973,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn saved_state_is_used_only_for_the_very_file_it_was_made_for() {
+        let lab = Lab::new();
+        let mut ob = lab.outbox();
+        let f = lab.path("outbox/a.csv");
+        fs::write(&f, "first!\n").unwrap();
+        lab.airlock.with(|s| s.manifest_answers.push_back(500));
+        ob.pass_at(lab.at(0.0)).await;
+        ob.pass_at(lab.at(2.0)).await; // scanned, state saved, manifest refused
+        // Rewritten in place (same inode, same size) before the retry.
+        fs::write(&f, "second\n").unwrap();
+        lab.passes(&mut ob, 3.0, 30.0).await;
+        lab.airlock.with(|s| {
+            let m = s.manifests.last().unwrap();
+            assert_eq!(s.contents[&m.id], b"second\n");
+            assert_eq!(m.sha256, hex::encode(Sha256::digest(b"second\n")), "the old scan was reused");
+        });
+    }
+
+    #[tokio::test]
     async fn a_refused_upload_is_rescanned_under_a_new_id_and_a_failed_one_retried() {
         let lab = Lab::new();
         let mut ob = lab.outbox();
