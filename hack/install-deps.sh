@@ -5,15 +5,29 @@
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
 #   curl                the mirror tests fetch from inside network namespaces
+#   novnc, tigervnc-standalone-server, chromium, xclip, xterm, nodejs, npm
+#                       the gateway end-to-end test (operator/tests/gateway.rs): noVNC served by
+#                       the gateway, Xvnc as the desktop, headless Chromium driven by
+#                       playwright-core (npm ci in hack/test-support/browser; no browser download)
+#   websockify          the gateway benchmark's reference proxy
 # Benchmarks also want nginx and wrk (hack/bench/README.md); tests do not.
 set -euo pipefail
-packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates)
+packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates
+  novnc websockify tigervnc-standalone-server chromium xclip xterm nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+browser_deps() {
+  local dir
+  dir="$(cd "$(dirname "$0")" && pwd)/test-support/browser"
+  if [ ! -d "$dir/node_modules/playwright-core" ]; then
+    (cd "$dir" && npm ci --no-audit --no-fund --silent) && echo "install-deps: playwright-core installed in $dir"
+  fi
+}
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all present"
+  browser_deps
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -24,3 +38,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 echo "install-deps: installed ${missing[*]}"
+browser_deps

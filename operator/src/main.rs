@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 use noexit_operator::{api, audit, controllers, mirror, render, telemetry, webhook};
 
+mod gateway_recorder;
+
 #[derive(Parser, Debug)]
 #[command(name = "noexit-operator", version, about = "noexit: secure research workspaces on Kubernetes")]
 struct Cli {
@@ -23,6 +25,8 @@ enum Command {
     Api(api::Args),
     /// Run the CRAN-only package mirror.
     Mirror(mirror::Args),
+    /// Run the browser remote-desktop gateway (OIDC sign-in, noVNC, filtering RFB proxy).
+    Gateway(gateway_recorder::Args),
     /// Print every object the operator would apply for the given manifests (no cluster needed).
     Render(render::Args),
     /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).
@@ -61,6 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Webhook(args) => webhook::run(args).await,
             Command::Api(args) => api::run(args).await,
             Command::Mirror(args) => mirror::run(args).await,
+            Command::Gateway(args) => gateway_recorder::run(args).await,
             Command::Render(_) | Command::AuditKeygen(_) => Ok(()),
         }
     });

@@ -62,16 +62,35 @@ pub fn choose_security(types: &[u8]) -> Result<u8, RfbError> {
 /// The VNC authentication response: the challenge DES-encrypted with the password (at most 8
 /// bytes, zero-padded) as key, each key byte bit-reversed, as every VNC implementation does.
 pub fn vnc_auth_response(password: &[u8], challenge: &[u8; 16]) -> [u8; 16] {
-    let mut key = [0u8; 8];
-    for (k, p) in key.iter_mut().zip(password.iter()) {
-        *k = p.reverse_bits();
-    }
-    let cipher = Des::new(GenericArray::from_slice(&key));
+    let cipher = vnc_des(password);
     let mut out = *challenge;
     for block in out.chunks_exact_mut(8) {
         cipher.encrypt_block(GenericArray::from_mut_slice(block));
     }
     out
+}
+
+/// DES keyed the VNC way: the first 8 bytes, zero-padded, each bit-reversed.
+fn vnc_des(password: &[u8]) -> Des {
+    let mut key = [0u8; 8];
+    for (k, p) in key.iter_mut().zip(password.iter()) {
+        *k = p.reverse_bits();
+    }
+    Des::new(GenericArray::from_slice(&key))
+}
+
+/// The fixed key VNC servers obfuscate stored passwords with (`vncpasswd -f` files).
+const PASSWORD_FILE_KEY: [u8; 8] = [23, 82, 107, 6, 35, 78, 88, 7];
+
+/// The 8-byte password file TigerVNC's `-PasswordFile`/`-rfbauth` reads (what `vncpasswd -f`
+/// writes), so the operator and tests need no `vncpasswd` binary.
+pub fn password_file(password: &[u8]) -> [u8; 8] {
+    let mut block = [0u8; 8];
+    for (b, p) in block.iter_mut().zip(password.iter()) {
+        *b = *p;
+    }
+    vnc_des(&PASSWORD_FILE_KEY).encrypt_block(GenericArray::from_mut_slice(&mut block));
+    block
 }
 
 /// ServerInit: framebuffer size, pixel format, desktop name.
@@ -160,6 +179,12 @@ mod tests {
         assert_ne!(vnc_auth_response(b"passwore", &challenge), r);
         // Only 8 bytes count.
         assert_eq!(vnc_auth_response(b"password-and-more", &challenge), r);
+    }
+
+    #[test]
+    fn password_file_matches_vncpasswd() {
+        // `printf password | vncpasswd -f | xxd -p` with TigerVNC 1.12.
+        assert_eq!(password_file(b"password"), [0xdb, 0xd8, 0x3c, 0xfd, 0x72, 0x7a, 0x14, 0x58]);
     }
 
     #[test]
