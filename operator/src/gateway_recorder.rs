@@ -12,7 +12,7 @@ use noexit_operator::audit::{AuditEvent, Outcome, Store};
 
 /// Arguments of `noexit-operator gateway`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub struct GatewayCommand {
     #[command(flatten)]
     pub gateway: Box<noexit_gateway::Args>,
     /// The shared database (`sqlite:/path/noexit.db` or `postgres://…`): audit log and sessions.
@@ -55,7 +55,7 @@ impl Recorder for StoreRecorder {
     }
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: GatewayCommand) -> anyhow::Result<()> {
     let audit = Arc::new(Store::connect(&args.database_url).await?);
     let sessions = ApiStore::new(audit.pool().clone());
     let recorder = Arc::new(StoreRecorder { audit: audit.clone(), sessions });

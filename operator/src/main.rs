@@ -26,7 +26,7 @@ enum Command {
     /// Run the CRAN-only package mirror.
     Mirror(mirror::Args),
     /// Run the browser remote-desktop gateway (OIDC sign-in, noVNC, filtering RFB proxy).
-    Gateway(gateway_recorder::Args),
+    Gateway(gateway_recorder::GatewayCommand),
     /// Print every object the operator would apply for the given manifests (no cluster needed).
     Render(render::Args),
     /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).

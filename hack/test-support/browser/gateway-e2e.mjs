@@ -49,13 +49,12 @@ const result = { scenario: opts.scenario };
 async function signIn() {
   await page.goto(opts.gateway + '/');
   await page.locator('#signin').click();
-  await page.waitForURL((u) => u.toString().startsWith(opts.gateway), { timeout: 20000 });
-  await page.waitForLoadState();
+  // Either the callback refused (its page names the code) or the page came back signed in.
+  await page.waitForSelector('#refusal, body[data-ready="1"]', { timeout: 30000 });
   const refusal = page.locator('#refusal');
   if (await refusal.count()) {
     return { refused: await refusal.getAttribute('data-code'), message: await refusal.textContent() };
   }
-  await page.waitForSelector('body[data-ready="1"]', { timeout: 20000 });
   return { user: await page.locator('#user').textContent() };
 }
 
@@ -153,9 +152,20 @@ try {
       try { return await navigator.clipboard.readText(); } catch (e) { return `unreadable: ${e}`; }
     });
     result.watermark = await page.locator('#watermark').getAttribute('data-text');
-    const wm = await page.locator('#watermark span').first().boundingBox();
+    // The watermark layer covers the canvas, above it (z-index), and has text drawn inside the
+    // canvas' area.
+    const wm = await page.locator('#watermark').boundingBox();
     const canvas = await page.locator('#screen canvas').boundingBox();
-    result.watermarkOverCanvas = !!(wm && canvas && wm.y >= canvas.y - 1 && wm.y < canvas.y + canvas.height);
+    const inside = await page.evaluate(() => {
+      const c = document.querySelector('#screen canvas').getBoundingClientRect();
+      return [...document.querySelectorAll('#watermark span')].filter((s) => {
+        const r = s.getBoundingClientRect();
+        return r.left < c.right && r.right > c.left && r.top < c.bottom && r.bottom > c.top;
+      }).length;
+    });
+    result.watermarkOverCanvas = !!(wm && canvas && wm.x <= canvas.x + 1 && wm.y <= canvas.y + 1
+      && wm.x + wm.width >= canvas.x + canvas.width - 1 && wm.y + wm.height >= canvas.y + canvas.height - 1 && inside > 0);
+    result.watermarkSpansOverCanvas = inside;
     result.watermarkVisible = await page.locator('#watermark span').first().isVisible();
     result.status = await page.locator('#status').textContent();
     await page.screenshot({ path: opts.screenshot });
