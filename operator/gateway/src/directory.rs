@@ -319,9 +319,8 @@ pub use kube_directory::KubeDirectory;
 
 mod kube_directory {
     //! Access facts from the cluster: the Project (members, approval, desktop policy), the
-    //! Workspace (owner, running, phase) and the VNC Secret the operator renders in the
-    //! project namespace (`<workspace>-vnc`, key `password`). The desktop address is the
-    //! workspace's desktop Service, `<workspace>-desktop.<namespace>.svc:5901`.
+    //! Workspace (owner, running, phase, `status.endpoint` = its desktop Service) and the VNC
+    //! Secret in the project namespace (`ws-<workspace>-vnc`, key `password`).
 
     use futures::future::BoxFuture;
     use k8s_openapi::api::core::v1::Secret;
@@ -332,8 +331,10 @@ mod kube_directory {
 
     use super::{DesktopPolicy, ProjectAccess, Refusal, WorkspaceAccess};
 
-    /// The VNC port of a workspace desktop.
-    pub const DESKTOP_PORT: u16 = 5901;
+    /// The VNC Secret of a workspace.
+    pub fn vnc_secret_name(workspace: &str) -> String {
+        format!("ws-{workspace}-vnc")
+    }
 
     #[derive(Clone)]
     pub struct KubeDirectory {
@@ -383,7 +384,7 @@ mod kube_directory {
             let running = w.spec.lifecycle.running
                 && w.status.as_ref().and_then(|s| s.phase.as_ref()).is_some_and(|p| *p == Phase::Running);
             let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-            let password = match secrets.get_opt(&format!("{name}-vnc")).await {
+            let password = match secrets.get_opt(&vnc_secret_name(&name)).await {
                 Ok(Some(s)) => {
                     s.data.and_then(|d| d.get("password").map(|b| String::from_utf8_lossy(&b.0).into_owned()))
                 }
@@ -391,7 +392,7 @@ mod kube_directory {
             };
             WorkspaceAccess {
                 project: w.spec.project.clone(),
-                desktop: Some(format!("{name}-desktop.{namespace}.svc:{DESKTOP_PORT}")),
+                desktop: w.status.as_ref().and_then(|s| s.endpoint.clone()),
                 name,
                 owner: w.spec.owner.clone(),
                 running,

@@ -153,13 +153,13 @@ impl ClientFilter {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::drive;
+    use super::super::testutil::{Driven, drive};
     use super::*;
 
     const ALLOW: PastePolicy = PastePolicy { allowed: true, max_bytes: 64 };
     const DENY: PastePolicy = PastePolicy { allowed: false, max_bytes: 64 };
 
-    fn run(policy: PastePolicy, input: &[u8]) -> Result<(Vec<u8>, Vec<(DropReason, usize)>, bool), RfbError> {
+    fn run(policy: PastePolicy, input: &[u8]) -> Result<Driven, RfbError> {
         for chunk in [1, 2, 5, 4096] {
             let mut f = ClientFilter::new(policy);
             drive(|b| f.step(b), input, chunk)?;

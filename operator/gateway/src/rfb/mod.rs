@@ -291,13 +291,16 @@ pub fn set_pixel_format(format: &PixelFormat) -> [u8; 20] {
 pub(crate) mod testutil {
     use super::*;
 
+    /// What [`drive`] saw: forwarded bytes, drops, whether input went by.
+    pub type Driven = (Vec<u8>, Vec<(DropReason, usize)>, bool);
+
     /// Run a filter over `input` delivered in chunks of `chunk` bytes, the way a proxy does;
     /// returns (forwarded bytes, drops, input seen) or the error.
     pub fn drive(
         mut step: impl FnMut(&[u8]) -> Result<Step, RfbError>,
         input: &[u8],
         chunk: usize,
-    ) -> Result<(Vec<u8>, Vec<(DropReason, usize)>, bool), RfbError> {
+    ) -> Result<Driven, RfbError> {
         let mut buf: Vec<u8> = Vec::new();
         let mut out = Vec::new();
         let mut drops = Vec::new();
