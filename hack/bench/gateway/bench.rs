@@ -38,7 +38,7 @@ async fn desktop(listener: TcpListener) {
         let _ = s.set_nodelay(true);
         tokio::spawn(async move {
             let r: Res<()> = async {
-                let mut b = vec![0u8; 64];
+                let mut b = [0u8; 64];
                 s.write_all(b"RFB 003.008\n").await?;
                 s.read_exact(&mut b[..12]).await?;
                 s.write_all(&[1, 2]).await?;
@@ -202,7 +202,11 @@ fn pct(v: &[u64], p: f64) -> u64 {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -230,7 +234,11 @@ async fn serve(dir: PathBuf, directory: PathBuf, sessions: usize) -> Res<()> {
     // Audit events stay in memory here; the bench measures the data path.
     let gw = Gateway::new(Arc::new(FileDirectory::new(directory)), Arc::new(MemoryRecorder::default()), oidc, config);
     for i in 0..=sessions {
-        let who = oidc::SignedIn { user: "bench@example".into(), amr: vec!["otp".into()], expires: chrono::Utc::now() + chrono::Duration::hours(1) };
+        let who = oidc::SignedIn {
+            user: "bench@example".into(),
+            amr: vec!["otp".into()],
+            expires: chrono::Utc::now() + chrono::Duration::hours(1),
+        };
         let signin = state::SignIn { who, csrf: "x".into(), ends: chrono::Utc::now() + chrono::Duration::hours(1) };
         gw.signins.lock().map_err(|_| "poisoned")?.insert(format!("bench-{i}"), signin);
     }
@@ -260,7 +268,9 @@ async fn main() -> Res<()> {
     let desk_addr = desk.local_addr()?;
     tokio::spawn(desktop(desk));
 
-    let mut yaml = String::from("projects:\n- name: bench\n  members: [bench@example]\n  desktop: {requireMfa: true}\nworkspaces:\n");
+    let mut yaml = String::from(
+        "projects:\n- name: bench\n  members: [bench@example]\n  desktop: {requireMfa: true}\nworkspaces:\n",
+    );
     for i in 0..=sessions {
         yaml.push_str(&format!("- {{project: bench, name: ws{i}, owner: bench@example, running: true, desktop: \"{desk_addr}\", vncPassword: x}}\n"));
     }
@@ -302,7 +312,8 @@ async fn main() -> Res<()> {
 
     let (d_mbps, d_lat) = stream(Link::Tcp(TcpStream::connect(desk_addr).await?), secs).await?;
     let (w_mbps, w_lat) = stream(tls_ws(ws_addr, "/", &cert_pem, None).await?, secs).await?;
-    let (g_mbps, g_lat) = stream(tls_ws(gw_addr, "/ws/bench/ws0", &cert_pem, Some("__Host-noexit-gateway=bench-0")).await?, secs).await?;
+    let (g_mbps, g_lat) =
+        stream(tls_ws(gw_addr, "/ws/bench/ws0", &cert_pem, Some("__Host-noexit-gateway=bench-0")).await?, secs).await?;
     println!("path        MB/s   updates  p50 µs  p99 µs  added p99 µs");
     for (name, mbps, lat) in [("direct", d_mbps, &d_lat), ("websockify", w_mbps, &w_lat), ("gateway", g_mbps, &g_lat)] {
         println!(
@@ -320,7 +331,9 @@ async fn main() -> Res<()> {
     let base = rss_kib(gw_pid);
     let mut idle = Vec::new();
     for i in 1..=sessions {
-        let mut link = tls_ws(gw_addr, &format!("/ws/bench/ws{i}"), &cert_pem, Some(&format!("__Host-noexit-gateway=bench-{i}"))).await?;
+        let mut link =
+            tls_ws(gw_addr, &format!("/ws/bench/ws{i}"), &cert_pem, Some(&format!("__Host-noexit-gateway=bench-{i}")))
+                .await?;
         handshake(&mut link).await?;
         idle.push(link);
         if i == 1 {
