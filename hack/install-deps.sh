@@ -8,19 +8,32 @@
 #   openssl             certificates of the local control plane (hack/control-plane)
 #   bind9-dnsutils      dig: the workspace DNS test queries from a workspace namespace
 #   dnsmasq-base        the "outside" resolver of the DNS test, which logs every query it gets
+#   novnc, tigervnc-standalone-server, chromium, xclip, xterm, nodejs, npm
+#                       the gateway end-to-end test (operator/tests/gateway.rs): noVNC served by
+#                       the gateway, Xvnc as the desktop, headless Chromium driven by
+#                       playwright-core (npm ci in hack/test-support/browser; no browser download)
+#   websockify          the gateway benchmark's reference proxy
 # The control plane itself (etcd, kube-apiserver, ..., kwok, kubectl, helm) is built from Go
 # modules by hack/control-plane/build.sh with the machine's Go (/usr/local/go, >= 1.26).
 # Benchmarks also want nginx and wrk (hack/bench/README.md), and dnsperf for the DNS server;
 # tests do not.
 set -euo pipefail
 packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl
-  bind9-dnsutils dnsmasq-base)
+  bind9-dnsutils dnsmasq-base novnc websockify tigervnc-standalone-server chromium xclip xterm nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+browser_deps() {
+  local dir
+  dir="$(cd "$(dirname "$0")" && pwd)/test-support/browser"
+  if [ ! -d "$dir/node_modules/playwright-core" ]; then
+    (cd "$dir" && npm ci --no-audit --no-fund --silent) && echo "install-deps: playwright-core installed in $dir"
+  fi
+}
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all present"
+  browser_deps
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -31,3 +44,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 echo "install-deps: installed ${missing[*]}"
+browser_deps

@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 use noexit_operator::{api, audit, controllers, dns, mirror, render, telemetry, webhook};
 
+mod gateway_recorder;
+
 #[derive(Parser, Debug)]
 #[command(name = "noexit-operator", version, about = "noexit: secure research workspaces on Kubernetes")]
 struct Cli {
@@ -25,6 +27,8 @@ enum Command {
     Mirror(mirror::Args),
     /// Run the workspace DNS server (authoritative for the API's and mirror's names only).
     Dns(dns::Args),
+    /// Run the browser remote-desktop gateway (OIDC sign-in, noVNC, filtering RFB proxy).
+    Gateway(gateway_recorder::GatewayCommand),
     /// Print every object the operator would apply for the given manifests (no cluster needed).
     Render(render::Args),
     /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).
@@ -72,6 +76,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Dns(args) => dns::run(args).await,
+            Command::Gateway(args) => gateway_recorder::run(args).await,
             Command::Render(_) | Command::AuditKeygen(_) => Ok(()),
         }
     });

@@ -1,0 +1,178 @@
+//! The researchers' door: a browser remote-desktop gateway. People sign in with the site's
+//! OIDC issuer (authorization code + PKCE, MFA), pick one of their workspaces, and get the
+//! upstream noVNC client talking through a WebSocket to an RFB proxy that authenticates to the
+//! workspace desktop itself and filters every message both ways ([`rfb`]).
+//!
+//! The crate knows neither the audit store nor the API's tables: the binary that runs it
+//! (`noexit-operator gateway`) passes a [`record::Recorder`].
+
+pub mod directory;
+pub mod metrics;
+pub mod oidc;
+pub mod proxy;
+pub mod record;
+pub mod rfb;
+pub mod serve;
+pub mod state;
+pub mod web;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+pub use state::{Gateway, SecondConnect};
+
+/// Arguments of `noexit-operator gateway`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// HTTPS address to listen on.
+    #[arg(long, env = "NOEXIT_GATEWAY_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Plain-HTTP address for `/metrics`.
+    #[arg(long, env = "NOEXIT_GATEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+    /// Server certificate and key (PEM).
+    #[arg(long, env = "NOEXIT_GATEWAY_TLS_CERT", default_value = "/etc/noexit/gateway/tls.crt")]
+    pub tls_cert: PathBuf,
+    #[arg(long, env = "NOEXIT_GATEWAY_TLS_KEY", default_value = "/etc/noexit/gateway/tls.key")]
+    pub tls_key: PathBuf,
+    /// The URL people open, without a trailing slash (`https://desktop.example.org`). The OIDC
+    /// redirect URI is `<public-url>/callback`; WebSocket `Origin` must equal it.
+    #[arg(long, env = "NOEXIT_GATEWAY_PUBLIC_URL")]
+    pub public_url: String,
+    /// OIDC issuer URL (exactly as in the tokens' `iss`).
+    #[arg(long, env = "NOEXIT_OIDC_ISSUER")]
+    pub oidc_issuer: String,
+    /// The gateway's OIDC client id (the ID token's audience).
+    #[arg(long, env = "NOEXIT_GATEWAY_CLIENT_ID", default_value = "noexit-gateway")]
+    pub oidc_client_id: String,
+    /// File holding the client secret, for issuers that require one besides PKCE.
+    #[arg(long, env = "NOEXIT_GATEWAY_CLIENT_SECRET_FILE")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// Claim that names the user as Project members are written.
+    #[arg(long, env = "NOEXIT_OIDC_USER_CLAIM", default_value = "email")]
+    pub oidc_user_claim: String,
+    /// CA bundle for the issuer's HTTPS (default: none, so https issuers need it).
+    #[arg(long, env = "NOEXIT_OIDC_CA")]
+    pub oidc_ca: Option<PathBuf>,
+    /// Allow sign-in without a second factor (projects may still require one).
+    #[arg(long)]
+    pub allow_single_factor: bool,
+    /// Read projects and workspaces from this file instead of the cluster.
+    #[arg(long, env = "NOEXIT_GATEWAY_DIRECTORY")]
+    pub directory: Option<PathBuf>,
+    /// Where noVNC is installed (Debian's `novnc` package).
+    #[arg(long, env = "NOEXIT_GATEWAY_NOVNC_DIR", default_value = "/usr/share/novnc")]
+    pub novnc_dir: PathBuf,
+    /// Seconds between re-checks of a live session's access (at most 30).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=30))]
+    pub recheck_seconds: u64,
+    /// What a second connect to a workspace with a live session does.
+    #[arg(long, value_enum, default_value = "takeover")]
+    pub second_connect: SecondConnect,
+    /// Longest sign-in, in minutes (shorter when the ID token expires sooner).
+    #[arg(long, default_value_t = 8 * 60)]
+    pub max_signin_minutes: u64,
+    /// Largest paste into a desktop, in bytes (when the project allows paste at all).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub paste_max_bytes: u32,
+    /// Longest desktop session, in minutes.
+    #[arg(long, default_value_t = 8 * 60)]
+    pub max_session_minutes: u32,
+    /// Let a project admin open members' desktops where the directory allows it (support).
+    #[arg(long)]
+    pub admin_support: bool,
+}
+
+/// Run the gateway until SIGTERM or Ctrl-C.
+pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Result<()> {
+    let public = args.public_url.trim_end_matches('/').to_owned();
+    let ca_pem = match &args.oidc_ca {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let client_secret = match &args.oidc_client_secret_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_owned())
+        }
+        None => None,
+    };
+    let oidc = oidc::OidcClient::new(oidc::OidcSettings {
+        issuer: args.oidc_issuer.clone(),
+        client_id: args.oidc_client_id.clone(),
+        client_secret,
+        redirect_uri: format!("{public}/callback"),
+        user_claim: args.oidc_user_claim.clone(),
+        ca_pem,
+    })?;
+    let defaults = directory::DesktopPolicy {
+        paste_max_bytes: args.paste_max_bytes,
+        max_session_minutes: args.max_session_minutes,
+        admin_support: args.admin_support,
+        ..Default::default()
+    };
+    let dir: Arc<dyn directory::Directory> = match &args.directory {
+        Some(path) => Arc::new(directory::FileDirectory::new(path)),
+        None => Arc::new(directory::KubeDirectory::new(
+            kube::Client::try_default().await.context("connecting to Kubernetes")?,
+            defaults,
+        )),
+    };
+    let config = state::Config {
+        public_origin: public.clone(),
+        recheck: Duration::from_secs(args.recheck_seconds),
+        second_connect: args.second_connect,
+        require_mfa: !args.allow_single_factor,
+        max_signin: Duration::from_secs(args.max_signin_minutes * 60),
+        novnc_dir: args.novnc_dir.clone(),
+    };
+    if !config.novnc_dir.join("core/rfb.js").exists() {
+        anyhow::bail!(
+            "{} has no core/rfb.js: install noVNC (Debian package novnc) or pass --novnc-dir",
+            config.novnc_dir.display()
+        );
+    }
+    let tls = serve::tls_config(&args.tls_cert, &args.tls_key)?;
+    let gw = Gateway::new(dir, recorder, oidc, config);
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_listen))?;
+    let metrics_router = web::metrics_router(gw.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics, metrics_router).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    tracing::info!(listen = %args.listen, public = %public, "remote-desktop gateway serving");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {},
+            () = terminate => {},
+        }
+    };
+    serve::serve_tls(listener, tls, web::router(gw.clone()), stop).await;
+    // Close live sessions so their ends are audited.
+    if let Ok(live) = gw.live.lock() {
+        for l in live.values() {
+            let _ = l.cancel.send(Some("gateway shutting down".into()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}

@@ -1,0 +1,719 @@
+//! The remote-desktop gateway end to end, with real parts: TigerVNC `Xvnc` (VNC
+//! authentication) with a magenta `xterm` as the workspace desktop in its own network
+//! namespace, the real `noexit-operator gateway` in another, a test OIDC issuer running the
+//! authorization-code + PKCE flow, and headless Chromium (Debian's, driven by playwright-core)
+//! as the researcher. The desktop namespace is reachable from the gateway's namespace only.
+//!
+//!   sudo hack/install-deps.sh
+//!   cargo test -p noexit-operator --test gateway -- --nocapture
+//!
+//! Needs root, iproute2, Xvnc, xterm, xclip, chromium, node and
+//! hack/test-support/browser/node_modules; skips with a message otherwise, unless
+//! `NOEXIT_CI=1`, where it fails.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use noexit_operator::audit::store::Filter;
+use noexit_operator::audit::{Outcome, Store};
+use serde_json::{Value, json};
+use sha2::Digest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
+const ALICE: &str = "alice@ward7.example";
+const BOB: &str = "bob@ward7.example";
+const CLIENT_ID: &str = "noexit-gateway";
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/test-support/browser")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
+fn ready() -> bool {
+    let mut missing: Vec<String> = ["ip", "Xvnc", "xterm", "xclip", "chromium", "node"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .map(str::to_owned)
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".into());
+    }
+    if !Path::new("/usr/share/novnc/core/rfb.js").exists() {
+        missing.push("novnc".into());
+    }
+    if !browser_dir().join("node_modules/playwright-core").exists() {
+        missing.push("playwright-core (npm ci in hack/test-support/browser)".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("gateway e2e needs {}: run sudo hack/install-deps.sh", missing.join(", "));
+    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
+        panic!("{msg} (NOEXIT_CI=1: not skipping)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &[&str]) {
+    sh(Command::new("ip").args(args));
+}
+
+fn poll<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd; only this thread changes namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in namespace panicked")
+}
+
+/// Two namespaces: `gw` (the gateway) linked to the host, `desk` (the desktop) linked to `gw`
+/// only. Deleted on drop.
+struct Net {
+    gw: String,
+    desk: String,
+    host_ip: String,
+    gw_ip: String,
+    desk_ip: String,
+    host_if: String,
+}
+
+impl Net {
+    fn new(tag: &str, a: u8, b: u8) -> Net {
+        let net = Net {
+            gw: format!("nx-gw-{tag}"),
+            desk: format!("nx-desk-{tag}"),
+            host_ip: format!("10.{a}.{b}.1"),
+            gw_ip: format!("10.{a}.{b}.2"),
+            desk_ip: format!("10.{a}.{b}.6"),
+            host_if: format!("nxg{tag}"),
+        };
+        let gd_if = format!("nxd{tag}");
+        for ns in [&net.gw, &net.desk] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["link", "add", &net.host_if, "type", "veth", "peer", "name", "eth0", "netns", &net.gw]);
+        ip(&["link", "add", &gd_if, "netns", &net.gw, "type", "veth", "peer", "name", "eth0", "netns", &net.desk]);
+        // No IPv6 link-local addresses: their late arrival makes Chromium abort page loads.
+        ip(&["link", "set", &net.host_if, "addrgenmode", "none"]);
+        ip(&["-n", &net.gw, "link", "set", "eth0", "addrgenmode", "none"]);
+        ip(&["-n", &net.gw, "link", "set", &gd_if, "addrgenmode", "none"]);
+        ip(&["-n", &net.desk, "link", "set", "eth0", "addrgenmode", "none"]);
+        ip(&["addr", "add", &format!("{}/30", net.host_ip), "dev", &net.host_if]);
+        ip(&["-n", &net.gw, "addr", "add", &format!("{}/30", net.gw_ip), "dev", "eth0"]);
+        ip(&["-n", &net.gw, "addr", "add", &format!("10.{a}.{b}.5/30"), "dev", &gd_if]);
+        ip(&["-n", &net.desk, "addr", "add", &format!("{}/30", net.desk_ip), "dev", "eth0"]);
+        ip(&["link", "set", &net.host_if, "up"]);
+        ip(&["-n", &net.gw, "link", "set", "eth0", "up"]);
+        ip(&["-n", &net.gw, "link", "set", &gd_if, "up"]);
+        ip(&["-n", &net.desk, "link", "set", "eth0", "up"]);
+        net
+    }
+
+    fn exec(&self, ns: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]);
+        c
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        for ns in [&self.gw, &self.desk] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---- the test OIDC issuer: authorization code + PKCE, ES256 ID tokens -----------------------
+
+#[derive(Clone)]
+struct Profile {
+    user: String,
+    amr: Vec<String>,
+    /// Seconds from now to the ID token's expiry.
+    lifetime: i64,
+}
+
+struct Code {
+    challenge: String,
+    nonce: String,
+    redirect_uri: String,
+    client_id: String,
+    profile: Profile,
+}
+
+#[derive(Clone)]
+struct Issuer {
+    url: String,
+    profile: Arc<Mutex<Profile>>,
+    /// Token requests whose PKCE verifier did not match.
+    pkce_failures: Arc<Mutex<u32>>,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Issuer {
+    fn start(rt: &tokio::runtime::Runtime, addr: &str) -> Issuer {
+        let listener = rt.block_on(tokio::net::TcpListener::bind(format!("{addr}:0"))).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let raw = pair.public_key_raw().to_vec();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65]),
+            "kid": "k1", "alg": "ES256", "use": "sig"});
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
+        let profile =
+            Arc::new(Mutex::new(Profile { user: ALICE.into(), amr: vec!["pwd".into(), "otp".into()], lifetime: 600 }));
+        let pkce_failures = Arc::new(Mutex::new(0));
+        let codes: Arc<Mutex<HashMap<String, Code>>> = Arc::default();
+        let discovery = json!({
+            "issuer": url, "authorization_endpoint": format!("{url}/authorize"),
+            "token_endpoint": format!("{url}/token"), "jwks_uri": format!("{url}/jwks"),
+            "code_challenge_methods_supported": ["S256"],
+        });
+        let jwks = json!({"keys": [jwk]});
+        let (p, c) = (profile.clone(), codes.clone());
+        let authorize = move |axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>| {
+            let (p, c) = (p.clone(), c.clone());
+            async move {
+                let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+                if get("response_type") != "code"
+                    || get("code_challenge_method") != "S256"
+                    || get("code_challenge").is_empty()
+                {
+                    return (axum::http::StatusCode::BAD_REQUEST, "code flow with PKCE S256 only").into_response();
+                }
+                let code = uuid::Uuid::new_v4().simple().to_string();
+                let profile = p.lock().unwrap().clone();
+                c.lock().unwrap().insert(
+                    code.clone(),
+                    Code {
+                        challenge: get("code_challenge"),
+                        nonce: get("nonce"),
+                        redirect_uri: get("redirect_uri"),
+                        client_id: get("client_id"),
+                        profile,
+                    },
+                );
+                let to = format!(
+                    "{}?{}",
+                    get("redirect_uri"),
+                    serde_urlencoded::to_string([("code", code.as_str()), ("state", get("state").as_str())]).unwrap()
+                );
+                axum::response::Redirect::to(&to).into_response()
+            }
+        };
+        let (c, fails, iss) = (codes.clone(), pkce_failures.clone(), url.clone());
+        let token = move |axum::extract::Form(f): axum::extract::Form<HashMap<String, String>>| {
+            let (c, fails, iss, key) = (c.clone(), fails.clone(), iss.clone(), key.clone());
+            async move {
+                let get = |k: &str| f.get(k).cloned().unwrap_or_default();
+                let bad =
+                    |e: &str| (axum::http::StatusCode::BAD_REQUEST, axum::Json(json!({"error": e}))).into_response();
+                // Codes are single use.
+                let Some(code) = c.lock().unwrap().remove(&get("code")) else { return bad("invalid_grant") };
+                if get("grant_type") != "authorization_code"
+                    || get("redirect_uri") != code.redirect_uri
+                    || get("client_id") != code.client_id
+                {
+                    return bad("invalid_request");
+                }
+                if b64url(&sha2::Sha256::digest(get("code_verifier").as_bytes())) != code.challenge {
+                    *fails.lock().unwrap() += 1;
+                    return bad("invalid_grant");
+                }
+                let now = chrono::Utc::now().timestamp();
+                let claims = json!({"iss": iss, "aud": code.client_id, "sub": code.profile.user, "email": code.profile.user,
+                    "iat": now, "exp": now + code.profile.lifetime, "nonce": code.nonce, "amr": code.profile.amr});
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+                header.kid = Some("k1".into());
+                let id_token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+                axum::Json(json!({"access_token": "unused", "token_type": "Bearer", "id_token": id_token}))
+                    .into_response()
+            }
+        };
+        use axum::response::IntoResponse;
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || async move { axum::Json(discovery) }),
+            )
+            .route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }))
+            .route("/authorize", axum::routing::get(authorize))
+            .route("/token", axum::routing::post(token));
+        rt.spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Issuer { url, profile, pkce_failures }
+    }
+
+    fn sign_in_as(&self, user: &str, amr: &[&str], lifetime: i64) {
+        *self.profile.lock().unwrap() =
+            Profile { user: user.into(), amr: amr.iter().map(|s| s.to_string()).collect(), lifetime };
+    }
+}
+
+// ---- a hostile VNC server -------------------------------------------------------------------
+
+/// Completes a valid RFB 3.8 handshake (accepting any VNC-auth response), reads the gateway's
+/// SetPixelFormat, then sends `payload`.
+fn hostile_server(net: &Net, port: u16, payload: Vec<u8>) {
+    let addr: SocketAddr = format!("{}:{port}", net.desk_ip).parse().unwrap();
+    let listener = in_netns(&net.desk, move || TcpListener::bind(addr).unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let payload = payload.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let mut b = [0u8; 64];
+                s.write_all(b"RFB 003.008\n")?;
+                s.read_exact(&mut b[..12])?;
+                s.write_all(&[1, 2])?;
+                s.read_exact(&mut b[..1])?;
+                s.write_all(&[7; 16])?;
+                s.read_exact(&mut b[..16])?;
+                s.write_all(&[0, 0, 0, 0])?;
+                s.read_exact(&mut b[..1])?;
+                let mut init = vec![0, 64, 0, 48, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
+                init.extend(1u32.to_be_bytes());
+                init.push(b'h');
+                s.write_all(&init)?;
+                s.read_exact(&mut b[..20])?;
+                s.write_all(&payload)?;
+                // Keep the connection until the gateway closes it.
+                while s.read(&mut b)? > 0 {}
+                Ok(())
+            });
+        }
+    });
+}
+
+// ---- the pieces wired together ---------------------------------------------------------------
+
+struct World {
+    net: Net,
+    dir: tempfile::TempDir,
+    issuer: Issuer,
+    display: u32,
+    spki: String,
+    db_url: String,
+    _rt: tokio::runtime::Runtime,
+    xvnc: Option<Proc>,
+    xterm: Option<Proc>,
+    gateway: Option<Proc>,
+}
+
+impl World {
+    fn gateway_url(&self) -> String {
+        format!("https://{}:8443", self.net.gw_ip)
+    }
+
+    fn directory_path(&self) -> PathBuf {
+        self.dir.path().join("directory.yaml")
+    }
+
+    /// Write the directory: project ward-7 with `members`, paste-in per `paste`.
+    fn write_directory(&self, members: &[&str], paste: bool) {
+        let pw = self.dir.path().join("vnc-password");
+        let desk = &self.net.desk_ip;
+        let yaml = format!(
+            r#"projects:
+- name: ward-7
+  members: {members:?}
+  approved: true
+  expires: "2099-01-01T00:00:00Z"
+  desktop: {{clipboardIn: {paste}, pasteMaxBytes: 4096, requireMfa: true}}
+workspaces:
+- {{project: ward-7, name: alice, owner: "{ALICE}", running: true, desktop: "{desk}:5901", vncPasswordFile: "{pw}"}}
+- {{project: ward-7, name: bob, owner: "{BOB}", running: true, desktop: "{desk}:5901", vncPasswordFile: "{pw}"}}
+- {{project: ward-7, name: stopped, owner: "{ALICE}", running: false, desktop: "{desk}:5901", vncPasswordFile: "{pw}"}}
+- {{project: ward-7, name: hostile-length, owner: "{ALICE}", running: true, desktop: "{desk}:5902", vncPassword: "x"}}
+- {{project: ward-7, name: hostile-type, owner: "{ALICE}", running: true, desktop: "{desk}:5903", vncPassword: "x"}}
+"#,
+            pw = pw.display()
+        );
+        let tmp = self.dir.path().join("directory.yaml.new");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.directory_path()).unwrap();
+    }
+
+    fn x(&self, args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = ["ip", "netns", "exec", &self.net.desk, "env", &format!("DISPLAY=:{}", self.display)]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// Run one browser scenario; `on_line` sees progress lines. Returns the result object.
+    fn browser(&self, scenario: &str, extra: Value, mut on_line: impl FnMut(&Value)) -> Value {
+        let profile = tempfile::tempdir().unwrap();
+        let mut opts = json!({
+            "scenario": scenario, "gateway": self.gateway_url(), "spki": self.spki,
+            "profile": profile.path(), "metricsUrl": format!("http://{}:9090/metrics", self.net.gw_ip),
+            "workspace": "ward-7/alice",
+            "screenshot": self.dir.path().join(format!("{scenario}.png")),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            opts[k] = v.clone();
+        }
+        let mut child = Command::new("node")
+            .arg(browser_dir().join("gateway-e2e.mjs"))
+            .arg(opts.to_string())
+            .current_dir(browser_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut result = Value::Null;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                eprintln!("browser: {line}");
+                continue;
+            };
+            if let Some(r) = v.get("result") {
+                result = r.clone();
+            } else {
+                on_line(&v);
+            }
+        }
+        let _ = child.wait();
+        eprintln!("browser {scenario}: {result:#}");
+        assert_eq!(result["ok"], json!(true), "browser scenario {scenario} failed: {result:#}");
+        result
+    }
+
+    fn start() -> World {
+        let id = uuid::Uuid::new_v4();
+        let tag = id.simple().to_string()[..6].to_owned();
+        let bytes = id.as_bytes();
+        let net = Net::new(&tag, 200 + bytes[6] % 50, bytes[7]);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let issuer = Issuer::start(&rt, &net.host_ip);
+        let dir = tempfile::tempdir().unwrap();
+
+        // The gateway's certificate, and the SPKI pin Chromium is given instead of a CA.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![net.gw_ip.clone()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        let spki = base64::engine::general_purpose::STANDARD
+            .encode(sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)));
+
+        // The desktop: Xvnc with VNC authentication, a magenta xterm.
+        std::fs::write(dir.path().join("vnc-password"), "vnc-pw-1").unwrap();
+        let vnc_file = dir.path().join("vnc-passwd");
+        std::fs::write(&vnc_file, noexit_gateway::rfb::handshake::password_file(b"vnc-pw-1")).unwrap();
+        let display = (200..900)
+            .map(|n| n + u32::from(bytes[8]) % 100)
+            .find(|n| {
+                !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+            })
+            .unwrap();
+        let db_url = format!("sqlite:{}", dir.path().join("noexit.db").display());
+        let mut world =
+            World { net, dir, issuer, display, spki, db_url, _rt: rt, xvnc: None, xterm: None, gateway: None };
+        let xvnc = world
+            .net
+            .exec(&world.net.desk)
+            .args(["Xvnc", &format!(":{display}"), "-geometry", "1024x768", "-depth", "24", "-rfbport", "5901"])
+            .args(["-SecurityTypes", "VncAuth", "-PasswordFile"])
+            .arg(&vnc_file)
+            .args(["-nolisten", "tcp", "-desktop", "noexit-e2e", "-AcceptCutText=1", "-SendCutText=1"])
+            .stdout(Stdio::null())
+            .stderr(File::create(world.dir.path().join("xvnc.log")).unwrap())
+            .spawn()
+            .unwrap();
+        world.xvnc = Some(Proc(xvnc));
+        poll("Xvnc's X socket", Duration::from_secs(20), || {
+            Path::new(&format!("/tmp/.X11-unix/X{display}")).exists().then_some(())
+        });
+        let x = world.x(&[
+            "xterm",
+            "-geometry",
+            "80x24+0+0",
+            "-bg",
+            "#ff00ff",
+            "-fg",
+            "#ff00ff",
+            "-T",
+            "noexit-e2e-window",
+        ]);
+        let xterm = Command::new(&x[0]).args(&x[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        world.xterm = Some(Proc(xterm));
+
+        hostile_server(&world.net, 5902, [vec![3, 0, 0, 0], 0x7fff_ff00u32.to_be_bytes().to_vec()].concat());
+        hostile_server(&world.net, 5903, vec![0xEE, 1, 2, 3]);
+        world.write_directory(&[ALICE, BOB], true);
+
+        let d = world.dir.path();
+        let gateway = world
+            .net
+            .exec(&world.net.gw)
+            .arg(BIN)
+            .args(["gateway", "--listen", &format!("{}:8443", world.net.gw_ip)])
+            .args(["--metrics-listen", &format!("{}:9090", world.net.gw_ip)])
+            .arg("--tls-cert")
+            .arg(d.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(d.join("tls.key"))
+            .args([
+                "--public-url",
+                &world.gateway_url(),
+                "--oidc-issuer",
+                &world.issuer.url,
+                "--oidc-client-id",
+                CLIENT_ID,
+            ])
+            .arg("--directory")
+            .arg(world.directory_path())
+            .args(["--recheck-seconds", "2", "--database-url", &world.db_url])
+            .env("RUST_LOG", "info,noexit_gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(File::create(d.join("gateway.log")).unwrap())
+            .spawn()
+            .unwrap();
+        world.gateway = Some(Proc(gateway));
+        let addr: SocketAddr = format!("{}:8443", world.net.gw_ip).parse().unwrap();
+        poll("the gateway listening", Duration::from_secs(30), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok().map(|_| ())
+        });
+        world
+    }
+
+    fn audit(&self) -> Vec<(String, String, Option<String>, Value)> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = Store::open_read_only(&self.db_url).await.unwrap();
+            let entries = store.query(&Filter::default()).await.unwrap();
+            entries
+                .into_iter()
+                .map(|e| {
+                    let refused = match e.event.outcome {
+                        Outcome::Refused(r) => Some(r),
+                        Outcome::Allowed => None,
+                    };
+                    (e.event.action, e.event.object, refused, e.event.detail)
+                })
+                .collect()
+        })
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for p in [&mut self.gateway, &mut self.xterm, &mut self.xvnc].into_iter().flatten() {
+            p.stop();
+        }
+        if std::thread::panicking() {
+            for log in ["gateway.log", "xvnc.log"] {
+                let text = std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
+                eprintln!("---- {log} (last lines) ----");
+                for line in text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn researcher_opens_their_desktop_and_nothing_leaves_through_the_clipboard() {
+    if !ready() {
+        return;
+    }
+    let world = World::start();
+
+    let marker = format!("CLIPBOARD-OUT-{}", uuid::Uuid::new_v4().simple());
+    let clipboard = |paste: &str, expected: bool| {
+        json!({
+            "clipboardSet": world.x(&["xclip", "-quiet", "-selection", "clipboard"]),
+            "clipboardGet": world.x(&["xclip", "-o", "-selection", "clipboard"]),
+            "clipMarker": marker, "paste": paste, "pasteExpected": expected,
+        })
+    };
+
+    // Paste allowed by the project.
+    let r = world.browser("desktop", clipboard("PASTE-IN-ALLOWED-1", true), |_| {});
+    assert_eq!(r["user"], json!(ALICE));
+    assert!(r["magenta"].as_u64().unwrap() > 2000, "the desktop's window is not on the canvas: {r}");
+    assert!(r["serverCutTextDrops"].as_u64().unwrap() >= 1);
+    assert_eq!(r["pasted"], json!(true), "allowed paste did not reach the desktop");
+    assert_eq!(r["markerInFrames"], json!(false), "desktop clipboard reached the browser");
+    assert_eq!(r["clipboardEvents"], json!([]));
+    assert!(!r["pageClipboard"].as_str().unwrap_or_default().contains(&marker));
+    // Tight sends the solid window in a few hundred bytes.
+    assert!(r["bytesReceived"].as_u64().unwrap() > 100, "the browser received no framebuffer");
+    let watermark = r["watermark"].as_str().unwrap();
+    assert!(
+        watermark.contains(ALICE) && watermark.contains("ward-7/alice") && watermark.contains("UTC"),
+        "{watermark}"
+    );
+    assert_eq!(r["watermarkVisible"], json!(true));
+    assert_eq!(r["watermarkOverCanvas"], json!(true));
+    assert!(world.dir.path().join("desktop.png").exists());
+
+    // Paste refused by the project.
+    world.write_directory(&[ALICE, BOB], false);
+    let r = world.browser("desktop", clipboard("PASTE-IN-REFUSED-2", false), |_| {});
+    assert_eq!(r["pasted"], json!(false), "refused paste reached the desktop");
+    assert_eq!(r["markerInFrames"], json!(false), "desktop clipboard reached the browser");
+
+    // Sign-in refusals: no second factor, an expired ID token.
+    world.issuer.sign_in_as(ALICE, &["pwd"], 600);
+    let r = world.browser("signin", json!({}), |_| {});
+    assert_eq!(r["refused"], json!("mfaRequired"), "{r}");
+    world.issuer.sign_in_as(ALICE, &["pwd", "otp"], -600);
+    let r = world.browser("signin", json!({}), |_| {});
+    assert_eq!(r["refused"], json!("tokenExpired"), "{r}");
+    world.issuer.sign_in_as(ALICE, &["pwd", "otp"], 600);
+
+    // Connect refusals, hostile peers, sign-out and a replayed cookie.
+    let r = world.browser(
+        "refusals",
+        json!({
+            "wrongWorkspace": "ward-7/bob", "stoppedWorkspace": "ward-7/stopped",
+            "hostileServers": {"hostileLength": "ward-7/hostile-length", "hostileType": "ward-7/hostile-type"},
+        }),
+        |_| {},
+    );
+    for case in ["noSession", "forged", "wrongOwner", "stopped", "replayed"] {
+        assert_eq!(r[case]["opened"], json!(false), "{case} was let in: {r}");
+    }
+    for case in ["hostileClient", "hostileClient2"] {
+        assert_eq!(r[case]["stage"], json!(4), "{case}: handshake did not complete: {r}");
+        assert_eq!(r[case]["code"], json!(1008), "{case} not closed as a violation: {r}");
+    }
+    for case in ["hostileLength", "hostileType"] {
+        assert_eq!(r[case]["code"], json!(1008), "{case} not closed as a violation: {r}");
+    }
+    assert_eq!(r["meAfterReplay"], json!(401));
+
+    // A member removed while connected is cut within the re-check interval.
+    let mut cut_at = None;
+    let r = world.browser("cut", json!({}), |line| {
+        if line["event"] == json!("connected") {
+            world.write_directory(&[BOB], false);
+            cut_at = Some(Instant::now());
+        }
+    });
+    let took = cut_at.expect("never connected").elapsed();
+    assert!(took < Duration::from_secs(30), "removed member stayed connected for {took:?}");
+    assert!(r["status"].as_str().unwrap().contains("not a member"), "{r}");
+    assert_eq!(*world.issuer.pkce_failures.lock().unwrap(), 0);
+
+    // Everything refused is in the audit log, and the sessions are in the session table.
+    let mut world = world;
+    if let Some(mut g) = world.gateway.take() {
+        g.stop();
+    }
+    let audit = world.audit();
+    let has = |action: &str, pred: &dyn Fn(&Option<String>, &Value) -> bool| {
+        audit.iter().any(|(a, _, refused, detail)| a == action && pred(refused, detail))
+    };
+    let code = |c: &'static str| move |r: &Option<String>, d: &Value| r.is_some() && d["code"] == json!(c);
+    for (action, c) in [
+        ("gateway.connect", "noSession"),
+        ("gateway.connect", "unknownSession"),
+        ("gateway.connect", "notOwner"),
+        ("gateway.connect", "workspaceStopped"),
+        ("gateway.signin", "mfaRequired"),
+        ("gateway.signin", "tokenExpired"),
+    ] {
+        assert!(has(action, &code(c)), "no audited {action} refusal {c}");
+    }
+    let forged_and_replayed = audit
+        .iter()
+        .filter(|(a, _, r, d)| a == "gateway.connect" && r.is_some() && d["code"] == json!("unknownSession"))
+        .count();
+    assert!(forged_and_replayed >= 2, "forged and replayed cookies: {forged_and_replayed} refusals audited");
+    let violation = |cat: &'static str| move |r: &Option<String>, d: &Value| r.is_some() && d["category"] == json!(cat);
+    assert!(has("gateway.disconnect", &violation("unknown_message")), "hostile peers' unknown messages not audited");
+    assert!(has("gateway.disconnect", &violation("oversized")), "oversized lengths not audited");
+    assert!(
+        has("gateway.disconnect", &|r, _| r.as_deref().is_some_and(|r| r.contains("access withdrawn"))),
+        "live cut not audited"
+    );
+    assert!(has("gateway.drop", &|_, d| d["reason"] == json!("server_cut_text")), "clipboard drop not audited");
+    assert!(has("gateway.drop", &|_, d| d["reason"] == json!("paste_refused")), "refused paste not audited");
+    assert!(has("gateway.signin", &|r, _| r.is_none()));
+    assert!(has("gateway.connect", &|r, _| r.is_none()));
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let sessions = rt.block_on(async {
+        let store = Store::open_read_only(&world.db_url).await.unwrap();
+        noexit_operator::api::ApiStore::new(store.pool().clone()).sessions("ward-7", 100).await.unwrap()
+    });
+    assert!(sessions.iter().any(|s| s.action == "desktopConnect" && s.username == ALICE), "{sessions:?}");
+    assert!(sessions.iter().any(|s| s.action == "desktopDisconnect"), "{sessions:?}");
+}
