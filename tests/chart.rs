@@ -178,7 +178,14 @@ fn deployments_are_restricted_probed_and_have_their_own_service_account() {
     let names: BTreeSet<&str> = deployments.iter().filter_map(|(_, o)| o["metadata"]["name"].as_str()).collect();
     assert_eq!(
         names,
-        BTreeSet::from(["noexit-api", "noexit-controller", "noexit-dns", "noexit-gateway", "noexit-mirror", "noexit-webhook"])
+        BTreeSet::from([
+            "noexit-api",
+            "noexit-controller",
+            "noexit-dns",
+            "noexit-gateway",
+            "noexit-mirror",
+            "noexit-webhook"
+        ])
     );
     for (file, d) in &deployments {
         let pod = &d["spec"]["template"]["spec"];
