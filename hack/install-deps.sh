@@ -8,7 +8,7 @@
 #   openssl             certificates of the local control plane (hack/control-plane)
 #   bind9-dnsutils      dig: the workspace DNS test queries from a workspace namespace
 #   dnsmasq-base        the "outside" resolver of the DNS test, which logs every query it gets
-#   novnc, tigervnc-standalone-server, chromium, xclip, xterm, nodejs, npm
+#   novnc, tigervnc-standalone-server, chromium, xclip, xterm (and Node.js with npm)
 #                       the gateway end-to-end test (operator/tests/gateway.rs): noVNC served by
 #                       the gateway, Xvnc as the desktop, headless Chromium driven by
 #                       playwright-core (npm ci in hack/test-support/browser; no browser download)
@@ -19,7 +19,10 @@
 # tests do not.
 set -euo pipefail
 packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl
-  bind9-dnsutils dnsmasq-base novnc websockify tigervnc-standalone-server chromium xclip xterm nodejs npm)
+  bind9-dnsutils dnsmasq-base novnc websockify tigervnc-standalone-server chromium xclip xterm)
+# Node.js (with npm) is a toolchain of these machines; Debian's packages only where it is absent
+# (its npm package conflicts with a Node.js that brings its own npm).
+command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
