@@ -7,6 +7,34 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// `/healthz`, `/readyz` (503 until `ready`) and `/metrics` (OpenMetrics text from `encode`),
+/// served by every subcommand with a plain-HTTP health port (controller, DNS server).
+pub fn health_router<F>(encode: F, ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> axum::Router
+where
+    F: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    if ready { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = encode();
+                async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body) }
+            }),
+        )
+}
+
 /// Install a tracing subscriber: human-readable by default, JSON lines when `json`.
 pub fn init_logging(json: bool) {
     // The DNS library logs every query at info: keep that for RUST_LOG=hickory_server=info.

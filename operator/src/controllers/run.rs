@@ -179,26 +179,7 @@ async fn stop_on_signal(stop: watch::Sender<bool>) {
 
 /// The router of the health and metrics server.
 pub fn health_router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> axum::Router {
-    use axum::http::{StatusCode, header};
-    use axum::routing::get;
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.load(Ordering::Relaxed);
-                async move {
-                    if ready { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let body = metrics.encode();
-                async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body) }
-            }),
-        )
+    crate::telemetry::health_router(move || metrics.encode(), ready)
 }
 
 async fn serve_health(

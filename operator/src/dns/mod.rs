@@ -17,7 +17,7 @@ pub mod limit;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -187,24 +187,5 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// `/healthz`, `/readyz` and `/metrics`.
 pub fn health_router(metrics: Arc<handler::DnsMetrics>, ready: Arc<AtomicBool>) -> axum::Router {
-    use axum::http::{StatusCode, header};
-    use axum::routing::get;
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.load(Ordering::Relaxed);
-                async move {
-                    if ready { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let body = metrics.encode();
-                async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body) }
-            }),
-        )
+    crate::telemetry::health_router(move || metrics.encode(), ready)
 }
