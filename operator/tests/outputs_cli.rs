@@ -569,3 +569,54 @@ fn the_receipt_key_id_is_the_audit_key_id() {
     let vk = keys::write_key_pair(&dir.path().join("k"), &dir.path().join("k.pub")).unwrap();
     assert_eq!(receipt::key_id(&vk), keys::key_id(&vk));
 }
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The format is what docs/auditor.md says: `jq` and `openssl` alone, no noexit code, verify a
+/// receipt (including one whose strings need escaping and are not ASCII).
+#[test]
+fn a_receipt_verifies_with_jq_and_openssl_alone() {
+    let missing: Vec<&str> = ["jq", "openssl", "base64", "sha256sum"].into_iter().filter(|t| !have(t)).collect();
+    if !missing.is_empty() {
+        let msg = format!("receipt format test needs {} (hack/install-deps.sh)", missing.join(", "));
+        assert!(std::env::var("NOEXIT_CI").as_deref() != Ok("1"), "{msg} (NOEXIT_CI=1: not skipping)");
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f);
+    keys::write_key_pair(&p("audit.key"), &p("audit-signing.pub.pem")).unwrap();
+    let key = keys::load_signing_key(&p("audit.key")).unwrap();
+    let mut r = summary_receipt();
+    r.reviews[1].reason = Some("Zoë: \"aggregate\"\nonly\ttabs \u{1b}[0m".into());
+    std::fs::write(p("summary.csv"), SUMMARY).unwrap();
+    std::fs::write(p("summary.csv.receipt.json"), receipt::sign(&r, &key).to_json_pretty()).unwrap();
+    // The recipe of docs/auditor.md, "Verifying a receipt without noexit".
+    let recipe = r#"
+set -eu
+R=summary.csv.receipt.json
+{ printf 'noexit-release-receipt-v1'; jq -cjS .receipt "$R"; } > receipt.msg
+jq -r .signature "$R" | base64 -d > receipt.sig
+openssl pkeyutl -verify -pubin -inkey audit-signing.pub.pem -rawin -in receipt.msg -sigfile receipt.sig
+test "$(jq -r .receipt.sha256 "$R")" = "$(sha256sum < summary.csv | cut -d' ' -f1)" && echo "sha256 matches"
+test "$(jq -r .receipt.size "$R")" = "$(wc -c < summary.csv)" && echo "size matches"
+"#;
+    let run =
+        |script: &str| std::process::Command::new("sh").args(["-c", script]).current_dir(dir.path()).output().unwrap();
+    let out = run(recipe);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text, "Signature Verified Successfully\nsha256 matches\nsize matches\n");
+    // The same recipe fails on an edited receipt.
+    let edited = std::fs::read_to_string(p("summary.csv.receipt.json")).unwrap().replace("Zoë", "Zoe");
+    std::fs::write(p("summary.csv.receipt.json"), edited).unwrap();
+    let out = run(recipe);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Signature Verification Failure"), "{out:?}");
+}

@@ -603,7 +603,8 @@ async fn download(
     };
     let receipt_path = with_suffix(&target, ".receipt.json");
     let partial = with_suffix(&target, ".part");
-    for p in [&target, &receipt_path, &partial] {
+    let unverified = with_suffix(&target, ".unverified");
+    for p in [&target, &receipt_path, &partial, &unverified] {
         refuse_existing(p)?;
     }
     let site = site_key(key)?;
@@ -613,9 +614,12 @@ async fn download(
         .open(&partial)
         .map_err(|e| CliError::Usage(format!("cannot create {}: {e}", partial.display())))?;
 
-    let link: DownloadLink = api.call(Method::POST, &format!("{path}/download-link"), none).await?;
-    let digest = match download_path(base, &link.url) {
-        Ok(p) => api.download(p, &mut file).await,
+    let link: Result<DownloadLink, CliError> = api.call(Method::POST, &format!("{path}/download-link"), none).await;
+    let digest = match link {
+        Ok(link) => match download_path(base, &link.url) {
+            Ok(p) => api.download(p, &mut file).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     let digest = match digest.and_then(|d| {
@@ -632,7 +636,6 @@ async fn download(
     drop(file);
     // The receipt: saved whatever it says, so nothing the server gave is lost.
     let signed: Result<SignedReceipt, CliError> = api.call(Method::GET, &format!("{path}/receipt"), none).await;
-    let unverified = with_suffix(&target, ".unverified");
     let keep_unverified = |why: CliError| -> CliError {
         let kept = std::fs::rename(&partial, &unverified).is_ok();
         let note = if kept {
@@ -646,14 +649,13 @@ async fn download(
         Ok(s) => s,
         Err(e) => return Err(keep_unverified(CliError::Verification(format!("no receipt: {e}")))),
     };
-    let mut rf = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&receipt_path)
-        .map_err(|e| CliError::Usage(format!("cannot create {}: {e}", receipt_path.display())))?;
-    rf.write_all(signed.to_json_pretty().as_bytes())
-        .and_then(|()| rf.write_all(b"\n"))
-        .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", receipt_path.display())))?;
+    let saved = std::fs::OpenOptions::new().write(true).create_new(true).open(&receipt_path).and_then(|mut rf| {
+        rf.write_all(signed.to_json_pretty().as_bytes())?;
+        rf.write_all(b"\n")
+    });
+    if let Err(e) = saved {
+        return Err(keep_unverified(CliError::Usage(format!("cannot write {}: {e}", receipt_path.display()))));
+    }
     if signed.receipt.project != project {
         return Err(keep_unverified(CliError::Verification(format!(
             "the receipt is for project {:?}, not {project}",
