@@ -74,7 +74,8 @@ fn view(id: &str, file: &str, bytes: &[u8], state: &str, fail: bool) -> Value {
     let d = FileDigest::of(bytes);
     json!({
         "id": id, "workspace": "alice-r", "fileName": file, "size": d.size, "sha256": d.sha256,
-        "requester": "alice@ward7.example", "state": state, "checks": report(fail), "reviews": [],
+        "requester": "alice@ward7.example", "submittedBy": "agent:alice-r", "state": state,
+        "checks": report(fail), "reviews": [], "approvals": if fail { 0 } else { 2 }, "reviewersRequired": 2,
         "createdAt": "2026-12-07T09:00:00Z", "updatedAt": "2026-12-07T09:00:05Z"
     })
 }
@@ -86,7 +87,7 @@ fn app(state: Shared) -> Router {
         .route("/v1/projects/{project}/outputs/{id}/content", get(content))
         .route("/v1/projects/{project}/outputs/{id}/{action}", post(act))
         .route("/v1/projects/{project}/outputs/{id}/receipt", get(get_receipt))
-        .route("/v1/downloads/{token}", get(download))
+        .route("/v1/projects/{project}/outputs/{id}/download/{token}", get(download))
         .route("/v1/projects/{project}/workspaces/{ws}/inbox", post(inbox_submit))
         .route("/v1/projects/{project}/inbox", get(inbox_list))
         .route("/v1/projects/{project}/inbox/{id}/{action}", post(inbox_decide))
@@ -141,8 +142,9 @@ async fn act(
     if action == "download-link" {
         st.links_issued += 1;
         let token = format!("tok{}", st.links_issued);
-        st.tokens.insert(token.clone(), id);
-        return axum::Json(json!({"url": format!("/v1/downloads/{token}"), "expiresAt": "2026-12-07T12:05:00Z"}))
+        st.tokens.insert(token.clone(), id.clone());
+        let url = format!("/v1/projects/{project}/outputs/{id}/download/{token}");
+        return (StatusCode::CREATED, axum::Json(json!({"url": url, "expiresAt": "2026-12-07T12:05:00Z"})))
             .into_response();
     }
     let reviewer = format!("{who}@ward7.example");
@@ -172,11 +174,12 @@ async fn act(
     axum::Json(entry.0.clone()).into_response()
 }
 
-async fn download(State(s): State<Shared>, UrlPath(token): UrlPath<String>) -> Response {
+async fn download(State(s): State<Shared>, UrlPath((_, id, token)): UrlPath<(String, String, String)>) -> Response {
     let mut st = s.lock().unwrap();
-    let Some(id) = st.tokens.remove(&token) else {
+    if st.tokens.get(&token) != Some(&id) {
         return err(StatusCode::GONE, "linkUsed", "this download link was used or has expired");
-    };
+    }
+    st.tokens.remove(&token);
     let bytes = st.serve_instead.clone().unwrap_or_else(|| st.outputs[&id].1.clone());
     ([("content-type", "application/octet-stream")], bytes).into_response()
 }
@@ -200,7 +203,7 @@ async fn inbox_submit(
     let id = format!("in-{}", st.inbox.len() + 1);
     let item = json!({
         "id": id, "workspace": ws, "fileName": q.get("fileName"), "size": body.len(),
-        "submitter": format!("{who}@ward7.example"), "state": "pending"
+        "submittedBy": format!("{who}@ward7.example"), "state": "pendingApproval"
     });
     st.inbox.push(item.clone());
     (StatusCode::CREATED, axum::Json(item)).into_response()
@@ -223,7 +226,7 @@ async fn inbox_decide(
         return err(StatusCode::NOT_FOUND, "notFound", "no such submission");
     };
     item["state"] = if action == "approve" { "approved" } else { "rejected" }.into();
-    item["reviewer"] = format!("{who}@ward7.example").into();
+    item["decidedBy"] = format!("{who}@ward7.example").into();
     item["reason"] = reason.into();
     axum::Json(item.clone()).into_response()
 }
@@ -341,8 +344,8 @@ async fn reviewers_list_show_and_decide() {
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines[1].starts_with(&format!("{TABLE_ID} inReview           FAIL    alice-r")), "{out}");
-    assert!(lines[2].starts_with(&format!("{SUMMARY_ID} approved           pass    alice-r")), "{out}");
+    assert!(lines[1].starts_with(&format!("{TABLE_ID} inReview           FAIL    0/2   alice-r")), "{out}");
+    assert!(lines[2].starts_with(&format!("{SUMMARY_ID} approved           pass    2/2   alice-r")), "{out}");
 
     let (code, out, _) = h.noexit(Some("olive"), &["outputs", "list", "-p", "ward-7", "--state", "inReview"]).await;
     assert_eq!(code, 0);
@@ -426,7 +429,7 @@ async fn download_verifies_the_receipt_and_spends_the_link_once() {
     assert_eq!(h.state.lock().unwrap().links_issued, links);
 
     // The link the CLI used is spent.
-    assert_eq!(raw_get(&h, "/v1/downloads/tok1").await, 410);
+    assert_eq!(raw_get(&h, &format!("/v1/projects/ward-7/outputs/{SUMMARY_ID}/download/tok1")).await, 410);
     // Without --key the receipt's own key is used, and the OK line says so.
     let args = ["outputs", "download", SUMMARY_ID, "-p", "ward-7", "-o", "again.csv"];
     let (code, out, err) = h.noexit(Some("alice"), &args).await;

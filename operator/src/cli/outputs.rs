@@ -26,6 +26,7 @@ const MAX_RENDERED_BYTES: usize = 16 * 1024 * 1024;
 pub enum OutputsCommand {
     /// A project's output requests (output checkers see all; researchers their own).
     List {
+        /// Project name.
         #[arg(long, short)]
         project: String,
         /// Only requests in this state (e.g. inReview, approved, released).
@@ -35,13 +36,17 @@ pub enum OutputsCommand {
     /// One output request: metadata, check results (tables drawn with failing cells marked),
     /// reviews.
     Show {
+        /// Output request id (from `noexit outputs list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
     },
     /// Approve an output (output checkers; not your own).
     Approve {
+        /// Output request id (from `noexit outputs list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
         /// Why (kept in the audit log and the release receipt).
@@ -50,7 +55,9 @@ pub enum OutputsCommand {
     },
     /// Reject an output (output checkers; not your own). One rejection is final.
     Reject {
+        /// Output request id (from `noexit outputs list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
         /// Why (required; the researcher sees it).
@@ -59,7 +66,9 @@ pub enum OutputsCommand {
     },
     /// Send an output back to its researcher with what to change.
     RequestChanges {
+        /// Output request id (from `noexit outputs list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
         /// What to change (required; the researcher sees it).
@@ -68,14 +77,18 @@ pub enum OutputsCommand {
     },
     /// Withdraw your own output request before it is released.
     Withdraw {
+        /// Output request id (from `noexit outputs list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
     },
     /// Download an approved output once, with its signed receipt; both are checked before
     /// the file gets its name.
     Download {
+        /// Output request id (from `noexit outputs list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
         /// Where to write the file (default: its file name, in this directory). The receipt
@@ -104,6 +117,7 @@ pub enum InboxCommand {
     /// approves it.
     Submit {
         file: PathBuf,
+        /// Project name.
         #[arg(long, short)]
         project: String,
         /// Workspace that receives it.
@@ -115,12 +129,15 @@ pub enum InboxCommand {
     },
     /// A project's inbox submissions.
     List {
+        /// Project name.
         #[arg(long, short)]
         project: String,
     },
     /// Approve a submission (admins; not your own).
     Approve {
+        /// Submission id (from `noexit inbox list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
         #[arg(long)]
@@ -128,7 +145,9 @@ pub enum InboxCommand {
     },
     /// Reject a submission (admins).
     Reject {
+        /// Submission id (from `noexit inbox list`).
         id: String,
+        /// Project name.
         #[arg(long, short)]
         project: String,
         #[arg(long)]
@@ -157,6 +176,11 @@ pub struct OutputView {
     pub checks: Option<Report>,
     #[serde(default)]
     pub reviews: Vec<ReviewView>,
+    /// Distinct approvals so far, and how many release needs.
+    #[serde(default)]
+    pub approvals: Option<u32>,
+    #[serde(default)]
+    pub reviewers_required: Option<u32>,
     #[serde(default)]
     pub created_at: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -185,12 +209,15 @@ pub struct InboxView {
     pub file_name: String,
     #[serde(default)]
     pub size: u64,
-    #[serde(default, alias = "requester")]
+    #[serde(default, alias = "submittedBy", alias = "requester")]
     pub submitter: String,
     #[serde(default)]
     pub state: String,
     #[serde(default, alias = "decidedBy")]
     pub reviewer: Option<String>,
+    /// The name the agent gave it in /inbox, once delivered.
+    #[serde(default)]
+    pub placed_as: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
 }
@@ -199,6 +226,15 @@ pub struct InboxView {
 #[serde(rename_all = "camelCase")]
 struct DownloadLink {
     url: String,
+}
+
+/// `1/2`: approvals so far of those needed, when the API says.
+fn approvals(o: &OutputView) -> String {
+    match (o.approvals, o.reviewers_required) {
+        (Some(a), Some(n)) => format!("{a}/{n}"),
+        (Some(a), None) => a.to_string(),
+        _ => "-".into(),
+    }
 }
 
 fn time(t: Option<DateTime<Utc>>) -> String {
@@ -216,15 +252,16 @@ fn verdict(v: Verdict) -> &'static str {
 /// `outputs list` as text.
 pub fn render_list(list: &[OutputView]) -> String {
     let mut out = format!(
-        "{:<36} {:<18} {:<7} {:<20} {:<28} {:>10} {:<26} UPDATED\n",
-        "ID", "STATE", "CHECKS", "WORKSPACE", "FILE", "SIZE", "REQUESTER"
+        "{:<36} {:<18} {:<7} {:<5} {:<20} {:<28} {:>10} {:<26} UPDATED\n",
+        "ID", "STATE", "CHECKS", "APPR", "WORKSPACE", "FILE", "SIZE", "REQUESTER"
     );
     for o in list {
         out.push_str(&format!(
-            "{:<36} {:<18} {:<7} {:<20} {:<28} {:>10} {:<26} {}\n",
+            "{:<36} {:<18} {:<7} {:<5} {:<20} {:<28} {:>10} {:<26} {}\n",
             term(&o.id),
             term(&o.state),
             o.checks.as_ref().map(|c| verdict(c.verdict)).unwrap_or("-"),
+            approvals(o),
             term(&o.workspace),
             term(&o.file_name),
             o.size,
@@ -255,6 +292,7 @@ pub fn render_show(o: &OutputView, content: Content<'_>) -> String {
     line(&mut out, "workspace", &term(&o.workspace));
     line(&mut out, "requester", &term(&o.requester));
     line(&mut out, "state", &term(&o.state));
+    line(&mut out, "approvals", &approvals(o));
     line(&mut out, "created", &time(o.created_at));
     line(&mut out, "updated", &time(o.updated_at));
     out.push('\n');
@@ -459,10 +497,12 @@ fn refuse_existing(path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The path part of a download link the API gave, if it points back at the API.
-fn download_path<'a>(base: &str, url: &'a str) -> Result<&'a str, CliError> {
+/// The path part of a download link the API gave for the output at `output_path`, if it points
+/// back at the API: `{output_path}/download/{token}` or `/v1/downloads/{token}`.
+fn download_path<'a>(base: &str, output_path: &str, url: &'a str) -> Result<&'a str, CliError> {
     let path = url.strip_prefix(base.trim_end_matches('/')).unwrap_or(url);
-    if !path.starts_with("/v1/downloads/") || path.contains("..") {
+    let ours = path.strip_prefix(output_path).is_some_and(|rest| rest.starts_with("/download/"));
+    if !(ours || path.starts_with("/v1/downloads/")) || path.contains("..") || path.contains("//") {
         return Err(CliError::Verification(format!(
             "the API gave a download link outside itself ({}); not followed",
             term(url)
@@ -616,7 +656,7 @@ async fn download(
 
     let link: Result<DownloadLink, CliError> = api.call(Method::POST, &format!("{path}/download-link"), none).await;
     let digest = match link {
-        Ok(link) => match download_path(base, &link.url) {
+        Ok(link) => match download_path(base, &path, &link.url) {
             Ok(p) => api.download(p, &mut file).await,
             Err(e) => Err(e),
         },
@@ -787,6 +827,8 @@ mod tests {
                 reason: Some("cell of 7\x1b[2J".into()),
                 at: Some("2026-12-07T10:00:00Z".parse().unwrap()),
             }],
+            approvals: Some(1),
+            reviewers_required: Some(2),
             created_at: Some("2026-12-07T09:00:00Z".parse().unwrap()),
             updated_at: None,
         }
@@ -795,7 +837,7 @@ mod tests {
     #[test]
     fn show_draws_checks_reviews_and_the_table_with_the_failing_cell() {
         let text = render_show(&view(), Content::Bytes(b"ward,sex,count\nA,F,12\nA,M,7\n"));
-        assert!(text.contains("state        inReview\n"), "{text}");
+        assert!(text.contains("state        inReview\napprovals    1/2\n"), "{text}");
         assert!(text.contains("checks: FAIL\n  FAIL   minCellCount   1 cell below 10 cells (3,3)\n"), "{text}");
         assert!(text.contains("  pass   dlp            nothing found\n"), "{text}");
         assert!(
@@ -814,7 +856,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("ID "));
         assert!(
-            lines[1].starts_with("0193a1b2-0000-7000-8000-000000000001 inReview           FAIL    alice-r"),
+            lines[1].starts_with("0193a1b2-0000-7000-8000-000000000001 inReview           FAIL    1/2   alice-r"),
             "{text}"
         );
         assert!(lines[1].ends_with("2026-12-07T09:00:00Z"), "{text}");
@@ -836,13 +878,22 @@ mod tests {
         for bad in ["", "../x.csv", "a/b.csv", ".bashrc", "x\u{202e}vsc.exe", "a\nb"] {
             assert!(default_download_name(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(download_path("https://api:8443", "/v1/downloads/t0k").unwrap(), "/v1/downloads/t0k");
+        let out = "/v1/projects/ward-7/outputs/o1";
+        assert_eq!(download_path("https://api:8443", out, "/v1/downloads/t0k").unwrap(), "/v1/downloads/t0k");
         assert_eq!(
-            download_path("https://api:8443/", "https://api:8443/v1/downloads/t0k").unwrap(),
-            "/v1/downloads/t0k"
+            download_path("https://api:8443/", out, "https://api:8443/v1/projects/ward-7/outputs/o1/download/t0k")
+                .unwrap(),
+            "/v1/projects/ward-7/outputs/o1/download/t0k"
         );
-        for bad in ["https://evil.example/v1/downloads/t", "/v1/outputs/x", "/v1/downloads/../x"] {
-            assert!(download_path("https://api:8443", bad).is_err(), "{bad}");
+        for bad in [
+            "https://evil.example/v1/downloads/t",
+            "/v1/outputs/x",
+            "/v1/downloads/../x",
+            "/v1/projects/ward-7/outputs/o2/download/t",
+            "/v1/projects/ward-7/outputs/o1/content",
+            "/v1/projects/ward-7/outputs/o1/download/../../o2/download/t",
+        ] {
+            assert!(download_path("https://api:8443", out, bad).is_err(), "{bad}");
         }
         assert_eq!(query_value("my file/ü.csv"), "my%20file%2F%C3%BC.csv");
         assert!(id_segment("0193a1b2-0000").is_ok());

@@ -1,12 +1,13 @@
 //! A CSV/TSV output drawn as a terminal table for a reviewer, with the cells the checks
 //! flagged marked `*like this*`. Pure: bytes and cells in, text out.
 //!
-//! Rows are numbered as the checks number them ([`Cell::row`]: 1-based record of the file, the
-//! header being 1), columns from 1; both numbers are drawn in the margins so a reviewer can
-//! find a cell the report names. Every cell's text passes through [`term`], so a file cannot
+//! Rows are numbered as the checks number them ([`Cell::row`]: the 1-based file line the row
+//! starts on, the header being 1; a quoted field over two lines makes the next row start two
+//! lines down), columns from 1; both numbers are drawn in the margins so a reviewer can find a
+//! cell the report names. Every cell's text passes through [`term`], so a file cannot
 //! drive the reviewer's terminal.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use noexit_airlock::checks::Cell;
 
@@ -41,20 +42,31 @@ pub fn is_table(file_name: &str) -> bool {
     [".csv", ".tsv", ".tab"].iter().any(|e| lower.ends_with(e))
 }
 
+/// One row of a table: the 1-based file line it starts on, and its fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub line: usize,
+    pub fields: Vec<String>,
+}
+
 /// Split delimited text into records (RFC 4180: quoted fields may hold the delimiter, doubled
-/// quotes and line breaks; CRLF or LF ends a record). Invalid UTF-8 is shown replaced.
-pub fn parse(bytes: &[u8], delimiter: u8) -> Vec<Vec<String>> {
+/// quotes and line breaks; LF, CRLF or CR ends a record), each with the file line it starts on
+/// — the numbering the checks use for cells. Invalid UTF-8 is shown replaced.
+pub fn parse(bytes: &[u8], delimiter: u8) -> Vec<Record> {
     let text = String::from_utf8_lossy(bytes);
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let delimiter = delimiter as char;
     let mut records = Vec::new();
-    let mut record: Vec<String> = Vec::new();
+    let mut fields: Vec<String> = Vec::new();
     let mut field = String::new();
     let mut in_quotes = false;
     let mut chars = text.chars().peekable();
     let mut any = false;
+    let (mut line, mut start) = (1usize, 1usize);
     while let Some(c) = chars.next() {
         any = true;
+        // A line break: CRLF counts once.
+        let newline = c == '\n' || (c == '\r' && chars.peek() != Some(&'\n'));
         if in_quotes {
             match c {
                 '"' if chars.peek() == Some(&'"') => {
@@ -64,23 +76,28 @@ pub fn parse(bytes: &[u8], delimiter: u8) -> Vec<Vec<String>> {
                 '"' => in_quotes = false,
                 c => field.push(c),
             }
+            if newline {
+                line += 1;
+            }
             continue;
         }
         match c {
             '"' if field.is_empty() => in_quotes = true,
-            c if c == delimiter => record.push(std::mem::take(&mut field)),
-            '\r' if chars.peek() == Some(&'\n') => {}
-            '\n' => {
-                record.push(std::mem::take(&mut field));
-                records.push(std::mem::take(&mut record));
+            c if c == delimiter => fields.push(std::mem::take(&mut field)),
+            '\r' | '\n' if newline => {
+                fields.push(std::mem::take(&mut field));
+                records.push(Record { line: start, fields: std::mem::take(&mut fields) });
                 any = false;
+                line += 1;
+                start = line;
             }
+            '\r' => {}
             c => field.push(c),
         }
     }
     if any {
-        record.push(field);
-        records.push(record);
+        fields.push(field);
+        records.push(Record { line: start, fields });
     }
     records
 }
@@ -95,69 +112,69 @@ fn clip(s: &str, width: usize) -> String {
     out
 }
 
-/// Draw `bytes` as a table with `flagged` cells marked. `flagged` maps each cell to the checks
-/// that flagged it; flagged cells outside the table are listed below it.
+/// Draw `bytes` as a table with `flagged` cells marked. `flagged` maps each cell (file line,
+/// column) to the checks that flagged it; flagged cells not drawn are listed below the table.
 pub fn render(bytes: &[u8], delimiter: u8, flagged: &BTreeMap<(usize, usize), Vec<String>>, limits: Limits) -> String {
     let records = parse(bytes, delimiter);
-    let flagged_rows: BTreeSet<usize> = flagged.keys().map(|(r, _)| *r).collect();
-    let shown_rows: BTreeSet<usize> = (1..=records.len().min(limits.head_rows))
-        .chain(flagged_rows.iter().copied().filter(|r| *r >= 1 && *r <= records.len()))
+    let by_line: HashMap<usize, usize> = records.iter().enumerate().map(|(i, r)| (r.line, i)).collect();
+    let shown: BTreeSet<usize> = (0..records.len().min(limits.head_rows))
+        .chain(flagged.keys().filter_map(|(line, _)| by_line.get(line).copied()))
         .collect();
-    let columns = records.iter().map(Vec::len).max().unwrap_or(0);
+    let columns = records.iter().map(|r| r.fields.len()).max().unwrap_or(0);
     let shown_columns = columns.min(limits.max_columns);
 
     // Cell texts (marked where flagged), then column widths over the rows drawn.
-    let cell_text = |row: usize, col: usize| -> String {
-        let raw = records[row - 1].get(col - 1).map(String::as_str).unwrap_or("");
-        if flagged.contains_key(&(row, col)) {
+    let cell_text = |i: usize, col: usize| -> String {
+        let r = &records[i];
+        let raw = r.fields.get(col - 1).map(String::as_str).unwrap_or("");
+        if flagged.contains_key(&(r.line, col)) {
             format!("*{}*", clip(raw, limits.max_width.saturating_sub(2)))
         } else {
             clip(raw, limits.max_width)
         }
     };
     let mut widths: Vec<usize> = (1..=shown_columns).map(|c| c.to_string().len()).collect();
-    for &row in &shown_rows {
-        for (i, w) in widths.iter_mut().enumerate() {
-            *w = (*w).max(cell_text(row, i + 1).chars().count());
+    for &i in &shown {
+        for (c, w) in widths.iter_mut().enumerate() {
+            *w = (*w).max(cell_text(i, c + 1).chars().count());
         }
     }
-    let gutter = records.len().max(1).to_string().len();
+    let gutter = records.last().map_or(1, |r| r.line).to_string().len();
     let mut out = String::new();
     // Column numbers.
     out.push_str(&" ".repeat(gutter));
     out.push_str(" |");
-    for (i, w) in widths.iter().enumerate() {
-        out.push_str(&format!(" {:<w$} |", i + 1, w = w));
+    for (c, w) in widths.iter().enumerate() {
+        out.push_str(&format!(" {:<w$} |", c + 1, w = w));
     }
     out.push('\n');
     out.push_str(&"-".repeat(gutter + 2 + widths.iter().map(|w| w + 3).sum::<usize>()));
     out.push('\n');
-    let mut previous = 0;
-    for &row in &shown_rows {
-        if row > previous + 1 {
-            out.push_str(&format!("{:>gutter$} | … {} rows not shown\n", "", row - previous - 1));
+    let mut next = 0;
+    for &i in &shown {
+        if i > next {
+            out.push_str(&format!("{:>gutter$} | … {} rows not shown\n", "", i - next));
         }
-        out.push_str(&format!("{row:>gutter$} |"));
-        for (i, w) in widths.iter().enumerate() {
-            out.push_str(&format!(" {:<w$} |", cell_text(row, i + 1), w = w));
+        out.push_str(&format!("{:>gutter$} |", records[i].line));
+        for (c, w) in widths.iter().enumerate() {
+            out.push_str(&format!(" {:<w$} |", cell_text(i, c + 1), w = w));
         }
         out.push('\n');
-        previous = row;
+        next = i + 1;
     }
-    if records.len() > previous {
-        out.push_str(&format!("{:>gutter$} | … {} rows not shown\n", "", records.len() - previous));
+    if records.len() > next {
+        out.push_str(&format!("{:>gutter$} | … {} rows not shown\n", "", records.len() - next));
     }
     if columns > shown_columns {
         out.push_str(&format!("({} more columns not shown)\n", columns - shown_columns));
     }
-    for ((row, col), checks) in flagged {
-        let inside = *row >= 1 && *row <= records.len() && *col >= 1 && *col <= records[row - 1].len();
-        let drawn = inside && *col <= shown_columns;
-        let at = format!("row {row}, column {col}");
+    for ((line, col), checks) in flagged {
+        let inside = by_line.get(line).is_some_and(|&i| *col >= 1 && *col <= records[i].fields.len());
+        let at = format!("line {line}, column {col}");
         let why = checks.join(", ");
         if !inside {
-            out.push_str(&format!("flagged {at} ({why}) is not in the file\n"));
-        } else if !drawn {
+            out.push_str(&format!("flagged {at} ({why}) is not a cell of the table\n"));
+        } else if *col > shown_columns {
             out.push_str(&format!("flagged {at} ({why}) is beyond the columns drawn\n"));
         }
     }
@@ -193,17 +210,31 @@ mod tests {
     }
 
     #[test]
-    fn parses_quoted_fields_crlf_and_a_missing_last_newline() {
-        let got = parse(b"\xef\xbb\xbfward,\"count, n\"\r\n\"A \"\"x\"\"\",12\n\"multi\nline\",7", b',');
+    fn parses_quoted_fields_line_ends_and_a_missing_last_newline() {
+        let got = parse(b"\xef\xbb\xbfward,\"count, n\"\r\n\"A \"\"x\"\"\",12\n\"multi\nline\",7\rlast,1", b',');
+        let rec = |line: usize, f: &[&str]| Record { line, fields: f.iter().map(|s| s.to_string()).collect() };
         assert_eq!(
             got,
-            vec![vec!["ward", "count, n"], vec!["A \"x\"", "12"], vec!["multi\nline", "7"]]
-                .into_iter()
-                .map(|r| r.into_iter().map(String::from).collect::<Vec<_>>())
-                .collect::<Vec<_>>()
+            vec![
+                rec(1, &["ward", "count, n"]),
+                rec(2, &["A \"x\"", "12"]),
+                rec(3, &["multi\nline", "7"]),
+                // The quoted newline moved the next row down a line.
+                rec(5, &["last", "1"]),
+            ]
         );
-        assert_eq!(parse(b"a\tb\n", b'\t'), vec![vec!["a".to_string(), "b".to_string()]]);
+        assert_eq!(parse(b"a\tb\n", b'\t'), vec![rec(1, &["a", "b"])]);
         assert!(parse(b"", b',').is_empty());
+    }
+
+    #[test]
+    fn rows_are_found_by_the_file_line_they_start_on() {
+        let csv = b"label,count\n\"two\nlines\",12\nB,7\n";
+        let text = render(csv, b',', &flag(&[(4, 2, "minCellCount")]), Limits::default());
+        assert!(text.contains("4 | B            | *7*   |"), "{text}");
+        assert!(text.contains("2 | two\\x0alines | 12    |"), "{text}");
+        let text = render(csv, b',', &flag(&[(3, 2, "minCellCount")]), Limits::default());
+        assert!(text.contains("flagged line 3, column 2 (minCellCount) is not a cell of the table"), "{text}");
     }
 
     #[test]
@@ -251,13 +282,13 @@ mod tests {
     #[test]
     fn flagged_cells_outside_the_table_are_listed_not_lost() {
         let text = render(b"a,b\n1,2\n", b',', &flag(&[(9, 1, "zeros"), (2, 5, "dominance")]), Limits::default());
-        assert!(text.contains("flagged row 2, column 5 (dominance) is not in the file"), "{text}");
-        assert!(text.contains("flagged row 9, column 1 (zeros) is not in the file"), "{text}");
+        assert!(text.contains("flagged line 2, column 5 (dominance) is not a cell of the table"), "{text}");
+        assert!(text.contains("flagged line 9, column 1 (zeros) is not a cell of the table"), "{text}");
         let wide = "a,b,c,d\n1,2,3,4\n";
         let limits = Limits { max_columns: 2, ..Limits::default() };
         let text = render(wide.as_bytes(), b',', &flag(&[(2, 4, "minCellCount")]), limits);
         assert!(text.contains("(2 more columns not shown)"), "{text}");
-        assert!(text.contains("flagged row 2, column 4 (minCellCount) is beyond the columns drawn"), "{text}");
+        assert!(text.contains("flagged line 2, column 4 (minCellCount) is beyond the columns drawn"), "{text}");
     }
 
     #[test]
