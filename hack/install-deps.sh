@@ -5,7 +5,9 @@
 #   postgresql          audit store on PostgreSQL (tests start private servers)
 #   r-base-core         real R packages for the CRAN mirror tests
 #   curl                the mirror tests fetch from inside network namespaces
-#   openssl             certificates of the local control plane (hack/control-plane)
+#   openssl             certificates of the local control plane (hack/control-plane); with jq,
+#                       the independent check of release receipts (operator/tests/outputs_cli.rs)
+#   jq                  canonical receipt JSON in that check, as docs/auditor.md tells auditors
 #   bind9-dnsutils      dig: the workspace DNS test queries from a workspace namespace
 #   dnsmasq-base        the "outside" resolver of the DNS test, which logs every query it gets
 #   novnc, tigervnc-standalone-server, chromium, xclip, xterm (and Node.js with npm)
@@ -18,7 +20,7 @@
 # Benchmarks also want nginx and wrk (hack/bench/README.md), and dnsperf for the DNS server;
 # tests do not.
 set -euo pipefail
-packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl
+packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl jq
   bind9-dnsutils dnsmasq-base novnc websockify tigervnc-standalone-server chromium xclip xterm)
 # Node.js (with npm) is a toolchain of these machines; Debian's packages only where it is absent
 # (its npm package conflicts with a Node.js that brings its own npm).

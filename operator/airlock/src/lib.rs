@@ -7,4 +7,5 @@
 //! - [`render`]: the file as a reviewer sees it, with the checks' findings marked.
 
 pub mod checks;
+pub mod receipt;
 pub mod render;

@@ -12,6 +12,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+pub use noexit_airlock::receipt::FileDigest;
 
 use crate::api::tls;
 
@@ -26,6 +29,9 @@ pub enum CliError {
     /// Bad local input: flags, files, configuration.
     #[error("{0}")]
     Usage(String),
+    /// A check the CLI made itself failed (a receipt that does not vouch for its file).
+    #[error("{0}")]
+    Verification(String),
 }
 
 impl CliError {
@@ -34,7 +40,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Refused { status, .. } if status.is_server_error() => 3,
-            CliError::Refused { .. } => 1,
+            CliError::Refused { .. } | CliError::Verification(_) => 1,
             CliError::Usage(_) => 2,
             CliError::Connection { .. } => 3,
         }
@@ -85,37 +91,112 @@ impl ApiClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, CliError> {
-        let url = format!("{}{path}", self.base);
-        let mut req = http::Request::builder().method(method).uri(&url).header("accept", "application/json");
+        let body = match body {
+            Some(b) => Some((
+                "application/json",
+                Bytes::from(serde_json::to_vec(b).map_err(|e| CliError::Usage(e.to_string()))?),
+            )),
+            None => None,
+        };
+        self.call_with(method, path, body).await
+    }
+
+    /// Send `bytes` as the raw request body (`application/octet-stream`) and decode the JSON
+    /// answer.
+    pub async fn call_raw<T: DeserializeOwned>(&self, method: Method, path: &str, bytes: Bytes) -> Result<T, CliError> {
+        self.call_with(method, path, Some(("application/octet-stream", bytes))).await
+    }
+
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Result<T, CliError> {
+        let url = self.url(path);
+        let response = self.send(method, path, "application/json", body).await?;
+        let bytes = response.into_body().collect().await.map_err(|e| connection(&url, e.to_string()))?.to_bytes();
+        serde_json::from_slice(&bytes)
+            .map_err(|e| connection(&url, format!("the answer is not the JSON expected ({e}); is this a noexit API?")))
+    }
+
+    /// GET `path` and return at most `limit` bytes of the body (more is an error).
+    pub async fn get_bytes(&self, path: &str, limit: usize) -> Result<Bytes, CliError> {
+        let url = self.url(path);
+        let response = self.send(Method::GET, path, "application/octet-stream", None).await?;
+        let limited = http_body_util::Limited::new(response.into_body(), limit);
+        match limited.collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(connection(&url, format!("the answer is larger than {limit} bytes")))
+            }
+            Err(e) => Err(connection(&url, e.to_string())),
+        }
+    }
+
+    /// GET `path` and copy the body into `out` as it arrives; returns its size and SHA-256.
+    pub async fn download(&self, path: &str, out: &mut impl std::io::Write) -> Result<FileDigest, CliError> {
+        let url = self.url(path);
+        let mut body = self.send(Method::GET, path, "application/octet-stream", None).await?.into_body();
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| connection(&url, format!("download interrupted: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                hasher.update(&data);
+                size += data.len() as u64;
+                out.write_all(&data).map_err(|e| CliError::Usage(format!("cannot write the download: {e}")))?;
+            }
+        }
+        Ok(FileDigest { size, sha256: hex::encode(hasher.finalize()) })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Send a request; a non-2xx answer becomes [`CliError::Refused`] with the API's error.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        accept: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Result<http::Response<hyper::body::Incoming>, CliError> {
+        let url = self.url(path);
+        let mut req = http::Request::builder().method(method).uri(&url).header("accept", accept);
         if let Some(token) = &self.token {
             req = req.header("authorization", format!("Bearer {token}"));
         }
         let body = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(serde_json::to_vec(b).map_err(|e| CliError::Usage(e.to_string()))?)
+            Some((content_type, bytes)) => {
+                req = req.header("content-type", content_type);
+                bytes
             }
             None => Bytes::new(),
         };
         let req = req.body(Full::new(body)).map_err(|e| CliError::Usage(format!("{url}: {e}")))?;
-        let conn = |message: String| CliError::Connection { url: url.clone(), message };
         let response = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
             .await
-            .map_err(|_| conn("no answer within 30 s".into()))?
-            .map_err(|e| conn(source_chain(&e)))?;
+            .map_err(|_| connection(&url, "no answer within 30 s".into()))?
+            .map_err(|e| connection(&url, source_chain(&e)))?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(|e| conn(e.to_string()))?.to_bytes();
-        if !status.is_success() {
-            let parsed: Option<crate::api::ErrorBody> = serde_json::from_slice(&bytes).ok();
-            let (code, message) = match parsed {
-                Some(e) => (e.code, e.message),
-                None => ("http".into(), String::from_utf8_lossy(&bytes).chars().take(300).collect()),
-            };
-            return Err(CliError::Refused { status, code, message });
+        if status.is_success() {
+            return Ok(response);
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| conn(format!("the answer is not the JSON expected ({e}); is this a noexit API?")))
+        let limited = http_body_util::Limited::new(response.into_body(), 64 * 1024);
+        let bytes = limited.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let parsed: Option<crate::api::ErrorBody> = serde_json::from_slice(&bytes).ok();
+        let (code, message) = match parsed {
+            Some(e) => (e.code, e.message),
+            None => ("http".into(), String::from_utf8_lossy(&bytes).chars().take(300).collect()),
+        };
+        Err(CliError::Refused { status, code, message })
     }
+}
+
+fn connection(url: &str, message: String) -> CliError {
+    CliError::Connection { url: url.to_owned(), message }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 pub mod audit;
 pub mod client;
 pub mod escape;
+pub mod outputs;
+pub mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,6 +106,12 @@ pub enum Command {
     },
     /// Read and verify the audit log (talks to the audit store, not the API).
     Audit(audit::AuditArgs),
+    /// Output requests: review, release, download, verify receipts (the door out).
+    #[command(subcommand)]
+    Outputs(outputs::OutputsCommand),
+    /// Files submitted into a workspace's /inbox (the door in).
+    #[command(subcommand)]
+    Inbox(outputs::InboxCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -221,6 +229,12 @@ async fn execute(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
         // `main` hands `audit` to its own module; it never needs the API.
         Command::Audit(_) => return Err(CliError::Usage("noexit audit reads the audit store, not the API".into())),
+        // Offline: no API client (and no token or CA) needed.
+        Command::Outputs(outputs::OutputsCommand::VerifyReceipt { file, receipt, key }) => {
+            println!("{}", outputs::verify_receipt(file, receipt, key.as_deref())?);
+        }
+        Command::Outputs(c) => outputs::outputs(&api()?, &cli.api_url, cli.json, c).await?,
+        Command::Inbox(c) => outputs::inbox(&api()?, cli.json, c).await?,
         Command::Request(RequestKind::Workspace(a)) => {
             let workspace_name =
                 a.workspace_name.clone().unwrap_or_else(|| default_workspace_name(&a.owner, a.runtime));
