@@ -106,11 +106,11 @@ copy_in() {
 #   virtio (PCI, disks, network, entropy); the seed CD-ROM on SATA, IDE or virtio-scsi;
 #   ext4 (home, datasets), iso9660 (seed, datasets);
 #   nftables as the agent's egress table uses it (agent/src/egress/plan.rs: inet table, ct mark,
-#   limit, log, reject).
+#   named counters (objref), limit, log, reject).
 TINY_MODULES=(virtio_pci virtio_blk virtio_net virtio_scsi virtio-rng
   ahci ata_piix sr_mod
   crc32c_generic ext4 isofs
-  nf_tables nft_ct nft_limit nft_log nf_log_syslog nft_reject_inet)
+  nf_tables nft_ct nft_objref nft_limit nft_log nf_log_syslog nft_reject_inet)
 
 build_tiny() {
   extract linux-image-amd64,busybox-static,nftables,e2fsprogs
@@ -146,6 +146,8 @@ build_tiny() {
   done
   cp "$deb/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/"
   depmod -b "$root" "$kver"
+  # The kernel runs /sbin/modprobe to load what a request needs (e.g. an nft expression).
+  ln -s ../bin/busybox "$root/sbin/modprobe"
 
   # the boot contract and PID 1
   install -m 0755 "$here/guest/noexit-boot" "$root/usr/lib/noexit/noexit-boot"
