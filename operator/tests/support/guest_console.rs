@@ -27,12 +27,26 @@ const TRANSCRIPT_TAIL: usize = 4096;
 #[derive(Debug)]
 pub enum ConsoleError {
     /// The socket did not accept a connection within the bound.
-    Connect { path: PathBuf, waited: Duration, error: std::io::Error },
+    Connect {
+        path: PathBuf,
+        waited: Duration,
+        error: std::io::Error,
+    },
     /// No answer within the bound; `recent` is the tail of what the guest printed.
-    Timeout { what: String, waited: Duration, recent: String },
+    Timeout {
+        what: String,
+        waited: Duration,
+        recent: String,
+    },
     /// The guest (or QEMU) closed the console.
-    Closed { what: String, recent: String },
-    Io { what: String, error: std::io::Error },
+    Closed {
+        what: String,
+        recent: String,
+    },
+    Io {
+        what: String,
+        error: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for ConsoleError {
@@ -112,7 +126,9 @@ impl GuestConsole {
         let n = self.seq;
         let begin = format!("__NX_BEGIN_{n}__\n");
         let end = format!("__NX_END_{n}__ ");
-        self.send(&format!("echo \"__NX_BEGIN_{n}__\"\"\"; ( {cmd}\n ) </dev/null 2>&1; echo \"__NX_END_{n}__\"\"\" $?"))?;
+        self.send(&format!(
+            "echo \"__NX_BEGIN_{n}__\"\"\"; ( {cmd}\n ) </dev/null 2>&1; echo \"__NX_END_{n}__\"\"\" $?"
+        ))?;
         let start = Instant::now();
         let deadline = start + bound;
         let what = format!("running {cmd:?}");
@@ -152,9 +168,7 @@ impl GuestConsole {
     pub fn send(&mut self, line: &str) -> Result<(), ConsoleError> {
         let mut bytes = line.as_bytes().to_vec();
         bytes.push(b'\n');
-        self.stream
-            .write_all(&bytes)
-            .map_err(|error| ConsoleError::Io { what: format!("sending {line:?}"), error })
+        self.stream.write_all(&bytes).map_err(|error| ConsoleError::Io { what: format!("sending {line:?}"), error })
     }
 
     /// The tail of what the guest printed on this console.
@@ -165,9 +179,7 @@ impl GuestConsole {
     /// Read what is available, waiting at most until `deadline`.
     fn fill(&mut self, deadline: Instant, what: &str) -> Result<(), ConsoleError> {
         let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        self.stream
-            .set_read_timeout(Some(wait))
-            .map_err(|error| ConsoleError::Io { what: what.into(), error })?;
+        self.stream.set_read_timeout(Some(wait)).map_err(|error| ConsoleError::Io { what: what.into(), error })?;
         let mut buf = [0u8; 4096];
         match self.stream.read(&mut buf) {
             Ok(0) => Err(ConsoleError::Closed { what: what.into(), recent: self.recent() }),
@@ -178,7 +190,9 @@ impl GuestConsole {
                 self.transcript.drain(..excess);
                 Ok(())
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+                Ok(())
+            }
             Err(error) => Err(ConsoleError::Io { what: what.into(), error }),
         }
     }
@@ -242,5 +256,4 @@ mod tests {
         assert!(matches!(e, ConsoleError::Timeout { .. }), "{e}");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
-
 }
