@@ -134,7 +134,7 @@ fn boot(img: &Path, dir: &Path, iso: &Path, home: &Path, ds: &Path) -> Vm {
     let child = Command::new("qemu-system-x86_64")
         .args(["-machine", "q35,accel=tcg", "-m", "256", "-nodefaults", "-no-user-config", "-display", "none"])
         .arg("-kernel")
-        .arg(img.join("vmlinuz"))
+        .arg(img.join("vmlinux"))
         .arg("-initrd")
         .arg(img.join("initrd.img"))
         .args(["-append", "console=ttyS0 quiet noexit.test=1"])
