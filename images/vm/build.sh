@@ -17,7 +17,7 @@
 # Needs: mmdebstrap, kmod (modprobe/depmod), cpio, zstd, binutils (strip); for `workspace` also
 #        root (mmdebstrap installs in a chroot), qemu-utils and e2fsprogs; no loop devices, no
 #        mounts (mkfs.ext4 -d fills the file system from the tree).
-#   DIR=$(images/vm/build.sh tiny) && ls "$DIR"   # initrd.img  info.txt  vmlinuz
+#   DIR=$(images/vm/build.sh tiny) && ls "$DIR"   # info.txt  initrd.img  vmlinux  vmlinuz
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)

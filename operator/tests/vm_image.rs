@@ -232,6 +232,12 @@ fn tiny_image_keeps_the_boot_contract_under_tcg() {
     assert!(log.contains("workspace=noexit://workspace/ward-7/alice-r"), "{log}");
     eprintln!("vm_image: agent started after {:?}", started.elapsed());
     c.run_ok("pidof noexit-agent", CMD);
+    // The outbox on the home disk, owned by the researcher (NOEXIT_OUTBOX_OWNER).
+    let outbox_start = Instant::now();
+    while c.run_ok("stat -c %u:%g /home/researcher/outbox 2>/dev/null || true", CMD).trim() != "1000:1000" {
+        assert!(outbox_start.elapsed() < AGENT, "the agent did not give the outbox to the researcher");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let lock_start = Instant::now();
     loop {
         let (code, out) = c.run("nft list table inet noexit", CMD).unwrap();
