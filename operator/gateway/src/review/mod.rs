@@ -79,7 +79,9 @@ pub fn router(review: Arc<Review>) -> Router {
         .route("/review/{project}/{id}/{decision}", post(decide))
         .layer(SetResponseHeaderLayer::overriding(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP)))
         .layer(SetResponseHeaderLayer::overriding(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
-        .layer(SetResponseHeaderLayer::overriding(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")))
+        // `same-origin`, not `no-referrer`: under `no-referrer` the browser sends `Origin: null`
+        // with the page's own form posts, and the decision handler checks the origin.
+        .layer(SetResponseHeaderLayer::overriding(header::REFERRER_POLICY, HeaderValue::from_static("same-origin")))
         .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .layer(SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
         .with_state(review)
@@ -131,11 +133,18 @@ async fn list(State(r): State<Arc<Review>>, headers: HeaderMap) -> Response {
     };
     let mut sections = Vec::with_capacity(projects.len());
     for project in projects {
-        let mut outputs = Ok(Vec::new());
+        let mut outputs: Result<Vec<api_client::Output>, ApiError> = Ok(Vec::new());
         // Awaiting review: checked (no decision yet) and inReview (some approvals, not enough).
         for state in ["checked", "inReview"] {
             match (&mut outputs, r.api.list(&s.who.bearer, &project, Some(state)).await) {
-                (Ok(acc), Ok(mut found)) => acc.append(&mut found),
+                (Ok(acc), Ok(found)) => {
+                    // An output that moved between the two calls is listed once.
+                    for o in found {
+                        if !acc.iter().any(|a| a.id == o.id) {
+                            acc.push(o);
+                        }
+                    }
+                }
                 (Ok(_), Err(e)) => outputs = Err(e),
                 (Err(_), _) => {}
             }
