@@ -183,7 +183,7 @@ async fn show(
     };
     let content = r.api.content(&s.who.bearer, &project, &id).await;
     let notice = q.decided.as_deref().and_then(Decision::parse).map(pages::decided_notice);
-    let body = pages::output_page(&viewer, &project, &output, content.as_deref().map_err(|e| e), notice.as_deref());
+    let body = pages::output_page(&viewer, &project, &output, content.as_deref(), notice.as_deref());
     page(StatusCode::OK, body)
 }
 

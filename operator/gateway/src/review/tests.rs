@@ -253,6 +253,8 @@ async fn a_checker_sees_the_list_and_the_marked_cell_with_their_own_token() {
     assert!(!body.contains("tok-bob"), "the bearer token reached the page");
     assert_eq!(headers[header::CONTENT_SECURITY_POLICY], CSP);
     assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(headers[header::REFERRER_POLICY], "same-origin");
+    assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
     let calls = f.stub.calls.lock().unwrap().clone();
     assert!(!calls.is_empty() && calls.iter().all(|c| c.0 == "Bearer tok-bob"), "{calls:?}");
     let (_, headers, css) = f.get("/review/review.css", None).await;
@@ -269,12 +271,14 @@ async fn a_forged_form_without_the_token_is_refused_and_audited() {
         assert_eq!(status, StatusCode::FORBIDDEN, "{form}: {body}");
         assert!(body.contains("data-code=\"csrf\""), "{body}");
     }
-    let (status, _) =
-        f.post("/review/ward-7/o-1/approve", "sess-bob", "csrf=csrf-sess-bob", Some("https://evil.test")).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    for origin in ["https://evil.test", "null"] {
+        let (status, body) = f.post("/review/ward-7/o-1/approve", "sess-bob", "csrf=csrf-sess-bob", Some(origin)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{origin}");
+        assert!(body.contains("data-code=\"wrongOrigin\""), "{body}");
+    }
     assert!(f.decisions().is_empty(), "a forged decision reached the API");
     let refusals = f.audit().iter().filter(|e| e.refused.is_some() && e.actor == format!("user:{BOB}")).count();
-    assert_eq!(refusals, 4);
+    assert_eq!(refusals, 5);
     let _ = &f.gw;
 }
 
