@@ -7,8 +7,8 @@
 //! The stub verifies every bearer token with the API's own verifier
 //! (`noexit_operator::api::oidc::Oidc`, audience `noexit`), so the audience configuration of
 //! docs/admin.md is what is tested. It stands in for branch `outputs`' endpoints, which had not
-//! landed when this test was written; it keeps their contract (paths, JSON, the requester
-//! refused with 403).
+//! landed when this test was written; it keeps their contract as branch `outputs` has it
+//! (`OutputView`'s JSON, `{"reason"}` bodies, `selfReview` / `notAChecker` refusals with 403).
 //!
 //!   hack/install-deps.sh
 //!   cargo test -p noexit-operator --test review_page -- --nocapture
@@ -280,10 +280,10 @@ fn api(rt: &tokio::runtime::Runtime, issuer: &str) -> (String, Arc<Api>) {
             axum::routing::get(|State(a): S, h: HeaderMap| async move {
                 match a.user(&h, "content").await {
                     Ok(u) if u == BOB => TABLE.into_response(),
-                    Ok(_) => (
+                    Ok(u) => (
                         StatusCode::FORBIDDEN,
-                        axum::Json(json!({"code": "notChecker",
-                        "message": "only the project's output checkers read an output's content"})),
+                        axum::Json(json!({"code": "notAChecker",
+                        "message": format!("{u} is not an output checker of this project")})),
                     )
                         .into_response(),
                     Err(r) => r,
@@ -302,11 +302,12 @@ fn api(rt: &tokio::runtime::Runtime, issuer: &str) -> (String, Arc<Api>) {
                         Err(r) => return r,
                     };
                     let mut o = a.output.lock().unwrap();
+                    // The API's refusal (noexit_airlock::lifecycle::Refusal::SelfReview).
                     if o["requester"] == json!(user) {
                         return (
                             StatusCode::FORBIDDEN,
-                            axum::Json(json!({"code": "ownOutput",
-                            "message": "you submitted this output: another output checker must review it"})),
+                            axum::Json(json!({"code": "selfReview",
+                            "message": format!("{user} submitted this request and may not review it")})),
                         )
                             .into_response();
                     }
@@ -450,10 +451,10 @@ fn a_checker_sees_the_failing_cell_marked_and_approves_in_the_browser() {
     let r = browser(opts("requester"));
     assert_eq!(r["own"], json!(1), "{r}");
     assert_eq!(r["forms"], json!(0), "{r}");
-    assert_eq!(r["noContent"], json!("notChecker"), "{r}");
+    assert_eq!(r["noContent"], json!("notAChecker"), "{r}");
     assert_eq!(r["selfReview"]["status"], json!(403), "{r}");
-    assert_eq!(r["selfReview"]["code"], json!("ownOutput"), "{r}");
-    assert!(r["selfReview"]["text"].as_str().unwrap().contains("you submitted this output"), "{r}");
+    assert_eq!(r["selfReview"]["code"], json!("selfReview"), "{r}");
+    assert!(r["selfReview"]["text"].as_str().unwrap().contains("submitted this request and may not review it"), "{r}");
 
     // The API saw the people's own tokens (verified with its audience), never a refusal, and one
     // decision only: the forged ones never left the gateway.
@@ -485,6 +486,6 @@ fn a_checker_sees_the_failing_cell_marked_and_approves_in_the_browser() {
     };
     assert!(has(BOB, "gateway.review.approve", None), "relayed approval not audited");
     assert!(has(BOB, "gateway.review.approve", Some("CSRF")), "forged decision not audited");
-    assert!(has(ALICE, "gateway.review.approve", Some("you submitted this output")), "self-review not audited");
+    assert!(has(ALICE, "gateway.review.approve", Some("may not review it")), "self-review not audited");
     eprintln!("screenshot: {}", screenshot.display());
 }

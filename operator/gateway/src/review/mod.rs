@@ -33,8 +33,9 @@ use api_client::{ApiClient, ApiError, Decision};
 use checkers::Checkers;
 use pages::{ProjectOutputs, Viewer};
 
-/// Longest reason accepted with a decision (characters).
-pub const MAX_REASON: usize = 4000;
+/// Longest reason accepted with a decision, in bytes (the API's
+/// `noexit_airlock::lifecycle::MAX_REASON`).
+pub const MAX_REASON: usize = 2000;
 
 /// The review pages' policy: nothing but this origin's stylesheet and `data:` images; forms
 /// post only here; no script at all.

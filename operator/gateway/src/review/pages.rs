@@ -352,9 +352,13 @@ mod tests {
     #[test]
     fn a_refused_content_read_is_said_plainly_and_the_checks_still_show() {
         let o = output("alice@x", "checked", "t.csv", CSV);
-        let e = ApiError::Refused { status: 403, code: "notChecker".into(), message: "bob@x is not a checker".into() };
+        let e = ApiError::Refused {
+            status: 403,
+            code: "notAChecker".into(),
+            message: "bob@x is not an output checker of this project".into(),
+        };
         let page = output_page(&BOB, "ward-7", &o, Err(&e), None);
-        assert!(page.contains("id=\"no-content\" data-code=\"notChecker\""), "{page}");
+        assert!(page.contains("id=\"no-content\" data-code=\"notAChecker\""), "{page}");
         assert!(page.contains("minCellCount"));
     }
 

@@ -97,7 +97,7 @@ async fn stub_api() -> (String, Arc<Stub>) {
             get(|headers: axum::http::HeaderMap| async move {
                 match user_of(&headers) {
                     Some(BOB) => TABLE.into_response(),
-                    _ => refused(StatusCode::FORBIDDEN, "notChecker", "only output checkers read the content"),
+                    _ => refused(StatusCode::FORBIDDEN, "notAChecker", "alice is not an output checker of this project"),
                 }
             }),
         )
@@ -117,7 +117,7 @@ async fn stub_api() -> (String, Arc<Stub>) {
                         return refused(StatusCode::NOT_FOUND, "notFound", "no such output");
                     };
                     if o["requester"] == json!(user) {
-                        return refused(StatusCode::FORBIDDEN, "selfReview", "you submitted this output");
+                        return refused(StatusCode::FORBIDDEN, "selfReview", "alice submitted this request and may not review it");
                     }
                     o["reviews"].as_array_mut().unwrap().push(
                         json!({"reviewer": user, "decision": d, "reason": body["reason"], "at": "2026-12-07T01:05:00Z"}),
@@ -314,13 +314,16 @@ async fn the_requester_cannot_review_their_own_output() {
     let (status, _, page) = f.get("/review/ward-7/o-1", Some("sess-alice")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("id=\"own\"") && !page.contains("/approve\""), "{page}");
-    assert!(page.contains("data-code=\"notChecker\""), "the content refusal is not shown: {page}");
+    assert!(page.contains("data-code=\"notAChecker\""), "the content refusal is not shown: {page}");
     // A hand-made form with a valid token: the API refuses, the page says so.
     let (status, body) = f.post("/review/ward-7/o-1/approve", "sess-alice", "csrf=csrf-sess-alice", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert!(body.contains("data-code=\"selfReview\"") && body.contains("you submitted this output"), "{body}");
+    assert!(
+        body.contains("data-code=\"selfReview\"") && body.contains("submitted this request and may not review it"),
+        "{body}"
+    );
     assert!(f.audit().iter().any(|e| e.action == "gateway.review.approve"
-        && e.refused.as_deref().is_some_and(|r| r.contains("you submitted this output"))));
+        && e.refused.as_deref().is_some_and(|r| r.contains("may not review it"))));
 }
 
 #[tokio::test]
