@@ -238,6 +238,7 @@ async fn serve(dir: PathBuf, directory: PathBuf, sessions: usize) -> Res<()> {
             user: "bench@example".into(),
             amr: vec!["otp".into()],
             expires: chrono::Utc::now() + chrono::Duration::hours(1),
+            bearer: oidc::Bearer::default(),
         };
         let signin = state::SignIn { who, csrf: "x".into(), ends: chrono::Utc::now() + chrono::Duration::hours(1) };
         gw.signins.lock().map_err(|_| "poisoned")?.insert(format!("bench-{i}"), signin);

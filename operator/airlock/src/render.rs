@@ -174,7 +174,9 @@ fn verdict_name(v: Verdict) -> &'static str {
     }
 }
 
-const STYLE: &str = "<style>\
+/// The rules [`review_html`] puts in its `<style>`; a page under a strict CSP (no inline
+/// style) serves them as a stylesheet and uses [`review_fragment`].
+pub const REVIEW_CSS: &str = "\
 .noexit-review table{border-collapse:collapse}\
 .noexit-review td,.noexit-review th{border:1px solid #ccc;padding:2px 6px}\
 .noexit-review .fail{background:#f8c8c8;font-weight:bold}\
@@ -182,7 +184,7 @@ const STYLE: &str = "<style>\
 .noexit-review .suppressed{color:#777}\
 .noexit-review .line{color:#777;text-align:right}\
 .noexit-review pre{white-space:pre-wrap}\
-</style>";
+";
 
 fn results_table(out: &mut String, title: &str, results: &[checks::CheckResult]) {
     let _ = write!(
@@ -207,8 +209,12 @@ fn results_table(out: &mut String, title: &str, results: &[checks::CheckResult])
 
 /// A self-contained HTML fragment for one output: the checks, ACRO's verdicts, the file.
 pub fn review_html(file_name: &str, bytes: &[u8], report: &Report) -> String {
+    format!("<style>{REVIEW_CSS}</style>{}", review_fragment(file_name, bytes, report))
+}
+
+/// [`review_html`] without its `<style>`: for pages that link [`REVIEW_CSS`] instead.
+pub fn review_fragment(file_name: &str, bytes: &[u8], report: &Report) -> String {
     let mut out = String::with_capacity(bytes.len().min(MAX_TEXT_BYTES) * 2 + 4096);
-    out.push_str(STYLE);
     let v = verdict_name(report.verdict);
     let _ = write!(
         out,

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod proxy;
 pub mod record;
+pub mod review;
 pub mod rfb;
 pub mod serve;
 pub mod state;
@@ -85,6 +86,13 @@ pub struct Args {
     /// Let a project admin open members' desktops where the directory allows it (support).
     #[arg(long)]
     pub admin_support: bool,
+    /// The control-plane API (`https://api.example`): turns on the output review pages at
+    /// `/review`, which call it with the signed-in person's ID token (see docs/admin.md).
+    #[arg(long, env = "NOEXIT_GATEWAY_API_URL")]
+    pub api_url: Option<String>,
+    /// CA bundle for the API's HTTPS.
+    #[arg(long, env = "NOEXIT_GATEWAY_API_CA")]
+    pub api_ca: Option<PathBuf>,
 }
 
 /// Run the gateway until SIGTERM or Ctrl-C.
@@ -166,7 +174,11 @@ pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Res
             () = terminate => {},
         }
     };
-    serve::serve_tls(listener, tls, web::router(gw.clone()), stop).await;
+    let mut app = web::router(gw.clone());
+    if let Some(review) = review::from_args(&args, gw.clone()).await? {
+        app = app.merge(review::router(review));
+    }
+    serve::serve_tls(listener, tls, app, stop).await;
     // Close live sessions so their ends are audited.
     if let Ok(live) = gw.live.lock() {
         for l in live.values() {

@@ -78,6 +78,18 @@ pub struct SignedIn {
     pub amr: Vec<String>,
     /// The ID token's expiry: the gateway session ends then.
     pub expires: chrono::DateTime<chrono::Utc>,
+    /// The verified ID token, kept server side to call the API as this person (review pages).
+    pub bearer: Bearer,
+}
+
+/// A bearer token that never shows in logs or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Bearer(pub String);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
 }
 
 impl SignedIn {
@@ -304,7 +316,7 @@ impl OidcClient {
             .unwrap_or_default();
         let exp = claims.get("exp").and_then(|e| e.as_i64()).unwrap_or(0);
         let expires = chrono::DateTime::from_timestamp(exp, 0).unwrap_or(chrono::DateTime::UNIX_EPOCH);
-        Ok(SignedIn { user, amr, expires })
+        Ok(SignedIn { user, amr, expires, bearer: Bearer(token.to_owned()) })
     }
 }
 

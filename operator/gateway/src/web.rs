@@ -105,7 +105,7 @@ fn escape(s: &str) -> String {
 }
 
 /// The signed-in person behind a request, or why not (code, message).
-fn signed_in(gw: &Gateway, headers: &HeaderMap) -> Result<(String, SignIn), (&'static str, String)> {
+pub(crate) fn signed_in(gw: &Gateway, headers: &HeaderMap) -> Result<(String, SignIn), (&'static str, String)> {
     let Some(id) = cookie(headers, SESSION_COOKIE) else {
         return Err(("noSession", "not signed in".into()));
     };
