@@ -3,4 +3,5 @@
 //! stores and serves what these functions return.
 
 pub mod checks;
+pub mod lifecycle;
 pub mod seal;
