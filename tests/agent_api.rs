@@ -207,6 +207,8 @@ heartbeatSeconds: 1
             .arg(self.path("audit-signing.pem"))
             .arg("--data-dir")
             .arg(self.path("api-data"))
+            .arg("--seal-key")
+            .arg(self.path("seal.key"))
             .arg("--manifests")
             .arg(manifests)
             .env("RUST_LOG", "info");
@@ -347,17 +349,17 @@ async fn agent_reports_to_the_real_api() {
     .unwrap();
     assert_eq!(actions, ["agent.session.desktopConnect", "agent.session.desktopDisconnect"]);
 
-    // Outbox: a clean table and a file with a valid NHS number become pending output requests.
+    // Outbox: a clean table and a file with a valid NHS number become checked output requests.
     let clean = b"arm,n,mean_los\ncontrol,112,6.4\ntreated,108,5.9\n".to_vec();
     let mut flagged = b"summary for the ward meeting\n".to_vec();
     flagged.extend_from_slice(b"note: patient NHS 943 476 5919\n");
     std::fs::write(env.path("outbox/los.csv"), &clean).unwrap();
     std::fs::write(env.path("outbox/notes.txt"), &flagged).unwrap();
     for (name, content) in [("los.csv", &clean), ("notes.txt", &flagged)] {
-        until(&format!("{name} pending review"), t, &[&api, &agent], || async {
+        until(&format!("{name} checked"), t, &[&api, &agent], || async {
             count(
                 &db,
-                &format!("SELECT COUNT(*) FROM output_requests WHERE file_name = '{name}' AND state = 'pendingReview'"),
+                &format!("SELECT COUNT(*) FROM output_requests WHERE file_name = '{name}' AND state = 'checked'"),
             )
             .await
                 == 1
@@ -371,7 +373,10 @@ async fn agent_reports_to_the_real_api() {
                 .unwrap();
         assert_eq!(sha, hex::encode(Sha256::digest(content)), "{name}");
         assert_eq!(size, content.len() as i64, "{name}");
-        assert_eq!(&std::fs::read(&path).unwrap(), content, "{name}: stored content");
+        // Stored sealed (noexit_airlock::seal): the plaintext is not on the API's disk.
+        let stored = std::fs::read(&path).unwrap();
+        assert!(stored.starts_with(b"NXSEAL1\n"), "{name}: stored sealed");
+        assert!(!stored.windows(content.len()).any(|w| w == content.as_slice()), "{name}: plaintext on disk");
         let scan: serde_json::Value = serde_json::from_str(&scan).unwrap();
         let kinds: Vec<&str> = scan["findings"].as_array().unwrap().iter().filter_map(|f| f["kind"].as_str()).collect();
         if name == "notes.txt" {

@@ -4,4 +4,5 @@
 
 pub mod checks;
 pub mod lifecycle;
+pub mod receipt;
 pub mod seal;
