@@ -5,7 +5,17 @@
 //! INTERFACE (shared by the API glue): `run(&Submission, &Policy) -> Report`. The types below
 //! are serialised into the database and shown to reviewers; extend them, do not rename fields.
 
+mod acro;
+mod dlp;
+mod format;
+pub mod table;
+mod value;
+
 use serde::{Deserialize, Serialize};
+
+pub use acro::{AcroError, AcroOutput, outputs_for as acro_outputs_for};
+pub use format::{Format, detect as detect_format};
+pub use value::{Value, classify as classify_value};
 
 /// The project's disclosure-control settings. Defaults follow ACRO's `acro/default.yaml`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,7 +61,8 @@ pub enum Verdict {
 }
 
 /// A table cell, as a reviewer finds it in the file: `row` is the 1-based line of the file
-/// (header = 1), `column` the 1-based column.
+/// (header = 1) where the cell's record starts (a quoted label may span lines), `column` the
+/// 1-based column (field). For text that is not a table, `column` is the byte in the line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cell {
     pub row: usize,
@@ -61,8 +72,11 @@ pub struct Cell {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckResult {
-    /// Stable check name: `dlp`, `minCellCount`, `zeros`, `dominance`, `pRatio`,
-    /// `residualDof`, `format`.
+    /// Stable check name: `format` (could the file be read, and as what), `dlp`, `sdc`
+    /// (can disclosure control apply at all), `values` (non-count values in count columns),
+    /// `minCellCount`, `zeros`, `totals`, `suppressed` (information: cells already marked),
+    /// `dominance`, `pRatio`, `contributions`, `residualDof`, `acro` (ACRO's own verdicts, or a
+    /// `results.json` we could not read).
     pub check: String,
     pub verdict: Verdict,
     /// One line for a reviewer.
@@ -111,14 +125,129 @@ pub struct Report {
     pub acro: Vec<CheckResult>,
 }
 
-/// Run every check that applies to `sub`.
-// PLACEHOLDER until the checks land: everything goes to manual review.
-pub fn run(sub: &Submission<'_>, _policy: &Policy) -> Report {
-    let results = vec![CheckResult {
-        check: "format".into(),
-        verdict: Verdict::Review,
-        message: format!("{}: automatic checks not available; manual review", sub.file_name),
-        cells: vec![],
-    }];
-    Report { verdict: Verdict::Review, results, acro: vec![] }
+impl Report {
+    /// The worst verdict of `results` (a report with no results is for review, never a pass).
+    pub fn from_results(results: Vec<CheckResult>, acro: Vec<CheckResult>) -> Self {
+        let verdict = results.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Review);
+        Report { verdict, results, acro }
+    }
 }
+
+fn result(check: &str, verdict: Verdict, message: String) -> CheckResult {
+    CheckResult { check: check.into(), verdict, message, cells: vec![] }
+}
+
+/// Run every check that applies to `sub`. Pure: no I/O, no panics on any input; the worst
+/// check decides the verdict, and only a table that passes every check passes.
+pub fn run(sub: &Submission<'_>, policy: &Policy) -> Report {
+    let bytes = sub.bytes;
+    let size = bytes.len() as u64;
+    let fmt = format::detect(sub.file_name, bytes);
+    let mut results = Vec::new();
+    let mut layout = None;
+    if size > policy.max_checked_bytes {
+        results.push(result(
+            "format",
+            Verdict::Review,
+            format!("{size} bytes, more than the {} checked automatically: manual review", policy.max_checked_bytes),
+        ));
+    } else {
+        match fmt {
+            Format::Archive { what } => results.push(result(
+                "format",
+                Verdict::Review,
+                format!("{what} ({size} bytes): archives are never expanded; manual review"),
+            )),
+            Format::Binary { what } => results.push(result(
+                "format",
+                Verdict::Review,
+                format!("{what}: not checked automatically; manual review"),
+            )),
+            Format::Image { mime } => results.push(result(
+                "format",
+                Verdict::Review,
+                format!("{mime} image: a person must look at it (the review page shows it); manual review"),
+            )),
+            Format::Svg | Format::Text | Format::Table { .. } => {
+                let scan = noexit_dlp::Detectors::builtin().scan(bytes);
+                if let Some(why) = scan.binary {
+                    results.push(result(
+                        "format",
+                        Verdict::Review,
+                        format!("{why}: not checked as text; manual review"),
+                    ));
+                    results.push(dlp::result(&scan, fmt, bytes, true));
+                } else {
+                    results.push(dlp::result(&scan, fmt, bytes, false));
+                    let utf8 = std::str::from_utf8(bytes).is_ok();
+                    if !utf8 {
+                        results.push(result(
+                            "format",
+                            Verdict::Review,
+                            "not UTF-8 text: the encoding is unknown, labels may read wrong; manual review".into(),
+                        ));
+                    }
+                    match fmt {
+                        Format::Table { delimiter } => {
+                            let outcome = table::check(bytes, delimiter, policy, sub.metadata);
+                            results.extend(outcome.results);
+                            layout = Some(outcome.layout);
+                        }
+                        Format::Svg => results.push(result(
+                            "format",
+                            Verdict::Review,
+                            "SVG image: a person must look at it (shown as an image, never inline); manual review"
+                                .into(),
+                        )),
+                        _ => {
+                            let lines = bytes.split(|&b| b == b'\n').count();
+                            if utf8 {
+                                results.push(result("format", Verdict::Pass, format!("text, {lines} line(s)")));
+                            }
+                            results.push(result(
+                                "sdc",
+                                Verdict::Review,
+                                "text, not a CSV/TSV table: disclosure control is automatic only for tables; a person must read it".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(dof) = sub.metadata.and_then(|m| m.residual_dof) {
+        let min = policy.min_residual_dof;
+        results.push(if dof < u64::from(min) {
+            result("residualDof", Verdict::Fail, format!("residual degrees of freedom {dof} below {min}"))
+        } else {
+            result("residualDof", Verdict::Pass, format!("residual degrees of freedom {dof} (at least {min})"))
+        });
+    }
+    let mut acro = Vec::new();
+    if let Some(json) = sub.acro_results {
+        match acro::outputs_for(json, sub.file_name) {
+            Ok(outputs) if outputs.is_empty() => acro.push(result(
+                "acro",
+                Verdict::Review,
+                format!("the ACRO results.json has no output for {}", base_name(sub.file_name)),
+            )),
+            Ok(outputs) => {
+                let locate = |positions: &[(usize, usize)]| layout.as_ref().map(|l| table::locate(bytes, l, positions));
+                acro = acro::to_results(outputs, &locate);
+            }
+            Err(e) => results.push(result(
+                "acro",
+                Verdict::Review,
+                format!("the ACRO results.json could not be read ({e}): manual review"),
+            )),
+        }
+    }
+    Report::from_results(results, acro)
+}
+
+fn base_name(name: &str) -> &str {
+    name.rsplit(['/', '\\']).next().unwrap_or(name)
+}
+
+#[cfg(test)]
+mod tests;
