@@ -105,12 +105,12 @@ fn base_name(name: &str) -> &str {
     name.rsplit(['/', '\\']).next().unwrap_or(name)
 }
 
+/// Turns ACRO's 0-based value positions into file cells.
+pub type Locate<'a> = &'a dyn Fn(&[(usize, usize)]) -> Option<Vec<Cell>>;
+
 /// ACRO's outputs as results shown beside ours; `locate` turns ACRO's positions into file
 /// cells (`None`: the file is not a table we read, the positions stay in the message).
-pub fn to_results(
-    outputs: Vec<AcroOutput>,
-    locate: &dyn Fn(&[(usize, usize)]) -> Option<Vec<Cell>>,
-) -> Vec<CheckResult> {
+pub fn to_results(outputs: Vec<AcroOutput>, locate: Locate<'_>) -> Vec<CheckResult> {
     outputs
         .into_iter()
         .map(|o| {

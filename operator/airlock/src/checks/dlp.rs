@@ -43,10 +43,10 @@ pub fn result(scan: &ScanResult, fmt: Format, bytes: &[u8], binary: bool) -> Che
 /// line and the byte in that line.
 fn locate(fmt: Format, bytes: &[u8], offset: usize) -> Cell {
     let offset = offset.min(bytes.len());
-    if let Format::Table { delimiter } = fmt {
-        if let Some(cell) = table::cell_at_offset(bytes, delimiter, offset) {
-            return cell;
-        }
+    if let Format::Table { delimiter } = fmt
+        && let Some(cell) = table::cell_at_offset(bytes, delimiter, offset)
+    {
+        return cell;
     }
     let before = &bytes[..offset];
     let row = 1 + before.iter().filter(|&&b| b == b'\n').count();

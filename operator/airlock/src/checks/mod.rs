@@ -169,7 +169,11 @@ pub fn run(sub: &Submission<'_>, policy: &Policy) -> Report {
                 format!("{mime} image: a person must look at it (the review page shows it); manual review"),
             )),
             Format::Svg | Format::Text | Format::Table { .. } => {
-                let scan = noexit_dlp::Detectors::builtin().scan(bytes);
+                // Fed in chunks as the agent does: `scan(bytes)` would copy the whole file.
+                let detectors = noexit_dlp::Detectors::builtin();
+                let mut scanner = detectors.scanner();
+                bytes.chunks(256 * 1024).for_each(|c| scanner.feed(c));
+                let scan = scanner.finish();
                 if let Some(why) = scan.binary {
                     results.push(result(
                         "format",

@@ -88,29 +88,44 @@ impl<'a> Lines<'a> {
             start += 1;
         }
         let seg = &self.body[self.pos..start];
-        for (i, &b) in seg.iter().enumerate() {
-            let lone_cr = b == b'\r' && seg.get(i + 1) != Some(&b'\n');
-            if b == b'\n' || lone_cr {
-                self.line += 1;
-            }
-        }
+        self.line += memchr::memchr_iter(b'\n', seg).count();
+        self.line += memchr::memchr_iter(b'\r', seg).filter(|&i| seg.get(i + 1) != Some(&b'\n')).count();
         self.pos = start;
         (self.line, start)
     }
 }
 
 /// Words that name a total row or column (ACRO's margins are called `All`).
+/// Runs once per label cell of every row, so it does not allocate: a label longer than 64
+/// bytes is not a total.
 pub fn is_total_label(field: &[u8]) -> bool {
-    let Ok(s) = std::str::from_utf8(field) else { return false };
-    let l = s.trim().to_lowercase();
+    let start = field.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(field.len());
+    let end = field.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let t = &field[start..end];
+    if t.len() > 64 {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let l = &mut buf[..t.len()];
+    l.copy_from_slice(t);
+    l.make_ascii_lowercase();
+    let l = &*l;
     matches!(
-        l.as_str(),
-        "total" | "totals" | "all" | "overall" | "sum" | "subtotal" | "sub-total" | "sub total" | "grand total"
-    ) || l.starts_with("total ")
-        || l.starts_with("total:")
-        || l.starts_with("all ")
-        || l.ends_with(" total")
-        || l.ends_with(" totals")
+        l,
+        b"total"
+            | b"totals"
+            | b"all"
+            | b"overall"
+            | b"sum"
+            | b"subtotal"
+            | b"sub-total"
+            | b"sub total"
+            | b"grand total"
+    ) || l.starts_with(b"total ")
+        || l.starts_with(b"total:")
+        || l.starts_with(b"all ")
+        || l.ends_with(b" total")
+        || l.ends_with(b" totals")
 }
 
 /// Header words that make a numeric column a label (a year, an age band start, a code).
@@ -358,6 +373,9 @@ pub fn check(bytes: &[u8], delimiter: u8, policy: &Policy, meta: Option<&OutputM
     let mut rec = ByteRecord::new();
     let mut index = 0usize;
     let mut parse_error = None;
+    // Reused for every row: the row's shown counts and its suppressed count columns.
+    let mut row_values: Vec<(usize, f64)> = Vec::new();
+    let mut row_supp: Vec<usize> = Vec::new();
     loop {
         match rdr.read_byte_record(&mut rec) {
             Ok(true) => {}
@@ -382,8 +400,8 @@ pub fn check(bytes: &[u8], delimiter: u8, policy: &Policy, meta: Option<&OutputM
         } else {
             data_rows += 1;
         }
-        let mut row_values: Vec<(usize, f64)> = Vec::new();
-        let mut row_supp: Vec<usize> = Vec::new();
+        row_values.clear();
+        row_supp.clear();
         for &j in &counts {
             let Some(f) = rec.get(j) else { continue };
             let column = j + 1;

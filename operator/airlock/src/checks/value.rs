@@ -61,6 +61,11 @@ pub fn classify(field: &[u8]) -> Value {
     if s.is_empty() {
         return Value::Empty;
     }
+    if s[0].is_ascii_digit()
+        && let Some((value, integer)) = parse_number(s)
+    {
+        return Value::Number { value, integer };
+    }
     if let Some(rest) = s.strip_prefix(b"<").or_else(|| s.strip_prefix("≤".as_bytes())) {
         // `<10`, `< 5`, `<=5`: "fewer than" is how small counts are marked.
         let rest = trim(rest.strip_prefix(b"=").unwrap_or(rest));
@@ -68,12 +73,11 @@ pub fn classify(field: &[u8]) -> Value {
             return Value::Marker;
         }
     }
-    if s.len() <= 12 {
-        if let Ok(t) = std::str::from_utf8(s) {
-            if MARKERS.iter().any(|m| m.eq_ignore_ascii_case(t)) {
-                return Value::Marker;
-            }
-        }
+    if s.len() <= 12
+        && let Ok(t) = std::str::from_utf8(s)
+        && MARKERS.iter().any(|m| m.eq_ignore_ascii_case(t))
+    {
+        return Value::Marker;
     }
     if let Some(num) = s.strip_suffix(b"%") {
         return if parse_number(trim(num)).is_some() { Value::Percent } else { Value::Text };
@@ -93,6 +97,11 @@ fn trim(s: &[u8]) -> &[u8] {
 /// `[+-]digits[.digits]`, digits optionally grouped by commas in threes (`1,234`), or an
 /// exponent form (`1.5e3`). Returns the value and whether it has no fractional part.
 fn parse_number(s: &[u8]) -> Option<(f64, bool)> {
+    // Fast path, no allocation: a plain non-negative integer (most cells of a count table).
+    if !s.is_empty() && s.len() <= 15 && s.iter().all(u8::is_ascii_digit) {
+        let n = s.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        return Some((n as f64, true));
+    }
     let (sign, body) = match s.first()? {
         b'-' => (-1.0, &s[1..]),
         b'+' => (1.0, &s[1..]),
