@@ -276,12 +276,8 @@ fn table_html(out: &mut String, view: &TableView) {
             if class.is_empty() && c.checks.is_empty() {
                 let _ = write!(out, "<td>{}</td>", escape(&c.text));
             } else {
-                let _ = write!(
-                    out,
-                    "<td class=\"{class}\" title=\"{}\">{}</td>",
-                    escape(&c.checks.join(", ")),
-                    escape(&c.text)
-                );
+                let title = if c.checks.is_empty() { "suppressed".to_owned() } else { c.checks.join(", ") };
+                let _ = write!(out, "<td class=\"{class}\" title=\"{}\">{}</td>", escape(&title), escape(&c.text));
             }
         }
         out.push_str("</tr>");

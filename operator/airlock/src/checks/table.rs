@@ -175,8 +175,14 @@ pub fn layout(bytes: &[u8], delimiter: u8, meta: Option<&OutputMetadata>) -> Opt
     if sample.is_empty() {
         return None;
     }
-    let no_number = |r: &ByteRecord| !r.iter().any(|f| classify(f).is_number());
-    let mut header_records = sample.iter().take_while(|r| no_number(r)).count().min(MAX_HEADER_RECORDS);
+    // A header record holds only text and empty cells, with text past the first column (the
+    // first column of a data row is a label too). A row of labels and suppressed markers is
+    // data: its `*` and `<10` are cells, not column names.
+    let header_like = |r: &ByteRecord| {
+        r.iter().all(|f| matches!(classify(f), Value::Text | Value::Empty))
+            && (r.len() == 1 || r.iter().skip(1).any(|f| classify(f) == Value::Text))
+    };
+    let mut header_records = sample.iter().take_while(|r| header_like(r)).count().min(MAX_HEADER_RECORDS);
     if header_records == sample.len() {
         // Nothing numeric in the sample: a header (if any) cannot be told from the body.
         header_records = usize::from(sample.len() > 1);
