@@ -138,8 +138,15 @@ fn result(check: &str, verdict: Verdict, message: String) -> CheckResult {
 }
 
 /// Run every check that applies to `sub`. Pure: no I/O, no panics on any input; the worst
-/// check decides the verdict, and only a table that passes every check passes.
+/// check decides the verdict, and only a table that passes every check passes. DLP uses the
+/// built-in detectors; [`run_with_detectors`] adds a site's extra patterns.
 pub fn run(sub: &Submission<'_>, policy: &Policy) -> Report {
+    run_with_detectors(sub, policy, &noexit_dlp::Detectors::builtin())
+}
+
+/// [`run`] with the DLP detectors the site configured (built-ins plus its extra patterns, as
+/// the agent compiles them with `noexit_dlp::Detectors::new`).
+pub fn run_with_detectors(sub: &Submission<'_>, policy: &Policy, detectors: &noexit_dlp::Detectors) -> Report {
     let bytes = sub.bytes;
     let size = bytes.len() as u64;
     let fmt = format::detect(sub.file_name, bytes);
@@ -170,7 +177,6 @@ pub fn run(sub: &Submission<'_>, policy: &Policy) -> Report {
             )),
             Format::Svg | Format::Text | Format::Table { .. } => {
                 // Fed in chunks as the agent does: `scan(bytes)` would copy the whole file.
-                let detectors = noexit_dlp::Detectors::builtin();
                 let mut scanner = detectors.scanner();
                 bytes.chunks(256 * 1024).for_each(|c| scanner.feed(c));
                 let scan = scanner.finish();

@@ -542,3 +542,27 @@ fn random_tables_fail_exactly_the_small_cells() {
     }
     assert!(checked > 250, "only {checked} of 300 cases had every count column recognised");
 }
+
+#[test]
+fn empty_files_and_header_only_tables_are_for_review() {
+    for (name, body) in [("e.csv", ""), ("h.csv", "region,n\n"), ("e.txt", "")] {
+        let r = check(name, body);
+        assert_eq!(r.verdict, Verdict::Review, "{name}: {:#?}", r.results);
+        assert_eq!(get(&r, "sdc").verdict, Verdict::Review, "{name}");
+    }
+}
+
+#[test]
+fn a_sites_extra_dlp_patterns_apply() {
+    let det = noexit_dlp::Detectors::new(&[noexit_dlp::ExtraPattern {
+        name: "studyId".into(),
+        regex: r"STUDY-\d{6}".into(),
+    }])
+    .unwrap();
+    let body = b"id,n\nSTUDY-123456,12\n";
+    let r = run_with_detectors(&sub("s.csv", body), &Policy::default(), &det);
+    let d = get(&r, "dlp");
+    assert_eq!((d.verdict, d.cells.clone()), (Verdict::Fail, cells(&[(2, 1)])));
+    assert!(d.message.contains("studyId ×1") && !d.message.contains("123456"), "{}", d.message);
+    assert_eq!(check("s.csv", "id,n\nSTUDY-123456,12\n").verdict, Verdict::Pass, "built-ins only");
+}
