@@ -160,6 +160,7 @@ struct ColumnSample {
     decimals: usize,
     percents: usize,
     text: usize,
+    markers: usize,
     /// Integer values in order, to spot a year column or a row index.
     integers: Vec<f64>,
 }
@@ -211,7 +212,8 @@ pub fn layout(bytes: &[u8], delimiter: u8, meta: Option<&OutputMetadata>) -> Opt
                 }
                 Value::Percent => c.percents += 1,
                 Value::Text => c.text += 1,
-                Value::Empty | Value::Marker => {}
+                Value::Marker => c.markers += 1,
+                Value::Empty => {}
             }
         }
     }
@@ -224,14 +226,18 @@ pub fn layout(bytes: &[u8], delimiter: u8, meta: Option<&OutputMetadata>) -> Opt
         let numeric = c.numbers + c.percents;
         let kind = if c.text > numeric {
             ColumnKind::Label
-        } else if numeric == 0 {
+        } else if numeric == 0 && c.markers == 0 {
+            // Nothing but empty cells: a spacer, not a column of suppressed counts.
             ColumnKind::Empty
+        } else if numeric == 0 {
+            // Only markers: a count column suppressed throughout.
+            ColumnKind::Count
         } else if c.percents * 2 > numeric {
             ColumnKind::Percent
         } else if declared.contains(&j) {
             ColumnKind::Magnitude
         } else if has_hint(&header, LABEL_HINTS)
-            || (header_records == 0 && j == 0 && is_year_column(c))
+            || (j == 0 && is_year_column(c))
             || (j == 0 && header.trim().is_empty() && is_row_index(c))
         {
             ColumnKind::Label
@@ -258,6 +264,7 @@ pub fn layout(bytes: &[u8], delimiter: u8, meta: Option<&OutputMetadata>) -> Opt
     Some(Layout { delimiter, header_records, columns, fields, total_columns })
 }
 
+/// Whole numbers from 1800 to 2100 only: years. Looked for in the first column alone.
 fn is_year_column(c: &ColumnSample) -> bool {
     c.decimals == 0 && !c.integers.is_empty() && c.integers.iter().all(|&v| (1800.0..=2100.0).contains(&v))
 }
@@ -827,29 +834,40 @@ fn contributions(
 }
 
 /// ACRO's 0-based positions in the values (below the header, right of the leading label
-/// columns) as cells of the file.
+/// columns) as cells of the file. pandas writes the index's name on a line of its own under
+/// the header (`year,,,`) when both axes are named: such lines before the first value row are
+/// not value rows. (The checks themselves treat that line as data: its empty cells count as
+/// suppressed, which can only make them stricter.)
 pub fn locate(bytes: &[u8], layout: &Layout, positions: &[(usize, usize)]) -> Vec<Cell> {
     let labels = layout.columns.iter().take_while(|k| **k == ColumnKind::Label).count();
-    let mut wanted: Vec<usize> = positions.iter().map(|(r, _)| layout.header_records + r).collect();
+    let mut wanted: Vec<usize> = positions.iter().map(|(r, _)| *r).collect();
     wanted.sort_unstable();
     wanted.dedup();
+    let last = wanted.last().copied().unwrap_or(0);
     let mut found: HashMap<usize, usize> = HashMap::new();
     let mut rdr = reader(bytes, layout.delimiter);
     let mut lines = Lines::new(bytes);
     let mut rec = ByteRecord::new();
     let mut index = 0;
-    let last = wanted.last().copied().unwrap_or(0);
-    while index <= last && rdr.read_byte_record(&mut rec).unwrap_or(false) {
+    let mut value_row = 0;
+    while value_row <= last && rdr.read_byte_record(&mut rec).unwrap_or(false) {
         let (line, _) = lines.of(&rec);
-        if wanted.binary_search(&index).is_ok() {
-            found.insert(index, line);
-        }
         index += 1;
+        if index <= layout.header_records {
+            continue;
+        }
+        let index_name_line = rec.len() > 1
+            && classify(&rec[0]) == Value::Text
+            && rec.iter().skip(1).all(|f| classify(f) == Value::Empty);
+        if value_row == 0 && index_name_line && found.is_empty() && index == layout.header_records + 1 {
+            continue;
+        }
+        if wanted.binary_search(&value_row).is_ok() {
+            found.insert(value_row, line);
+        }
+        value_row += 1;
     }
-    positions
-        .iter()
-        .filter_map(|(r, c)| found.get(&(layout.header_records + r)).map(|&row| Cell { row, column: labels + c + 1 }))
-        .collect()
+    positions.iter().filter_map(|(r, c)| found.get(r).map(|&row| Cell { row, column: labels + c + 1 })).collect()
 }
 
 /// The cell holding byte `offset` of `bytes` (offsets count a BOM, as the DLP scanner's do).
