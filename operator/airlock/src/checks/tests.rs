@@ -303,6 +303,10 @@ fn images_and_binaries_are_for_review_never_pass() {
     let r = run(&sub("plot.svg", svg), &Policy::default());
     assert_eq!(r.verdict, Verdict::Review);
     assert_eq!(get(&r, "dlp").verdict, Verdict::Pass, "SVG is text: the DLP scan runs on it");
+    // UTF-16 (BOM FF FE) is not read as text: the DLP scanner's text detectors skip it.
+    let r = run(&sub("t.csv", b"\xff\xfer\0e\0g\0,\0n\0\n\0"), &Policy::default());
+    assert_eq!(r.verdict, Verdict::Review);
+    assert!(get(&r, "format").message.contains("UTF-16"), "{}", get(&r, "format").message);
     let r = run(&sub("data.bin", b"\0\x01\x02\x03binary\0\0"), &Policy::default());
     assert_eq!(r.verdict, Verdict::Review);
     assert!(get(&r, "format").message.contains("binary content"));
