@@ -867,7 +867,10 @@ pub fn locate(bytes: &[u8], layout: &Layout, positions: &[(usize, usize)]) -> Ve
         }
         value_row += 1;
     }
-    positions.iter().filter_map(|(r, c)| found.get(r).map(|&row| Cell { row, column: labels + c + 1 })).collect()
+    positions
+        .iter()
+        .filter_map(|(r, c)| found.get(r).map(|&row| Cell { row, column: labels.saturating_add(*c).saturating_add(1) }))
+        .collect()
 }
 
 /// The cell holding byte `offset` of `bytes` (offsets count a BOM, as the DLP scanner's do).

@@ -581,3 +581,39 @@ fn a_sites_extra_dlp_patterns_apply() {
     assert!(d.message.contains("studyId ×1") && !d.message.contains("123456"), "{}", d.message);
     assert_eq!(check("s.csv", "id,n\nSTUDY-123456,12\n").verdict, Verdict::Pass, "built-ins only");
 }
+
+/// Property: arbitrary bytes (from an alphabet rich in CSV syntax, markers and digits), under
+/// any name, with or without a results.json and contributions, never panic, always give a
+/// report whose verdict is the worst of its results, and never pass unless read as a table.
+#[test]
+fn arbitrary_input_never_panics_and_never_passes_unread() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    const ALPHABET: &[u8] = b",,,\t\n\r\"\"*<>0123456789.-e%c[]NA Total\xef\xbb\xbf\xff\x00@";
+    let mut rng = StdRng::seed_from_u64(7);
+    let meta = OutputMetadata {
+        residual_dof: None,
+        contributions: vec![contrib(2, 2, &[5.0, f64::NAN]), contrib(usize::MAX, usize::MAX, &[])],
+    };
+    for case in 0..2000 {
+        let len = rng.gen_range(0..300);
+        let bytes: Vec<u8> = (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())]).collect();
+        let name = ["a.csv", "a.tsv", "a.txt", "a.svg", "a"][case % 5];
+        let acro = format!(
+            r#"{{"results": {{"o": {{"status": "fail", "files": [{{"name": "{name}", "sdc": {{"cells": {{"threshold": [[{}, {}], [18446744073709551615, 1]]}}}}}}]}}}}}}"#,
+            rng.gen_range(0..5),
+            rng.gen_range(0..5)
+        );
+        let s = Submission {
+            file_name: name,
+            bytes: &bytes,
+            metadata: if case % 3 == 0 { Some(&meta) } else { None },
+            acro_results: if case % 2 == 0 { Some(acro.as_bytes()) } else { None },
+        };
+        let r = run(&s, &Policy::default());
+        assert_eq!(Some(r.verdict), r.results.iter().map(|c| c.verdict).max(), "case {case}");
+        if r.verdict == Verdict::Pass {
+            assert!(name.ends_with("sv"), "case {case}: {name} passed: {:#?}", r.results);
+        }
+        let _ = crate::render::review_html(name, &bytes, &r);
+    }
+}
