@@ -1039,7 +1039,11 @@ async fn authz_matrix_every_caller_times_every_endpoint() {
                 .replace("{name}", if path.contains("workspacerequests") { "by-gina" } else { "alice-r" })
                 .replace("{id}", &Uuid::new_v4().to_string())
                 .replace("{token}", "not-a-token");
-            let path = if endpoint == Endpoint::AuditQuery { format!("{path}?project=ward-7") } else { path };
+            let path = if matches!(endpoint, Endpoint::AuditQuery | Endpoint::OutputDownload) {
+                format!("{path}?project=ward-7")
+            } else {
+                path
+            };
             let body = match endpoint {
                 Endpoint::RequestCreate => json_body(
                     &json!({"workspaceName": "m", "owner": "alice@ward7.example", "runtime": "vm", "image": "r", "justification": "j"}),
@@ -1871,7 +1875,12 @@ spec: {project: ward-9, owner: zoe@ward9.example, runtime: pod, image: "r:4"}
 // ---- the airlock: review and release of outputs ------------------------------------------
 
 /// One call, answering the raw body and headers (downloads).
-async fn call_raw(client: &Https, method: Method, url: &str, token: Option<&str>) -> (StatusCode, http::HeaderMap, Bytes) {
+async fn call_raw(
+    client: &Https,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+) -> (StatusCode, http::HeaderMap, Bytes) {
     let mut req = http::Request::builder().method(method).uri(url);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -1997,12 +2006,18 @@ async fn airlock_flow(db_url: &str) {
     let s = find(&list, summary_id).expect("summary.csv listed");
     assert_eq!((t["state"].as_str(), t["requester"].as_str()), (Some("checked"), Some("alice@ward7.example")));
     assert_eq!(t["reviewersRequired"], 2);
-    // TODO(integrator): when branch `checks` merges, the placeholder's "review" becomes the real
-    // verdicts; flip these two lines to:
-    //   assert_eq!(t["checks"]["verdict"], "fail"); assert!(t["checks"]["results"].to_string().contains(r#"{"row":2,"column":2}"#));
-    //   assert_eq!(s["checks"]["verdict"], "pass");
-    assert_eq!(t["checks"]["verdict"], "review", "{t}");
-    assert_eq!(s["checks"]["verdict"], "review", "{s}");
+    // The control plane's checks (branch `checks`, cherry-picked): the cell of 7 fails the
+    // minimum cell count at file line 2, column 2; the summary passes.
+    assert_eq!(t["checks"]["verdict"], "fail", "{t}");
+    let failed: Vec<&Value> =
+        t["checks"]["results"].as_array().unwrap().iter().filter(|r| r["verdict"] == "fail").collect();
+    assert_eq!(failed.len(), 1, "{t}");
+    assert_eq!(
+        (failed[0]["check"].as_str(), &failed[0]["cells"]),
+        (Some("minCellCount"), &json!([{"row": 2, "column": 2}])),
+        "{t}"
+    );
+    assert_eq!(s["checks"]["verdict"], "pass", "{s}");
     // The researcher sees their own; another analyst sees none.
     let (_, mine) = call(&people, Method::GET, &outputs(""), Some(&alice), None).await.unwrap();
     assert_eq!(mine.as_array().unwrap().len(), 2, "{mine}");
@@ -2032,7 +2047,10 @@ async fn airlock_flow(db_url: &str) {
 
     // Two distinct checkers approve the summary; one checker rejects the table with a reason.
     let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&olive), None).await.unwrap();
-    assert_eq!((status, body["state"].as_str(), body["approvals"].as_u64()), (StatusCode::OK, Some("inReview"), Some(1)));
+    assert_eq!(
+        (status, body["state"].as_str(), body["approvals"].as_u64()),
+        (StatusCode::OK, Some("inReview"), Some(1))
+    );
     let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&olive), None).await.unwrap();
     assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("alreadyReviewed")), "{body}");
     let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&oscar), None).await.unwrap();
@@ -2055,8 +2073,10 @@ async fn airlock_flow(db_url: &str) {
     assert_eq!(d["state"], "rejected");
     assert_eq!(d["id"], table_id.to_string());
     let r = &d["reasons"][0];
-    assert_eq!((r["reviewer"].as_str(), r["decision"].as_str(), r["reason"].as_str()),
-        (Some("olive@ward7.example"), Some("reject"), Some("cell of 7")));
+    assert_eq!(
+        (r["reviewer"].as_str(), r["decision"].as_str(), r["reason"].as_str()),
+        (Some("olive@ward7.example"), Some("reject"), Some("cell of 7"))
+    );
     assert!(chrono::DateTime::parse_from_rfc3339(r["at"].as_str().unwrap()).is_ok());
     assert!(chrono::DateTime::parse_from_rfc3339(d["updatedAt"].as_str().unwrap()).is_ok());
     let keys: Vec<&String> = d.as_object().unwrap().keys().collect();
@@ -2078,14 +2098,20 @@ async fn airlock_flow(db_url: &str) {
     use base64::Engine as _;
     let receipt = base64::engine::general_purpose::STANDARD.decode(headers["x-noexit-receipt"].as_bytes()).unwrap();
     let signed: noexit_airlock::receipt::SignedReceipt = serde_json::from_slice(&receipt).unwrap();
-    signed.verify(&api.receipt_key).expect("the receipt verifies with the API's key");
+    noexit_airlock::receipt::verify(&signed, &summary, &api.receipt_key)
+        .expect("the receipt verifies with the API's key");
+    assert!(noexit_airlock::receipt::verify(&signed, &table, &api.receipt_key).is_err(), "not for another file");
     assert_eq!(signed.receipt.sha256, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&summary)));
     assert_eq!((signed.receipt.file_name.as_str(), signed.receipt.size), ("summary.csv", summary.len() as u64));
     let reviewers: Vec<&str> = signed.receipt.reviews.iter().map(|r| r.reviewer.as_str()).collect();
     assert_eq!(reviewers, ["olive@ward7.example", "oscar@ward7.example"]);
     let mut forged = signed.clone();
     forged.receipt.size += 1;
-    assert!(forged.verify(&api.receipt_key).is_err(), "a changed receipt does not verify");
+    assert_eq!(
+        noexit_airlock::receipt::verify_signature(&forged, &api.receipt_key),
+        Err(noexit_airlock::receipt::ReceiptError::BadSignature),
+        "a changed receipt does not verify"
+    );
     // A replayed link is refused.
     let (status, _, body) = call_raw(&people, Method::GET, &url, Some(&alice)).await;
     assert_eq!(status, StatusCode::GONE, "{}", String::from_utf8_lossy(&body));
@@ -2093,7 +2119,8 @@ async fn airlock_flow(db_url: &str) {
         call(&people, Method::GET, &outputs(&format!("/{summary_id}/receipt")), Some(&dave), None).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(stored["signature"].as_str(), Some(signed.signature.as_str()));
-    let (_, released) = call(&people, Method::GET, &outputs(&format!("/{summary_id}")), Some(&alice), None).await.unwrap();
+    let (_, released) =
+        call(&people, Method::GET, &outputs(&format!("/{summary_id}")), Some(&alice), None).await.unwrap();
     assert_eq!(released["state"], "released");
 
     // A tampered stored file is refused at download (and stays approved).
@@ -2129,7 +2156,8 @@ async fn airlock_flow(db_url: &str) {
     assert_eq!(ack["state"], "checked");
     let (_, b) = call(&people, Method::GET, &outputs(&format!("/{bomb_id}")), Some(&olive), None).await.unwrap();
     assert_ne!(b["checks"]["verdict"], "pass", "an archive is never passed: {b}");
-    let stored = std::fs::metadata(api.data_dir.path().join("outbox/ward-7/alice-r").join(bomb_id.to_string())).unwrap();
+    let stored =
+        std::fs::metadata(api.data_dir.path().join("outbox/ward-7/alice-r").join(bomb_id.to_string())).unwrap();
     assert_eq!(stored.len(), noexit_airlock::seal::sealed_len(bomb.len() as u64), "stored as sent, not expanded");
 
     // Withdrawal: only the requester, before release; then no one reviews it.
@@ -2143,7 +2171,13 @@ async fn airlock_flow(db_url: &str) {
 
     // Every refusal is in the audit log, under its action.
     let reasons = |entries: Vec<audit::store::Entry>| -> Vec<String> {
-        entries.into_iter().map(|e| match e.event.outcome { Outcome::Refused(r) => r, _ => String::new() }).collect()
+        entries
+            .into_iter()
+            .map(|e| match e.event.outcome {
+                Outcome::Refused(r) => r,
+                _ => String::new(),
+            })
+            .collect()
     };
     let approvals = reasons(api.refused("output.approve").await);
     for code in ["selfReview", "forbidden", "alreadyReviewed", "wrongState", "notFound"] {
@@ -2159,17 +2193,22 @@ async fn airlock_flow(db_url: &str) {
         assert!(submits.iter().any(|r| r.starts_with(code)), "no refused submission for {code}: {submits:?}");
     }
     // The token never reaches the log.
-    let token = url.rsplit('/').next().unwrap().to_owned();
+    let token = url.split("/v1/downloads/").nth(1).unwrap().split('?').next().unwrap().to_owned();
+    assert!(token.len() >= 43, "{url}");
     assert!(api.entries().await.iter().all(|e| !serde_json::to_string(&e.event).unwrap().contains(&token)));
 
     // After retention the sweeper deletes final content (metadata and receipt stay) and expires
     // what waited too long.
     let later = chrono::Utc::now() + chrono::Duration::days(31);
     let swept = api::sweeper::sweep_once(&api.state, later).await.unwrap();
-    assert!(swept.deleted.contains(&summary_id.to_string()) && swept.deleted.contains(&table_id.to_string()), "{swept:?}");
+    assert!(
+        swept.deleted.contains(&summary_id.to_string()) && swept.deleted.contains(&table_id.to_string()),
+        "{swept:?}"
+    );
     assert!(swept.expired.contains(&tamper_id.to_string()) && swept.expired.contains(&own.to_string()), "{swept:?}");
     assert!(!api.data_dir.path().join("outbox/ward-7/alice-r").join(summary_id.to_string()).exists());
-    let (status, r) = call(&people, Method::GET, &outputs(&format!("/{summary_id}/receipt")), Some(&alice), None).await.unwrap();
+    let (status, r) =
+        call(&people, Method::GET, &outputs(&format!("/{summary_id}/receipt")), Some(&alice), None).await.unwrap();
     assert_eq!((status, r["signature"].as_str()), (StatusCode::OK, Some(signed.signature.as_str())));
     let (_, t) = call(&people, Method::GET, &outputs(&format!("/{table_id}")), Some(&olive), None).await.unwrap();
     assert_eq!((t["state"].as_str(), t["contentDeleted"].as_bool()), (Some("rejected"), Some(true)));

@@ -8,13 +8,13 @@ use axum::extract::{Extension, Path as UrlPath, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use http_body_util::BodyExt;
+use noexit_airlock::lifecycle::State as Life;
 use noexit_crds::agent::{
     AgentEvent, EventBatch, EventBatchAck, EventKind, Heartbeat, OutboxAck, OutboxManifest, WorkspaceIdentity,
 };
 use noexit_crds::workspace::AgentReport;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use noexit_airlock::lifecycle::State as Life;
 use uuid::Uuid;
 
 use super::AppState;

@@ -62,7 +62,9 @@ async fn companions(state: &AppState, row: &OutputRequestRow) -> (Option<Vec<u8>
     let Ok(rows) = state.store.workspace_outputs(&ws).await else { return (None, None) };
     let latest = |of: &str| {
         rows.iter()
-            .filter(|r| r.companion_of.as_deref() == Some(of) && r.content_path.is_some() && r.life() != State::Submitted)
+            .filter(|r| {
+                r.companion_of.as_deref() == Some(of) && r.content_path.is_some() && r.life() != State::Submitted
+            })
             .max_by_key(|r| r.created_at)
             .cloned()
     };

@@ -105,7 +105,8 @@ impl Endpoint {
             Endpoint::OutputRequestChanges => ("POST", "/v1/projects/{project}/outputs/{id}/request-changes"),
             Endpoint::OutputWithdraw => ("POST", "/v1/projects/{project}/outputs/{id}/withdraw"),
             Endpoint::OutputDownloadLink => ("POST", "/v1/projects/{project}/outputs/{id}/download-link"),
-            Endpoint::OutputDownload => ("GET", "/v1/projects/{project}/outputs/{id}/download/{token}"),
+            // The project rides in the query (`?project=`): the link is what the CLI follows.
+            Endpoint::OutputDownload => ("GET", "/v1/downloads/{token}"),
             Endpoint::OutputReceipt => ("GET", "/v1/projects/{project}/outputs/{id}/receipt"),
         }
     }
@@ -198,9 +199,10 @@ impl Endpoint {
                 &[OutputChecker, Admin, Auditor, Researcher, DataAnalyst]
             }
             // The requester never reviews their own (the life cycle refuses it: selfReview).
-            Endpoint::OutputContent | Endpoint::OutputApprove | Endpoint::OutputReject | Endpoint::OutputRequestChanges => {
-                &[OutputChecker]
-            }
+            Endpoint::OutputContent
+            | Endpoint::OutputApprove
+            | Endpoint::OutputReject
+            | Endpoint::OutputRequestChanges => &[OutputChecker],
             // Only the request's requester (the handler checks who).
             Endpoint::OutputWithdraw | Endpoint::OutputDownloadLink | Endpoint::OutputDownload => {
                 &[Researcher, DataAnalyst]

@@ -17,8 +17,8 @@ pub mod outputs;
 pub mod people;
 pub mod revocation;
 pub mod server;
-pub mod sweeper;
 pub mod store;
+pub mod sweeper;
 pub mod tls;
 
 use std::net::SocketAddr;

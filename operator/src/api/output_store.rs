@@ -299,6 +299,13 @@ impl ApiStore {
         Ok(())
     }
 
+    /// The token whose SHA-256 is `token_hash`, used or not.
+    pub async fn download_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        const GET: &str = "SELECT token_hash, request_id, issued_to, issued_at, expires_at, used_at \
+            FROM output_download_tokens WHERE token_hash = $1";
+        Ok(on_db!(self.db(), pool => sqlx::query_as::<_, TokenRow>(GET).bind(token_hash).fetch_optional(pool).await?))
+    }
+
     /// Use a token at most once: the `used_at IS NULL` guard makes the winner of two
     /// concurrent uses the only one. A token for another request or another person is
     /// `Unknown` and stays unused (nobody can burn someone else's link).

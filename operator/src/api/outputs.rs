@@ -13,7 +13,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use noexit_airlock::checks::{self, Report};
 use noexit_airlock::lifecycle::{self, Actor, Decision, Event, Facts, Refusal};
-use noexit_airlock::receipt::{Receipt, ReviewRecord, SignedReceipt};
+use noexit_airlock::receipt::{self, RECEIPT_VERSION, Receipt, ReceiptReview, ReviewDecision, SignedReceipt};
 use noexit_airlock::seal::{self, SealKey};
 use noexit_crds::Role;
 use noexit_crds::agent::WorkspaceIdentity;
@@ -105,8 +105,8 @@ impl Caller {
 }
 
 async fn load(state: &AppState, project: &str, id: &str) -> Result<OutputRequestRow, ApiError> {
-    let uuid =
-        Uuid::parse_str(id).map_err(|_| ApiError::invalid("invalidId", format!("{id:?} is not an output request id")))?;
+    let uuid = Uuid::parse_str(id)
+        .map_err(|_| ApiError::invalid("invalidId", format!("{id:?} is not an output request id")))?;
     match state.store.output_request(uuid).await? {
         Some(row) if row.project == project => Ok(row),
         _ => Err(ApiError::not_found(format!("output request {id} not found in project {project}"))),
@@ -186,15 +186,32 @@ pub fn view(row: &OutputRequestRow, reviews: Vec<ReviewRow>, required: u32) -> O
     }
 }
 
+/// `?state=` of a list: only requests in that state.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(project): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ListQuery>,
 ) -> Result<Json<Vec<OutputView>>, ApiError> {
     let caller = Caller::of(&principal, &project)?;
+    if let Some(s) = &query.state
+        && lifecycle::State::parse(s).is_none()
+    {
+        let names: Vec<&str> = lifecycle::State::ALL.iter().map(|s| s.as_str()).collect();
+        return Err(ApiError::invalid("invalidQuery", format!("state {s:?} is not one of {}", names.join(", "))));
+    }
     let only = (!caller.sees_all()).then_some(caller.user.as_str());
     let required = required_reviewers(&state, &project).await?;
-    let rows = state.store.output_requests(&project, only).await?;
+    let mut rows = state.store.output_requests(&project, only).await?;
+    if let Some(s) = &query.state {
+        rows.retain(|r| &r.state == s);
+    }
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let reviews = state.store.reviews(&row.id).await?;
@@ -228,7 +245,11 @@ pub async fn get(
 pub async fn open_verified(state: &AppState, row: &OutputRequestRow) -> Result<Vec<u8>, ApiError> {
     let object = object_of(row);
     if row.content_deleted_at.is_some() {
-        return Err(ApiError::bad(StatusCode::GONE, "contentDeleted", format!("{object}: content deleted after retention")));
+        return Err(ApiError::bad(
+            StatusCode::GONE,
+            "contentDeleted",
+            format!("{object}: content deleted after retention"),
+        ));
     }
     let Some(path) = row.content_path.clone() else {
         return Err(ApiError::conflict("noContent", format!("{object}: content not received yet")));
@@ -278,7 +299,8 @@ fn content_type(file_name: &str) -> &'static str {
 
 fn attachment(file_name: &str) -> String {
     let base = file_name.rsplit('/').next().unwrap_or(file_name);
-    let safe: String = base.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' }).collect();
+    let safe: String =
+        base.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' }).collect();
     format!("attachment; filename=\"{safe}\"")
 }
 
@@ -330,7 +352,8 @@ async fn apply(
             approvals: approvals(&reviews),
             required,
         };
-        let next = lifecycle::transition(&facts, actor, event).map_err(|r| (refusal_error(&r), Some(object_of(&row))))?;
+        let next =
+            lifecycle::transition(&facts, actor, event).map_err(|r| (refusal_error(&r), Some(object_of(&row))))?;
         if state
             .store
             .change_state(&row.id, row.version, next, review.as_ref(), None)
@@ -357,7 +380,8 @@ async fn review(
     let reason = body.unwrap_or_default().reason;
     let object_guess = format!("output:{project}/?/{id}");
     if reason.len() > lifecycle::MAX_REASON {
-        let e = ApiError::invalid("invalidReason", format!("reason is longer than {} characters", lifecycle::MAX_REASON));
+        let e =
+            ApiError::invalid("invalidReason", format!("reason is longer than {} characters", lifecycle::MAX_REASON));
         return Ok(refused(e, object_guess, serde_json::json!({"decision": decision.as_str()})));
     }
     let actor = Actor::Person { user: &caller.user, checker: caller.checker() };
@@ -461,7 +485,7 @@ pub async fn download_link(
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
     let expires_at = Utc::now() + state.airlock.link_ttl;
     state.store.insert_download_token(&token_hash(&token), &row.id, &caller.user, expires_at).await?;
-    let link = DownloadLink { url: format!("/v1/projects/{project}/outputs/{}/download/{token}", row.id), expires_at };
+    let link = DownloadLink { url: format!("/v1/downloads/{token}?project={project}"), expires_at };
     // The token itself never reaches the log: its hash names it.
     let detail = serde_json::json!({"tokenSha256": token_hash(&token), "expiresAt": expires_at});
     Ok(noted((StatusCode::CREATED, Json(link)), object, detail))
@@ -472,39 +496,66 @@ pub const RECEIPT_HEADER: &str = "x-noexit-receipt";
 
 fn build_receipt(row: &OutputRequestRow, reviews: &[ReviewRow], released_at: DateTime<Utc>) -> Receipt {
     Receipt {
-        id: row.id.clone(),
+        version: RECEIPT_VERSION,
         project: row.project.clone(),
         workspace: row.workspace.clone(),
         requester: row.requester().to_owned(),
-        file_name: row.file_name.clone(),
+        file_name: row.file_name.rsplit('/').next().unwrap_or(&row.file_name).to_owned(),
         size: u64::try_from(row.size).unwrap_or(0),
         sha256: row.sha256.clone(),
-        checks: row
-            .report
-            .as_deref()
-            .and_then(|r| serde_json::from_str(r).ok())
-            .unwrap_or(Report { verdict: checks::Verdict::Review, results: vec![], acro: vec![] }),
+        checks: row.report.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or(Report {
+            verdict: checks::Verdict::Review,
+            results: vec![],
+            acro: vec![],
+        }),
         reviews: reviews
             .iter()
-            .map(|r| ReviewRecord {
+            .map(|r| ReceiptReview {
                 reviewer: r.reviewer.clone(),
-                decision: r.decision.clone(),
-                reason: r.reason.clone(),
-                at: r.at.to_rfc3339(),
+                decision: match Decision::parse(&r.decision) {
+                    Some(Decision::Approve) => ReviewDecision::Approved,
+                    Some(Decision::Reject) => ReviewDecision::Rejected,
+                    _ => ReviewDecision::ChangesRequested,
+                },
+                reason: (!r.reason.is_empty()).then(|| r.reason.clone()),
+                at: r.at,
             })
             .collect(),
-        released_at: released_at.to_rfc3339(),
+        released_at,
+        // Set by `receipt::sign`.
+        key_id: String::new(),
     }
 }
 
-/// `GET …/outputs/{id}/download/{token}`: the bytes, once, verified before the first byte.
+/// `GET /v1/downloads/{token}?project=P`: the bytes, once, verified before the first byte.
 pub async fn download(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path((project, id, token)): Path<(String, String, String)>,
+    Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
+    let project = match &principal {
+        Principal::Person { project, .. } => project.clone(),
+        _ => return Err(ApiError::forbidden("notAPerson", "this endpoint is for people with a bearer token")),
+    };
     let caller = Caller::of(&principal, &project)?;
-    let row = load(&state, &project, &id).await?;
+    let unknown = || ApiError::not_found(format!("no such download link in project {project}"));
+    let Some(t) = state.store.download_token(&token_hash(&token)).await? else {
+        return Ok(refused(
+            unknown(),
+            format!("project:{project}"),
+            serde_json::json!({"tokenSha256": token_hash(&token)}),
+        ));
+    };
+    let row = match load(&state, &project, &t.request_id).await {
+        Ok(row) => row,
+        Err(_) => {
+            return Ok(refused(
+                unknown(),
+                format!("project:{project}"),
+                serde_json::json!({"tokenSha256": t.token_hash}),
+            ));
+        }
+    };
     let object = object_of(&row);
     let hash = token_hash(&token);
     let detail = serde_json::json!({"tokenSha256": hash});
@@ -517,7 +568,11 @@ pub async fn download(
         }
         Redeemed::Used(t) => {
             let used = t.used_at.map(|u| u.to_rfc3339()).unwrap_or_default();
-            return fail(ApiError::bad(StatusCode::GONE, "linkUsed", format!("this link to {object} was used at {used}")));
+            return fail(ApiError::bad(
+                StatusCode::GONE,
+                "linkUsed",
+                format!("this link to {object} was used at {used}"),
+            ));
         }
         Redeemed::Expired(t) => {
             return fail(ApiError::bad(
@@ -543,7 +598,7 @@ pub async fn download(
     if let Err(r) = lifecycle::transition(&facts, actor, Event::Release) {
         return fail(refusal_error(&r));
     }
-    let signed = build_receipt(&row, &reviews, now).sign(&state.airlock.signer);
+    let signed = receipt::sign(&build_receipt(&row, &reviews, now), &state.airlock.signer);
     let receipt_json = serde_json::to_string(&signed).map_err(|e| ApiError::Internal(e.to_string()))?;
     if !state.store.change_state(&row.id, row.version, lifecycle::State::Released, None, Some(&receipt_json)).await? {
         return fail(ApiError::conflict("wrongState", format!("{object} changed while it was being released")));
@@ -574,9 +629,14 @@ pub async fn receipt(
     let row = visible(&state, &caller, &project, &id).await?;
     let object = object_of(&row);
     let Some(text) = state.store.receipt(&row.id).await? else {
-        return Ok(refused(ApiError::not_found(format!("{object} has no receipt (not released)")), object, serde_json::json!({})));
+        return Ok(refused(
+            ApiError::not_found(format!("{object} has no receipt (not released)")),
+            object,
+            serde_json::json!({}),
+        ));
     };
-    let signed: SignedReceipt = serde_json::from_str(&text).map_err(|e| ApiError::Internal(format!("{object}: {e}")))?;
+    let signed: SignedReceipt =
+        serde_json::from_str(&text).map_err(|e| ApiError::Internal(format!("{object}: {e}")))?;
     Ok(noted(Json(signed), object, serde_json::json!({})))
 }
 
