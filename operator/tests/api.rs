@@ -2031,6 +2031,15 @@ async fn airlock_flow(db_url: &str) {
     assert_eq!((status, bytes.as_ref()), (StatusCode::OK, table.as_slice()));
     assert_eq!(headers["content-type"], "text/csv; charset=utf-8");
 
+    // The review page marks the failing cell.
+    let (status, headers, page) =
+        call_raw(&people, Method::GET, &outputs(&format!("/{table_id}/review")), Some(&olive)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert!(headers["content-security-policy"].to_str().unwrap().contains("sandbox"));
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.contains("minCellCount") && !page.contains("<script"), "{page}");
+
     // Refusals: a non-checker, a checker of another project, a researcher reviewing their own.
     let approve = |id: Uuid| outputs(&format!("/{id}/approve"));
     let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&bob), None).await.unwrap();

@@ -359,7 +359,9 @@ mod tests {
         }
         s.finish(&mut sealed).unwrap();
         assert_eq!(sealed.len() as u64, sealed_len(len as u64), "len {len}");
-        assert!(!sealed.windows(plain.len().min(32).max(1)).any(|w| len >= 32 && w == &plain[..32]));
+        if len >= 32 {
+            assert!(!sealed.windows(32).any(|w| w == &plain[..32]), "plaintext visible in the sealed bytes");
+        }
         let mut opened = Vec::new();
         let mut o = Opener::new(&key, b"id-1");
         for p in sealed.chunks(piece.max(1) + 7) {

@@ -39,6 +39,7 @@ pub enum Endpoint {
     OutputList,
     OutputGet,
     OutputContent,
+    OutputReview,
     OutputApprove,
     OutputReject,
     OutputRequestChanges,
@@ -49,7 +50,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 26] = [
+    pub const ALL: [Endpoint; 27] = [
         Endpoint::Health,
         Endpoint::AgentEvents,
         Endpoint::AgentHeartbeat,
@@ -69,6 +70,7 @@ impl Endpoint {
         Endpoint::OutputList,
         Endpoint::OutputGet,
         Endpoint::OutputContent,
+        Endpoint::OutputReview,
         Endpoint::OutputApprove,
         Endpoint::OutputReject,
         Endpoint::OutputRequestChanges,
@@ -100,6 +102,7 @@ impl Endpoint {
             Endpoint::OutputList => ("GET", "/v1/projects/{project}/outputs"),
             Endpoint::OutputGet => ("GET", "/v1/projects/{project}/outputs/{id}"),
             Endpoint::OutputContent => ("GET", "/v1/projects/{project}/outputs/{id}/content"),
+            Endpoint::OutputReview => ("GET", "/v1/projects/{project}/outputs/{id}/review"),
             Endpoint::OutputApprove => ("POST", "/v1/projects/{project}/outputs/{id}/approve"),
             Endpoint::OutputReject => ("POST", "/v1/projects/{project}/outputs/{id}/reject"),
             Endpoint::OutputRequestChanges => ("POST", "/v1/projects/{project}/outputs/{id}/request-changes"),
@@ -133,6 +136,7 @@ impl Endpoint {
             Endpoint::OutputList => "output.list",
             Endpoint::OutputGet => "output.get",
             Endpoint::OutputContent => "output.content",
+            Endpoint::OutputReview => "output.review",
             Endpoint::OutputApprove => "output.approve",
             Endpoint::OutputReject => "output.reject",
             Endpoint::OutputRequestChanges => "output.requestChanges",
@@ -164,6 +168,7 @@ impl Endpoint {
             | Endpoint::OutputList
             | Endpoint::OutputGet
             | Endpoint::OutputContent
+            | Endpoint::OutputReview
             | Endpoint::OutputApprove
             | Endpoint::OutputReject
             | Endpoint::OutputRequestChanges
@@ -200,6 +205,7 @@ impl Endpoint {
             }
             // The requester never reviews their own (the life cycle refuses it: selfReview).
             Endpoint::OutputContent
+            | Endpoint::OutputReview
             | Endpoint::OutputApprove
             | Endpoint::OutputReject
             | Endpoint::OutputRequestChanges => &[OutputChecker],

@@ -128,6 +128,7 @@ fn handler_for(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::OutputList => get(outputs::list),
         Endpoint::OutputGet => get(outputs::get),
         Endpoint::OutputContent => get(outputs::content),
+        Endpoint::OutputReview => get(outputs::review_page),
         Endpoint::OutputApprove => post(outputs::approve),
         Endpoint::OutputReject => post(outputs::reject),
         Endpoint::OutputRequestChanges => post(outputs::request_changes),

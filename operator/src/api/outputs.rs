@@ -328,6 +328,41 @@ pub async fn content(
     Ok(noted(response, object, serde_json::json!({"purpose": "review", "sha256": row.sha256})))
 }
 
+/// `GET …/outputs/{id}/review`: the review page (checkers): the checks, ACRO's verdicts and
+/// the file (a CSV/TSV as a table with the failing cells marked), as self-contained HTML with
+/// no script (`noexit_airlock::render::review_html`; everything from the file is escaped).
+pub async fn review_page(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((project, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let _caller = Caller::of(&principal, &project)?;
+    let row = load(&state, &project, &id).await?;
+    let object = object_of(&row);
+    let bytes = match open_verified(&state, &row).await {
+        Ok(b) => b,
+        Err(e) => return Ok(refused(e, object, serde_json::json!({"sha256": row.sha256}))),
+    };
+    let report: Report = row.report.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or(Report {
+        verdict: checks::Verdict::Review,
+        results: vec![],
+        acro: vec![],
+    });
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>review</title></head><body>{}</body></html>",
+        noexit_airlock::render::review_html(&row.file_name, &bytes, &report)
+    );
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"),
+    );
+    Ok(noted(response, object, serde_json::json!({"purpose": "review", "sha256": row.sha256})))
+}
+
 /// Most attempts at a compare-and-set before giving up (each loser re-reads the new state).
 const CAS_ATTEMPTS: usize = 16;
 
@@ -693,4 +728,85 @@ pub async fn agent_list(
     let rows = state.store.workspace_outputs(ws).await?;
     let reviews = state.store.workspace_reviews(ws).await?;
     Ok(Json(agent_outputs(&rows, &reviews)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, file: &str, state: &str) -> OutputRequestRow {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-07T10:00:00Z").unwrap().with_timezone(&Utc);
+        OutputRequestRow {
+            id: id.into(),
+            project: "ward-7".into(),
+            workspace: "alice-r".into(),
+            file_name: file.into(),
+            size: 10,
+            sha256: "a".repeat(64),
+            submitted_by: "alice".into(),
+            scan: "{}".into(),
+            state: state.into(),
+            content_path: None,
+            requester: Some("alice@x".into()),
+            report: None,
+            version: 0,
+            state_since: Some(at),
+            content_deleted_at: None,
+            companion_of: None,
+            created_at: at,
+            uploaded_at: None,
+        }
+    }
+
+    #[test]
+    fn the_agent_gets_each_output_with_its_reviews_in_the_agreed_shape() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-07T11:00:00Z").unwrap().with_timezone(&Utc);
+        let review = |id: &str, who: &str, decision: &str, reason: &str| ReviewRow {
+            request_id: id.into(),
+            reviewer: who.into(),
+            decision: decision.into(),
+            reason: reason.into(),
+            at,
+        };
+        let rows = [row("1", "table.csv", "rejected"), row("2", "summary.csv", "checked")];
+        let reviews = [review("1", "bob@x", "reject", "cell of 7"), review("3", "eve@x", "approve", "")];
+        let got = serde_json::to_value(agent_outputs(&rows, &reviews)).unwrap();
+        assert_eq!(
+            got,
+            serde_json::json!([
+                {"id": "1", "fileName": "table.csv", "state": "rejected", "updatedAt": "2026-12-07T10:00:00Z",
+                 "reasons": [{"reviewer": "bob@x", "decision": "reject", "reason": "cell of 7", "at": "2026-12-07T11:00:00Z"}]},
+                {"id": "2", "fileName": "summary.csv", "state": "checked", "updatedAt": "2026-12-07T10:00:00Z", "reasons": []},
+            ])
+        );
+    }
+
+    #[test]
+    fn refusals_map_to_statuses_and_codes() {
+        let cases = [
+            (Refusal::SelfReview { user: "a".into() }, StatusCode::FORBIDDEN, "selfReview"),
+            (Refusal::NotAChecker { user: "a".into() }, StatusCode::FORBIDDEN, "notAChecker"),
+            (Refusal::NotTheRequester { event: "withdraw" }, StatusCode::FORBIDDEN, "notTheRequester"),
+            (Refusal::ReasonRequired { decision: "reject" }, StatusCode::BAD_REQUEST, "reasonRequired"),
+            (Refusal::AlreadyReviewed { user: "a".into() }, StatusCode::CONFLICT, "alreadyReviewed"),
+            (
+                Refusal::WrongState { state: lifecycle::State::Released, event: "approve" },
+                StatusCode::CONFLICT,
+                "wrongState",
+            ),
+        ];
+        for (r, status, code) in cases {
+            let e = refusal_error(&r);
+            assert_eq!((e.status(), e.code()), (status, code), "{r}");
+        }
+    }
+
+    #[test]
+    fn served_files_get_safe_types_and_plain_attachment_names() {
+        assert_eq!(content_type("t.CSV"), "text/csv; charset=utf-8");
+        assert_eq!(content_type("plot.svg"), "text/plain; charset=utf-8", "SVG never runs as an image");
+        assert_eq!(content_type("x.html"), "application/octet-stream");
+        assert_eq!(attachment("out/table.csv"), "attachment; filename=\"table.csv\"");
+        assert_eq!(attachment("a\"b\\c\n.csv"), "attachment; filename=\"a_b_c_.csv\"");
+    }
 }
