@@ -203,13 +203,16 @@ async fn bench(backend: &str) {
     }
     println!("{backend}: {outputs} outputs submitted and checked in {:.1?}; {reviewers} reviewers", started.elapsed());
 
+    // One HTTPS client (connection) per reviewer, reused for the downloads: the API allows 64
+    // connections per address.
+    let clients: Vec<Https> = (0..reviewers.max(1)).map(|_| client(&ca, None)).collect();
     // Review: reviewer r approves outputs o with o % R == r or (o + 1) % R == r.
     let ids = Arc::new(ids);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for r in 0..reviewers {
         let (ids, token, base) = (ids.clone(), issuer.token(&format!("checker-{r}@x")), base.clone());
-        let http = client(&ca, None);
+        let http = clients[r].clone();
         tasks.push(tokio::spawn(async move {
             let (mut gets, mut approves) = (Vec::new(), Vec::new());
             for (o, id) in ids.iter().enumerate() {
@@ -247,7 +250,7 @@ async fn bench(backend: &str) {
     let lanes = reviewers.max(1);
     for lane in 0..lanes {
         let (ids, token, base) = (ids.clone(), token.clone(), base.clone());
-        let http = client(&ca, None);
+        let http = clients[lane].clone();
         tasks.push(tokio::spawn(async move {
             let (mut links, mut downloads) = (Vec::new(), Vec::new());
             for id in ids.iter().skip(lane).step_by(lanes) {
