@@ -193,6 +193,10 @@ heartbeatSeconds: 1
 
     fn start_api(&self) -> Proc {
         let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ward-7.yaml");
+        self.start_api_with(&manifests, &[])
+    }
+
+    fn start_api_with(&self, manifests: &Path, extra: &[String]) -> Proc {
         let mut cmd = Command::new(bin("noexit-operator"));
         cmd.arg("api")
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
@@ -207,8 +211,11 @@ heartbeatSeconds: 1
             .arg(self.path("audit-signing.pem"))
             .arg("--data-dir")
             .arg(self.path("api-data"))
+            .arg("--seal-key")
+            .arg(self.path("seal.key"))
             .arg("--manifests")
             .arg(manifests)
+            .args(extra)
             .env("RUST_LOG", "info");
         let mut api = Proc::spawn(&mut cmd, self.path("api.log"));
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -347,17 +354,17 @@ async fn agent_reports_to_the_real_api() {
     .unwrap();
     assert_eq!(actions, ["agent.session.desktopConnect", "agent.session.desktopDisconnect"]);
 
-    // Outbox: a clean table and a file with a valid NHS number become pending output requests.
+    // Outbox: a clean table and a file with a valid NHS number become checked output requests.
     let clean = b"arm,n,mean_los\ncontrol,112,6.4\ntreated,108,5.9\n".to_vec();
     let mut flagged = b"summary for the ward meeting\n".to_vec();
     flagged.extend_from_slice(b"note: patient NHS 943 476 5919\n");
     std::fs::write(env.path("outbox/los.csv"), &clean).unwrap();
     std::fs::write(env.path("outbox/notes.txt"), &flagged).unwrap();
     for (name, content) in [("los.csv", &clean), ("notes.txt", &flagged)] {
-        until(&format!("{name} pending review"), t, &[&api, &agent], || async {
+        until(&format!("{name} checked"), t, &[&api, &agent], || async {
             count(
                 &db,
-                &format!("SELECT COUNT(*) FROM output_requests WHERE file_name = '{name}' AND state = 'pendingReview'"),
+                &format!("SELECT COUNT(*) FROM output_requests WHERE file_name = '{name}' AND state = 'checked'"),
             )
             .await
                 == 1
@@ -371,7 +378,10 @@ async fn agent_reports_to_the_real_api() {
                 .unwrap();
         assert_eq!(sha, hex::encode(Sha256::digest(content)), "{name}");
         assert_eq!(size, content.len() as i64, "{name}");
-        assert_eq!(&std::fs::read(&path).unwrap(), content, "{name}: stored content");
+        // Stored sealed (noexit_airlock::seal): the plaintext is not on the API's disk.
+        let stored = std::fs::read(&path).unwrap();
+        assert!(stored.starts_with(b"NXSEAL1\n"), "{name}: stored sealed");
+        assert!(!stored.windows(content.len()).any(|w| w == content.as_slice()), "{name}: plaintext on disk");
         let scan: serde_json::Value = serde_json::from_str(&scan).unwrap();
         let kinds: Vec<&str> = scan["findings"].as_array().unwrap().iter().filter_map(|f| f["kind"].as_str()).collect();
         if name == "notes.txt" {
@@ -484,4 +494,207 @@ async fn agent_reports_to_the_real_api() {
     println!("{stdout}");
     assert!(stdout.contains("intact"), "{stdout}");
     assert!(!stdout.contains(" 0 signatures checked"), "no signed checkpoint: {stdout}");
+}
+
+// ---- the airlock with the real agent and the real API ------------------------------------
+
+/// A minimal OIDC issuer over HTTP on loopback (the API runs with `--oidc-allow-http-loopback`).
+struct Issuer {
+    url: String,
+    key: jsonwebtoken::EncodingKey,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Issuer {
+    async fn start() -> Self {
+        use base64::Engine as _;
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let raw = pair.public_key_raw().to_vec();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"});
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let discovery = serde_json::json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}).to_string();
+        let jwks = serde_json::json!({"keys": [jwk]}).to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (discovery, jwks) = (discovery.clone(), jwks.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let body = if req.uri().path() == "/jwks" { jwks.clone() } else { discovery.clone() };
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(body),
+                            )))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        });
+        Self { url, key, _task: task }
+    }
+
+    fn token(&self, user: &str) -> String {
+        let claims = serde_json::json!({
+            "iss": self.url, "aud": "noexit", "email": user, "email_verified": true, "sub": user,
+            "exp": chrono::Utc::now().timestamp() + 3600, "amr": ["pwd", "otp"],
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+type Https = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+fn https(env: &Env, identity: Option<(&str, &str)>) -> Https {
+    let ca = std::fs::read(env.path("ca.crt")).unwrap();
+    let id = identity.map(|(c, k)| (std::fs::read(env.path(c)).unwrap(), std::fs::read(env.path(k)).unwrap()));
+    let config =
+        noexit_operator::api::tls::client_config(Some(&ca), id.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())))
+            .unwrap();
+    let connector =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only().enable_http1().build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
+}
+
+/// One call: status, headers, body.
+async fn request(
+    client: &Https,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    json: Option<serde_json::Value>,
+) -> (u16, http::HeaderMap, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match json {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            bytes::Bytes::from(serde_json::to_vec(&v).unwrap())
+        }
+        None => bytes::Bytes::new(),
+    };
+    let response = client.request(req.body(http_body_util::Full::new(body)).unwrap()).await.unwrap();
+    let (parts, body) = response.into_parts();
+    (parts.status.as_u16(), parts.headers, body.collect().await.unwrap().to_bytes())
+}
+
+fn json_of(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn airlock_with_the_real_agent_and_api() {
+    let env = Env::new();
+    let issuer = Issuer::start().await;
+    // The shipped example, with a second output checker (release needs two).
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ward-7.yaml")).unwrap();
+    let carol = "    - user: carol@ward7.example\n      roles: [admin, outputChecker]\n";
+    assert!(example.contains(carol), "examples/ward-7.yaml changed: carol is no longer a checker");
+    let manifests =
+        example.replacen(carol, &format!("{carol}    - user: olive@ward7.example\n      roles: [outputChecker]\n"), 1);
+    std::fs::write(env.path("manifests.yaml"), manifests).unwrap();
+    let extra = ["--oidc-issuer".to_owned(), issuer.url.clone(), "--oidc-allow-http-loopback".to_owned()];
+    let mut api = env.start_api_with(&env.path("manifests.yaml"), &extra);
+    let agent = env.start_agent();
+    let db = sqlite(&env.db_url).await;
+    let t = Duration::from_secs(20);
+
+    // The researcher drops a table with one cell of 7 and a clean summary into the outbox.
+    let table = b"region,n\nnorth,7\nsouth,15\n".to_vec();
+    let summary = b"region,n\nnorth,120\nsouth,150\n".to_vec();
+    std::fs::write(env.path("outbox/table.csv"), &table).unwrap();
+    std::fs::write(env.path("outbox/summary.csv"), &summary).unwrap();
+    until("both outputs checked by the control plane", t, &[&api, &agent], || async {
+        count(&db, "SELECT COUNT(*) FROM output_requests WHERE state = 'checked'").await == 2
+    })
+    .await;
+
+    let base = format!("https://localhost:{}", env.port);
+    let people = https(&env, None);
+    let [alice, bob, carol, olive] =
+        ["alice", "bob", "carol", "olive"].map(|u| issuer.token(&format!("{u}@ward7.example")));
+    let (status, _, body) =
+        request(&people, "GET", &format!("{base}/v1/projects/ward-7/outputs"), Some(&carol), None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let list = json_of(&body);
+    let by_name = |name: &str| list.as_array().unwrap().iter().find(|o| o["fileName"] == name).cloned().unwrap();
+    let (t_out, s_out) = (by_name("table.csv"), by_name("summary.csv"));
+    assert_eq!(t_out["requester"], "alice@ward7.example");
+    assert_eq!(t_out["checks"]["verdict"], "fail", "{t_out}");
+    let fails: Vec<&serde_json::Value> =
+        t_out["checks"]["results"].as_array().unwrap().iter().filter(|r| r["verdict"] == "fail").collect();
+    assert_eq!(fails.len(), 1, "{t_out}");
+    assert_eq!(fails[0]["check"], "minCellCount");
+    assert_eq!(fails[0]["cells"], serde_json::json!([{"row": 2, "column": 2}]));
+    assert_eq!(s_out["checks"]["verdict"], "pass", "{s_out}");
+    let (table_id, summary_id) = (t_out["id"].as_str().unwrap().to_owned(), s_out["id"].as_str().unwrap().to_owned());
+    let out = |id: &str, rest: &str| format!("{base}/v1/projects/ward-7/outputs/{id}{rest}");
+
+    // A non-checker may not approve; two checkers approve the summary; one rejects the table.
+    let (status, _, _) = request(&people, "POST", &out(&summary_id, "/approve"), Some(&bob), None).await;
+    assert_eq!(status, 403);
+    for (who, state) in [(&carol, "inReview"), (&olive, "approved")] {
+        let (status, _, body) = request(&people, "POST", &out(&summary_id, "/approve"), Some(who), None).await;
+        assert_eq!(
+            (status, json_of(&body)["state"].as_str()),
+            (200, Some(state)),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let reason = serde_json::json!({"reason": "cell of 7"});
+    let (status, _, body) = request(&people, "POST", &out(&table_id, "/reject"), Some(&olive), Some(reason)).await;
+    assert_eq!((status, json_of(&body)["state"].as_str()), (200, Some("rejected")));
+
+    // The agent's view of its decisions.
+    let agent_client = https(&env, Some(("agent.crt", "agent.key")));
+    let (status, _, body) = request(&agent_client, "GET", &format!("{base}/v1/agent/outputs"), None, None).await;
+    assert_eq!(status, 200);
+    let decisions = json_of(&body);
+    let d = decisions.as_array().unwrap().iter().find(|d| d["fileName"] == "table.csv").unwrap();
+    assert_eq!((d["state"].as_str(), d["reasons"][0]["reason"].as_str()), (Some("rejected"), Some("cell of 7")));
+
+    // The researcher downloads the summary once, with a receipt the site's key verifies.
+    let (status, _, body) = request(&people, "POST", &out(&summary_id, "/download-link"), Some(&alice), None).await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let url = format!("{base}{}", json_of(&body)["url"].as_str().unwrap());
+    let (status, headers, bytes) = request(&people, "GET", &url, Some(&alice), None).await;
+    assert_eq!((status, bytes.as_ref()), (200, summary.as_slice()));
+    use base64::Engine as _;
+    let receipt = base64::engine::general_purpose::STANDARD.decode(headers["x-noexit-receipt"].as_bytes()).unwrap();
+    let signed = noexit_airlock::receipt::SignedReceipt::from_json(&receipt).unwrap();
+    let key = noexit_operator::audit::keys::load_verifying_key(&env.path("audit-signing.pub.pem")).unwrap();
+    noexit_airlock::receipt::verify(&signed, &summary, &key).expect("receipt verifies with the site's key");
+    let (status, _, _) = request(&people, "GET", &url, Some(&alice), None).await;
+    assert_eq!(status, 410, "a second download is refused");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM output_receipts").await, 1);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM audit_log WHERE action = 'output.download' AND outcome = 'refused'").await,
+        1
+    );
+
+    // The audit chain with every decision in it is intact.
+    drop(agent);
+    let status = api.interrupt(Duration::from_secs(10));
+    assert!(status.success(), "the API exited with {status}:\n{}", api.log());
+    let out = Command::new(bin("noexit"))
+        .args(["audit", "verify", "--database-url", &env.db_url, "--checkpoint-key-pub"])
+        .arg(env.path("audit-signing.pub.pem"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("intact"), "audit verify: {stdout}");
 }

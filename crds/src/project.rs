@@ -200,6 +200,15 @@ pub struct OutputPolicy {
     #[serde(default = "default_reviewers")]
     #[schemars(range(min = 1, max = 5))]
     pub reviewers: u32,
+    /// Zero cells in a table are disclosive (they reveal that no one has the attribute).
+    #[serde(default = "default_true")]
+    pub zeros_disclosive: bool,
+    /// Days the airlock keeps an output's sealed content after its final decision (release,
+    /// rejection, withdrawal), and how long an undecided output waits before it expires.
+    /// Metadata and receipts are kept for good.
+    #[serde(default = "default_retention_days")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub retention_days: u32,
 }
 
 fn default_min_cell() -> u32 {
@@ -208,10 +217,21 @@ fn default_min_cell() -> u32 {
 fn default_reviewers() -> u32 {
     2
 }
+fn default_true() -> bool {
+    true
+}
+fn default_retention_days() -> u32 {
+    30
+}
 
 impl Default for OutputPolicy {
     fn default() -> Self {
-        Self { min_cell_count: default_min_cell(), reviewers: default_reviewers() }
+        Self {
+            min_cell_count: default_min_cell(),
+            reviewers: default_reviewers(),
+            zeros_disclosive: default_true(),
+            retention_days: default_retention_days(),
+        }
     }
 }
 

@@ -67,6 +67,8 @@ spec:
     - {user: dave@ward7.example, roles: [auditor]}
     - {user: erin@ward7.example, roles: [sre]}
     - {user: gina@ward7.example, roles: [dataAnalyst, admin]}
+    - {user: oscar@ward7.example, roles: [outputChecker]}
+    - {user: rita@ward7.example, roles: [researcher, outputChecker]}
   approval: {reference: "REC 23/LO/0042", expires: "2027-06-30"}
   datasets: [icu-2019]
 ---
@@ -75,6 +77,11 @@ kind: Workspace
 metadata: {name: alice-r, namespace: noexit-ward-7}
 spec: {project: ward-7, owner: alice@ward7.example, runtime: pod, image: "r:4"}
 status: {agentCertificateSerial: "0a0b"}
+---
+apiVersion: noexit.io/v1alpha1
+kind: Workspace
+metadata: {name: rita-r, namespace: noexit-ward-7}
+spec: {project: ward-7, owner: rita@ward7.example, runtime: pod, image: "r:4"}
 "#;
 
 fn user_with(role: Role) -> &'static str {
@@ -254,6 +261,9 @@ struct Api {
     audit: Arc<Store>,
     store: ApiStore,
     data_dir: tempfile::TempDir,
+    state: AppState,
+    /// Verifies the release receipts this API signs.
+    receipt_key: ed25519_dalek::VerifyingKey,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -280,7 +290,10 @@ impl Api {
         let data_dir = tempfile::tempdir().unwrap();
         let config =
             ApiConfig { data_dir: data_dir.path().to_owned(), require_mfa: false, max_upload_bytes: 1024 * 1024 };
-        let state = AppState::new(store.clone(), audit.clone(), cluster.clone(), oidc, config).await.unwrap();
+        let airlock = api::outputs::Airlock::ephemeral();
+        let receipt_key = airlock.signer.verifying_key();
+        let state =
+            AppState::with_airlock(store.clone(), audit.clone(), cluster.clone(), oidc, config, airlock).await.unwrap();
         let cert = Arc::new(
             tls::ReloadingCert::load(&pki.dir.path().join("tls.crt"), &pki.dir.path().join("tls.key")).unwrap(),
         );
@@ -289,13 +302,14 @@ impl Api {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = api::router(state.clone());
+        let served = state.clone();
         tokio::spawn(async move {
-            let _ = server::serve_with(listener, tls_config, state, router, limits, async {
+            let _ = server::serve_with(listener, tls_config, served, router, limits, async {
                 let _ = stopped.await;
             })
             .await;
         });
-        Api { addr, cluster, audit, store, data_dir, stop: Some(stop) }
+        Api { addr, cluster, audit, store, data_dir, state, receipt_key, stop: Some(stop) }
     }
 
     fn url(&self, path: &str) -> String {
@@ -574,7 +588,7 @@ async fn outbox_upload(db_url: &str) {
     });
     let (status, ack) =
         call(&agent, Method::POST, &api.url("/v1/agent/outbox"), None, json_body(&manifest)).await.unwrap();
-    assert_eq!((status, ack["state"].as_str()), (StatusCode::CREATED, Some("awaitingContent")), "{ack}");
+    assert_eq!((status, ack["state"].as_str()), (StatusCode::CREATED, Some("submitted")), "{ack}");
 
     let put = api.url(&format!("/v1/agent/outbox/{id}/content"));
     let octets = |b: &[u8]| Some(("application/octet-stream", b.to_vec()));
@@ -593,17 +607,23 @@ async fn outbox_upload(db_url: &str) {
     assert_eq!(api.refused("agent.outbox.upload").await.len(), 4);
 
     let (status, ack) = call(&agent, Method::PUT, &put, None, octets(&content)).await.unwrap();
-    assert_eq!((status, ack["state"].as_str()), (StatusCode::OK, Some("pendingReview")), "{ack}");
+    assert_eq!((status, ack["state"].as_str()), (StatusCode::OK, Some("checked")), "{ack}");
+    // Stored sealed: the plaintext is nowhere on disk.
     let stored = api.data_dir.path().join("outbox/ward-7/alice-r").join(id.to_string());
-    assert_eq!(std::fs::read(&stored).unwrap(), content);
+    let sealed = std::fs::read(&stored).unwrap();
+    assert!(sealed.starts_with(b"NXSEAL1\n"), "content is stored sealed");
+    assert!(!sealed.windows(content.len()).any(|w| w == content.as_slice()));
+    assert_eq!(sealed.len() as u64, noexit_airlock::seal::sealed_len(content.len() as u64));
     let row = api.store.output_request(id).await.unwrap().unwrap();
-    assert_eq!((row.state.as_str(), row.sha256.as_str()), ("pendingReview", sha.as_str()));
+    assert_eq!((row.state.as_str(), row.sha256.as_str()), ("checked", sha.as_str()));
+    assert_eq!(row.requester.as_deref(), Some("alice@ward7.example"), "the workspace owner requests");
+    assert!(row.report.as_deref().is_some_and(|r| r.contains("verdict")), "the control plane's checks ran");
     assert!(row.scan.contains("clean"));
 
     // Resending the manifest is idempotent; reusing its id for another file is a conflict.
     let (status, ack) =
         call(&agent, Method::POST, &api.url("/v1/agent/outbox"), None, json_body(&manifest)).await.unwrap();
-    assert_eq!((status, ack["state"].as_str()), (StatusCode::CREATED, Some("pendingReview")));
+    assert_eq!((status, ack["state"].as_str()), (StatusCode::CREATED, Some("checked")));
     let mut other = manifest.clone();
     other["sha256"] = json!("0".repeat(64));
     let (status, body) =
@@ -1017,8 +1037,13 @@ async fn authz_matrix_every_caller_times_every_endpoint() {
             let path = path
                 .replace("{project}", "ward-7")
                 .replace("{name}", if path.contains("workspacerequests") { "by-gina" } else { "alice-r" })
-                .replace("{id}", &Uuid::new_v4().to_string());
-            let path = if endpoint == Endpoint::AuditQuery { format!("{path}?project=ward-7") } else { path };
+                .replace("{id}", &Uuid::new_v4().to_string())
+                .replace("{token}", "not-a-token");
+            let path = if matches!(endpoint, Endpoint::AuditQuery | Endpoint::OutputDownload) {
+                format!("{path}?project=ward-7")
+            } else {
+                path
+            };
             let body = match endpoint {
                 Endpoint::RequestCreate => json_body(
                     &json!({"workspaceName": "m", "owner": "alice@ward7.example", "runtime": "vm", "image": "r", "justification": "j"}),
@@ -1845,4 +1870,355 @@ spec: {project: ward-9, owner: zoe@ward9.example, runtime: pod, image: "r:4"}
     .await
     .unwrap();
     assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("certificateRevoked")));
+}
+
+// ---- the airlock: review and release of outputs ------------------------------------------
+
+/// One call, answering the raw body and headers (downloads).
+async fn call_raw(
+    client: &Https,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let response = client.request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let (parts, body) = response.into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+}
+
+/// Submit `content` as `name` from the agent holding `agent`; answers the request id and the
+/// upload's ack.
+async fn submit(api: &Api, agent: &Https, name: &str, content: &[u8]) -> (Uuid, Value) {
+    let id = Uuid::new_v4();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content));
+    let manifest = json!({
+        "id": id, "fileName": name, "size": content.len(), "sha256": sha,
+        "submittedBy": "alice", "scan": {"verdict": "clean", "findings": []},
+    });
+    let (status, ack) =
+        call(agent, Method::POST, &api.url("/v1/agent/outbox"), None, json_body(&manifest)).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{name}: {ack}");
+    let put = api.url(&format!("/v1/agent/outbox/{id}/content"));
+    let (status, ack) =
+        call(agent, Method::PUT, &put, None, Some(("application/octet-stream", content.to_vec()))).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{name}: {ack}");
+    (id, ack)
+}
+
+/// A zip archive holding one deflated file of `len` zeros: a few KiB that expand a thousandfold.
+fn zip_bomb(len: usize) -> Vec<u8> {
+    use std::io::Write;
+    let zeros = vec![0u8; len];
+    let mut crc = flate2::Crc::new();
+    crc.update(&zeros);
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&zeros).unwrap();
+    let data = enc.finish().unwrap();
+    let name = b"zeros.bin";
+    let (crc, csize, usize_) = (crc.sum(), data.len() as u32, len as u32);
+    let mut z = Vec::new();
+    let local = |z: &mut Vec<u8>| {
+        z.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        z.extend_from_slice(&[20, 0, 0, 0, 8, 0, 0, 0, 0, 0]);
+        z.extend_from_slice(&crc.to_le_bytes());
+        z.extend_from_slice(&csize.to_le_bytes());
+        z.extend_from_slice(&usize_.to_le_bytes());
+        z.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        z.extend_from_slice(&0u16.to_le_bytes());
+        z.extend_from_slice(name);
+    };
+    local(&mut z);
+    z.extend_from_slice(&data);
+    let central_at = z.len() as u32;
+    z.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+    z.extend_from_slice(&[20, 0, 20, 0, 0, 0, 8, 0, 0, 0, 0, 0]);
+    z.extend_from_slice(&crc.to_le_bytes());
+    z.extend_from_slice(&csize.to_le_bytes());
+    z.extend_from_slice(&usize_.to_le_bytes());
+    z.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    z.extend_from_slice(&[0u8; 12]);
+    z.extend_from_slice(&0u32.to_le_bytes());
+    z.extend_from_slice(name);
+    let central_len = z.len() as u32 - central_at;
+    z.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    z.extend_from_slice(&[0, 0, 0, 0, 1, 0, 1, 0]);
+    z.extend_from_slice(&central_len.to_le_bytes());
+    z.extend_from_slice(&central_at.to_le_bytes());
+    z.extend_from_slice(&0u16.to_le_bytes());
+    z
+}
+
+const WARD9: &str = r#"
+---
+apiVersion: noexit.io/v1alpha1
+kind: Project
+metadata: {name: ward-9}
+spec:
+  members:
+    - {user: pat@ward9.example, roles: [outputChecker]}
+  approval: {reference: "REC 24/LO/0001", expires: "2027-06-30"}
+"#;
+
+#[tokio::test]
+async fn airlock_review_and_release_sqlite() {
+    let db = tempfile::tempdir().unwrap();
+    airlock_flow(&sqlite_url(&db)).await;
+}
+
+#[tokio::test]
+async fn airlock_review_and_release_postgres() {
+    let Some(pg) = support::pg::shared() else { return };
+    airlock_flow(&pg.create_database("airlock_flow").unwrap()).await;
+}
+
+async fn airlock_flow(db_url: &str) {
+    let pki = pki();
+    let issuer = Issuer::start().await;
+    let cluster = Arc::new(api::memory_cluster_from(&format!("{PROJECT}{WARD9}")).unwrap());
+    let audit = Arc::new(Store::connect(db_url).await.unwrap());
+    let api = Api::start_on(&pki, Some(&issuer), cluster, audit).await;
+    let agent = client(&pki, Some(&pki.agent("alice-r")));
+    let people = client(&pki, None);
+    let [alice, bob, olive, oscar, rita, pat, dave] =
+        ["alice", "bob", "olive", "oscar", "rita", "pat", "dave"].map(|u| {
+            let domain = if u == "pat" { "ward9" } else { "ward7" };
+            issuer.token(&format!("{u}@{domain}.example"))
+        });
+    let outputs = |rest: &str| api.url(&format!("/v1/projects/ward-7/outputs{rest}"));
+    let reason = |r: &str| json_body(&json!({"reason": r}));
+
+    // The researcher's outbox: a table with one cell of 7, and a clean summary.
+    let table = b"region,n\nnorth,7\nsouth,15\n".to_vec();
+    let summary = b"region,n\nnorth,120\nsouth,150\n".to_vec();
+    let (table_id, ack) = submit(&api, &agent, "table.csv", &table).await;
+    assert_eq!(ack["state"], "checked", "{ack}");
+    let (summary_id, _) = submit(&api, &agent, "summary.csv", &summary).await;
+
+    // Checkers see both, with the control plane's checks.
+    let (status, list) = call(&people, Method::GET, &outputs(""), Some(&olive), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let find = |list: &Value, id: Uuid| list.as_array().unwrap().iter().find(|o| o["id"] == id.to_string()).cloned();
+    let t = find(&list, table_id).expect("table.csv listed");
+    let s = find(&list, summary_id).expect("summary.csv listed");
+    assert_eq!((t["state"].as_str(), t["requester"].as_str()), (Some("checked"), Some("alice@ward7.example")));
+    assert_eq!(t["reviewersRequired"], 2);
+    // The control plane's checks (branch `checks`, cherry-picked): the cell of 7 fails the
+    // minimum cell count at file line 2, column 2; the summary passes.
+    assert_eq!(t["checks"]["verdict"], "fail", "{t}");
+    let failed: Vec<&Value> =
+        t["checks"]["results"].as_array().unwrap().iter().filter(|r| r["verdict"] == "fail").collect();
+    assert_eq!(failed.len(), 1, "{t}");
+    assert_eq!(
+        (failed[0]["check"].as_str(), &failed[0]["cells"]),
+        (Some("minCellCount"), &json!([{"row": 2, "column": 2}])),
+        "{t}"
+    );
+    assert_eq!(s["checks"]["verdict"], "pass", "{s}");
+    // The researcher sees their own; another analyst sees none.
+    let (_, mine) = call(&people, Method::GET, &outputs(""), Some(&alice), None).await.unwrap();
+    assert_eq!(mine.as_array().unwrap().len(), 2, "{mine}");
+    let (_, theirs) = call(&people, Method::GET, &outputs(""), Some(&bob), None).await.unwrap();
+    assert_eq!(theirs.as_array().unwrap().len(), 0, "{theirs}");
+    let (status, _) = call(&people, Method::GET, &outputs(&format!("/{table_id}")), Some(&bob), None).await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A checker reads the content for review (verified against the SHA-256).
+    let (status, headers, bytes) =
+        call_raw(&people, Method::GET, &outputs(&format!("/{table_id}/content")), Some(&olive)).await;
+    assert_eq!((status, bytes.as_ref()), (StatusCode::OK, table.as_slice()));
+    assert_eq!(headers["content-type"], "text/csv; charset=utf-8");
+
+    // The review page marks the failing cell.
+    let (status, headers, page) =
+        call_raw(&people, Method::GET, &outputs(&format!("/{table_id}/review")), Some(&olive)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert!(headers["content-security-policy"].to_str().unwrap().contains("sandbox"));
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.contains("minCellCount") && !page.contains("<script"), "{page}");
+
+    // Refusals: a non-checker, a checker of another project, a researcher reviewing their own.
+    let approve = |id: Uuid| outputs(&format!("/{id}/approve"));
+    let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&bob), None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{body}");
+    let (status, _) = call(&people, Method::POST, &approve(summary_id), Some(&pat), None).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let ward9 = api.url(&format!("/v1/projects/ward-9/outputs/{summary_id}/approve"));
+    let (status, _) = call(&people, Method::POST, &ward9, Some(&pat), None).await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "another project's output is not found");
+    let rita_agent = client(&pki, Some(&pki.agent("rita-r")));
+    let (own, _) = submit(&api, &rita_agent, "own.csv", b"a,n\nx,50\n").await;
+    let (status, body) = call(&people, Method::POST, &approve(own), Some(&rita), None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("selfReview")), "{body}");
+
+    // Two distinct checkers approve the summary; one checker rejects the table with a reason.
+    let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&olive), None).await.unwrap();
+    assert_eq!(
+        (status, body["state"].as_str(), body["approvals"].as_u64()),
+        (StatusCode::OK, Some("inReview"), Some(1))
+    );
+    let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&olive), None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("alreadyReviewed")), "{body}");
+    let (status, body) = call(&people, Method::POST, &approve(summary_id), Some(&oscar), None).await.unwrap();
+    assert_eq!((status, body["state"].as_str()), (StatusCode::OK, Some("approved")), "{body}");
+    let reject = outputs(&format!("/{table_id}/reject"));
+    let (status, body) = call(&people, Method::POST, &reject, Some(&olive), reason("  ")).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("reasonRequired")), "{body}");
+    let (status, body) = call(&people, Method::POST, &reject, Some(&olive), reason("cell of 7")).await.unwrap();
+    assert_eq!((status, body["state"].as_str()), (StatusCode::OK, Some("rejected")), "{body}");
+    // Decisions are final.
+    let (status, body) = call(&people, Method::POST, &approve(table_id), Some(&oscar), None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("wrongState")), "{body}");
+
+    // The agent sees the decisions on its workspace's outputs (and only those).
+    let (status, decisions) = call(&agent, Method::GET, &api.url("/v1/agent/outputs"), None, None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{decisions}");
+    let decisions = decisions.as_array().unwrap();
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    let d = decisions.iter().find(|d| d["fileName"] == "table.csv").unwrap();
+    assert_eq!(d["state"], "rejected");
+    assert_eq!(d["id"], table_id.to_string());
+    let r = &d["reasons"][0];
+    assert_eq!(
+        (r["reviewer"].as_str(), r["decision"].as_str(), r["reason"].as_str()),
+        (Some("olive@ward7.example"), Some("reject"), Some("cell of 7"))
+    );
+    assert!(chrono::DateTime::parse_from_rfc3339(r["at"].as_str().unwrap()).is_ok());
+    assert!(chrono::DateTime::parse_from_rfc3339(d["updatedAt"].as_str().unwrap()).is_ok());
+    let keys: Vec<&String> = d.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["fileName", "id", "reasons", "state", "updatedAt"]);
+
+    // Download: only the requester, only once approved, once.
+    let link = |id: Uuid| outputs(&format!("/{id}/download-link"));
+    let (status, body) = call(&people, Method::POST, &link(table_id), Some(&alice), None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("wrongState")), "{body}");
+    let (status, body) = call(&people, Method::POST, &link(summary_id), Some(&bob), None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("notTheRequester")), "{body}");
+    let (status, body) = call(&people, Method::POST, &link(summary_id), Some(&alice), None).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let url = api.url(body["url"].as_str().unwrap());
+    let (status, _, _) = call_raw(&people, Method::GET, &url, Some(&bob)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "someone else's link is not found (and not used up)");
+    let (status, headers, bytes) = call_raw(&people, Method::GET, &url, Some(&alice)).await;
+    assert_eq!((status, bytes.as_ref()), (StatusCode::OK, summary.as_slice()));
+    use base64::Engine as _;
+    let receipt = base64::engine::general_purpose::STANDARD.decode(headers["x-noexit-receipt"].as_bytes()).unwrap();
+    let signed: noexit_airlock::receipt::SignedReceipt = serde_json::from_slice(&receipt).unwrap();
+    noexit_airlock::receipt::verify(&signed, &summary, &api.receipt_key)
+        .expect("the receipt verifies with the API's key");
+    assert!(noexit_airlock::receipt::verify(&signed, &table, &api.receipt_key).is_err(), "not for another file");
+    assert_eq!(signed.receipt.sha256, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&summary)));
+    assert_eq!((signed.receipt.file_name.as_str(), signed.receipt.size), ("summary.csv", summary.len() as u64));
+    let reviewers: Vec<&str> = signed.receipt.reviews.iter().map(|r| r.reviewer.as_str()).collect();
+    assert_eq!(reviewers, ["olive@ward7.example", "oscar@ward7.example"]);
+    let mut forged = signed.clone();
+    forged.receipt.size += 1;
+    assert_eq!(
+        noexit_airlock::receipt::verify_signature(&forged, &api.receipt_key),
+        Err(noexit_airlock::receipt::ReceiptError::BadSignature),
+        "a changed receipt does not verify"
+    );
+    // A replayed link is refused.
+    let (status, _, body) = call_raw(&people, Method::GET, &url, Some(&alice)).await;
+    assert_eq!(status, StatusCode::GONE, "{}", String::from_utf8_lossy(&body));
+    let (status, stored) =
+        call(&people, Method::GET, &outputs(&format!("/{summary_id}/receipt")), Some(&dave), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stored["signature"].as_str(), Some(signed.signature.as_str()));
+    let (_, released) =
+        call(&people, Method::GET, &outputs(&format!("/{summary_id}")), Some(&alice), None).await.unwrap();
+    assert_eq!(released["state"], "released");
+
+    // A tampered stored file is refused at download (and stays approved).
+    let (tamper_id, _) = submit(&api, &agent, "counts.csv", b"ward,n\n7a,40\n7b,44\n").await;
+    for who in [&olive, &oscar] {
+        let (status, _) = call(&people, Method::POST, &approve(tamper_id), Some(who), None).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    let path = api.data_dir.path().join("outbox/ward-7/alice-r").join(tamper_id.to_string());
+    let mut sealed = std::fs::read(&path).unwrap();
+    let last = sealed.len() - 20;
+    sealed[last] ^= 0x40;
+    std::fs::write(&path, &sealed).unwrap();
+    let (_, body) = call(&people, Method::POST, &link(tamper_id), Some(&alice), None).await.unwrap();
+    let (status, _, body) = call_raw(&people, Method::GET, &api.url(body["url"].as_str().unwrap()), Some(&alice)).await;
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("integrityCheckFailed")), "{body}");
+    let (_, still) = call(&people, Method::GET, &outputs(&format!("/{tamper_id}")), Some(&alice), None).await.unwrap();
+    assert_eq!(still["state"], "approved");
+
+    // Bad submissions: a path-traversal name, an oversized file, a zip bomb (stored, not expanded).
+    let sha = "0".repeat(64);
+    for (name, size, code) in [("../escape.csv", 10, "invalidFileName"), ("big.csv", 2 * 1024 * 1024, "fileTooLarge")] {
+        let manifest = json!({"id": Uuid::new_v4(), "fileName": name, "size": size, "sha256": sha,
+            "submittedBy": "alice", "scan": {"verdict": "clean", "findings": []}});
+        let (status, body) =
+            call(&agent, Method::POST, &api.url("/v1/agent/outbox"), None, json_body(&manifest)).await.unwrap();
+        assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(code)), "{name}");
+    }
+    let bomb = zip_bomb(64 * 1024 * 1024);
+    assert!(bomb.len() < 1024 * 1024, "the bomb fits under the upload limit ({} bytes)", bomb.len());
+    let (bomb_id, ack) = submit(&api, &agent, "bomb.zip", &bomb).await;
+    assert_eq!(ack["state"], "checked");
+    let (_, b) = call(&people, Method::GET, &outputs(&format!("/{bomb_id}")), Some(&olive), None).await.unwrap();
+    assert_ne!(b["checks"]["verdict"], "pass", "an archive is never passed: {b}");
+    let stored =
+        std::fs::metadata(api.data_dir.path().join("outbox/ward-7/alice-r").join(bomb_id.to_string())).unwrap();
+    assert_eq!(stored.len(), noexit_airlock::seal::sealed_len(bomb.len() as u64), "stored as sent, not expanded");
+
+    // Withdrawal: only the requester, before release; then no one reviews it.
+    let withdraw = outputs(&format!("/{bomb_id}/withdraw"));
+    let (status, body) = call(&people, Method::POST, &withdraw, Some(&bob), None).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("notTheRequester")), "{body}");
+    let (status, body) = call(&people, Method::POST, &withdraw, Some(&alice), None).await.unwrap();
+    assert_eq!((status, body["state"].as_str()), (StatusCode::OK, Some("withdrawn")), "{body}");
+    let (status, _) = call(&people, Method::POST, &approve(bomb_id), Some(&olive), None).await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // Every refusal is in the audit log, under its action.
+    let reasons = |entries: Vec<audit::store::Entry>| -> Vec<String> {
+        entries
+            .into_iter()
+            .map(|e| match e.event.outcome {
+                Outcome::Refused(r) => r,
+                _ => String::new(),
+            })
+            .collect()
+    };
+    let approvals = reasons(api.refused("output.approve").await);
+    for code in ["selfReview", "forbidden", "alreadyReviewed", "wrongState", "notFound"] {
+        assert!(approvals.iter().any(|r| r.starts_with(code)), "no refused approval for {code}: {approvals:?}");
+    }
+    assert!(approvals.iter().any(|r| r.contains("pat@ward9.example")), "{approvals:?}");
+    let downloads = reasons(api.refused("output.download").await);
+    for code in ["linkUsed", "integrityCheckFailed", "notFound"] {
+        assert!(downloads.iter().any(|r| r.starts_with(code)), "no refused download for {code}: {downloads:?}");
+    }
+    let submits = reasons(api.refused("agent.outbox.submit").await);
+    for code in ["invalidFileName", "fileTooLarge"] {
+        assert!(submits.iter().any(|r| r.starts_with(code)), "no refused submission for {code}: {submits:?}");
+    }
+    // The token never reaches the log.
+    let token = url.split("/v1/downloads/").nth(1).unwrap().split('?').next().unwrap().to_owned();
+    assert!(token.len() >= 43, "{url}");
+    assert!(api.entries().await.iter().all(|e| !serde_json::to_string(&e.event).unwrap().contains(&token)));
+
+    // After retention the sweeper deletes final content (metadata and receipt stay) and expires
+    // what waited too long.
+    let later = chrono::Utc::now() + chrono::Duration::days(31);
+    let swept = api::sweeper::sweep_once(&api.state, later).await.unwrap();
+    assert!(
+        swept.deleted.contains(&summary_id.to_string()) && swept.deleted.contains(&table_id.to_string()),
+        "{swept:?}"
+    );
+    assert!(swept.expired.contains(&tamper_id.to_string()) && swept.expired.contains(&own.to_string()), "{swept:?}");
+    assert!(!api.data_dir.path().join("outbox/ward-7/alice-r").join(summary_id.to_string()).exists());
+    let (status, r) =
+        call(&people, Method::GET, &outputs(&format!("/{summary_id}/receipt")), Some(&alice), None).await.unwrap();
+    assert_eq!((status, r["signature"].as_str()), (StatusCode::OK, Some(signed.signature.as_str())));
+    let (_, t) = call(&people, Method::GET, &outputs(&format!("/{table_id}")), Some(&olive), None).await.unwrap();
+    assert_eq!((t["state"].as_str(), t["contentDeleted"].as_bool()), (Some("rejected"), Some(true)));
 }

@@ -7,5 +7,7 @@
 //! - [`render`]: the file as a reviewer sees it, with the checks' findings marked.
 
 pub mod checks;
+pub mod lifecycle;
 pub mod receipt;
 pub mod render;
+pub mod seal;

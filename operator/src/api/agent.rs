@@ -8,6 +8,7 @@ use axum::extract::{Extension, Path as UrlPath, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use http_body_util::BodyExt;
+use noexit_airlock::lifecycle::State as Life;
 use noexit_crds::agent::{
     AgentEvent, EventBatch, EventBatchAck, EventKind, Heartbeat, OutboxAck, OutboxManifest, WorkspaceIdentity,
 };
@@ -20,7 +21,8 @@ use super::AppState;
 use super::body::{StrictJson, content_type_is, wrong_content_type};
 use super::error::ApiError;
 use super::guard::{PeerInfo, Principal, noted};
-use super::store::{OutputRequestRow, PENDING_REVIEW, StoreError};
+use super::output_store::{NewOutput, OutputRequestRow};
+use super::store::StoreError;
 use crate::audit::{AuditEvent, Outcome};
 
 /// Most events one batch may carry.
@@ -199,7 +201,15 @@ pub async fn outbox(
     if let Some((code, message)) = check_manifest(&m, state.config.max_upload_bytes) {
         return Err(ApiError::bad(StatusCode::UNPROCESSABLE_ENTITY, code, message));
     }
-    let row = state.store.insert_output_request(id, &m).await?;
+    // The request belongs to the workspace's owner (a project person); the manifest names only
+    // the workspace's local user.
+    let owner = match state.cluster.workspace(id).await {
+        Ok(Some(ws)) => ws.spec.owner,
+        _ => m.submitted_by.clone(),
+    };
+    let companion = super::airlock_checks::companion_of(&m.file_name);
+    let new = NewOutput { ws: id, manifest: &m, requester: &owner, companion_of: companion.as_deref() };
+    let row = state.store.insert_output_request(&new).await?;
     if row.project != id.project || row.workspace != id.name || !same_submission(&row, &m) {
         return Err(ApiError::conflict(
             "idempotencyConflict",
@@ -235,34 +245,68 @@ pub async fn outbox_content(
         Some(row) if row.project == id.project && row.workspace == id.name => row,
         _ => return Err(ApiError::not_found(format!("output request {request_id} not found for this workspace"))),
     };
-    if row.state == PENDING_REVIEW {
+    if row.life() != Life::Submitted {
         let ack = OutboxAck { id: request_id, state: row.state };
         return Ok(noted(Json(ack), object, serde_json::json!({"resent": true})));
     }
     let expected = u64::try_from(row.size).unwrap_or(0);
+    let project = state.cluster.project(&id.project).await.ok().flatten();
+    let policy = super::outputs::check_policy(project.as_ref());
     let dir = content_dir(&state.config.data_dir, &id);
     tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
     let tmp = dir.join(format!(".{request_id}.{}.part", Uuid::new_v4()));
-    let result = receive(req, &tmp, expected, &row.sha256).await;
-    if let Err(e) = result {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
-    }
+    let keep = usize::try_from(policy.max_checked_bytes).unwrap_or(usize::MAX);
+    let received = receive(req, &tmp, expected, &row.sha256, &state.airlock.seal, &row.id, keep).await;
+    let plain = match received {
+        Ok(plain) => plain,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
     let dest = dir.join(request_id.to_string());
     tokio::fs::rename(&tmp, &dest).await.map_err(|e| ApiError::Internal(format!("{}: {e}", dest.display())))?;
     // The rename is durable only once the directory is synced.
     if let Ok(d) = tokio::fs::File::open(&dir).await {
         let _ = d.sync_all().await;
     }
-    state.store.mark_uploaded(request_id, &dest.display().to_string()).await?;
-    let ack = OutboxAck { id: request_id, state: PENDING_REVIEW.into() };
-    Ok(noted(Json(ack), object, serde_json::json!({"size": expected, "sha256": row.sha256})))
+    // The control plane's own checks, on the bytes it received (never the agent's scan).
+    let report = super::airlock_checks::check_arrival(&state, &row, plain.as_deref(), &policy).await?;
+    let report_json = serde_json::to_string(&report).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if !state.store.mark_checked(&row.id, row.version, &dest.display().to_string(), &report_json).await? {
+        let now = state.store.output_request(request_id).await?.map(|r| r.state).unwrap_or_default();
+        let ack = OutboxAck { id: request_id, state: now };
+        return Ok(noted(Json(ack), object, serde_json::json!({"resent": true})));
+    }
+    if row.companion_of.is_some() {
+        super::airlock_checks::recheck_described(&state, &row, &policy).await;
+    }
+    let ack = OutboxAck { id: request_id, state: Life::Checked.as_str().into() };
+    let detail = serde_json::json!({
+        "size": expected, "sha256": row.sha256, "verdict": report.verdict,
+        "checks": report.results.iter().map(|r| (r.check.clone(), r.verdict)).collect::<Vec<_>>(),
+    });
+    Ok(noted(Json(ack), object, detail))
 }
 
-/// Stream the body to `tmp`, refusing more than `expected` bytes, then check size and hash.
-async fn receive(req: Request, tmp: &Path, expected: u64, sha256: &str) -> Result<(), ApiError> {
+/// Stream the body, sealed, to `tmp`, refusing more than `expected` bytes, then check size and
+/// hash. Plaintext never touches the disk; it is kept in memory only up to `keep` bytes, for
+/// the checks (`None` when the file is larger: "manual review").
+async fn receive(
+    req: Request,
+    tmp: &Path,
+    expected: u64,
+    sha256: &str,
+    key: &noexit_airlock::seal::SealKey,
+    aad: &str,
+    keep: usize,
+) -> Result<Option<Vec<u8>>, ApiError> {
     let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", tmp.display()));
+    let sealing = |e: noexit_airlock::seal::SealError| ApiError::Internal(format!("{}: {e}", tmp.display()));
     let mut file = tokio::fs::File::create(tmp).await.map_err(io)?;
+    let mut sealer = noexit_airlock::seal::Sealer::new(key, aad.as_bytes());
+    let mut sealed = Vec::new();
+    let mut plain = (expected <= keep as u64).then(|| Vec::with_capacity(expected as usize));
     let mut hasher = Sha256::new();
     let mut received: u64 = 0;
     let mut body = req.into_body();
@@ -278,7 +322,12 @@ async fn receive(req: Request, tmp: &Path, expected: u64, sha256: &str) -> Resul
             ));
         }
         hasher.update(chunk);
-        file.write_all(chunk).await.map_err(io)?;
+        if let Some(p) = plain.as_mut() {
+            p.extend_from_slice(chunk);
+        }
+        sealer.push(chunk, &mut sealed).map_err(sealing)?;
+        file.write_all(&sealed).await.map_err(io)?;
+        sealed.clear();
     }
     if received != expected {
         return Err(ApiError::bad(
@@ -295,8 +344,10 @@ async fn receive(req: Request, tmp: &Path, expected: u64, sha256: &str) -> Resul
             format!("upload has SHA-256 {got}; the manifest declared {sha256}"),
         ));
     }
+    sealer.finish(&mut sealed).map_err(sealing)?;
+    file.write_all(&sealed).await.map_err(io)?;
     file.sync_all().await.map_err(io)?;
-    Ok(())
+    Ok(plain)
 }
 
 #[cfg(test)]

@@ -35,10 +35,22 @@ pub enum Endpoint {
     SessionList,
     WorkspaceRevoke,
     AuditQuery,
+    AgentOutputs,
+    OutputList,
+    OutputGet,
+    OutputContent,
+    OutputReview,
+    OutputApprove,
+    OutputReject,
+    OutputRequestChanges,
+    OutputWithdraw,
+    OutputDownloadLink,
+    OutputDownload,
+    OutputReceipt,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 15] = [
+    pub const ALL: [Endpoint; 27] = [
         Endpoint::Health,
         Endpoint::AgentEvents,
         Endpoint::AgentHeartbeat,
@@ -54,6 +66,18 @@ impl Endpoint {
         Endpoint::SessionList,
         Endpoint::WorkspaceRevoke,
         Endpoint::AuditQuery,
+        Endpoint::AgentOutputs,
+        Endpoint::OutputList,
+        Endpoint::OutputGet,
+        Endpoint::OutputContent,
+        Endpoint::OutputReview,
+        Endpoint::OutputApprove,
+        Endpoint::OutputReject,
+        Endpoint::OutputRequestChanges,
+        Endpoint::OutputWithdraw,
+        Endpoint::OutputDownloadLink,
+        Endpoint::OutputDownload,
+        Endpoint::OutputReceipt,
     ];
 
     /// Method and axum path pattern.
@@ -74,6 +98,19 @@ impl Endpoint {
             Endpoint::SessionList => ("GET", "/v1/projects/{project}/sessions"),
             Endpoint::WorkspaceRevoke => ("POST", "/v1/projects/{project}/workspaces/{name}/revoke"),
             Endpoint::AuditQuery => ("GET", "/v1/audit"),
+            Endpoint::AgentOutputs => ("GET", "/v1/agent/outputs"),
+            Endpoint::OutputList => ("GET", "/v1/projects/{project}/outputs"),
+            Endpoint::OutputGet => ("GET", "/v1/projects/{project}/outputs/{id}"),
+            Endpoint::OutputContent => ("GET", "/v1/projects/{project}/outputs/{id}/content"),
+            Endpoint::OutputReview => ("GET", "/v1/projects/{project}/outputs/{id}/review"),
+            Endpoint::OutputApprove => ("POST", "/v1/projects/{project}/outputs/{id}/approve"),
+            Endpoint::OutputReject => ("POST", "/v1/projects/{project}/outputs/{id}/reject"),
+            Endpoint::OutputRequestChanges => ("POST", "/v1/projects/{project}/outputs/{id}/request-changes"),
+            Endpoint::OutputWithdraw => ("POST", "/v1/projects/{project}/outputs/{id}/withdraw"),
+            Endpoint::OutputDownloadLink => ("POST", "/v1/projects/{project}/outputs/{id}/download-link"),
+            // The project rides in the query (`?project=`): the link is what the CLI follows.
+            Endpoint::OutputDownload => ("GET", "/v1/downloads/{token}"),
+            Endpoint::OutputReceipt => ("GET", "/v1/projects/{project}/outputs/{id}/receipt"),
         }
     }
 
@@ -95,15 +132,29 @@ impl Endpoint {
             Endpoint::SessionList => "session.list",
             Endpoint::WorkspaceRevoke => "certificate.revoke",
             Endpoint::AuditQuery => "audit.query",
+            Endpoint::AgentOutputs => "agent.outputs",
+            Endpoint::OutputList => "output.list",
+            Endpoint::OutputGet => "output.get",
+            Endpoint::OutputContent => "output.content",
+            Endpoint::OutputReview => "output.review",
+            Endpoint::OutputApprove => "output.approve",
+            Endpoint::OutputReject => "output.reject",
+            Endpoint::OutputRequestChanges => "output.requestChanges",
+            Endpoint::OutputWithdraw => "output.withdraw",
+            Endpoint::OutputDownloadLink => "output.downloadLink",
+            Endpoint::OutputDownload => "output.download",
+            Endpoint::OutputReceipt => "output.receipt",
         }
     }
 
     pub fn authn(self) -> Authn {
         match self {
             Endpoint::Health => Authn::None,
-            Endpoint::AgentEvents | Endpoint::AgentHeartbeat | Endpoint::AgentOutbox | Endpoint::AgentOutboxContent => {
-                Authn::AgentCert
-            }
+            Endpoint::AgentEvents
+            | Endpoint::AgentHeartbeat
+            | Endpoint::AgentOutbox
+            | Endpoint::AgentOutboxContent
+            | Endpoint::AgentOutputs => Authn::AgentCert,
             Endpoint::OperatorRevoke => Authn::OperatorCert,
             Endpoint::WhoAmI
             | Endpoint::RequestCreate
@@ -113,7 +164,18 @@ impl Endpoint {
             | Endpoint::RequestDeny
             | Endpoint::SessionList
             | Endpoint::WorkspaceRevoke
-            | Endpoint::AuditQuery => Authn::Bearer,
+            | Endpoint::AuditQuery
+            | Endpoint::OutputList
+            | Endpoint::OutputGet
+            | Endpoint::OutputContent
+            | Endpoint::OutputReview
+            | Endpoint::OutputApprove
+            | Endpoint::OutputReject
+            | Endpoint::OutputRequestChanges
+            | Endpoint::OutputWithdraw
+            | Endpoint::OutputDownloadLink
+            | Endpoint::OutputDownload
+            | Endpoint::OutputReceipt => Authn::Bearer,
         }
     }
 
@@ -127,6 +189,7 @@ impl Endpoint {
             | Endpoint::AgentHeartbeat
             | Endpoint::AgentOutbox
             | Endpoint::AgentOutboxContent
+            | Endpoint::AgentOutputs
             | Endpoint::OperatorRevoke => &[],
             Endpoint::WhoAmI => &[Researcher, DataAnalyst, Admin, OutputChecker, Auditor, Sre],
             Endpoint::RequestCreate => &[DataAnalyst],
@@ -135,13 +198,29 @@ impl Endpoint {
             Endpoint::SessionList => &[Admin, Auditor, Sre],
             Endpoint::WorkspaceRevoke => &[Admin],
             Endpoint::AuditQuery => &[Auditor],
+            // Checkers, admins and auditors see every output of the project; the others only
+            // their own (the handler filters by requester).
+            Endpoint::OutputList | Endpoint::OutputGet | Endpoint::OutputReceipt => {
+                &[OutputChecker, Admin, Auditor, Researcher, DataAnalyst]
+            }
+            // The requester never reviews their own (the life cycle refuses it: selfReview).
+            Endpoint::OutputContent
+            | Endpoint::OutputReview
+            | Endpoint::OutputApprove
+            | Endpoint::OutputReject
+            | Endpoint::OutputRequestChanges => &[OutputChecker],
+            // Only the request's requester (the handler checks who).
+            Endpoint::OutputWithdraw | Endpoint::OutputDownloadLink | Endpoint::OutputDownload => {
+                &[Researcher, DataAnalyst]
+            }
         }
     }
 
     /// Successful calls recorded by the audit middleware. Agent events are recorded one by one
     /// (with their idempotency key) by the handler; heartbeats are state, kept in their table.
     pub fn audit_success(self) -> bool {
-        !matches!(self, Endpoint::Health | Endpoint::AgentEvents | Endpoint::AgentHeartbeat)
+        // The agent's poll of its decisions is a read of its own state, every few seconds.
+        !matches!(self, Endpoint::Health | Endpoint::AgentEvents | Endpoint::AgentHeartbeat | Endpoint::AgentOutputs)
     }
 }
 

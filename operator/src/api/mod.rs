@@ -4,6 +4,7 @@
 //! authenticates, authorises against [`authz`] (deny by default) and audits the decision.
 
 pub mod agent;
+pub mod airlock_checks;
 pub mod auditlog;
 pub mod authz;
 pub mod body;
@@ -11,10 +12,13 @@ pub mod cluster;
 pub mod error;
 pub mod guard;
 pub mod oidc;
+pub mod output_store;
+pub mod outputs;
 pub mod people;
 pub mod revocation;
 pub mod server;
 pub mod store;
+pub mod sweeper;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -51,6 +55,8 @@ pub struct Inner {
     pub oidc: Option<Arc<oidc::Oidc>>,
     pub revoked: RevocationSet,
     pub config: ApiConfig,
+    /// The airlock's keys (sealing, receipt signing) and link lifetime.
+    pub airlock: outputs::Airlock,
     /// What each workspace's status last got from us, and when (see [`agent::should_reflect`]).
     pub reflected: std::sync::Mutex<std::collections::HashMap<(String, String), agent::Reflected>>,
 }
@@ -67,7 +73,7 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// State with revocations loaded from the store.
+    /// State with revocations loaded from the store, and fresh airlock keys (tests).
     pub async fn new(
         store: ApiStore,
         audit: Arc<dyn EventLog>,
@@ -75,9 +81,21 @@ impl AppState {
         oidc: Option<Arc<oidc::Oidc>>,
         config: ApiConfig,
     ) -> Result<Self, store::StoreError> {
+        Self::with_airlock(store, audit, cluster, oidc, config, outputs::Airlock::ephemeral()).await
+    }
+
+    /// State with the given airlock keys.
+    pub async fn with_airlock(
+        store: ApiStore,
+        audit: Arc<dyn EventLog>,
+        cluster: Arc<dyn Cluster>,
+        oidc: Option<Arc<oidc::Oidc>>,
+        config: ApiConfig,
+        airlock: outputs::Airlock,
+    ) -> Result<Self, store::StoreError> {
         let revoked = RevocationSet::new(store.revocations().await?.into_iter().map(|r| r.serial));
         let reflected = Default::default();
-        Ok(Self(Arc::new(Inner { store, audit, cluster, oidc, revoked, config, reflected })))
+        Ok(Self(Arc::new(Inner { store, audit, cluster, oidc, revoked, config, airlock, reflected })))
     }
 
     /// Add revocations other replicas recorded in the shared database.
@@ -106,6 +124,18 @@ fn handler_for(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::SessionList => get(people::sessions),
         Endpoint::WorkspaceRevoke => post(people::workspace_revoke),
         Endpoint::AuditQuery => get(people::audit_query),
+        Endpoint::AgentOutputs => get(outputs::agent_list),
+        Endpoint::OutputList => get(outputs::list),
+        Endpoint::OutputGet => get(outputs::get),
+        Endpoint::OutputContent => get(outputs::content),
+        Endpoint::OutputReview => get(outputs::review_page),
+        Endpoint::OutputApprove => post(outputs::approve),
+        Endpoint::OutputReject => post(outputs::reject),
+        Endpoint::OutputRequestChanges => post(outputs::request_changes),
+        Endpoint::OutputWithdraw => post(outputs::withdraw),
+        Endpoint::OutputDownloadLink => post(outputs::download_link),
+        Endpoint::OutputDownload => get(outputs::download),
+        Endpoint::OutputReceipt => get(outputs::receipt),
     }
 }
 
@@ -211,6 +241,16 @@ pub struct Options {
     /// and development; requests are then kept in memory).
     #[arg(long)]
     pub manifests: Option<PathBuf>,
+    /// Key that seals airlock files at rest (64 hex digits, or 32 raw bytes as a Secret mounts
+    /// them); created if missing.
+    #[arg(long, env = "NOEXIT_SEAL_KEY", default_value = "/var/lib/noexit/airlock-seal.key")]
+    pub seal_key: PathBuf,
+    /// Seconds a download link of an approved output lives.
+    #[arg(long, default_value_t = 300)]
+    pub download_link_seconds: u64,
+    /// Seconds between sweeps (expiry of undecided outputs, deletion of content after retention).
+    #[arg(long, default_value_t = 3600)]
+    pub sweep_interval_secs: u64,
     /// Seconds between checks of the server certificate files.
     #[arg(long, default_value_t = 30)]
     pub cert_reload_seconds: u64,
@@ -290,7 +330,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_upload_bytes: args.max_upload_bytes,
     };
     let _key_refresh = oidc.as_ref().map(oidc::Oidc::spawn_refresh);
-    let state = AppState::new(ApiStore::new(db), audit, cluster, oidc, config).await?;
+    let seal = noexit_airlock::seal::SealKey::load_or_create(&args.seal_key).context("--seal-key")?;
+    let airlock = outputs::Airlock {
+        seal,
+        signer: crate::audit::keys::load_signing_key(&args.audit_key)?,
+        link_ttl: chrono::Duration::seconds(i64::try_from(args.download_link_seconds.max(1)).unwrap_or(300)),
+    };
+    let state = AppState::with_airlock(ApiStore::new(db), audit, cluster, oidc, config, airlock).await?;
+    let sweeper = sweeper::spawn(state.clone(), Duration::from_secs(args.sweep_interval_secs.max(1)));
     let reload_every = Duration::from_secs(args.cert_reload_seconds.max(1));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(reload_every);
@@ -311,6 +358,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let limits = args.connections.limits();
     server::serve_with(listener, tls_config, state.clone(), router(state), limits, crate::telemetry::shutdown_signal())
         .await?;
+    sweeper.abort();
     // Commit what is queued and seal the tail with a checkpoint (also published).
     audit_store.close().await;
     tracing::info!("audit log sealed; control-plane API stopped");

@@ -3,7 +3,7 @@
 //! whichever pool is configured. Writes return only after the database committed them.
 
 use chrono::{DateTime, Utc};
-use noexit_crds::agent::{Heartbeat, OutboxManifest, SessionEvent, Violation, WorkspaceIdentity};
+use noexit_crds::agent::{Heartbeat, SessionEvent, Violation, WorkspaceIdentity};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -27,29 +27,12 @@ pub type Db = crate::audit::store::Pool;
 macro_rules! on_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            Db::Sqlite($pool) => $body,
-            Db::Postgres($pool) => $body,
+            $crate::api::store::Db::Sqlite($pool) => $body,
+            $crate::api::store::Db::Postgres($pool) => $body,
         }
     };
 }
-
-/// Where an output request is in its life.
-pub const AWAITING_CONTENT: &str = "awaitingContent";
-pub const PENDING_REVIEW: &str = "pendingReview";
-
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub struct OutputRequestRow {
-    pub id: String,
-    pub project: String,
-    pub workspace: String,
-    pub file_name: String,
-    pub size: i64,
-    pub sha256: String,
-    pub submitted_by: String,
-    pub scan: String,
-    pub state: String,
-    pub content_path: Option<String>,
-}
+pub(crate) use on_db;
 
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
@@ -88,7 +71,7 @@ fn enum_name<T: Serialize>(value: &T) -> String {
     }
 }
 
-fn clamp_i64(n: u64) -> i64 {
+pub(crate) fn clamp_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -251,58 +234,6 @@ impl ApiStore {
     /// Keep the latest heartbeat of the workspace.
     pub async fn upsert_heartbeat(&self, ws: &WorkspaceIdentity, hb: &Heartbeat) -> Result<(), StoreError> {
         self.submit(Op::Heartbeat { ws: ws.clone(), hb: hb.clone() }).await.map(|_| ())
-    }
-
-    /// Record an outbox manifest once. Returns the stored row (the existing one on a resend).
-    pub async fn insert_output_request(
-        &self,
-        ws: &WorkspaceIdentity,
-        m: &OutboxManifest,
-    ) -> Result<OutputRequestRow, StoreError> {
-        const SQL: &str = "INSERT INTO output_requests \
-            (id, project, workspace, file_name, size, sha256, submitted_by, scan, state, created_at) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
-        let scan = serde_json::to_string(&m.scan).unwrap_or_else(|_| "{}".into());
-        on_db!(&self.db, pool => sqlx::query(SQL)
-            .bind(m.id.to_string())
-            .bind(&ws.project)
-            .bind(&ws.name)
-            .bind(&m.file_name)
-            .bind(clamp_i64(m.size))
-            .bind(&m.sha256)
-            .bind(&m.submitted_by)
-            .bind(scan)
-            .bind(AWAITING_CONTENT)
-            .bind(Utc::now())
-            .execute(pool)
-            .await
-            .map(|_| ())?);
-        self.output_request(m.id)
-            .await?
-            .ok_or_else(|| StoreError::Unavailable(format!("output request {} vanished after insert", m.id)))
-    }
-
-    pub async fn output_request(&self, id: Uuid) -> Result<Option<OutputRequestRow>, StoreError> {
-        const SQL: &str = "SELECT id, project, workspace, file_name, size, sha256, submitted_by, scan, state, \
-            content_path FROM output_requests WHERE id = $1";
-        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, OutputRequestRow>(SQL)
-            .bind(id.to_string())
-            .fetch_optional(pool)
-            .await?))
-    }
-
-    /// The content arrived and matched; the request now waits for reviewers.
-    pub async fn mark_uploaded(&self, id: Uuid, content_path: &str) -> Result<(), StoreError> {
-        const SQL: &str = "UPDATE output_requests SET state = $1, content_path = $2, uploaded_at = $3 WHERE id = $4";
-        on_db!(&self.db, pool => sqlx::query(SQL)
-            .bind(PENDING_REVIEW)
-            .bind(content_path)
-            .bind(Utc::now())
-            .bind(id.to_string())
-            .execute(pool)
-            .await
-            .map(|_| ())?);
-        Ok(())
     }
 
     /// Record a revocation once; `true` if it was new.
