@@ -279,7 +279,12 @@ impl Api {
         let oidc = issuer.map(|i| Arc::new(api::oidc::Oidc::new(i.config()).unwrap()));
         let data_dir = tempfile::tempdir().unwrap();
         let config =
-            ApiConfig { data_dir: data_dir.path().to_owned(), require_mfa: false, max_upload_bytes: 1024 * 1024 };
+            ApiConfig {
+            data_dir: data_dir.path().to_owned(),
+            require_mfa: false,
+            max_upload_bytes: 1024 * 1024,
+            inbox: Default::default(),
+        };
         let state = AppState::new(store.clone(), audit.clone(), cluster.clone(), oidc, config).await.unwrap();
         let cert = Arc::new(
             tls::ReloadingCert::load(&pki.dir.path().join("tls.crt"), &pki.dir.path().join("tls.key")).unwrap(),

@@ -35,10 +35,18 @@ pub enum Endpoint {
     SessionList,
     WorkspaceRevoke,
     AuditQuery,
+    // Ingress (the door in): kept together to ease merges.
+    InboxSubmit,
+    InboxList,
+    InboxApprove,
+    InboxReject,
+    AgentInbox,
+    AgentInboxContent,
+    AgentInboxDelivered,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 15] = [
+    pub const ALL: [Endpoint; 22] = [
         Endpoint::Health,
         Endpoint::AgentEvents,
         Endpoint::AgentHeartbeat,
@@ -54,6 +62,13 @@ impl Endpoint {
         Endpoint::SessionList,
         Endpoint::WorkspaceRevoke,
         Endpoint::AuditQuery,
+        Endpoint::InboxSubmit,
+        Endpoint::InboxList,
+        Endpoint::InboxApprove,
+        Endpoint::InboxReject,
+        Endpoint::AgentInbox,
+        Endpoint::AgentInboxContent,
+        Endpoint::AgentInboxDelivered,
     ];
 
     /// Method and axum path pattern.
@@ -74,6 +89,14 @@ impl Endpoint {
             Endpoint::SessionList => ("GET", "/v1/projects/{project}/sessions"),
             Endpoint::WorkspaceRevoke => ("POST", "/v1/projects/{project}/workspaces/{name}/revoke"),
             Endpoint::AuditQuery => ("GET", "/v1/audit"),
+            // `{name}` is the workspace (axum needs one parameter name per path position).
+            Endpoint::InboxSubmit => ("POST", "/v1/projects/{project}/workspaces/{name}/inbox"),
+            Endpoint::InboxList => ("GET", "/v1/projects/{project}/inbox"),
+            Endpoint::InboxApprove => ("POST", "/v1/projects/{project}/inbox/{id}/approve"),
+            Endpoint::InboxReject => ("POST", "/v1/projects/{project}/inbox/{id}/reject"),
+            Endpoint::AgentInbox => ("GET", "/v1/agent/inbox"),
+            Endpoint::AgentInboxContent => ("GET", "/v1/agent/inbox/{id}/content"),
+            Endpoint::AgentInboxDelivered => ("POST", "/v1/agent/inbox/{id}/delivered"),
         }
     }
 
@@ -95,6 +118,13 @@ impl Endpoint {
             Endpoint::SessionList => "session.list",
             Endpoint::WorkspaceRevoke => "certificate.revoke",
             Endpoint::AuditQuery => "audit.query",
+            Endpoint::InboxSubmit => "inbox.submit",
+            Endpoint::InboxList => "inbox.list",
+            Endpoint::InboxApprove => "inbox.approve",
+            Endpoint::InboxReject => "inbox.reject",
+            Endpoint::AgentInbox => "agent.inbox.list",
+            Endpoint::AgentInboxContent => "agent.inbox.fetch",
+            Endpoint::AgentInboxDelivered => "agent.inbox.deliver",
         }
     }
 
@@ -104,6 +134,7 @@ impl Endpoint {
             Endpoint::AgentEvents | Endpoint::AgentHeartbeat | Endpoint::AgentOutbox | Endpoint::AgentOutboxContent => {
                 Authn::AgentCert
             }
+            Endpoint::AgentInbox | Endpoint::AgentInboxContent | Endpoint::AgentInboxDelivered => Authn::AgentCert,
             Endpoint::OperatorRevoke => Authn::OperatorCert,
             Endpoint::WhoAmI
             | Endpoint::RequestCreate
@@ -113,7 +144,11 @@ impl Endpoint {
             | Endpoint::RequestDeny
             | Endpoint::SessionList
             | Endpoint::WorkspaceRevoke
-            | Endpoint::AuditQuery => Authn::Bearer,
+            | Endpoint::AuditQuery
+            | Endpoint::InboxSubmit
+            | Endpoint::InboxList
+            | Endpoint::InboxApprove
+            | Endpoint::InboxReject => Authn::Bearer,
         }
     }
 
@@ -127,7 +162,10 @@ impl Endpoint {
             | Endpoint::AgentHeartbeat
             | Endpoint::AgentOutbox
             | Endpoint::AgentOutboxContent
-            | Endpoint::OperatorRevoke => &[],
+            | Endpoint::OperatorRevoke
+            | Endpoint::AgentInbox
+            | Endpoint::AgentInboxContent
+            | Endpoint::AgentInboxDelivered => &[],
             Endpoint::WhoAmI => &[Researcher, DataAnalyst, Admin, OutputChecker, Auditor, Sre],
             Endpoint::RequestCreate => &[DataAnalyst],
             Endpoint::RequestList | Endpoint::RequestGet => &[DataAnalyst, Admin, Auditor],
@@ -135,13 +173,19 @@ impl Endpoint {
             Endpoint::SessionList => &[Admin, Auditor, Sre],
             Endpoint::WorkspaceRevoke => &[Admin],
             Endpoint::AuditQuery => &[Auditor],
+            // The submitter of an item may not approve it (checked by the handler).
+            Endpoint::InboxSubmit => &[DataAnalyst, Admin],
+            Endpoint::InboxList => &[DataAnalyst, Admin, Auditor],
+            Endpoint::InboxApprove | Endpoint::InboxReject => &[Admin],
         }
     }
 
     /// Successful calls recorded by the audit middleware. Agent events are recorded one by one
     /// (with their idempotency key) by the handler; heartbeats are state, kept in their table.
     pub fn audit_success(self) -> bool {
-        !matches!(self, Endpoint::Health | Endpoint::AgentEvents | Endpoint::AgentHeartbeat)
+        // The agent's inbox poll comes every few seconds and changes nothing; what it fetches and
+        // places is recorded.
+        !matches!(self, Endpoint::Health | Endpoint::AgentEvents | Endpoint::AgentHeartbeat | Endpoint::AgentInbox)
     }
 }
 
@@ -174,5 +218,26 @@ mod tests {
             assert_eq!(acting_role(Endpoint::AgentEvents, &[role]), None);
             assert_eq!(acting_role(Endpoint::OperatorRevoke, &[role]), None);
         }
+    }
+
+    #[test]
+    fn inbox_rows_analysts_and_admins_submit_only_admins_decide_only_agents_fetch() {
+        use Role::*;
+        assert_eq!(acting_role(Endpoint::InboxSubmit, &[DataAnalyst]), Some(DataAnalyst));
+        assert_eq!(acting_role(Endpoint::InboxSubmit, &[Admin]), Some(Admin));
+        for role in [Researcher, OutputChecker, Auditor, Sre] {
+            assert_eq!(acting_role(Endpoint::InboxSubmit, &[role]), None, "{role:?}");
+            assert_eq!(acting_role(Endpoint::InboxApprove, &[role]), None, "{role:?}");
+            assert_eq!(acting_role(Endpoint::InboxReject, &[role]), None, "{role:?}");
+        }
+        assert_eq!(acting_role(Endpoint::InboxApprove, &[DataAnalyst]), None);
+        assert_eq!(acting_role(Endpoint::InboxApprove, &[DataAnalyst, Admin]), Some(Admin));
+        for e in [Endpoint::AgentInbox, Endpoint::AgentInboxContent, Endpoint::AgentInboxDelivered] {
+            assert_eq!(e.authn(), Authn::AgentCert);
+            assert!(Role::ALL.iter().all(|r| acting_role(e, &[*r]).is_none()));
+        }
+        // Fetches and deliveries are audited; the poll is not.
+        assert!(Endpoint::AgentInboxContent.audit_success() && Endpoint::AgentInboxDelivered.audit_success());
+        assert!(!Endpoint::AgentInbox.audit_success());
     }
 }

@@ -10,6 +10,7 @@ pub mod body;
 pub mod cluster;
 pub mod error;
 pub mod guard;
+pub mod inbox;
 pub mod oidc;
 pub mod people;
 pub mod revocation;
@@ -42,6 +43,8 @@ pub struct ApiConfig {
     pub require_mfa: bool,
     /// Largest outbox file accepted.
     pub max_upload_bytes: u64,
+    /// Ingress: rules for inbox files and their sealing at rest.
+    pub inbox: inbox::InboxConfig,
 }
 
 pub struct Inner {
@@ -106,6 +109,13 @@ fn handler_for(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::SessionList => get(people::sessions),
         Endpoint::WorkspaceRevoke => post(people::workspace_revoke),
         Endpoint::AuditQuery => get(people::audit_query),
+        Endpoint::InboxSubmit => post(inbox::submit),
+        Endpoint::InboxList => get(inbox::list),
+        Endpoint::InboxApprove => post(inbox::approve),
+        Endpoint::InboxReject => post(inbox::reject),
+        Endpoint::AgentInbox => get(inbox::agent_list),
+        Endpoint::AgentInboxContent => get(inbox::agent_content),
+        Endpoint::AgentInboxDelivered => post(inbox::agent_delivered),
     }
 }
 
@@ -207,6 +217,16 @@ pub struct Options {
     /// Largest outbox file accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,
+    /// Largest inbox (ingress) file accepted, in bytes.
+    #[arg(long, env = "NOEXIT_INBOX_MAX_BYTES", default_value_t = inbox::policy::DEFAULT_MAX_BYTES)]
+    pub inbox_max_bytes: u64,
+    /// File extensions accepted into workspace inboxes (comma separated, without dots).
+    /// Default: scripts, text, tables, codebooks, statistical program files and PDF.
+    #[arg(long, env = "NOEXIT_INBOX_EXTENSIONS", value_delimiter = ',')]
+    pub inbox_extensions: Vec<String>,
+    /// Accept archives (zip, gzip, tar …) into inboxes when their extension is listed.
+    #[arg(long, env = "NOEXIT_INBOX_ALLOW_ARCHIVES")]
+    pub inbox_allow_archives: bool,
     /// Read Projects from this manifest file instead of a Kubernetes cluster (single-host mode
     /// and development; requests are then kept in memory).
     #[arg(long)]
@@ -227,6 +247,25 @@ pub fn memory_cluster_from(text: &str) -> anyhow::Result<MemoryCluster> {
         }
     }
     Ok(cluster)
+}
+
+/// The inbox rules from the command line: extensions lower-cased, without dots, checked.
+pub fn inbox_policy(extensions: &[String], max_bytes: u64, allow_archives: bool) -> anyhow::Result<inbox::InboxPolicy> {
+    let mut policy = inbox::InboxPolicy { max_bytes, allow_archives, ..Default::default() };
+    if max_bytes == 0 {
+        anyhow::bail!("--inbox-max-bytes must be greater than 0");
+    }
+    if !extensions.is_empty() {
+        policy.extensions = Vec::new();
+        for e in extensions {
+            let e = e.trim().trim_start_matches('.').to_ascii_lowercase();
+            if e.is_empty() || !e.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                anyhow::bail!("--inbox-extensions: {e:?} is not an extension (letters and digits, e.g. csv,R,pdf)");
+            }
+            policy.extensions.push(e);
+        }
+    }
+    Ok(policy)
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -288,6 +327,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         require_mfa: args.require_mfa,
         max_upload_bytes: args.max_upload_bytes,
+        inbox: inbox::InboxConfig {
+            policy: inbox_policy(&args.inbox_extensions, args.inbox_max_bytes, args.inbox_allow_archives)?,
+            ..Default::default()
+        },
     };
     let _key_refresh = oidc.as_ref().map(oidc::Oidc::spawn_refresh);
     let state = AppState::new(ApiStore::new(db), audit, cluster, oidc, config).await?;
