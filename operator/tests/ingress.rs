@@ -432,6 +432,11 @@ async fn round_trip(db_url: &str) {
         w.store.inbox_item(uuid).await.unwrap().is_some_and(|i| i.state == "delivered")
     })
     .await;
+    // The guard records the call after the handler committed the row: wait for the entry too.
+    until("the delivery's audit entry", Duration::from_secs(20), &agent, || async {
+        w.entries().await.iter().any(|e| e.event.action == "agent.inbox.deliver" && e.event.outcome == Outcome::Allowed)
+    })
+    .await;
     let row = w.store.inbox_item(uuid).await.unwrap().unwrap();
     assert_eq!(row.placed_as.as_deref(), Some("codebook.csv"));
     let entries = w.entries().await;
