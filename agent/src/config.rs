@@ -68,7 +68,10 @@ pub fn validate(cfg: &AgentConfig) -> Result<(), (String, String)> {
         return field("spool", "must not be inside the outbox (or contain it)".into());
     }
     if cfg.inbox.starts_with(&cfg.outbox) || cfg.outbox.starts_with(&cfg.inbox) {
-        return field("inbox", "must not be inside the outbox (or contain it): inbox files would go straight out".into());
+        return field(
+            "inbox",
+            "must not be inside the outbox (or contain it): inbox files would go straight out".into(),
+        );
     }
     if cfg.inbox.starts_with(&cfg.spool) || cfg.spool.starts_with(&cfg.inbox) {
         return field("inbox", "must not be inside the spool (or contain it)".into());

@@ -97,7 +97,8 @@ pub fn render_text(d: &OutputDecision) -> String {
         for r in &d.reasons {
             let reason = if r.reason.trim().is_empty() { String::new() } else { format!(": {}", printable(&r.reason)) };
             let reason = reason.replace('\n', "\n    ");
-            let _ = writeln!(t, "- {} {} ({}){reason}", printable(&r.reviewer), printable(&r.decision), r.at.to_rfc3339());
+            let _ =
+                writeln!(t, "- {} {} ({}){reason}", printable(&r.reviewer), printable(&r.decision), r.at.to_rfc3339());
         }
     }
     t

@@ -119,11 +119,11 @@ impl<S: InboxSource> Inbox<S> {
 
     /// Place every approved item once and report it delivered.
     pub async fn pass(&mut self) -> Result<PassReport, InboxError> {
-        let items = self
-            .source
-            .items()
-            .await
-            .map_err(|source| InboxError::Api { id: Uuid::nil(), name: "(list)".into(), source })?;
+        let items = self.source.items().await.map_err(|source| InboxError::Api {
+            id: Uuid::nil(),
+            name: "(list)".into(),
+            source,
+        })?;
         let mut report = PassReport::default();
         if items.is_empty() {
             return Ok(report);
@@ -179,11 +179,11 @@ impl<S: InboxSource> Inbox<S> {
         let placed = match saved {
             Some(p) if p.sha256 == item.sha256 => p,
             _ => {
-                let content = self
-                    .source
-                    .content(id, item.size)
-                    .await
-                    .map_err(|source| InboxError::Api { id, name: name.clone(), source })?;
+                let content = self.source.content(id, item.size).await.map_err(|source| InboxError::Api {
+                    id,
+                    name: name.clone(),
+                    source,
+                })?;
                 let bad = |problem: String| InboxError::Content { id, name: name.clone(), problem };
                 if content.len() as u64 != item.size {
                     return Err(bad(format!("{} bytes arrived; {} were approved", content.len(), item.size)));
@@ -192,13 +192,19 @@ impl<S: InboxSource> Inbox<S> {
                 if got != item.sha256 {
                     return Err(bad(format!("content has SHA-256 {got}; {} was approved", item.sha256)));
                 }
-                let placed_as = place(dir, &item.file_name, id, &content)
-                    .map_err(|source| InboxError::Io { path: self.dir.clone(), op: "place", source })?;
+                let placed_as = place(dir, &item.file_name, id, &content).map_err(|source| InboxError::Io {
+                    path: self.dir.clone(),
+                    op: "place",
+                    source,
+                })?;
                 tracing::info!(%id, file = %placed_as, sha256 = %got, "inbox file placed");
                 report.placed.push((item.file_name.clone(), placed_as.clone()));
                 let placed = Placed { placed_as, sha256: got };
-                save(&self.state_dir, &state_path, &placed)
-                    .map_err(|source| InboxError::Io { path: state_path.clone(), op: "save state", source })?;
+                save(&self.state_dir, &state_path, &placed).map_err(|source| InboxError::Io {
+                    path: state_path.clone(),
+                    op: "save state",
+                    source,
+                })?;
                 placed
             }
         };

@@ -278,8 +278,7 @@ impl Api {
         let store = ApiStore::new(audit.pool().clone());
         let oidc = issuer.map(|i| Arc::new(api::oidc::Oidc::new(i.config()).unwrap()));
         let data_dir = tempfile::tempdir().unwrap();
-        let config =
-            ApiConfig {
+        let config = ApiConfig {
             data_dir: data_dir.path().to_owned(),
             require_mfa: false,
             max_upload_bytes: 1024 * 1024,

@@ -213,7 +213,8 @@ impl World {
     async fn start(db_url: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::generate("noexit ingress test CA").unwrap();
-        let server_cert = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], chrono::Duration::days(1)).unwrap();
+        let server_cert =
+            ca.issue_server(&["localhost".into(), "127.0.0.1".into()], chrono::Duration::days(1)).unwrap();
         std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
         std::fs::write(dir.path().join("api.crt"), &server_cert.cert_pem).unwrap();
         std::fs::write(dir.path().join("api.key"), &server_cert.key_pem).unwrap();
@@ -285,7 +286,14 @@ impl World {
         self.call(user, Method::POST, &path, Some(("application/octet-stream", content.to_vec()))).await
     }
 
-    async fn decide(&self, user: &str, project: &str, id: &str, verb: &str, reason: Option<&str>) -> (StatusCode, Value) {
+    async fn decide(
+        &self,
+        user: &str,
+        project: &str,
+        id: &str,
+        verb: &str,
+        reason: Option<&str>,
+    ) -> (StatusCode, Value) {
         let path = format!("/v1/projects/{project}/inbox/{id}/{verb}");
         let body = reason.map(|r| ("application/json", serde_json::to_vec(&json!({"reason": r})).unwrap()));
         self.call(user, Method::POST, &path, body).await
@@ -372,7 +380,11 @@ where
 {
     let deadline = Instant::now() + bound;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {bound:?} waiting for {what}\n--- agent log ---\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {bound:?} waiting for {what}\n--- agent log ---\n{}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

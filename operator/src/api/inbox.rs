@@ -54,7 +54,9 @@ fn object(project: &str, workspace: &str, id: impl std::fmt::Display) -> String 
 fn person(principal: &Principal, project: &str) -> Result<String, ApiError> {
     match principal {
         Principal::Person { user, project: p, .. } if p == project => Ok(user.clone()),
-        Principal::Person { .. } => Err(ApiError::forbidden("wrongProject", format!("not authorised for project {project}"))),
+        Principal::Person { .. } => {
+            Err(ApiError::forbidden("wrongProject", format!("not authorised for project {project}")))
+        }
         _ => Err(ApiError::forbidden("notAPerson", "this endpoint is for people with a bearer token")),
     }
 }
@@ -75,7 +77,11 @@ fn refused(status: StatusCode, r: policy::Refused) -> ApiError {
 }
 
 fn too_large(name: &str, max: u64) -> ApiError {
-    ApiError::bad(StatusCode::PAYLOAD_TOO_LARGE, "fileTooLarge", format!("{name:?} is larger than the inbox limit of {max} bytes"))
+    ApiError::bad(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "fileTooLarge",
+        format!("{name:?} is larger than the inbox limit of {max} bytes"),
+    )
 }
 
 /// `POST /v1/projects/{project}/workspaces/{name}/inbox?fileName=NAME`, the raw file as body.
@@ -127,8 +133,8 @@ pub async fn submit(
         return Err(ApiError::bad(StatusCode::UNPROCESSABLE_ENTITY, "emptyFile", format!("{file_name:?} is empty")));
     }
     let head = &bytes[..bytes.len().min(policy::SNIFF_BYTES)];
-    let media = policy::sniff(&file_name, &ext, head, &cfg.policy)
-        .map_err(|r| refused(StatusCode::UNPROCESSABLE_ENTITY, r))?;
+    let media =
+        policy::sniff(&file_name, &ext, head, &cfg.policy).map_err(|r| refused(StatusCode::UNPROCESSABLE_ENTITY, r))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let id = Uuid::now_v7();
     let path = content::store(cfg.sealer.as_ref(), &state.config.data_dir, &project, &workspace, id, &bytes)
@@ -212,7 +218,8 @@ async fn decide(
     if !state.store.decide_inbox(id, decision, &user, &reason).await? {
         return Err(ApiError::conflict("alreadyDecided", format!("inbox item {id} was decided meanwhile")));
     }
-    let item = state.store.inbox_item(id).await?.ok_or_else(|| ApiError::Internal(format!("inbox item {id} vanished")))?;
+    let item =
+        state.store.inbox_item(id).await?.ok_or_else(|| ApiError::Internal(format!("inbox item {id} vanished")))?;
     let detail = serde_json::json!({
         "fileName": item.file_name, "sha256": item.sha256, "submittedBy": item.submitted_by, "reason": reason,
     });

@@ -436,8 +436,9 @@ impl ApiStore {
 
     /// A project's items, newest first, at most `limit`.
     pub async fn inbox_items(&self, project: &str, limit: i64) -> Result<Vec<InboxRow>, StoreError> {
-        let sql =
-            format!("SELECT {INBOX_COLUMNS} FROM inbox_items WHERE project = $1 ORDER BY submitted_at DESC, id LIMIT $2");
+        let sql = format!(
+            "SELECT {INBOX_COLUMNS} FROM inbox_items WHERE project = $1 ORDER BY submitted_at DESC, id LIMIT $2"
+        );
         Ok(on_db!(&self.db, pool => sqlx::query_as::<_, InboxRow>(&sql)
             .bind(project)
             .bind(limit)

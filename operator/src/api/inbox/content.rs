@@ -78,7 +78,13 @@ pub async fn store(
 }
 
 /// Read and open an item's content.
-pub async fn load(sealer: &dyn Sealer, path: &Path, project: &str, workspace: &str, id: Uuid) -> Result<Vec<u8>, String> {
+pub async fn load(
+    sealer: &dyn Sealer,
+    path: &Path,
+    project: &str,
+    workspace: &str,
+    id: Uuid,
+) -> Result<Vec<u8>, String> {
     let sealed = tokio::fs::read(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
     sealer.open(&aad(project, workspace, id), &sealed)
 }
