@@ -3,3 +3,4 @@
 //! stores and serves what these functions return.
 
 pub mod checks;
+pub mod seal;
