@@ -21,7 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use noexit_crds::agent::WorkspaceIdentity;
-use noexit_operator::api::inbox::{InboxConfig, InboxPolicy};
+use noexit_operator::api::inbox::{AirlockSealer, InboxConfig, InboxPolicy};
 use noexit_operator::api::{self, ApiConfig, ApiStore, AppState, server, tls};
 use noexit_operator::audit::{self, Outcome, Store};
 use noexit_operator::pki::Ca;
@@ -233,7 +233,7 @@ impl World {
             max_upload_bytes: 1024 * 1024,
             inbox: InboxConfig {
                 policy: InboxPolicy { max_bytes: MAX_BYTES, ..InboxPolicy::default() },
-                ..InboxConfig::default()
+                sealer: Arc::new(AirlockSealer::new(noexit_airlock::seal::SealKey::generate())),
             },
         };
         let state = AppState::new(store.clone(), audit.clone(), cluster, Some(Arc::new(oidc)), config).await.unwrap();
@@ -408,6 +408,9 @@ async fn round_trip(db_url: &str) {
     assert_eq!(item["media"], "text");
     assert!(item.get("sealedPath").is_none(), "the storage path is not shown: {item}");
     let id = item["id"].as_str().unwrap().to_owned();
+    // Sealed at rest: the stored bytes are not the file's.
+    let stored = std::fs::read(w.path("api-data/inbox/ward-7/alice-r").join(&id)).unwrap();
+    assert!(!stored.windows(9).any(|x| x == b"admitted "), "inbox content stored in the clear");
     let (status, body) = w.decide(ANALYST_ADMIN, "ward-7", &id, "approve", None).await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("selfApproval")), "{body}");
     assert_eq!(w.refused("inbox.approve", &format!("user:{ANALYST_ADMIN}"), "selfApproval").await, 1);

@@ -18,7 +18,7 @@ use noexit_crds::agent::{InboxDelivered, InboxItem, WorkspaceIdentity};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-pub use content::{Sealer, Unsealed};
+pub use content::{AirlockSealer, Sealer, Unsealed};
 pub use policy::InboxPolicy;
 
 use super::AppState;

@@ -227,6 +227,10 @@ pub struct Options {
     /// Accept archives (zip, gzip, tar …) into inboxes when their extension is listed.
     #[arg(long, env = "NOEXIT_INBOX_ALLOW_ARCHIVES")]
     pub inbox_allow_archives: bool,
+    /// Key that seals airlock files at rest (64 hex digits, or 32 raw bytes as a Secret mounts
+    /// them); created if missing.
+    #[arg(long, env = "NOEXIT_SEAL_KEY", default_value = "/var/lib/noexit/airlock-seal.key")]
+    pub seal_key: PathBuf,
     /// Read Projects from this manifest file instead of a Kubernetes cluster (single-host mode
     /// and development; requests are then kept in memory).
     #[arg(long)]
@@ -329,7 +333,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_upload_bytes: args.max_upload_bytes,
         inbox: inbox::InboxConfig {
             policy: inbox_policy(&args.inbox_extensions, args.inbox_max_bytes, args.inbox_allow_archives)?,
-            ..Default::default()
+            sealer: Arc::new(inbox::AirlockSealer::new(
+                noexit_airlock::seal::SealKey::load_or_create(&args.seal_key).context("--seal-key")?,
+            )),
         },
     };
     let _key_refresh = oidc.as_ref().map(oidc::Oidc::spawn_refresh);

@@ -1,10 +1,10 @@
 //! Where inbox content rests: one file per item under `<data_dir>/inbox/<project>/<workspace>/`,
 //! written atomically (temporary file, fsync, rename, directory fsync) through a [`Sealer`].
 //!
-//! The sealing itself is a trait so the airlock's AEAD (`noexit_airlock::seal`, being written
-//! with the outputs store) plugs in without touching the handlers; until it is wired,
-//! [`Unsealed`] stores the bytes as they came and the SHA-256 recorded at submission is checked
-//! again before anything is sent to an agent.
+//! The API seals with the airlock's AEAD ([`AirlockSealer`]: `noexit_airlock::seal`,
+//! XChaCha20-Poly1305 in 64 KiB chunks, the key from `--seal-key`); the trait keeps the handlers
+//! free of it, and [`Unsealed`] serves tests that look at the stored bytes. Either way the
+//! SHA-256 recorded at submission is checked again before anything is sent to an agent.
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,40 @@ pub trait Sealer: Send + Sync + std::fmt::Debug {
     fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String>;
 }
 
-/// No encryption at rest (until the airlock's sealing is wired in; see the module docs).
+/// The airlock's AEAD, with the associated data binding each file to its item.
+pub struct AirlockSealer(noexit_airlock::seal::SealKey);
+
+impl AirlockSealer {
+    pub fn new(key: noexit_airlock::seal::SealKey) -> Self {
+        Self(key)
+    }
+}
+
+impl std::fmt::Debug for AirlockSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AirlockSealer(xchacha20poly1305-stream)")
+    }
+}
+
+impl Sealer for AirlockSealer {
+    fn scheme(&self) -> &'static str {
+        "xchacha20poly1305-stream"
+    }
+    fn seal(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out =
+            Vec::with_capacity(usize::try_from(noexit_airlock::seal::sealed_len(plain.len() as u64)).unwrap_or(0));
+        noexit_airlock::seal::seal(&self.0, aad, plain, &mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(sealed.len());
+        noexit_airlock::seal::open(&self.0, aad, sealed, &mut out)
+            .map_err(|e| format!("cannot open sealed content: {e}"))?;
+        Ok(out)
+    }
+}
+
+/// No encryption at rest (tests that inspect what is stored).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Unsealed;
 
@@ -92,6 +125,26 @@ pub async fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn sealed_content_is_not_plain_on_disk_and_opens_only_for_its_own_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = AirlockSealer::new(noexit_airlock::seal::SealKey::generate());
+        let id = Uuid::new_v4();
+        let plain = b"code,label\n1,admitted\n".repeat(100);
+        let path = store(&sealer, dir.path(), "ward-7", "alice-r", id, &plain).await.unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(!on_disk.windows(8).any(|w| w == b"admitted"), "plain text on disk");
+        assert_eq!(load(&sealer, &path, "ward-7", "alice-r", id).await.unwrap(), plain);
+        // The same bytes under another item (or workspace) do not open; nor do tampered ones.
+        assert!(load(&sealer, &path, "ward-7", "bob-r", id).await.is_err());
+        assert!(load(&sealer, &path, "ward-7", "alice-r", Uuid::new_v4()).await.is_err());
+        let mut bad = on_disk.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(load(&sealer, &path, "ward-7", "alice-r", id).await.is_err());
+    }
 
     #[tokio::test]
     async fn stored_content_comes_back() {
