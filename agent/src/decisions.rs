@@ -87,7 +87,7 @@ fn printable(s: &str) -> String {
 pub fn render_text(d: &OutputDecision) -> String {
     let mut t = String::new();
     let _ = writeln!(t, "noexit output request: {}", printable(&d.file_name));
-    let _ = writeln!(t, "id:      {}", d.id);
+    let _ = writeln!(t, "id:      {}", printable(&d.id));
     let _ = writeln!(t, "state:   {}", printable(&d.state));
     let _ = writeln!(t, "updated: {}", d.updated_at.to_rfc3339());
     if d.reasons.is_empty() {
@@ -110,7 +110,7 @@ pub fn plan(decisions: &[OutputDecision]) -> BTreeMap<String, Vec<u8>> {
     let mut latest: BTreeMap<String, &OutputDecision> = BTreeMap::new();
     for d in decisions {
         let name = safe_name(&d.file_name);
-        let newer = latest.get(&name).is_none_or(|prev| (prev.updated_at, prev.id) < (d.updated_at, d.id));
+        let newer = latest.get(&name).is_none_or(|prev| (prev.updated_at, &prev.id) < (d.updated_at, &d.id));
         if newer {
             latest.insert(name, d);
         }
@@ -271,7 +271,7 @@ mod tests {
 
     fn decision(name: &str, state: &str, minute: u32) -> OutputDecision {
         OutputDecision {
-            id: Uuid::from_u128(u128::from(minute) + 1),
+            id: Uuid::from_u128(u128::from(minute) + 1).to_string(),
             file_name: name.into(),
             state: state.into(),
             reasons: vec![ReviewReason {

@@ -346,7 +346,8 @@ pub struct OutboxAck {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutputDecision {
-    pub id: Uuid,
+    /// The output request's id (a UUID; kept as text so one odd id cannot hide the others).
+    pub id: String,
     pub file_name: String,
     /// `pendingReview`, `approved`, `rejected`, `changesRequested`, `released` …
     pub state: String,
