@@ -207,6 +207,8 @@ heartbeatSeconds: 1
             .arg(self.path("audit-signing.pem"))
             .arg("--data-dir")
             .arg(self.path("api-data"))
+            .arg("--seal-key")
+            .arg(self.path("seal.key"))
             .arg("--manifests")
             .arg(manifests)
             .env("RUST_LOG", "info");
