@@ -32,6 +32,8 @@ pub struct Options {
     /// Owner and mode of the outbox directory (VM: the researcher's account).
     pub outbox_policy: OutboxPolicy,
     pub guard_interval: Duration,
+    /// Between polls of the API for output decisions and approved inbox files.
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,9 @@ pub async fn run(cfg: AgentConfig, opts: Options) -> Result<(), AgentError> {
         spooled.clone(),
     );
     tokio::spawn(outbox.run(opts.outbox_interval));
+    tokio::spawn(crate::decisions::Decisions::new(&cfg.outbox).run(client.clone(), opts.poll_interval));
+    let inbox = crate::inbox::Inbox::new(&cfg.inbox, &spool_dir.join("inbox-state"), client.clone());
+    tokio::spawn(inbox.run(opts.poll_interval));
     heartbeats(cfg, opts, client, spool, guards.egress, guards.hardening).await;
     Ok(())
 }

@@ -17,7 +17,10 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use noexit_crds::agent::{ControlPlane, EventBatch, EventBatchAck, Heartbeat, OutboxAck, OutboxManifest};
+use noexit_crds::agent::{
+    ControlPlane, EventBatch, EventBatchAck, Heartbeat, InboxDelivered, InboxItem, OutboxAck, OutboxManifest,
+    OutputDecision,
+};
 use rand::Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -27,6 +30,8 @@ use uuid::Uuid;
 pub const EVENTS_PATH: &str = "/v1/agent/events";
 pub const HEARTBEAT_PATH: &str = "/v1/agent/heartbeat";
 pub const OUTBOX_PATH: &str = "/v1/agent/outbox";
+pub const OUTPUTS_PATH: &str = "/v1/agent/outputs";
+pub const INBOX_PATH: &str = "/v1/agent/inbox";
 
 const JSON_TIMEOUT: Duration = Duration::from_secs(30);
 /// Uploads get longer; a stalled one is retried from the start.
@@ -172,6 +177,38 @@ impl ApiClient {
         self.send(Method::PUT, &path, req, UPLOAD_TIMEOUT).await
     }
 
+    /// Decisions on this workspace's output requests.
+    pub async fn outputs(&self) -> Result<Vec<OutputDecision>, ClientError> {
+        self.get_json(OUTPUTS_PATH).await
+    }
+
+    /// Approved ingress files not delivered yet.
+    pub async fn inbox(&self) -> Result<Vec<InboxItem>, ClientError> {
+        self.get_json(INBOX_PATH).await
+    }
+
+    /// The content of inbox item `id`: at most `max` bytes (more is an error, not a truncation).
+    pub async fn inbox_content(&self, id: Uuid, max: u64) -> Result<Bytes, ClientError> {
+        let path = format!("{INBOX_PATH}/{id}/content");
+        let body = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
+        let req = self.request(Method::GET, &path, "application/octet-stream", body)?;
+        let (status, body) = self.send_raw(Method::GET, &path, req, UPLOAD_TIMEOUT, max).await?;
+        check_status(Method::GET, &path, status, &body)?;
+        Ok(body)
+    }
+
+    pub async fn inbox_delivered(&self, id: Uuid, delivered: &InboxDelivered) -> Result<(), ClientError> {
+        let path = format!("{INBOX_PATH}/{id}/delivered");
+        let _: serde_json::Value = self.json(Method::POST, &path, delivered).await?;
+        Ok(())
+    }
+
+    async fn get_json<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        let body = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
+        let req = self.request(Method::GET, path, "application/json", body)?;
+        self.send(Method::GET, path, req, JSON_TIMEOUT).await
+    }
+
     async fn json<T: Serialize, R: DeserializeOwned>(
         &self,
         method: Method,
@@ -211,29 +248,8 @@ impl ApiClient {
         req: Request<ReqBody>,
         timeout: Duration,
     ) -> Result<R, ClientError> {
-        let call = async {
-            let resp = self.http().request(req).await.map_err(|e| ClientError::Transport {
-                method: method.clone(),
-                path: path.into(),
-                source: Box::new(e),
-            })?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| ClientError::Transport {
-                method: method.clone(),
-                path: path.into(),
-                source: Box::new(e),
-            })?;
-            Ok::<_, ClientError>((status, body.to_bytes()))
-        };
-        let (status, body) = tokio::time::timeout(timeout, call).await.map_err(|_| ClientError::Timeout {
-            method: method.clone(),
-            path: path.into(),
-            timeout,
-        })??;
-        if !status.is_success() {
-            let body = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-            return Err(ClientError::Status { method, path: path.into(), status, body });
-        }
+        let (status, body) = self.send_raw(method.clone(), path, req, timeout, MAX_JSON_ANSWER).await?;
+        check_status(method.clone(), path, status, &body)?;
         let body = if body.is_empty() { Bytes::from_static(b"{}") } else { body };
         serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
             method,
@@ -241,6 +257,54 @@ impl ApiClient {
             problem: e.to_string(),
         })
     }
+
+    /// Send and read the whole answer, at most `max` bytes of it.
+    async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        req: Request<ReqBody>,
+        timeout: Duration,
+        max: u64,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let call = async {
+            let resp = self.http().request(req).await.map_err(|e| ClientError::Transport {
+                method: method.clone(),
+                path: path.into(),
+                source: Box::new(e),
+            })?;
+            let status = resp.status();
+            let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            let body = http_body_util::Limited::new(resp.into_body(), limit).collect().await.map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ClientError::Decode {
+                        method: method.clone(),
+                        path: path.into(),
+                        problem: format!("the answer is larger than {max} bytes"),
+                    }
+                } else {
+                    ClientError::Transport { method: method.clone(), path: path.into(), source: e }
+                }
+            })?;
+            Ok::<_, ClientError>((status, body.to_bytes()))
+        };
+        tokio::time::timeout(timeout, call).await.map_err(|_| ClientError::Timeout {
+            method: method.clone(),
+            path: path.into(),
+            timeout,
+        })?
+    }
+}
+
+/// Largest JSON answer read.
+const MAX_JSON_ANSWER: u64 = 16 << 20;
+
+fn check_status(method: Method, path: &str, status: StatusCode, body: &[u8]) -> Result<(), ClientError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+    Err(ClientError::Status { method, path: path.into(), status, body })
 }
 
 fn tls_config(cp: &ControlPlane) -> Result<rustls::ClientConfig, ClientError> {

@@ -57,6 +57,7 @@ pub fn validate(cfg: &AgentConfig) -> Result<(), (String, String)> {
         ("controlPlane.certFile", &cfg.control_plane.cert_file),
         ("controlPlane.keyFile", &cfg.control_plane.key_file),
         ("outbox", &cfg.outbox),
+        ("inbox", &cfg.inbox),
         ("spool", &cfg.spool),
     ] {
         if !p.is_absolute() {
@@ -65,6 +66,15 @@ pub fn validate(cfg: &AgentConfig) -> Result<(), (String, String)> {
     }
     if cfg.outbox.starts_with(&cfg.spool) || cfg.spool.starts_with(&cfg.outbox) {
         return field("spool", "must not be inside the outbox (or contain it)".into());
+    }
+    if cfg.inbox.starts_with(&cfg.outbox) || cfg.outbox.starts_with(&cfg.inbox) {
+        return field(
+            "inbox",
+            "must not be inside the outbox (or contain it): inbox files would go straight out".into(),
+        );
+    }
+    if cfg.inbox.starts_with(&cfg.spool) || cfg.spool.starts_with(&cfg.inbox) {
+        return field("inbox", "must not be inside the spool (or contain it)".into());
     }
     if !(1..=300).contains(&cfg.heartbeat_seconds) {
         return field("heartbeatSeconds", format!("{} must be between 1 and 300", cfg.heartbeat_seconds));
@@ -110,6 +120,7 @@ mod tests {
     fn example_loads_with_defaults() {
         let cfg = parse(Path::new("x.yaml"), EXAMPLE).unwrap();
         assert_eq!(cfg.outbox, Path::new("/outbox"));
+        assert_eq!(cfg.inbox, Path::new("/inbox"));
         assert_eq!(cfg.heartbeat_seconds, 5);
     }
 
@@ -127,6 +138,10 @@ mod tests {
         assert!(e.contains("field `dlp.extraPatterns[0].regex`"), "{e}");
         let e = err(&EXAMPLE.replace("mode: pod", "mode: pod\nspool: /outbox/.spool"));
         assert!(e.contains("field `spool`"), "{e}");
+        let e = err(&EXAMPLE.replace("mode: pod", "mode: pod\ninbox: /outbox/in"));
+        assert!(e.contains("field `inbox`"), "{e}");
+        let e = err(&EXAMPLE.replace("mode: pod", "mode: pod\ninbox: relative"));
+        assert!(e.contains("field `inbox`"), "{e}");
         let e = err(&EXAMPLE.replace("mode: pod", "mode: pod\nsurprise: 1"));
         assert!(e.contains("unknown field `surprise`"), "{e}");
         let e = load(Path::new("/nonexistent/agent.yaml")).unwrap_err().to_string();

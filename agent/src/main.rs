@@ -62,6 +62,9 @@ struct RunArgs {
     /// Seconds between checks of the egress lock / probe and hardening.
     #[arg(long, default_value_t = 10)]
     guard_interval: u64,
+    /// Seconds between polls for output decisions and approved inbox files.
+    #[arg(long, default_value_t = 10)]
+    poll_interval: u64,
     /// Owner of the outbox directory as UID:GID (the researcher's account in a VM). The agent,
     /// when root, creates the directory with this owner and puts it back if changed.
     #[arg(long, env = "NOEXIT_OUTBOX_OWNER", value_parser = parse_owner)]
@@ -115,6 +118,7 @@ fn real_main() -> anyhow::Result<()> {
         root: "/".into(),
         outbox_interval: 2,
         guard_interval: 10,
+        poll_interval: 10,
         outbox_owner: None,
         outbox_mode: outbox::DEFAULT_MODE,
     })) {
@@ -127,6 +131,7 @@ fn real_main() -> anyhow::Result<()> {
                 root: a.root,
                 outbox_interval: Duration::from_secs(a.outbox_interval.max(1)),
                 guard_interval: Duration::from_secs(a.guard_interval.max(1)),
+                poll_interval: Duration::from_secs(a.poll_interval.max(1)),
                 outbox_policy: outbox::OutboxPolicy { owner: a.outbox_owner, mode: a.outbox_mode },
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

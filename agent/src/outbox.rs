@@ -20,7 +20,7 @@
 //! in the agent's state directory, which researchers cannot write, keyed by name and checked
 //! against the inode, so a retry or a restart resubmits the same id and never trusts the outbox.
 
-mod fsx;
+pub(crate) mod fsx;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;

@@ -33,6 +33,9 @@ pub struct AgentConfig {
     /// Where researchers drop files for review.
     #[serde(default = "default_outbox")]
     pub outbox: PathBuf,
+    /// Where approved ingress files appear, read-only (created by the agent).
+    #[serde(default = "default_inbox")]
+    pub inbox: PathBuf,
     /// Durable on-disk queue of events not yet acknowledged.
     #[serde(default = "default_spool")]
     pub spool: PathBuf,
@@ -49,6 +52,9 @@ pub struct AgentConfig {
 
 fn default_outbox() -> PathBuf {
     PathBuf::from("/outbox")
+}
+fn default_inbox() -> PathBuf {
+    PathBuf::from("/inbox")
 }
 fn default_spool() -> PathBuf {
     PathBuf::from("/var/lib/noexit-agent/spool")
@@ -332,6 +338,54 @@ pub struct OutboxAck {
     pub id: Uuid,
     /// `awaitingContent`, `pendingReview`
     pub state: String,
+}
+
+/// One output request's outcome as the agent shows it to the researcher
+/// (`GET /v1/agent/outputs`). Unknown fields are ignored: the API may say more than the agent
+/// writes.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputDecision {
+    /// The output request's id (a UUID; kept as text so one odd id cannot hide the others).
+    pub id: String,
+    pub file_name: String,
+    /// `pendingReview`, `approved`, `rejected`, `changesRequested`, `released` …
+    pub state: String,
+    #[serde(default)]
+    pub reasons: Vec<ReviewReason>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One reviewer's decision on an output request.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReviewReason {
+    pub reviewer: String,
+    pub decision: String,
+    #[serde(default)]
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// An approved ingress file waiting for the agent (`GET /v1/agent/inbox`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InboxItem {
+    pub id: Uuid,
+    pub file_name: String,
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+/// Body of `POST /v1/agent/inbox/{id}/delivered`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboxDelivered {
+    /// The name the file got in `/inbox` (the submitted one unless it was taken).
+    pub placed_as: String,
+    /// SHA-256 of what was placed.
+    pub sha256: String,
 }
 
 #[cfg(test)]

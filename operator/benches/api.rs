@@ -52,7 +52,12 @@ async fn serve(dir: &Path) {
     let cluster = Arc::new(api::memory_cluster_from(&manifests).expect("manifests parse"));
     let audit = Arc::new(Store::connect(url.trim()).await.expect("audit store"));
     let store = ApiStore::new(audit.pool().clone());
-    let config = ApiConfig { data_dir: dir.join("data"), require_mfa: false, max_upload_bytes: 1 << 20 };
+    let config = ApiConfig {
+        data_dir: dir.join("data"),
+        require_mfa: false,
+        max_upload_bytes: 1 << 20,
+        inbox: Default::default(),
+    };
     let state = AppState::new(store, audit.clone(), cluster, None, config).await.expect("state");
     let cert = Arc::new(tls::ReloadingCert::load(&dir.join("tls.crt"), &dir.join("tls.key")).expect("cert"));
     let ca = std::fs::read(dir.join("ca.crt")).expect("ca");

@@ -288,8 +288,12 @@ impl Api {
         let store = ApiStore::new(audit.pool().clone());
         let oidc = issuer.map(|i| Arc::new(api::oidc::Oidc::new(i.config()).unwrap()));
         let data_dir = tempfile::tempdir().unwrap();
-        let config =
-            ApiConfig { data_dir: data_dir.path().to_owned(), require_mfa: false, max_upload_bytes: 1024 * 1024 };
+        let config = ApiConfig {
+            data_dir: data_dir.path().to_owned(),
+            require_mfa: false,
+            max_upload_bytes: 1024 * 1024,
+            inbox: Default::default(),
+        };
         let airlock = api::outputs::Airlock::ephemeral();
         let receipt_key = airlock.signer.verifying_key();
         let state =

@@ -40,6 +40,10 @@ pub struct Recorded {
     pub heartbeats: Vec<Heartbeat>,
     pub manifests: HashMap<Uuid, OutboxManifest>,
     pub contents: HashMap<Uuid, Vec<u8>>,
+    /// What `GET /v1/agent/outputs` answers (the decisions on this workspace's outputs).
+    pub outputs: serde_json::Value,
+    /// `GET /v1/agent/outputs` calls seen.
+    pub output_polls: usize,
 }
 
 #[derive(Clone, Default)]
@@ -50,6 +54,10 @@ pub struct Api {
 }
 
 impl Api {
+    pub fn with_mut<T>(&self, f: impl FnOnce(&mut Recorded) -> T) -> T {
+        f(&mut self.rec.lock().unwrap())
+    }
+
     pub fn with<T>(&self, f: impl FnOnce(&Recorded) -> T) -> T {
         f(&self.rec.lock().unwrap())
     }
@@ -98,12 +106,20 @@ async fn content(
     Ok(Json(OutboxAck { id, state: "pendingReview".into() }))
 }
 
+async fn outputs(State(api): State<Api>) -> Json<serde_json::Value> {
+    let mut rec = api.rec.lock().unwrap();
+    rec.output_polls += 1;
+    let list = if rec.outputs.is_null() { serde_json::json!([]) } else { rec.outputs.clone() };
+    Json(list)
+}
+
 fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/agent/events", post(events))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/outbox", post(manifest))
         .route("/v1/agent/outbox/{id}/content", put(content))
+        .route("/v1/agent/outputs", axum::routing::get(outputs))
         .with_state(api)
 }
 
@@ -206,6 +222,7 @@ egress:
   endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {port} }}]
   desktopPort: 5901
 outbox: {p}/outbox
+inbox: {p}/inbox
 spool: {p}/spool
 mode: pod
 desktop: none
@@ -252,7 +269,7 @@ impl Agent {
             .arg(env.path("utmp"))
             .arg("--root")
             .arg(env.path("root"))
-            .args(["--outbox-interval", "1"])
+            .args(["--outbox-interval", "1", "--poll-interval", "1"])
             .env("RUST_LOG", "info,noexit_agent=debug")
             .stdout(Stdio::null())
             .stderr(log)

@@ -47,10 +47,18 @@ pub enum Endpoint {
     OutputDownloadLink,
     OutputDownload,
     OutputReceipt,
+    // Ingress (the door in): kept together to ease merges.
+    InboxSubmit,
+    InboxList,
+    InboxApprove,
+    InboxReject,
+    AgentInbox,
+    AgentInboxContent,
+    AgentInboxDelivered,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 27] = [
+    pub const ALL: [Endpoint; 34] = [
         Endpoint::Health,
         Endpoint::AgentEvents,
         Endpoint::AgentHeartbeat,
@@ -78,6 +86,13 @@ impl Endpoint {
         Endpoint::OutputDownloadLink,
         Endpoint::OutputDownload,
         Endpoint::OutputReceipt,
+        Endpoint::InboxSubmit,
+        Endpoint::InboxList,
+        Endpoint::InboxApprove,
+        Endpoint::InboxReject,
+        Endpoint::AgentInbox,
+        Endpoint::AgentInboxContent,
+        Endpoint::AgentInboxDelivered,
     ];
 
     /// Method and axum path pattern.
@@ -111,6 +126,14 @@ impl Endpoint {
             // The project rides in the query (`?project=`): the link is what the CLI follows.
             Endpoint::OutputDownload => ("GET", "/v1/downloads/{token}"),
             Endpoint::OutputReceipt => ("GET", "/v1/projects/{project}/outputs/{id}/receipt"),
+            // `{name}` is the workspace (axum needs one parameter name per path position).
+            Endpoint::InboxSubmit => ("POST", "/v1/projects/{project}/workspaces/{name}/inbox"),
+            Endpoint::InboxList => ("GET", "/v1/projects/{project}/inbox"),
+            Endpoint::InboxApprove => ("POST", "/v1/projects/{project}/inbox/{id}/approve"),
+            Endpoint::InboxReject => ("POST", "/v1/projects/{project}/inbox/{id}/reject"),
+            Endpoint::AgentInbox => ("GET", "/v1/agent/inbox"),
+            Endpoint::AgentInboxContent => ("GET", "/v1/agent/inbox/{id}/content"),
+            Endpoint::AgentInboxDelivered => ("POST", "/v1/agent/inbox/{id}/delivered"),
         }
     }
 
@@ -144,6 +167,13 @@ impl Endpoint {
             Endpoint::OutputDownloadLink => "output.downloadLink",
             Endpoint::OutputDownload => "output.download",
             Endpoint::OutputReceipt => "output.receipt",
+            Endpoint::InboxSubmit => "inbox.submit",
+            Endpoint::InboxList => "inbox.list",
+            Endpoint::InboxApprove => "inbox.approve",
+            Endpoint::InboxReject => "inbox.reject",
+            Endpoint::AgentInbox => "agent.inbox.list",
+            Endpoint::AgentInboxContent => "agent.inbox.fetch",
+            Endpoint::AgentInboxDelivered => "agent.inbox.deliver",
         }
     }
 
@@ -155,6 +185,7 @@ impl Endpoint {
             | Endpoint::AgentOutbox
             | Endpoint::AgentOutboxContent
             | Endpoint::AgentOutputs => Authn::AgentCert,
+            Endpoint::AgentInbox | Endpoint::AgentInboxContent | Endpoint::AgentInboxDelivered => Authn::AgentCert,
             Endpoint::OperatorRevoke => Authn::OperatorCert,
             Endpoint::WhoAmI
             | Endpoint::RequestCreate
@@ -175,7 +206,11 @@ impl Endpoint {
             | Endpoint::OutputWithdraw
             | Endpoint::OutputDownloadLink
             | Endpoint::OutputDownload
-            | Endpoint::OutputReceipt => Authn::Bearer,
+            | Endpoint::OutputReceipt
+            | Endpoint::InboxSubmit
+            | Endpoint::InboxList
+            | Endpoint::InboxApprove
+            | Endpoint::InboxReject => Authn::Bearer,
         }
     }
 
@@ -190,7 +225,10 @@ impl Endpoint {
             | Endpoint::AgentOutbox
             | Endpoint::AgentOutboxContent
             | Endpoint::AgentOutputs
-            | Endpoint::OperatorRevoke => &[],
+            | Endpoint::OperatorRevoke
+            | Endpoint::AgentInbox
+            | Endpoint::AgentInboxContent
+            | Endpoint::AgentInboxDelivered => &[],
             Endpoint::WhoAmI => &[Researcher, DataAnalyst, Admin, OutputChecker, Auditor, Sre],
             Endpoint::RequestCreate => &[DataAnalyst],
             Endpoint::RequestList | Endpoint::RequestGet => &[DataAnalyst, Admin, Auditor],
@@ -213,14 +251,26 @@ impl Endpoint {
             Endpoint::OutputWithdraw | Endpoint::OutputDownloadLink | Endpoint::OutputDownload => {
                 &[Researcher, DataAnalyst]
             }
+            // The submitter of an item may not approve it (checked by the handler).
+            Endpoint::InboxSubmit => &[DataAnalyst, Admin],
+            Endpoint::InboxList => &[DataAnalyst, Admin, Auditor],
+            Endpoint::InboxApprove | Endpoint::InboxReject => &[Admin],
         }
     }
 
     /// Successful calls recorded by the audit middleware. Agent events are recorded one by one
     /// (with their idempotency key) by the handler; heartbeats are state, kept in their table.
     pub fn audit_success(self) -> bool {
-        // The agent's poll of its decisions is a read of its own state, every few seconds.
-        !matches!(self, Endpoint::Health | Endpoint::AgentEvents | Endpoint::AgentHeartbeat | Endpoint::AgentOutputs)
+        // The agent's polls (its decisions, its inbox) come every few seconds and change nothing;
+        // what it fetches and places is recorded.
+        !matches!(
+            self,
+            Endpoint::Health
+                | Endpoint::AgentEvents
+                | Endpoint::AgentHeartbeat
+                | Endpoint::AgentOutputs
+                | Endpoint::AgentInbox
+        )
     }
 }
 
@@ -253,5 +303,26 @@ mod tests {
             assert_eq!(acting_role(Endpoint::AgentEvents, &[role]), None);
             assert_eq!(acting_role(Endpoint::OperatorRevoke, &[role]), None);
         }
+    }
+
+    #[test]
+    fn inbox_rows_analysts_and_admins_submit_only_admins_decide_only_agents_fetch() {
+        use Role::*;
+        assert_eq!(acting_role(Endpoint::InboxSubmit, &[DataAnalyst]), Some(DataAnalyst));
+        assert_eq!(acting_role(Endpoint::InboxSubmit, &[Admin]), Some(Admin));
+        for role in [Researcher, OutputChecker, Auditor, Sre] {
+            assert_eq!(acting_role(Endpoint::InboxSubmit, &[role]), None, "{role:?}");
+            assert_eq!(acting_role(Endpoint::InboxApprove, &[role]), None, "{role:?}");
+            assert_eq!(acting_role(Endpoint::InboxReject, &[role]), None, "{role:?}");
+        }
+        assert_eq!(acting_role(Endpoint::InboxApprove, &[DataAnalyst]), None);
+        assert_eq!(acting_role(Endpoint::InboxApprove, &[DataAnalyst, Admin]), Some(Admin));
+        for e in [Endpoint::AgentInbox, Endpoint::AgentInboxContent, Endpoint::AgentInboxDelivered] {
+            assert_eq!(e.authn(), Authn::AgentCert);
+            assert!(Role::ALL.iter().all(|r| acting_role(e, &[*r]).is_none()));
+        }
+        // Fetches and deliveries are audited; the poll is not.
+        assert!(Endpoint::AgentInboxContent.audit_success() && Endpoint::AgentInboxDelivered.audit_success());
+        assert!(!Endpoint::AgentInbox.audit_success());
     }
 }

@@ -11,6 +11,7 @@ pub mod body;
 pub mod cluster;
 pub mod error;
 pub mod guard;
+pub mod inbox;
 pub mod oidc;
 pub mod output_store;
 pub mod outputs;
@@ -46,6 +47,8 @@ pub struct ApiConfig {
     pub require_mfa: bool,
     /// Largest outbox file accepted.
     pub max_upload_bytes: u64,
+    /// Ingress: rules for inbox files and their sealing at rest.
+    pub inbox: inbox::InboxConfig,
 }
 
 pub struct Inner {
@@ -136,6 +139,14 @@ fn handler_for(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::OutputDownloadLink => post(outputs::download_link),
         Endpoint::OutputDownload => get(outputs::download),
         Endpoint::OutputReceipt => get(outputs::receipt),
+
+        Endpoint::InboxSubmit => post(inbox::submit),
+        Endpoint::InboxList => get(inbox::list),
+        Endpoint::InboxApprove => post(inbox::approve),
+        Endpoint::InboxReject => post(inbox::reject),
+        Endpoint::AgentInbox => get(inbox::agent_list),
+        Endpoint::AgentInboxContent => get(inbox::agent_content),
+        Endpoint::AgentInboxDelivered => post(inbox::agent_delivered),
     }
 }
 
@@ -237,14 +248,24 @@ pub struct Options {
     /// Largest outbox file accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,
-    /// Read Projects from this manifest file instead of a Kubernetes cluster (single-host mode
-    /// and development; requests are then kept in memory).
-    #[arg(long)]
-    pub manifests: Option<PathBuf>,
+    /// Largest inbox (ingress) file accepted, in bytes.
+    #[arg(long, env = "NOEXIT_INBOX_MAX_BYTES", default_value_t = inbox::policy::DEFAULT_MAX_BYTES)]
+    pub inbox_max_bytes: u64,
+    /// File extensions accepted into workspace inboxes (comma separated, without dots).
+    /// Default: scripts, text, tables, codebooks, statistical program files and PDF.
+    #[arg(long, env = "NOEXIT_INBOX_EXTENSIONS", value_delimiter = ',')]
+    pub inbox_extensions: Vec<String>,
+    /// Accept archives (zip, gzip, tar …) into inboxes when their extension is listed.
+    #[arg(long, env = "NOEXIT_INBOX_ALLOW_ARCHIVES")]
+    pub inbox_allow_archives: bool,
     /// Key that seals airlock files at rest (64 hex digits, or 32 raw bytes as a Secret mounts
     /// them); created if missing.
     #[arg(long, env = "NOEXIT_SEAL_KEY", default_value = "/var/lib/noexit/airlock-seal.key")]
     pub seal_key: PathBuf,
+    /// Read Projects from this manifest file instead of a Kubernetes cluster (single-host mode
+    /// and development; requests are then kept in memory).
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
     /// Seconds a download link of an approved output lives.
     #[arg(long, default_value_t = 300)]
     pub download_link_seconds: u64,
@@ -267,6 +288,25 @@ pub fn memory_cluster_from(text: &str) -> anyhow::Result<MemoryCluster> {
         }
     }
     Ok(cluster)
+}
+
+/// The inbox rules from the command line: extensions lower-cased, without dots, checked.
+pub fn inbox_policy(extensions: &[String], max_bytes: u64, allow_archives: bool) -> anyhow::Result<inbox::InboxPolicy> {
+    let mut policy = inbox::InboxPolicy { max_bytes, allow_archives, ..Default::default() };
+    if max_bytes == 0 {
+        anyhow::bail!("--inbox-max-bytes must be greater than 0");
+    }
+    if !extensions.is_empty() {
+        policy.extensions = Vec::new();
+        for e in extensions {
+            let e = e.trim().trim_start_matches('.').to_ascii_lowercase();
+            if e.is_empty() || !e.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                anyhow::bail!("--inbox-extensions: {e:?} is not an extension (letters and digits, e.g. csv,R,pdf)");
+            }
+            policy.extensions.push(e);
+        }
+    }
+    Ok(policy)
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -324,13 +364,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => Arc::new(KubeCluster::new(kube::Client::try_default().await.context("connecting to Kubernetes")?)),
     };
+    // One key seals both doors' files at rest (outputs and inbox).
+    let seal = noexit_airlock::seal::SealKey::load_or_create(&args.seal_key).context("--seal-key")?;
     let config = ApiConfig {
         data_dir: args.data_dir.clone(),
         require_mfa: args.require_mfa,
         max_upload_bytes: args.max_upload_bytes,
+        inbox: inbox::InboxConfig {
+            policy: inbox_policy(&args.inbox_extensions, args.inbox_max_bytes, args.inbox_allow_archives)?,
+            sealer: Arc::new(inbox::AirlockSealer::new(seal.clone())),
+        },
     };
     let _key_refresh = oidc.as_ref().map(oidc::Oidc::spawn_refresh);
-    let seal = noexit_airlock::seal::SealKey::load_or_create(&args.seal_key).context("--seal-key")?;
     let airlock = outputs::Airlock {
         seal,
         signer: crate::audit::keys::load_signing_key(&args.audit_key)?,

@@ -291,6 +291,142 @@ impl ApiStore {
     }
 }
 
+/// Where an inbox item is in its life: submitted, then approved or rejected by an admin who is
+/// not the submitter, then delivered by the workspace's agent.
+pub const INBOX_PENDING: &str = "pendingApproval";
+pub const INBOX_APPROVED: &str = "approved";
+pub const INBOX_REJECTED: &str = "rejected";
+pub const INBOX_DELIVERED: &str = "delivered";
+
+/// One file submitted for a workspace's `/inbox` (ingress).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct InboxRow {
+    pub id: String,
+    pub project: String,
+    pub workspace: String,
+    pub file_name: String,
+    pub size: i64,
+    pub sha256: String,
+    /// What the content sniffing found (`text`, `pdf`).
+    pub media: String,
+    pub submitted_by: String,
+    pub submitted_at: DateTime<Utc>,
+    pub state: String,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// The name the agent gave the file in `/inbox` (differs on a collision).
+    pub placed_as: Option<String>,
+    /// The sealed content on the API's disk; never shown.
+    #[serde(skip)]
+    pub sealed_path: String,
+}
+
+const INBOX_COLUMNS: &str = "id, project, workspace, file_name, size, sha256, media, submitted_by, submitted_at, \
+    state, decided_by, decided_at, reason, delivered_at, placed_as, sealed_path";
+
+/// Ingress: the inbox table.
+impl ApiStore {
+    pub async fn insert_inbox(&self, row: &InboxRow) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO inbox_items ({INBOX_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+        );
+        on_db!(&self.db, pool => sqlx::query(&sql)
+            .bind(&row.id)
+            .bind(&row.project)
+            .bind(&row.workspace)
+            .bind(&row.file_name)
+            .bind(row.size)
+            .bind(&row.sha256)
+            .bind(&row.media)
+            .bind(&row.submitted_by)
+            .bind(row.submitted_at)
+            .bind(&row.state)
+            .bind(&row.decided_by)
+            .bind(row.decided_at)
+            .bind(&row.reason)
+            .bind(row.delivered_at)
+            .bind(&row.placed_as)
+            .bind(&row.sealed_path)
+            .execute(pool)
+            .await
+            .map(|_| ())?);
+        Ok(())
+    }
+
+    pub async fn inbox_item(&self, id: Uuid) -> Result<Option<InboxRow>, StoreError> {
+        let sql = format!("SELECT {INBOX_COLUMNS} FROM inbox_items WHERE id = $1");
+        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, InboxRow>(&sql)
+            .bind(id.to_string())
+            .fetch_optional(pool)
+            .await?))
+    }
+
+    /// A project's items, newest first, at most `limit`.
+    pub async fn inbox_items(&self, project: &str, limit: i64) -> Result<Vec<InboxRow>, StoreError> {
+        let sql = format!(
+            "SELECT {INBOX_COLUMNS} FROM inbox_items WHERE project = $1 ORDER BY submitted_at DESC, id LIMIT $2"
+        );
+        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, InboxRow>(&sql)
+            .bind(project)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Approved items a workspace's agent has not delivered yet, oldest first.
+    pub async fn inbox_to_deliver(&self, ws: &WorkspaceIdentity, limit: i64) -> Result<Vec<InboxRow>, StoreError> {
+        let sql = format!(
+            "SELECT {INBOX_COLUMNS} FROM inbox_items WHERE project = $1 AND workspace = $2 AND state = $3 \
+             ORDER BY submitted_at, id LIMIT $4"
+        );
+        Ok(on_db!(&self.db, pool => sqlx::query_as::<_, InboxRow>(&sql)
+            .bind(&ws.project)
+            .bind(&ws.name)
+            .bind(INBOX_APPROVED)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Approve or reject a pending item; `false` if it was no longer pending (someone decided
+    /// first). The decision is taken once, by whoever's update lands.
+    pub async fn decide_inbox(&self, id: Uuid, state: &str, by: &str, reason: &str) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE inbox_items SET state = $1, decided_by = $2, decided_at = $3, reason = $4 \
+            WHERE id = $5 AND state = $6";
+        let done = on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(state)
+            .bind(by)
+            .bind(Utc::now())
+            .bind(reason)
+            .bind(id.to_string())
+            .bind(INBOX_PENDING)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    /// The agent placed an approved item; `false` if it was not approved (or already delivered).
+    pub async fn mark_inbox_delivered(&self, id: Uuid, placed_as: &str) -> Result<bool, StoreError> {
+        const SQL: &str =
+            "UPDATE inbox_items SET state = $1, delivered_at = $2, placed_as = $3 WHERE id = $4 AND state = $5";
+        let done = on_db!(&self.db, pool => sqlx::query(SQL)
+            .bind(INBOX_DELIVERED)
+            .bind(Utc::now())
+            .bind(placed_as)
+            .bind(id.to_string())
+            .bind(INBOX_APPROVED)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,6 +53,7 @@ pub fn agent_config(ws: &Workspace, resolved: &ResolvedWorkspace, site: &Site) -
             }),
         },
         outbox: "/outbox".into(),
+        inbox: "/inbox".into(),
         spool: "/var/lib/noexit-agent/spool".into(),
         mode: if vm { AgentMode::Vm } else { AgentMode::Pod },
         desktop: DesktopKind::Vnc,

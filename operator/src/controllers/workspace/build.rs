@@ -231,10 +231,16 @@ fn dataset_volume_name(dataset: &str) -> String {
 
 fn pod(ws: &Workspace, resolved: &ResolvedWorkspace, site: &Site, owner: &Owner, ns: &str) -> Pod {
     let name = ws.name_any();
-    let mut workspace_mounts = vec![mount("home", "/home/researcher", false), mount("outbox", "/outbox", false)];
+    // The inbox is the agent's to write (approved ingress files); the researcher only reads it.
+    let mut workspace_mounts = vec![
+        mount("home", "/home/researcher", false),
+        mount("outbox", "/outbox", false),
+        mount("inbox", "/inbox", true),
+    ];
     let mut volumes = vec![
         claim_volume("home", &home_claim_name(&name), false),
         empty_dir("outbox", "10Gi"),
+        empty_dir("inbox", "1Gi"),
         empty_dir("agent-state", "1Gi"),
         Volume {
             name: "agent-config".into(),
@@ -286,6 +292,7 @@ fn pod(ws: &Workspace, resolved: &ResolvedWorkspace, site: &Site, owner: &Owner,
         volume_mounts: Some(vec![
             mount("agent-config", "/etc/noexit", true),
             mount("outbox", "/outbox", false),
+            mount("inbox", "/inbox", false),
             mount("agent-state", "/var/lib/noexit-agent", false),
         ]),
         ..Container::default()
