@@ -16,6 +16,8 @@ debootstrap --variant=minbase --include=systemd-sysv,linux-image-amd64,grub-pc,c
 
 install -m 0755 "$agent" "$work/root/usr/local/bin/noexit-agent"
 install -m 0644 "$here/noexit-agent.service" "$work/root/etc/systemd/system/noexit-agent.service"
+install -m 0644 "$here/noexit-desktop.service" "$work/root/etc/systemd/system/noexit-desktop.service"
+install -m 0755 "$here/../r-desktop/start-desktop" "$work/root/usr/local/bin/start-desktop"
 install -m 0644 "$here/usb-storage.conf" "$work/root/etc/modprobe.d/noexit-usb-storage.conf"
 install -m 0644 "$here/../r-desktop/Rprofile.site" "$work/root/etc/R/Rprofile.site"
 mkdir -p "$work/root/etc/tigervnc"

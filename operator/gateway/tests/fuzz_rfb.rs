@@ -204,3 +204,44 @@ fn client_filter_never_panics_and_follows_the_paste_policy() {
         assert_eq!(out2, out);
     }
 }
+
+/// The cargo-fuzz target's seed corpus (and anything the fuzzer found and was added there),
+/// replayed through the very checks the target runs, every chunk size, on every CI run.
+#[test]
+fn the_cargo_fuzz_corpus_passes_the_fuzz_targets_checks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/rfb_filters");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        for chunk in [0u8, 1, 6, 63] {
+            let mut input = data.clone();
+            if input.len() > 1 {
+                input[1] = chunk;
+            }
+            let run = std::panic::catch_unwind(|| noexit_gateway::rfb::harness::exercise(&input));
+            assert!(run.is_ok(), "{} (chunk byte {chunk}) breaks a filter property", path.display());
+        }
+        seeds += 1;
+    }
+    assert!(seeds >= 20, "only {seeds} seeds in {}", dir.display());
+}
+
+/// The target's checks can fail: the clipboard that a filter forwarding everything lets
+/// through is what a fresh filter (the second pass) drops.
+#[test]
+fn the_fuzz_targets_checks_catch_a_forwarded_clipboard() {
+    use noexit_gateway::rfb::harness::drive;
+    let mut cut = vec![3, 0, 0, 0];
+    cut.extend((MARKER.len() as u32).to_be_bytes());
+    cut.extend(MARKER);
+    let forward_all = |b: &[u8]| Ok(if b.is_empty() { Step::Need(1) } else { Step::Forward { len: b.len(), input: false } });
+    let (leaked, _, _) = drive(forward_all, &cut, 4);
+    assert!(contains(&leaked, MARKER));
+    let mut second = ServerFilter::new(W, H);
+    let (_, drops, err) = drive(|b| second.step(b), &leaked, 7);
+    assert!(err.is_none() && !drops.is_empty() && drops.iter().all(|d| *d == DropReason::ServerCutText), "{drops:?}");
+    let mut f = ServerFilter::new(W, H);
+    let (out, drops, err) = drive(|b| f.step(b), &cut, 4);
+    assert!(err.is_none() && out.is_empty() && drops.iter().all(|d| *d == DropReason::ServerCutText), "{drops:?}");
+}
