@@ -650,14 +650,15 @@ fn the_gateway_is_on_and_alone_reaches_desktops_and_reads_only_vnc_secrets_by_na
     assert!(cm.contains(r#"set $site.gateway "namespace" .Release.Namespace"#), "gateway namespace not set");
 
     let objects = objects();
-    let deployments: Vec<&Value> =
-        objects.iter().filter(|(_, o)| o["kind"] == "Deployment").map(|(_, o)| o).collect();
+    let deployments: Vec<&Value> = objects.iter().filter(|(_, o)| o["kind"] == "Deployment").map(|(_, o)| o).collect();
     let gateway = deployments.iter().find(|d| d["metadata"]["name"] == "noexit-gateway").expect("gateway");
     let pod = &gateway["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"].as_str(), Some(site.gateway.service_account.as_str()));
     let gateway_text = read("templates/gateway.yaml");
-    assert!(gateway_text.contains(r#"include "noexit.labels" (dict "root" . "component" "gateway")"#)
-        || gateway_text.contains(r#"$labels := dict "root" . "component" "gateway""#));
+    assert!(
+        gateway_text.contains(r#"include "noexit.labels" (dict "root" . "component" "gateway")"#)
+            || gateway_text.contains(r#"$labels := dict "root" . "component" "gateway""#)
+    );
     // The chart's selector labels for a component (templates/_helpers.tpl).
     let chart_labels = |component: &str| {
         std::collections::BTreeMap::from([
@@ -669,10 +670,8 @@ fn the_gateway_is_on_and_alone_reaches_desktops_and_reads_only_vnc_secrets_by_na
 
     // What the controller renders for the example project and its workspaces.
     let mut inputs = Inputs::default();
-    inputs.add(
-        "examples/ward-7.yaml",
-        parse_documents(include_str!("../examples/ward-7.yaml")).expect("example parses"),
-    );
+    inputs
+        .add("examples/ward-7.yaml", parse_documents(include_str!("../examples/ward-7.yaml")).expect("example parses"));
     let creds = |_: &_| {
         Ok(AgentCredentials {
             cert_pem: String::new(),
@@ -719,8 +718,12 @@ fn the_gateway_is_on_and_alone_reaches_desktops_and_reads_only_vnc_secrets_by_na
     assert!(ns["metadata"]["labels"]["noexit.io/project"].is_string(), "project namespaces carry noexit.io/project");
 
     // Per workspace: a Role reading its VNC Secret by name, bound to the chart's gateway SA.
-    let workspaces: Vec<&serde_json::Value> = children.iter().filter(|c| c["kind"] == "PersistentVolumeClaim"
-        && c["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-home"))).collect();
+    let workspaces: Vec<&serde_json::Value> = children
+        .iter()
+        .filter(|c| {
+            c["kind"] == "PersistentVolumeClaim" && c["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-home"))
+        })
+        .collect();
     assert!(!workspaces.is_empty());
     for home in workspaces {
         let ws = home["metadata"]["name"].as_str().unwrap().trim_start_matches("ws-").trim_end_matches("-home");
@@ -730,8 +733,10 @@ fn the_gateway_is_on_and_alone_reaches_desktops_and_reads_only_vnc_secrets_by_na
             role["rules"],
             serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [vnc_secret_name(ws)], "verbs": ["get"]}])
         );
-        let binding =
-            children.iter().find(|c| c["kind"] == "RoleBinding" && c["metadata"]["name"] == role_name).expect("binding");
+        let binding = children
+            .iter()
+            .find(|c| c["kind"] == "RoleBinding" && c["metadata"]["name"] == role_name)
+            .expect("binding");
         assert_eq!(
             binding["subjects"],
             serde_json::json!([{"kind": "ServiceAccount", "name": "noexit-gateway", "namespace": "noexit-system"}])

@@ -204,16 +204,22 @@ fn run(args: &Args) -> Result<String, Vec<String>> {
     // A dry run issues throwaway certificates from a throwaway CA; the operator issues real ones.
     let ca = Ca::generate("noexit render (dry run) CA").map_err(|e| vec![e.to_string()])?;
     let validity = chrono::Duration::days(site.agent_cert_days.into());
-    let rendered = render(&inputs, &site, Utc::now(), |id| {
-        let cert = ca.issue_workspace_client(id, validity).map_err(|e| e.to_string())?;
-        Ok(AgentCredentials {
-            cert_pem: cert.cert_pem,
-            key_pem: cert.key_pem,
-            ca_pem: ca.cert_pem().to_owned(),
-            serial: cert.serial,
-            not_after: cert.not_after.to_rfc3339(),
-        })
-    }, |_| VncCredential::generate())?;
+    let rendered = render(
+        &inputs,
+        &site,
+        Utc::now(),
+        |id| {
+            let cert = ca.issue_workspace_client(id, validity).map_err(|e| e.to_string())?;
+            Ok(AgentCredentials {
+                cert_pem: cert.cert_pem,
+                key_pem: cert.key_pem,
+                ca_pem: ca.cert_pem().to_owned(),
+                serial: cert.serial,
+                not_after: cert.not_after.to_rfc3339(),
+            })
+        },
+        |_| VncCredential::generate(),
+    )?;
     to_yaml(&rendered).map_err(|e| vec![format!("cannot write YAML: {e}")])
 }
 
@@ -268,9 +274,9 @@ mod tests {
             }
         }
         // Project: ns, the controller's binding, sa, quota, limits, 5 netpols, 3 roles + 3
-        // bindings, 2 × (pv + pvc) = 20; pod workspace: secret, pvc, svc, pod = 4; vm workspace:
-        // 4; request (undecided): 0.
-        assert_eq!(count, 28);
+        // bindings, 2 × (pv + pvc) = 20; pod workspace: agent secret, VNC secret, the gateway's
+        // role + binding, pvc, svc, pod = 7; vm workspace: 7; request (undecided): 0.
+        assert_eq!(count, 34);
     }
 
     #[test]
@@ -295,7 +301,7 @@ mod tests {
         let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
             .map(|d| serde::Deserialize::deserialize(d).expect("document"))
             .collect();
-        assert_eq!(docs.len(), 28);
+        assert_eq!(docs.len(), 34);
         assert!(docs.iter().all(|d| d.get("apiVersion").is_some() && d.get("kind").is_some()));
     }
 }

@@ -18,10 +18,10 @@ use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::directory;
+use crate::directory::SecondConnect;
 use crate::oidc::random_token;
 use crate::proxy::{self, Session};
 use crate::record::GatewayEvent;
-use crate::directory::SecondConnect;
 use crate::state::{Gateway, Live, SessionInfo, SignIn};
 
 /// The session cookie. `__Host-` binds it to this origin: Secure, Path=/, no Domain.

@@ -18,44 +18,13 @@ fn iterations() -> usize {
     std::env::var("NOEXIT_FUZZ_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000)
 }
 
-/// Feed `input` in random chunks; returns forwarded bytes, drops and the error if any.
+/// Feed `input` in chunks of a random size (the harness checks progress and bounds).
 fn drive(
     rng: &mut StdRng,
-    mut step: impl FnMut(&[u8]) -> Result<Step, RfbError>,
+    step: impl FnMut(&[u8]) -> Result<Step, RfbError>,
     input: &[u8],
 ) -> (Vec<u8>, Vec<DropReason>, Option<RfbError>) {
-    let (mut buf, mut out, mut drops, mut fed) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
-    // Every step consumes bytes or asks for more; bound the loop to catch a stuck filter.
-    for _ in 0..(input.len() * 4 + 100) {
-        match step(&buf) {
-            Err(e) => return (out, drops, Some(e)),
-            Ok(Step::Need(n)) => {
-                assert!(n > buf.len(), "Need({n}) with {} buffered", buf.len());
-                if fed == input.len() {
-                    return (out, drops, None);
-                }
-                let next = (fed + rng.gen_range(1..=64)).min(input.len());
-                buf.extend_from_slice(&input[fed..next]);
-                fed = next;
-            }
-            Ok(Step::Forward { len, .. }) => {
-                assert!(len > 0 && len <= buf.len(), "Forward({len}) of {}", buf.len());
-                out.extend(buf.drain(..len));
-            }
-            Ok(Step::Drop { len, reason }) => {
-                assert!(len > 0 && len <= buf.len(), "Drop({len}) of {}", buf.len());
-                buf.drain(..len);
-                drops.push(reason);
-            }
-            Ok(Step::Replace { consumed, with, .. }) => {
-                assert!(consumed > 0 && consumed <= buf.len());
-                buf.drain(..consumed);
-                out.extend(with);
-                drops.push(DropReason::EncodingStripped);
-            }
-        }
-    }
-    panic!("filter made no progress on {input:?}");
+    noexit_gateway::rfb::harness::drive(step, input, rng.gen_range(1..=64))
 }
 
 fn rect(x: u16, y: u16, w: u16, h: u16, enc: i32) -> Vec<u8> {
@@ -235,7 +204,8 @@ fn the_fuzz_targets_checks_catch_a_forwarded_clipboard() {
     let mut cut = vec![3, 0, 0, 0];
     cut.extend((MARKER.len() as u32).to_be_bytes());
     cut.extend(MARKER);
-    let forward_all = |b: &[u8]| Ok(if b.is_empty() { Step::Need(1) } else { Step::Forward { len: b.len(), input: false } });
+    let forward_all =
+        |b: &[u8]| Ok(if b.is_empty() { Step::Need(1) } else { Step::Forward { len: b.len(), input: false } });
     let (leaked, _, _) = drive(forward_all, &cut, 4);
     assert!(contains(&leaked, MARKER));
     let mut second = ServerFilter::new(W, H);

@@ -83,6 +83,7 @@ async fn desktop(listener: TcpListener, connections: Arc<AtomicUsize>) {
 
 struct Rig {
     _dir: tempfile::TempDir,
+    directory: std::path::PathBuf,
     addr: SocketAddr,
     cert_pem: Vec<u8>,
     recorder: Arc<MemoryRecorder>,
@@ -151,7 +152,7 @@ impl Rig {
             noexit_gateway::web::router(gw.clone()),
             std::future::pending(),
         ));
-        Rig { _dir: dir, addr, cert_pem: cert.pem().into_bytes(), recorder, gw, connections }
+        Rig { _dir: dir, directory, addr, cert_pem: cert.pem().into_bytes(), recorder, gw, connections }
     }
 
     /// Open the WebSocket as sign-in `n`; `Err(status)` when the upgrade is refused.
@@ -206,7 +207,11 @@ impl Rig {
             if let Some(e) = self.events("gateway.disconnect").into_iter().find(|e| e.detail["end"] == end) {
                 return e;
             }
-            assert!(Instant::now() < until, "no audited disconnect with end {end}: {:?}", self.events("gateway.disconnect"));
+            assert!(
+                Instant::now() < until,
+                "no audited disconnect with end {end}: {:?}",
+                self.events("gateway.disconnect")
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -233,6 +238,14 @@ impl Client {
         self.ws.send(Message::Binary(b.to_vec().into())).await.expect("send");
     }
 
+    /// Send, or say how the gateway closed the session.
+    async fn try_send(&mut self, b: &[u8]) -> Result<(), Closed> {
+        match self.ws.send(Message::Binary(b.to_vec().into())).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.read(usize::MAX / 2).await.err().unwrap_or(Closed { code: 0, reason: e.to_string() })),
+        }
+    }
+
     async fn read(&mut self, n: usize) -> Result<Vec<u8>, Closed> {
         while self.buf.len() < n {
             match self.ws.next().await {
@@ -253,7 +266,7 @@ impl Client {
 
     /// One FramebufferUpdateRequest answered (the session works).
     async fn round_trip(&mut self) -> Result<(), Closed> {
-        self.send(&[3, 1, 0, 0, 0, 0, 0, 1, 0, 1]).await;
+        self.try_send(&[3, 1, 0, 0, 0, 0, 0, 1, 0, 1]).await?;
         self.read(20).await.map(drop)
     }
 
@@ -266,6 +279,26 @@ impl Client {
             Err(_) => panic!("session still open after {limit:?}"),
         }
     }
+}
+
+/// A live session is cut at the next access re-check (here every second; at most 30 s in
+/// production) when the project's approval expires, and the cut is audited as a refusal.
+#[tokio::test]
+async fn a_project_that_expires_while_connected_is_cut_at_the_next_recheck() {
+    let rig = Rig::start("{requireMfa: true}").await;
+    let mut c = rig.connect(0).await;
+    c.round_trip().await.expect("the session works");
+    let text = std::fs::read_to_string(&rig.directory).unwrap();
+    let expired = text.replacen("  desktop:", "  expires: \"2020-01-01T00:00:00Z\"\n  desktop:", 1);
+    assert_ne!(expired, text);
+    std::fs::write(&rig.directory, expired).unwrap();
+    let (closed, took) = c.closed_within(Duration::from_secs(30)).await;
+    assert!(took < Duration::from_secs(5), "cut after {took:?}");
+    assert!(closed.reason.contains("expired"), "{closed:?}");
+    let e = rig.disconnect_audited("access_lost").await;
+    assert!(e.refused.as_deref().is_some_and(|r| r.contains("approval expired")), "{e:?}");
+    // And a new connect is refused.
+    assert_eq!(rig.open(1).await.err(), Some(403));
 }
 
 /// A pointer event: a person's input.
@@ -289,7 +322,11 @@ async fn no_input_for_the_idle_limit_closes_the_session_and_is_audited() {
     assert!(closed.reason.contains("no input"), "{closed:?}");
     let e = rig.disconnect_audited("idle").await;
     assert_eq!(e.object, "workspace:ward-7/alice");
-    assert!(rig.metric(r#"noexit_gateway_session_ends_total{reason="idle"} 1"#).is_some(), "{}", rig.gw.metrics.encode());
+    assert!(
+        rig.metric(r#"noexit_gateway_session_ends_total{reason="idle"} 1"#).is_some(),
+        "{}",
+        rig.gw.metrics.encode()
+    );
 }
 
 #[tokio::test]
@@ -298,8 +335,11 @@ async fn the_maximum_session_length_closes_even_a_busy_session() {
     let mut c = rig.connect(0).await;
     let start = Instant::now();
     let closed = loop {
-        c.send(&POINTER).await;
-        match c.round_trip().await {
+        let step = match c.try_send(&POINTER).await {
+            Ok(()) => c.round_trip().await,
+            Err(closed) => Err(closed),
+        };
+        match step {
             Ok(()) => {}
             Err(closed) => break closed,
         }

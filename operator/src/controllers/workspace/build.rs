@@ -339,11 +339,8 @@ fn dataset_volume_name(dataset: &str) -> String {
 
 fn pod(ws: &Workspace, resolved: &ResolvedWorkspace, site: &Site, owner: &Owner, ns: &str) -> Pod {
     let name = ws.name_any();
-    let mut workspace_mounts = vec![
-        mount("home", "/home/researcher", false),
-        mount("outbox", "/outbox", false),
-        mount("vnc", VNC_DIR, true),
-    ];
+    let mut workspace_mounts =
+        vec![mount("home", "/home/researcher", false), mount("outbox", "/outbox", false), mount("vnc", VNC_DIR, true)];
     let mut volumes = vec![
         claim_volume("home", &home_claim_name(&name), false),
         empty_dir("outbox", "10Gi"),
@@ -650,13 +647,15 @@ mod tests {
         let kids = build_for(&testdata::workspaces()[1]);
         let data = secret_named(&kids, "ws-alice-vm-agent").data.expect("data");
         let user_data = String::from_utf8(data[USERDATA_KEY].0.clone()).expect("utf8");
-        let doc: serde_yaml::Value = serde_yaml::from_str(user_data.trim_start_matches("#cloud-config\n")).expect("yaml");
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(user_data.trim_start_matches("#cloud-config\n")).expect("yaml");
         let files = doc["write_files"].as_sequence().expect("files");
         let f = files.iter().find(|f| f["path"] == "/etc/noexit/vnc/passwd").expect("passwd file");
         assert_eq!(f["encoding"], "b64");
         assert_eq!(f["permissions"], "0400");
         use base64::Engine as _;
-        let content = base64::engine::general_purpose::STANDARD.decode(f["content"].as_str().expect("content")).expect("b64");
+        let content =
+            base64::engine::general_purpose::STANDARD.decode(f["content"].as_str().expect("content")).expect("b64");
         assert_eq!(content, noexit_gateway::rfb::handshake::password_file(b"pw123456"));
         assert!(!user_data.contains("pw123456"), "the plain password stays out of the guest");
         assert!(secret_named(&kids, "ws-alice-vm-vnc").data.is_some());
@@ -685,7 +684,10 @@ mod tests {
             data: Some(BTreeMap::from([(VNC_PASSWORD_KEY.to_owned(), ByteString(pw.to_vec()))])),
             ..Secret::default()
         };
-        assert_eq!(VncCredential::reuse_or_new(Some(&secret(b"Ab3dEf9h"))), (VncCredential { password: "Ab3dEf9h".into() }, false));
+        assert_eq!(
+            VncCredential::reuse_or_new(Some(&secret(b"Ab3dEf9h"))),
+            (VncCredential { password: "Ab3dEf9h".into() }, false)
+        );
         for bad in [&b""[..], b"toolong-123", b"sp ace", b"\xff\xfe"] {
             let (made, new) = VncCredential::reuse_or_new(Some(&secret(bad)));
             assert!(new && made.password.len() == VNC_PASSWORD_LEN, "{bad:?}");

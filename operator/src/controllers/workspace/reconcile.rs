@@ -123,8 +123,13 @@ async fn apply(ws: &Workspace, api: &Api<Workspace>, ctx: &Context) -> Result<Ou
         ctx.event(&regarding, false, "CertificateIssued", note).await;
     }
     if vnc_new {
-        ctx.event(&regarding, false, "VncPasswordCreated", format!("made the desktop's VNC password (Secret {vnc_name})"))
-            .await;
+        ctx.event(
+            &regarding,
+            false,
+            "VncPasswordCreated",
+            format!("made the desktop's VNC password (Secret {vnc_name})"),
+        )
+        .await;
     }
     if !applied.pruned.is_empty() {
         ctx.event(&regarding, false, "Pruned", format!("deleted {}", applied.pruned.join(", "))).await;
