@@ -58,10 +58,13 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 pub struct ReloadingCert {
     cert_file: PathBuf,
     key_file: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, (Vec<u8>, Vec<u8>))>,
+    current: RwLock<(Arc<CertifiedKey>, Pem)>,
 }
 
-fn load_certified(cert_file: &Path, key_file: &Path, pem: &(Vec<u8>, Vec<u8>)) -> Result<Arc<CertifiedKey>, TlsError> {
+/// The certificate and key files' bytes, as last loaded.
+type Pem = (Vec<u8>, Vec<u8>);
+
+fn load_certified(cert_file: &Path, key_file: &Path, pem: &Pem) -> Result<Arc<CertifiedKey>, TlsError> {
     let certs = parse_certs(&pem.0, &cert_file.display().to_string())?;
     let key = parse_key(&pem.1, &key_file.display().to_string())?;
     let signing = provider()
@@ -79,7 +82,7 @@ fn load_certified(cert_file: &Path, key_file: &Path, pem: &(Vec<u8>, Vec<u8>)) -
     }
 }
 
-fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+fn read_pair(cert_file: &Path, key_file: &Path) -> Result<Pem, TlsError> {
     Ok((read(cert_file)?, read(key_file)?))
 }
 
