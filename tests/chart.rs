@@ -626,3 +626,127 @@ fn network_policies_are_on_by_default_with_destinations() {
     let text = read("templates/networkpolicies.yaml");
     assert!(text.contains("range $np.kubernetesApi.cidrs"), "the Kubernetes API is reached by ipBlock");
 }
+
+/// Issue 10: the gateway ships on, and the chart and the controller agree on who reaches a
+/// desktop: the project NetworkPolicy the controller renders (from `values.site`) admits the
+/// chart's gateway pods (labels, release namespace) on the port the gateway's own egress allows,
+/// and no other Deployment of the chart; each workspace's Role lets the chart's gateway
+/// ServiceAccount `get` that workspace's VNC Secret by name, and nothing the chart binds lets it
+/// read Secrets.
+#[test]
+fn the_gateway_is_on_and_alone_reaches_desktops_and_reads_only_vnc_secrets_by_name() {
+    use noexit_operator::controllers::workspace::build::VncCredential;
+    use noexit_operator::controllers::workspace::{AgentCredentials, build::vnc_secret_name};
+    use noexit_operator::manifests::parse_documents;
+    use noexit_operator::render::{Inputs, render};
+
+    let values = values();
+    assert_eq!(values["gateway"]["enabled"], true, "the gateway ships enabled");
+    let mut site: Site = serde_yaml::from_value(values["site"].clone()).expect("site");
+    // site-configmap.yaml puts both in the release namespace.
+    site.operator_namespace = "noexit-system".into();
+    site.gateway.namespace = "noexit-system".into();
+    let cm = read("templates/site-configmap.yaml");
+    assert!(cm.contains(r#"set $site.gateway "namespace" .Release.Namespace"#), "gateway namespace not set");
+
+    let objects = objects();
+    let deployments: Vec<&Value> = objects.iter().filter(|(_, o)| o["kind"] == "Deployment").map(|(_, o)| o).collect();
+    let gateway = deployments.iter().find(|d| d["metadata"]["name"] == "noexit-gateway").expect("gateway");
+    let pod = &gateway["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"].as_str(), Some(site.gateway.service_account.as_str()));
+    let gateway_text = read("templates/gateway.yaml");
+    assert!(
+        gateway_text.contains(r#"include "noexit.labels" (dict "root" . "component" "gateway")"#)
+            || gateway_text.contains(r#"$labels := dict "root" . "component" "gateway""#)
+    );
+    // The chart's selector labels for a component (templates/_helpers.tpl).
+    let chart_labels = |component: &str| {
+        std::collections::BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "noexit".to_owned()),
+            ("app.kubernetes.io/component".to_owned(), component.to_owned()),
+        ])
+    };
+    assert!(read("templates/_helpers.tpl").contains("app.kubernetes.io/component: {{ .component }}"));
+
+    // What the controller renders for the example project and its workspaces.
+    let mut inputs = Inputs::default();
+    inputs
+        .add("examples/ward-7.yaml", parse_documents(include_str!("../examples/ward-7.yaml")).expect("example parses"));
+    let creds = |_: &_| {
+        Ok(AgentCredentials {
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            ca_pem: String::new(),
+            serial: "1".into(),
+            not_after: "2099-01-01T00:00:00Z".into(),
+        })
+    };
+    let now = "2026-11-22T10:00:00Z".parse().expect("time");
+    let mut site_any = site.clone();
+    site_any.workspace_images = Default::default();
+    let rendered = render(&inputs, &site_any, now, creds, |_| VncCredential { password: "x".into() })
+        .expect("the example renders");
+    let children: Vec<serde_json::Value> = rendered
+        .iter()
+        .flat_map(|r| r.children.iter())
+        .map(|c| serde_json::to_value(&c.object).expect("json"))
+        .collect();
+    let policy = children
+        .iter()
+        .find(|c| c["kind"] == "NetworkPolicy" && c["metadata"]["name"] == "noexit-allow-gateway-desktop")
+        .expect("the project's gateway → desktop policy");
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress");
+    assert_eq!(rules.len(), 1);
+    let from = rules[0]["from"].as_array().expect("from");
+    assert_eq!(from.len(), 1, "one peer: the gateway");
+    let peer = &from[0];
+    assert_eq!(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "noexit-system");
+    let selected: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(peer["podSelector"]["matchLabels"].clone()).expect("labels");
+    assert_eq!(selected, chart_labels("gateway"), "the policy selects the chart's gateway pods");
+    for d in &deployments {
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        let component = name.trim_start_matches("noexit-");
+        let matches = selected.iter().all(|(k, v)| chart_labels(component).get(k) == Some(v));
+        assert_eq!(matches, name == "noexit-gateway", "{name} and the desktop policy");
+    }
+    assert_eq!(rules[0]["ports"], serde_json::json!([{"port": site.desktop_port, "protocol": "TCP"}]));
+    // The gateway's own egress names that port in project namespaces.
+    assert!(gateway_text.contains("ports: [{port: {{ .Values.site.desktopPort }}, protocol: TCP}]"));
+    assert!(gateway_text.contains("matchExpressions: [{key: noexit.io/project, operator: Exists}]"));
+    let ns = children.iter().find(|c| c["kind"] == "Namespace").expect("namespace");
+    assert!(ns["metadata"]["labels"]["noexit.io/project"].is_string(), "project namespaces carry noexit.io/project");
+
+    // Per workspace: a Role reading its VNC Secret by name, bound to the chart's gateway SA.
+    let workspaces: Vec<&serde_json::Value> = children
+        .iter()
+        .filter(|c| {
+            c["kind"] == "PersistentVolumeClaim" && c["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-home"))
+        })
+        .collect();
+    assert!(!workspaces.is_empty());
+    for home in workspaces {
+        let ws = home["metadata"]["name"].as_str().unwrap().trim_start_matches("ws-").trim_end_matches("-home");
+        let role_name = format!("ws-{ws}-gateway");
+        let role = children.iter().find(|c| c["kind"] == "Role" && c["metadata"]["name"] == role_name).expect("role");
+        assert_eq!(
+            role["rules"],
+            serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [vnc_secret_name(ws)], "verbs": ["get"]}])
+        );
+        let binding = children
+            .iter()
+            .find(|c| c["kind"] == "RoleBinding" && c["metadata"]["name"] == role_name)
+            .expect("binding");
+        assert_eq!(
+            binding["subjects"],
+            serde_json::json!([{"kind": "ServiceAccount", "name": "noexit-gateway", "namespace": "noexit-system"}])
+        );
+        assert!(children.iter().any(|c| c["kind"] == "Secret" && c["metadata"]["name"] == vnc_secret_name(ws)));
+    }
+    // Nothing in the chart gives the gateway Secrets.
+    for (kind, role_kind, role) in roles_bound_to(&objects, "noexit-gateway") {
+        for rule in rules_of(&objects, &role_kind, &role) {
+            assert!(!strings(&rule["resources"]).contains(&"secrets"), "{kind} → {role_kind} {role} grants secrets");
+        }
+    }
+}

@@ -135,15 +135,49 @@ pub struct DesktopPolicy {
     /// Require a second factor (OIDC `amr`) to open a desktop.
     #[serde(default = "yes")]
     pub require_mfa: bool,
+    /// Longest desktop session, in minutes; the gateway closes it then (the researcher may
+    /// connect again).
+    #[serde(default = "default_max_session")]
+    #[schemars(range(min = 5, max = 1440))]
+    pub max_session_minutes: u32,
+    /// What a second connect to a workspace that has a live desktop session does: `takeover`
+    /// (the new one replaces the old, which is closed) or `refuse`.
+    #[serde(default)]
+    pub second_connect: SecondConnect,
+    /// Let the project's admins open members' desktops (support). Off by default.
+    #[serde(default)]
+    pub admin_support: bool,
+}
+
+/// One live desktop session per workspace: what a second connect does.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SecondConnect {
+    /// The new connection takes over; the old one is closed.
+    #[default]
+    Takeover,
+    /// The new connection is refused while the old one lives.
+    Refuse,
 }
 
 fn default_idle() -> u32 {
     60
 }
 
+fn default_max_session() -> u32 {
+    8 * 60
+}
+
 impl Default for DesktopPolicy {
     fn default() -> Self {
-        Self { clipboard_in: false, idle_timeout_minutes: default_idle(), require_mfa: true }
+        Self {
+            clipboard_in: false,
+            idle_timeout_minutes: default_idle(),
+            require_mfa: true,
+            max_session_minutes: default_max_session(),
+            second_connect: SecondConnect::default(),
+            admin_support: false,
+        }
     }
 }
 

@@ -213,11 +213,15 @@ build_workspace() {
   install -m 0644 "$here/workspace/noexit-boot.service" "$rootfs/etc/systemd/system/noexit-boot.service"
   install -m 0644 "$here/workspace/noexit-agent.service" "$rootfs/etc/systemd/system/noexit-agent.service"
   install -m 0644 "$here/workspace/usb-storage.conf" "$rootfs/etc/modprobe.d/noexit-usb-storage.conf"
+  # The desktop (TigerVNC with VNC authentication); it starts only where its password file was
+  # delivered (/etc/noexit/vnc/passwd; see the unit).
+  install -m 0644 "$here/workspace/noexit-desktop.service" "$rootfs/etc/systemd/system/noexit-desktop.service"
+  install -m 0755 "$here/../r-desktop/start-desktop" "$rootfs/usr/local/bin/start-desktop"
   install -m 0644 "$here/workspace/journald-console.conf" -D "$rootfs/etc/systemd/journald.conf.d/noexit-console.conf"
   install -m 0644 "$here/../r-desktop/Rprofile.site" "$rootfs/etc/R/Rprofile.site"
   install -m 0644 "$here/../r-desktop/vnc.conf" -D "$rootfs/etc/tigervnc/vncserver-config-mandatory"
   chroot "$rootfs" useradd --uid 1000 --user-group --no-create-home --home-dir /home/researcher --shell /bin/bash researcher
-  chroot "$rootfs" systemctl enable noexit-boot.service noexit-agent.service >&2
+  chroot "$rootfs" systemctl enable noexit-boot.service noexit-agent.service noexit-desktop.service >&2
   # Nothing listens or configures the network but noexit-boot.
   chroot "$rootfs" systemctl mask systemd-networkd.service serial-getty@ttyS0.service getty@tty1.service >&2 || true
   echo noexit-workspace >"$rootfs/etc/hostname"

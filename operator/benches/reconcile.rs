@@ -143,6 +143,7 @@ fn bench_render(f: &Fixtures) {
         serial: cert.serial,
         not_after: cert.not_after.to_rfc3339(),
     };
+    let vnc = noexit_operator::controllers::workspace::build::VncCredential::generate();
     let site = Site::default();
     let now = chrono::Utc::now();
     let start = Instant::now();
@@ -151,7 +152,7 @@ fn bench_render(f: &Fixtures) {
         let project = f.projects.iter().find(|p| p.name_any() == ws.spec.project);
         let resolved = workspace::validate(ws, project, &f.datasets, &site.workspace_images, now);
         assert!(resolved.problems.is_empty(), "{:?}", resolved.problems);
-        children += workspace::build(ws, &resolved, &site, &creds).expect("build").len();
+        children += workspace::build(ws, &resolved, &site, &creds, &vnc).expect("build").len();
     }
     let took = start.elapsed();
     println!(

@@ -17,6 +17,7 @@ use noexit_crds::{Dataset, Project, Workspace, WorkspaceRequest};
 use crate::controllers::children::Child;
 use crate::controllers::site::Site;
 use crate::controllers::workspace::AgentCredentials;
+use crate::controllers::workspace::build::VncCredential;
 use crate::controllers::{dataset, project, workspace, workspace_request};
 use crate::manifests::{Manifest, parse_documents};
 use crate::pki::Ca;
@@ -86,6 +87,7 @@ pub fn render(
     site: &Site,
     now: DateTime<Utc>,
     mut credentials: impl FnMut(&WorkspaceIdentity) -> Result<AgentCredentials, String>,
+    mut vnc: impl FnMut(&WorkspaceIdentity) -> VncCredential,
 ) -> Result<Vec<Rendered>, Vec<String>> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
@@ -116,7 +118,8 @@ pub fn render(
             continue;
         }
         let id = WorkspaceIdentity { project: ws.spec.project.clone(), name: ws.name_any() };
-        let built = credentials(&id).and_then(|c| workspace::build(ws, &resolved, site, &c).map_err(|e| e.to_string()));
+        let built = credentials(&id)
+            .and_then(|c| workspace::build(ws, &resolved, site, &c, &vnc(&id)).map_err(|e| e.to_string()));
         match built {
             Ok(children) => out.push(Rendered {
                 source: format!("{}: Workspace {}/{}", w.file, ws.spec.project, ws.name_any()),
@@ -201,16 +204,22 @@ fn run(args: &Args) -> Result<String, Vec<String>> {
     // A dry run issues throwaway certificates from a throwaway CA; the operator issues real ones.
     let ca = Ca::generate("noexit render (dry run) CA").map_err(|e| vec![e.to_string()])?;
     let validity = chrono::Duration::days(site.agent_cert_days.into());
-    let rendered = render(&inputs, &site, Utc::now(), |id| {
-        let cert = ca.issue_workspace_client(id, validity).map_err(|e| e.to_string())?;
-        Ok(AgentCredentials {
-            cert_pem: cert.cert_pem,
-            key_pem: cert.key_pem,
-            ca_pem: ca.cert_pem().to_owned(),
-            serial: cert.serial,
-            not_after: cert.not_after.to_rfc3339(),
-        })
-    })?;
+    let rendered = render(
+        &inputs,
+        &site,
+        Utc::now(),
+        |id| {
+            let cert = ca.issue_workspace_client(id, validity).map_err(|e| e.to_string())?;
+            Ok(AgentCredentials {
+                cert_pem: cert.cert_pem,
+                key_pem: cert.key_pem,
+                ca_pem: ca.cert_pem().to_owned(),
+                serial: cert.serial,
+                not_after: cert.not_after.to_rfc3339(),
+            })
+        },
+        |_| VncCredential::generate(),
+    )?;
     to_yaml(&rendered).map_err(|e| vec![format!("cannot write YAML: {e}")])
 }
 
@@ -231,6 +240,10 @@ mod tests {
         })
     }
 
+    fn fixed_vnc(_: &WorkspaceIdentity) -> VncCredential {
+        VncCredential { password: "Snap5hot".into() }
+    }
+
     fn now() -> DateTime<Utc> {
         "2026-11-22T10:00:00Z".parse().expect("time")
     }
@@ -246,7 +259,7 @@ mod tests {
     /// One YAML snapshot per rendered child: a change to any rendered object shows up in review.
     #[test]
     fn every_rendered_child_matches_its_snapshot() {
-        let rendered = render(&example_inputs(), &Site::default(), now(), fixed_creds).expect("renders");
+        let rendered = render(&example_inputs(), &Site::default(), now(), fixed_creds, fixed_vnc).expect("renders");
         let mut count = 0;
         for group in &rendered {
             for child in &group.children {
@@ -261,9 +274,9 @@ mod tests {
             }
         }
         // Project: ns, the controller's binding, sa, quota, limits, 5 netpols, 3 roles + 3
-        // bindings, 2 × (pv + pvc) = 20; pod workspace: secret, pvc, svc, pod = 4; vm workspace:
-        // 4; request (undecided): 0.
-        assert_eq!(count, 28);
+        // bindings, 2 × (pv + pvc) = 20; pod workspace: agent secret, VNC secret, the gateway's
+        // role + binding, pvc, svc, pod = 7; vm workspace: 7; request (undecided): 0.
+        assert_eq!(count, 34);
     }
 
     #[test]
@@ -271,7 +284,7 @@ mod tests {
         let mut inputs = example_inputs();
         inputs.datasets[0].object.spec.granted_to = vec!["ward-9".into()];
         inputs.workspaces[0].object.spec.datasets = vec!["cohort-2024".into(), "icu-2019".into()];
-        let errors = render(&inputs, &Site::default(), now(), fixed_creds).expect_err("not granted");
+        let errors = render(&inputs, &Site::default(), now(), fixed_creds, fixed_vnc).expect_err("not granted");
         assert!(
             errors.contains(
                 &r#"examples/ward-7.yaml: workspace ward-7/alice-r: spec.datasets[1]: dataset "icu-2019" is not granted to project "ward-7""#
@@ -283,12 +296,12 @@ mod tests {
 
     #[test]
     fn output_is_valid_multi_document_yaml() {
-        let rendered = render(&example_inputs(), &Site::default(), now(), fixed_creds).expect("renders");
+        let rendered = render(&example_inputs(), &Site::default(), now(), fixed_creds, fixed_vnc).expect("renders");
         let yaml = to_yaml(&rendered).expect("yaml");
         let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
             .map(|d| serde::Deserialize::deserialize(d).expect("document"))
             .collect();
-        assert_eq!(docs.len(), 28);
+        assert_eq!(docs.len(), 34);
         assert!(docs.iter().all(|d| d.get("apiVersion").is_some() && d.get("kind").is_some()));
     }
 }

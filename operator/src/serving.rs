@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
 /// Wraps a stream; fails a pending read or write once nothing moved for `idle`.
@@ -184,19 +183,8 @@ impl Drop for Slot {
     }
 }
 
-/// The next connection. Accept errors (out of file descriptors and the like) are logged and
-/// retried after a short pause, so a server neither stops nor spins on them.
-pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(conn) => return conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
+/// The accept loop's next connection (shared with the gateway through `noexit-web`).
+pub use noexit_web::serve::accept;
 
 /// Connection limits of the API and the webhook (flags shared by both).
 #[derive(clap::Args, Debug, Clone)]

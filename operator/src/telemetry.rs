@@ -45,25 +45,8 @@ pub fn init_logging(json: bool) {
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
-/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C, logging which. If SIGTERM
-/// cannot be watched, only Ctrl-C stops the process (and that is logged).
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = terminate => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-    }
-}
+/// Resolves on SIGTERM or Ctrl-C (shared with the gateway through `noexit-web`).
+pub use noexit_web::serve::shutdown_signal;
 
 /// `kind` is one of Project, Workspace, Dataset, WorkspaceRequest; `outcome` one of success,
 /// error, invalid; `category` one of `controllers::error::CATEGORIES`. Never an object name.

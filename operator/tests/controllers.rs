@@ -346,19 +346,13 @@ async fn api_errors_are_retried_with_backoff_and_reported() {
     running.stop().await;
 }
 
-#[tokio::test]
-async fn the_agent_secret_is_stable_across_reconciles() {
-    let api = FakeApi::new();
-    seed(&api, &["alice-r", "alice-vm"]);
-    let running = Running::in_process(api.clone());
-    wait("the pod", || pod(&api, "alice-r")).await;
-    let before = wait("the secret", || api.get::<Secret>(Some(NS), "ws-alice-r-agent")).await;
-
-    // Touch the workspace: it is reconciled again.
+/// Touch workspace alice-r and wait until it has been reconciled again: a GET whose path ends
+/// with `read` (a Secret the reconcile reads), then the desktop Service applied.
+async fn reconcile_again(api: &FakeApi, read: &str) {
     api.clear_calls();
     api.update::<Workspace>(Some(NS), "alice-r", json!({"metadata": {"labels": {"touched": "yes"}}})).expect("touch");
     wait("a second reconcile", || {
-        api.calls().iter().any(|c| c.method == "GET" && c.path.ends_with("/secrets/ws-alice-r-agent")).then_some(())
+        api.calls().iter().any(|c| c.method == "GET" && c.path.ends_with(read)).then_some(())
     })
     .await;
     wait("the reconcile to finish", || {
@@ -368,6 +362,18 @@ async fn the_agent_secret_is_stable_across_reconciles() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_agent_secret_is_stable_across_reconciles() {
+    let api = FakeApi::new();
+    seed(&api, &["alice-r", "alice-vm"]);
+    let running = Running::in_process(api.clone());
+    wait("the pod", || pod(&api, "alice-r")).await;
+    let before = wait("the secret", || api.get::<Secret>(Some(NS), "ws-alice-r-agent")).await;
+
+    // Touch the workspace: it is reconciled again.
+    reconcile_again(&api, "/secrets/ws-alice-r-agent").await;
     let after = api.get::<Secret>(Some(NS), "ws-alice-r-agent").expect("secret");
     assert_eq!(before.data, after.data, "certificate and key unchanged");
     assert_eq!(before.annotations()[SERIAL_ANNOTATION], after.annotations()[SERIAL_ANNOTATION]);
@@ -635,4 +641,142 @@ async fn a_workspace_image_off_the_site_allowlist_gets_no_pod() {
     let image = p.spec.expect("spec").containers.into_iter().find(|c| c.name == "workspace").and_then(|c| c.image);
     assert_eq!(image.as_deref(), Some(pinned.as_str()));
     running.stop().await;
+}
+
+/// Issue 10: each workspace gets its VNC Secret (a random password of at most 8 characters
+/// for the gateway, TigerVNC's password file for the desktop), owned by the Workspace, made
+/// once and kept across reconciles; and a Role that lets the gateway get that Secret alone.
+#[tokio::test]
+async fn the_vnc_secret_is_made_once_owned_by_the_workspace_and_kept() {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let api = FakeApi::new();
+    seed(&api, &["alice-r", "alice-vm"]);
+    let running = Running::in_process(api.clone());
+    wait("the pod", || pod(&api, "alice-r")).await;
+    let before = wait("the VNC secret", || api.get::<Secret>(Some(NS), "ws-alice-r-vnc")).await;
+    let data = before.data.clone().expect("data");
+    let password = data["password"].0.clone();
+    assert_eq!(password.len(), 8, "TigerVNC reads 8 characters");
+    assert!(password.iter().all(u8::is_ascii_alphanumeric));
+    assert_eq!(data["passwd"].0, noexit_gateway::rfb::handshake::password_file(&password));
+    let owner = &before.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("Workspace", "alice-r", Some(true)));
+    let other = wait("the VM's VNC secret", || api.get::<Secret>(Some(NS), "ws-alice-vm-vnc")).await;
+    assert_ne!(other.data.expect("data")["password"].0, password, "each workspace has its own password");
+
+    // The pod mounts it where start-desktop reads it.
+    let p = pod(&api, "alice-r").expect("pod");
+    let vol =
+        p.spec.as_ref().and_then(|s| s.volumes.as_ref()).and_then(|v| v.iter().find(|v| v.name == "vnc").cloned());
+    assert_eq!(vol.and_then(|v| v.secret).and_then(|s| s.secret_name).as_deref(), Some("ws-alice-r-vnc"));
+
+    // The gateway's right to read it: by name, get only.
+    let role = wait("the gateway role", || api.get::<Role>(Some(NS), "ws-alice-r-gateway")).await;
+    let rule = &role.rules.expect("rules")[0];
+    assert_eq!(rule.resource_names.as_deref(), Some(&["ws-alice-r-vnc".to_owned()][..]));
+    assert_eq!(rule.verbs, ["get"]);
+    let binding = wait("the gateway binding", || api.get::<RoleBinding>(Some(NS), "ws-alice-r-gateway")).await;
+    let subject = &binding.subjects.expect("subjects")[0];
+    assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), ("noexit-gateway", Some("noexit-system")));
+
+    // Reconciled again: the same password (a new one would cut the live desktop session).
+    reconcile_again(&api, "/secrets/ws-alice-r-vnc").await;
+    let after = api.get::<Secret>(Some(NS), "ws-alice-r-vnc").expect("secret");
+    assert_eq!(before.data, after.data, "the VNC password was rotated by a reconcile");
+    assert_eq!(before.resource_version(), after.resource_version(), "the apply was a no-op");
+    let made = api.events_about("alice-r").into_iter().filter(|(_, r, _)| r == "VncPasswordCreated").count();
+    assert_eq!(made, 1);
+    running.stop().await;
+}
+
+/// The gateway's Kubernetes directory reads what the controller rendered: the desktop address
+/// from `status.endpoint`, the password from the VNC Secret, the policy from
+/// `spec.desktop`; and it follows membership, approval, expiry and the workspace's state.
+#[tokio::test]
+async fn the_gateway_directory_reads_what_the_controller_rendered() {
+    use noexit_gateway::directory::{self, DesktopPolicy, KubeDirectory, SecondConnect};
+    let api = FakeApi::new();
+    let ex = seed(&api, &["alice-r"]);
+    let running = Running::in_process(api.clone());
+    wait("the pod", || pod(&api, "alice-r")).await;
+    let secret = wait("the VNC secret", || api.get::<Secret>(Some(NS), "ws-alice-r-vnc")).await;
+    let password = secret.data.expect("data")["password"].0.clone();
+    heartbeat(&api, true);
+    wait("Ready=True", || (ws_condition(&api, "alice-r", "Ready")?.0 == "True").then_some(())).await;
+    api.update::<Project>(
+        None,
+        "ward-7",
+        json!({"spec": {"desktop": {"maxSessionMinutes": 120, "secondConnect": "refuse", "adminSupport": true}}}),
+    )
+    .expect("policy");
+
+    let site = DesktopPolicy { paste_max_bytes: 4096, max_session_seconds: 3600, ..DesktopPolicy::default() };
+    let dir = KubeDirectory::new(api.client(), site);
+    const ALICE: &str = "alice@ward7.example";
+    let grant = directory::resolve(&dir, ALICE, true, "ward-7", "alice-r").await.expect("alice opens her desktop");
+    assert_eq!(grant.address, "ws-alice-r-desktop.noexit-ward-7.svc:5901");
+    assert_eq!(grant.password, password);
+    assert!(grant.policy.clipboard_in, "examples/ward-7.yaml allows paste");
+    assert_eq!(grant.policy.idle_timeout_seconds, 30 * 60);
+    assert_eq!(grant.policy.max_session_seconds, 3600, "the site's cap is shorter than the project's 120 min");
+    assert_eq!(grant.policy.second_connect, SecondConnect::Refuse);
+    assert_eq!(grant.policy.paste_max_bytes, 4096);
+    assert!(!grant.policy.admin_support, "the site did not allow admin support");
+    let listed = directory::list(&dir, ALICE, true).await.expect("list");
+    assert_eq!(listed.iter().map(|l| (l.workspace.as_str(), l.available)).collect::<Vec<_>>(), [("alice-r", true)]);
+
+    let code = |user: &'static str, mfa: bool, ws: &'static str| {
+        let dir = dir.clone();
+        async move { directory::resolve(&dir, user, mfa, "ward-7", ws).await.expect_err("refused").code() }
+    };
+    assert_eq!(code("bob@ward7.example", true, "alice-r").await, "notOwner");
+    assert_eq!(code("mallory@ward7.example", true, "alice-r").await, "notMember");
+    assert_eq!(code(ALICE, false, "alice-r").await, "mfaRequired");
+    assert_eq!(code(ALICE, true, "nope").await, "unknownWorkspace");
+
+    // The workspace stopped.
+    api.update::<Workspace>(Some(NS), "alice-r", json!({"spec": {"lifecycle": {"running": false}}})).expect("stop");
+    wait("stopped", || {
+        let ws = api.get::<Workspace>(Some(NS), "alice-r")?;
+        (ws.status?.phase? != noexit_crds::workspace::Phase::Running).then_some(())
+    })
+    .await;
+    assert_eq!(code(ALICE, true, "alice-r").await, "workspaceStopped");
+    api.update::<Workspace>(Some(NS), "alice-r", json!({"spec": {"lifecycle": {"running": true}}})).expect("start");
+
+    // The project expired.
+    api.update::<Project>(None, "ward-7", json!({"spec": {"approval": {"expires": "2020-01-01"}}})).expect("expire");
+    assert!(matches!(code(ALICE, true, "alice-r").await, "projectExpired" | "projectNotApproved"));
+    // Alice removed from the project.
+    let members = serde_json::to_value(&ex.project.spec.members).expect("members");
+    let without_alice: Vec<serde_json::Value> =
+        members.as_array().expect("list").iter().filter(|m| m["user"] != ALICE).cloned().collect();
+    api.update::<Project>(
+        None,
+        "ward-7",
+        json!({"spec": {"approval": {"expires": "2099-01-01"}, "members": without_alice}}),
+    )
+    .expect("remove alice");
+    assert_eq!(code(ALICE, true, "alice-r").await, "notMember");
+    assert!(directory::list(&dir, ALICE, true).await.expect("list").is_empty());
+
+    // Alice back; then, with the controller stopped, no VNC Secret means no desktop (never an
+    // unauthenticated connection).
+    api.update::<Project>(None, "ward-7", json!({"spec": {"members": members}})).expect("alice back");
+    // (Her workspace was blocked while she was not a member: the pod comes back and the
+    // agent reports again.)
+    for _ in 0..100 {
+        if directory::resolve(&dir, ALICE, true, "ward-7", "alice-r").await.is_ok() {
+            break;
+        }
+        if pod(&api, "alice-r").is_some() {
+            heartbeat(&api, true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    directory::resolve(&dir, ALICE, true, "ward-7", "alice-r").await.expect("alice may connect again");
+    running.stop().await;
+    api.delete::<Secret>(Some(NS), "ws-alice-r-vnc").expect("delete");
+    let refused = directory::resolve(&dir, ALICE, true, "ward-7", "alice-r").await.expect_err("no secret");
+    assert_eq!(refused.code(), "noDesktop", "{refused}");
 }

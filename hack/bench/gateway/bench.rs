@@ -6,8 +6,12 @@
 //!
 //!   hack/bench/gateway/run.sh            # SECONDS_EACH=10 SESSIONS=200
 //!
-//! The fake desktop answers each FramebufferUpdateRequest with one Raw 256×256 rectangle
-//! (256 KiB) whose first 8 bytes are the send time; 4 requests are kept in flight.
+//! The fake desktop answers each full FramebufferUpdateRequest with one Raw 256×256 rectangle
+//! (256 KiB) whose first 8 bytes are the send time; 4 requests are kept in flight (throughput).
+//! An incremental request gets one Raw 8×8 rectangle (272 bytes): the latency part sends one
+//! and waits for its answer, one message in flight, alternating direct / websockify / gateway
+//! in rounds so all three see the same machine load; "added" is the round-trip time a proxy
+//! adds over the direct TCP path (both directions of one message).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +27,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 const RECT: u16 = 256;
 const UPDATE: usize = 4 + 12 + (RECT as usize) * (RECT as usize) * 4;
 const IN_FLIGHT: usize = 4;
+const SMALL: u16 = 8;
+const SMALL_UPDATE: usize = 4 + 12 + (SMALL as usize) * (SMALL as usize) * 4;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -52,12 +58,16 @@ async fn desktop(listener: TcpListener) {
                 init.extend(4u32.to_be_bytes());
                 init.extend(b"fake");
                 s.write_all(&init).await?;
-                let mut update = vec![0u8, 0, 0, 1];
-                for n in [0u16, 0, RECT, RECT] {
-                    update.extend(n.to_be_bytes());
-                }
-                update.extend(0i32.to_be_bytes());
-                update.resize(UPDATE, 0x55);
+                let build = |side: u16, size: usize| {
+                    let mut update = vec![0u8, 0, 0, 1];
+                    for n in [0u16, 0, side, side] {
+                        update.extend(n.to_be_bytes());
+                    }
+                    update.extend(0i32.to_be_bytes());
+                    update.resize(size, 0x55);
+                    update
+                };
+                let (mut update, mut small) = (build(RECT, UPDATE), build(SMALL, SMALL_UPDATE));
                 let (mut rd, mut wr) = s.into_split();
                 let mut msg = [0u8; 1];
                 loop {
@@ -78,8 +88,10 @@ async fn desktop(listener: TcpListener) {
                     rd.read_exact(&mut skip).await?;
                     if msg[0] == 3 {
                         let t = epoch().elapsed().as_nanos() as u64;
-                        update[16..24].copy_from_slice(&t.to_be_bytes());
-                        wr.write_all(&update).await?;
+                        // skip[0] is the request's incremental flag.
+                        let out = if skip[0] == 1 { &mut small } else { &mut update };
+                        out[16..24].copy_from_slice(&t.to_be_bytes());
+                        wr.write_all(out).await?;
                     }
                 }
             }
@@ -172,7 +184,21 @@ async fn handshake(link: &mut Link) -> Res<()> {
     Ok(())
 }
 
-const FBUR: [u8; 10] = [3, 1, 0, 0, 0, 0, 1, 0, 1, 0];
+/// A full request: answered with the 256 KiB rectangle.
+const FBUR: [u8; 10] = [3, 0, 0, 0, 0, 0, 1, 0, 1, 0];
+/// An incremental request: answered with the 272-byte rectangle.
+const FBUR_SMALL: [u8; 10] = [3, 1, 0, 0, 0, 0, 1, 0, 1, 0];
+
+/// `n` round trips of one small update, one in flight: sorted round-trip times in µs.
+async fn round_trips(link: &mut Link, n: usize, out: &mut Vec<u64>) -> Res<()> {
+    for _ in 0..n {
+        let start = Instant::now();
+        link.send(&FBUR_SMALL).await?;
+        link.read_exact(SMALL_UPDATE).await?;
+        out.push(start.elapsed().as_micros() as u64);
+    }
+    Ok(())
+}
 
 /// Stream for `secs`: (MB/s, sorted latencies in µs).
 async fn stream(mut link: Link, secs: u64) -> Res<(f64, Vec<u64>)> {
@@ -226,7 +252,6 @@ async fn serve(dir: PathBuf, directory: PathBuf, sessions: usize) -> Res<()> {
     let config = state::Config {
         public_origin: format!("https://localhost:{}", addr.port()),
         recheck: Duration::from_secs(15),
-        second_connect: state::SecondConnect::Refuse,
         require_mfa: true,
         max_signin: Duration::from_secs(3600),
         novnc_dir: "/usr/share/novnc".into(),
@@ -243,7 +268,7 @@ async fn serve(dir: PathBuf, directory: PathBuf, sessions: usize) -> Res<()> {
         let signin = state::SignIn { who, csrf: "x".into(), ends: chrono::Utc::now() + chrono::Duration::hours(1) };
         gw.signins.lock().map_err(|_| "poisoned")?.insert(format!("bench-{i}"), signin);
     }
-    let tls = noexit_gateway::serve::tls_config(&dir.join("cert.pem"), &dir.join("key.pem"))?;
+    let (tls, _cert) = noexit_gateway::serve::tls_config(&dir.join("cert.pem"), &dir.join("key.pem"))?;
     println!("READY {addr}");
     noexit_gateway::serve::serve_tls(listener, tls, noexit_gateway::web::router(gw), std::future::pending()).await;
     Ok(())
@@ -326,6 +351,49 @@ async fn main() -> Res<()> {
         );
     }
     println!("throughput gateway/websockify: {:.2}", g_mbps / w_mbps);
+
+    // Per-message latency: one small update in flight, the three paths in alternating rounds.
+    let rounds: usize = std::env::var("LATENCY_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let per_round: usize = std::env::var("LATENCY_PER_ROUND").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
+    let mut links = [
+        Link::Tcp(TcpStream::connect(desk_addr).await?),
+        tls_ws(ws_addr, "/", &cert_pem, None).await?,
+        tls_ws(gw_addr, "/ws/bench/ws0", &cert_pem, Some("__Host-noexit-gateway=bench-0")).await?,
+    ];
+    let mut rtts: [Vec<u64>; 3] = Default::default();
+    for link in links.iter_mut() {
+        handshake(link).await?;
+        round_trips(link, 200, &mut Vec::new()).await?; // warm-up
+    }
+    for _ in 0..rounds {
+        for (link, out) in links.iter_mut().zip(rtts.iter_mut()) {
+            round_trips(link, per_round, out).await?;
+        }
+    }
+    for r in rtts.iter_mut() {
+        r.sort_unstable();
+    }
+    println!(
+        "\nper-message round trip, one {SMALL_UPDATE}-byte update in flight, {} per path in {rounds} alternating rounds:",
+        rounds * per_round
+    );
+    println!("path        p50 µs  p90 µs  p99 µs  added p50 µs  added p99 µs");
+    for (name, r) in ["direct", "websockify", "gateway"].iter().zip(rtts.iter()) {
+        println!(
+            "{name:<10} {:>7} {:>7} {:>7} {:>13} {:>13}",
+            pct(r, 0.5),
+            pct(r, 0.9),
+            pct(r, 0.99),
+            pct(r, 0.5) as i64 - pct(&rtts[0], 0.5) as i64,
+            pct(r, 0.99) as i64 - pct(&rtts[0], 0.99) as i64
+        );
+    }
+    println!(
+        "gateway minus websockify: p50 {} µs, p99 {} µs",
+        pct(&rtts[2], 0.5) as i64 - pct(&rtts[1], 0.5) as i64,
+        pct(&rtts[2], 0.99) as i64 - pct(&rtts[1], 0.99) as i64
+    );
+    drop(links);
 
     // Memory: idle sessions (handshake done, no traffic).
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -9,7 +9,10 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-/// The desktop policy of a project, as the gateway applies it.
+pub use noexit_crds::project::SecondConnect;
+
+/// The desktop policy of a project, as the gateway applies it. Limits are in seconds here (the
+/// Project says minutes; a directory file may say seconds, which is how tests use tiny limits).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct DesktopPolicy {
@@ -17,10 +20,12 @@ pub struct DesktopPolicy {
     pub clipboard_in: bool,
     /// Largest paste, in bytes.
     pub paste_max_bytes: u32,
-    /// Minutes without input before the session is closed.
-    pub idle_timeout_minutes: u32,
-    /// Longest session, in minutes.
-    pub max_session_minutes: u32,
+    /// Seconds without input before the session is closed.
+    pub idle_timeout_seconds: u32,
+    /// Longest session, in seconds.
+    pub max_session_seconds: u32,
+    /// What a second connect to a workspace with a live session does.
+    pub second_connect: SecondConnect,
     /// A second factor (`amr`) is required.
     pub require_mfa: bool,
     /// A project admin may open a member's desktop (support); off by default.
@@ -32,8 +37,9 @@ impl Default for DesktopPolicy {
         Self {
             clipboard_in: false,
             paste_max_bytes: 64 * 1024,
-            idle_timeout_minutes: 30,
-            max_session_minutes: 8 * 60,
+            idle_timeout_seconds: 30 * 60,
+            max_session_seconds: 8 * 60 * 60,
+            second_connect: SecondConnect::Takeover,
             require_mfa: true,
             admin_support: false,
         }
@@ -315,7 +321,7 @@ impl Directory for FileDirectory {
     }
 }
 
-pub use kube_directory::KubeDirectory;
+pub use kube_directory::{KubeDirectory, VNC_PASSWD_FILE_KEY, VNC_PASSWORD_KEY, policy_of, vnc_secret_name};
 
 mod kube_directory {
     //! Access facts from the cluster: the Project (members, approval, desktop policy), the
@@ -331,9 +337,29 @@ mod kube_directory {
 
     use super::{DesktopPolicy, ProjectAccess, Refusal, WorkspaceAccess};
 
-    /// The VNC Secret of a workspace.
+    /// The VNC Secret of a workspace (the operator renders it, see
+    /// `operator/src/controllers/workspace/build.rs`).
     pub fn vnc_secret_name(workspace: &str) -> String {
         format!("ws-{workspace}-vnc")
+    }
+    /// Key of the VNC password (for the gateway) in that Secret.
+    pub const VNC_PASSWORD_KEY: &str = "password";
+    /// Key of TigerVNC's obfuscated password file in that Secret (for the desktop).
+    pub const VNC_PASSWD_FILE_KEY: &str = "passwd";
+
+    /// The gateway's policy from a Project's `spec.desktop` and the site's settings: paste
+    /// size from the site; the session length is the shorter of the project's and the site's;
+    /// admin support only where both allow it.
+    pub fn policy_of(p: &noexit_crds::project::DesktopPolicy, site: &DesktopPolicy) -> DesktopPolicy {
+        DesktopPolicy {
+            clipboard_in: p.clipboard_in,
+            paste_max_bytes: site.paste_max_bytes,
+            idle_timeout_seconds: p.idle_timeout_minutes.saturating_mul(60),
+            max_session_seconds: p.max_session_minutes.saturating_mul(60).min(site.max_session_seconds),
+            second_connect: p.second_connect,
+            require_mfa: p.require_mfa,
+            admin_support: p.admin_support && site.admin_support,
+        }
     }
 
     #[derive(Clone)]
@@ -370,12 +396,7 @@ mod kube_directory {
                 approved: ready,
                 // An unreadable date counts as expired (fail closed).
                 expires: Some(expires.unwrap_or(chrono::DateTime::UNIX_EPOCH)),
-                desktop: DesktopPolicy {
-                    clipboard_in: p.spec.desktop.clipboard_in,
-                    idle_timeout_minutes: p.spec.desktop.idle_timeout_minutes,
-                    require_mfa: p.spec.desktop.require_mfa,
-                    ..self.defaults.clone()
-                },
+                desktop: policy_of(&p.spec.desktop, &self.defaults),
             }
         }
 
@@ -386,7 +407,7 @@ mod kube_directory {
             let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
             let password = match secrets.get_opt(&vnc_secret_name(&name)).await {
                 Ok(Some(s)) => {
-                    s.data.and_then(|d| d.get("password").map(|b| String::from_utf8_lossy(&b.0).into_owned()))
+                    s.data.and_then(|d| d.get(VNC_PASSWORD_KEY).map(|b| String::from_utf8_lossy(&b.0).into_owned()))
                 }
                 _ => None,
             };

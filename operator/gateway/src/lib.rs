@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-pub use state::{Gateway, SecondConnect};
+pub use directory::SecondConnect;
+pub use state::Gateway;
 
 /// Arguments of `noexit-operator gateway`.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,6 +41,10 @@ pub struct Args {
     pub tls_cert: PathBuf,
     #[arg(long, env = "NOEXIT_GATEWAY_TLS_KEY", default_value = "/etc/noexit/gateway/tls.key")]
     pub tls_key: PathBuf,
+    /// Seconds between looks at the certificate files; a changed pair is served to new
+    /// connections without a restart.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub tls_reload_seconds: u64,
     /// The URL people open, without a trailing slash (`https://desktop.example.org`). The OIDC
     /// redirect URI is `<public-url>/callback`; WebSocket `Origin` must equal it.
     #[arg(long, env = "NOEXIT_GATEWAY_PUBLIC_URL")]
@@ -71,19 +76,17 @@ pub struct Args {
     /// Seconds between re-checks of a live session's access (at most 30).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=30))]
     pub recheck_seconds: u64,
-    /// What a second connect to a workspace with a live session does.
-    #[arg(long, value_enum, default_value = "takeover")]
-    pub second_connect: SecondConnect,
     /// Longest sign-in, in minutes (shorter when the ID token expires sooner).
     #[arg(long, default_value_t = 8 * 60)]
     pub max_signin_minutes: u64,
     /// Largest paste into a desktop, in bytes (when the project allows paste at all).
     #[arg(long, default_value_t = 64 * 1024)]
     pub paste_max_bytes: u32,
-    /// Longest desktop session, in minutes.
+    /// Longest desktop session, in minutes, whatever a project allows (`spec.desktop.maxSessionMinutes`).
     #[arg(long, default_value_t = 8 * 60)]
     pub max_session_minutes: u32,
-    /// Let a project admin open members' desktops where the directory allows it (support).
+    /// Let a project admin open members' desktops where the project allows it
+    /// (`spec.desktop.adminSupport`); without this flag no project can.
     #[arg(long)]
     pub admin_support: bool,
     /// The control-plane API (`https://api.example`): turns on the output review pages at
@@ -118,7 +121,7 @@ pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Res
     })?;
     let defaults = directory::DesktopPolicy {
         paste_max_bytes: args.paste_max_bytes,
-        max_session_minutes: args.max_session_minutes,
+        max_session_seconds: args.max_session_minutes.saturating_mul(60),
         admin_support: args.admin_support,
         ..Default::default()
     };
@@ -132,7 +135,6 @@ pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Res
     let config = state::Config {
         public_origin: public.clone(),
         recheck: Duration::from_secs(args.recheck_seconds),
-        second_connect: args.second_connect,
         require_mfa: !args.allow_single_factor,
         max_signin: Duration::from_secs(args.max_signin_minutes * 60),
         novnc_dir: args.novnc_dir.clone(),
@@ -143,8 +145,17 @@ pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Res
             config.novnc_dir.display()
         );
     }
-    let tls = serve::tls_config(&args.tls_cert, &args.tls_key)?;
+    let (tls, cert) = serve::tls_config(&args.tls_cert, &args.tls_key)?;
     let gw = Gateway::new(dir, recorder, oidc, config);
+    let reloads = gw.metrics.tls_reloads.clone();
+    noexit_web::tls::watch(cert, Duration::from_secs(args.tls_reload_seconds), move |outcome| {
+        let outcome = match outcome {
+            Ok(true) => "reloaded",
+            Ok(false) => return,
+            Err(_) => "failed",
+        };
+        reloads.get_or_create(&metrics::OutcomeLabels { outcome }).inc();
+    });
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
@@ -157,28 +168,11 @@ pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Res
         }
     });
     tracing::info!(listen = %args.listen, public = %public, "remote-desktop gateway serving");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    let stop = async {
-        tokio::select! {
-            () = shutdown => {},
-            () = terminate => {},
-        }
-    };
     let mut app = web::router(gw.clone());
     if let Some(review) = review::from_args(&args, gw.clone()).await? {
         app = app.merge(review::router(review));
     }
-    serve::serve_tls(listener, tls, app, stop).await;
+    serve::serve_tls(listener, tls, app, noexit_web::serve::shutdown_signal()).await;
     // Close live sessions so their ends are audited.
     if let Ok(live) = gw.live.lock() {
         for l in live.values() {

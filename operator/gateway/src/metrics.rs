@@ -12,6 +12,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `reloaded` or `failed`.
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     /// Messages (or encodings) removed by the RFB filter, by reason.
@@ -27,6 +33,8 @@ pub struct Metrics {
     pub sessions_active: Gauge,
     pub bytes_to_browser: Counter,
     pub bytes_to_desktop: Counter,
+    /// Server certificate reloads after its files changed, by outcome.
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -41,6 +49,7 @@ impl Default for Metrics {
             sessions_active: Gauge::default(),
             bytes_to_browser: Counter::default(),
             bytes_to_desktop: Counter::default(),
+            tls_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register("rfb_drops", "Messages or encodings the RFB filter removed, by reason", m.drops.clone());
@@ -51,6 +60,7 @@ impl Default for Metrics {
         registry.register("sessions_active", "Desktop sessions open now", m.sessions_active.clone());
         registry.register("bytes_to_browser", "Bytes sent to browsers after filtering", m.bytes_to_browser.clone());
         registry.register("bytes_to_desktop", "Bytes sent to desktops after filtering", m.bytes_to_desktop.clone());
+        registry.register("tls_reloads", "Server certificate reloads after its files changed", m.tls_reloads.clone());
         Metrics { registry, ..m }
     }
 }

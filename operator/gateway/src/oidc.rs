@@ -13,24 +13,16 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use rand::RngCore;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-const ALLOWED: [Algorithm; 7] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-];
+use noexit_web::oidc::ALLOWED_ALGORITHMS as ALLOWED;
 
-/// `amr` values that count as a second factor (the API's list).
-pub const MFA_METHODS: [&str; 3] = ["mfa", "otp", "hwk"];
+/// `amr` values that count as a second factor (shared with the API).
+pub use noexit_web::oidc::MFA_METHODS;
 
 const MIN_REFRESH: Duration = Duration::from_secs(10);
 
@@ -94,7 +86,7 @@ impl std::fmt::Debug for Bearer {
 
 impl SignedIn {
     pub fn has_mfa(&self) -> bool {
-        self.amr.iter().any(|m| MFA_METHODS.contains(&m.as_str()))
+        noexit_web::oidc::has_mfa(&self.amr)
     }
 }
 

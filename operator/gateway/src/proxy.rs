@@ -268,8 +268,8 @@ async fn relay(
     let mut sbuf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut audited: HashSet<DropReason> = HashSet::new();
-    let idle = Duration::from_secs(u64::from(grant.policy.idle_timeout_minutes.max(1)) * 60);
-    let end_by = Instant::now() + Duration::from_secs(u64::from(grant.policy.max_session_minutes.max(1)) * 60);
+    let idle = Duration::from_secs(u64::from(grant.policy.idle_timeout_seconds.max(1)));
+    let end_by = Instant::now() + Duration::from_secs(u64::from(grant.policy.max_session_seconds.max(1)));
     let mut last_input = Instant::now();
     let mut recheck = tokio::time::interval(gw.config.recheck);
     recheck.tick().await;

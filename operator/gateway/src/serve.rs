@@ -1,5 +1,5 @@
-//! The HTTPS accept loop (rustls; HTTP/1.1 with upgrades for the WebSocket) and the plain
-//! metrics listener.
+//! The HTTPS accept loop (rustls; HTTP/1.1 with upgrades for the WebSocket). The certificate
+//! follows its files (`noexit-web`).
 
 use std::future::Future;
 use std::path::Path;
@@ -17,46 +17,13 @@ use crate::web::Peer;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{0}")]
-    Tls(String),
-}
+pub use noexit_web::tls::{ReloadingCert, TlsError};
 
-/// A rustls server config from PEM files.
-pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, ServeError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|source| ServeError::Read { path: p.display().to_string(), source });
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| ServeError::Tls(format!("{}: no private key", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(conn) => return conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+/// The gateway's server TLS: the certificate in `cert`/`key`, served by a resolver that
+/// [`noexit_web::tls::watch`] keeps current when the files change.
+pub fn tls_config(cert: &Path, key: &Path) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCert>), TlsError> {
+    let reloading = Arc::new(ReloadingCert::load(cert, key)?);
+    Ok((noexit_web::tls::server_config(reloading.clone())?, reloading))
 }
 
 /// Serve `router` over TLS on `listener` until `shutdown` resolves.
@@ -70,7 +37,7 @@ pub async fn serve_tls(
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
-            accepted = accept(&listener) => accepted,
+            accepted = noexit_web::serve::accept(&listener) => accepted,
             () = &mut shutdown => return,
         };
         let _ = tcp.set_nodelay(true);

@@ -20,22 +20,12 @@ use crate::rfb::DropReason;
 /// How many ended sessions the session list keeps in memory.
 const HISTORY: usize = 500;
 
-/// What a second connect to a workspace with a live session does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SecondConnect {
-    /// The new connection takes over; the old one is closed.
-    Takeover,
-    /// The new connection is refused while the old one lives.
-    Refuse,
-}
-
 #[derive(Clone, Debug)]
 pub struct Config {
     /// `https://gateway.example` — WebSocket `Origin` must equal it.
     pub public_origin: String,
     /// How often a live session's access is checked again (at most 30 s).
     pub recheck: Duration,
-    pub second_connect: SecondConnect,
     /// Refuse sign-ins without a second factor.
     pub require_mfa: bool,
     /// Longest sign-in session, whatever the ID token says.

@@ -18,10 +18,11 @@ use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::directory;
+use crate::directory::SecondConnect;
 use crate::oidc::random_token;
 use crate::proxy::{self, Session};
 use crate::record::GatewayEvent;
-use crate::state::{Gateway, Live, SecondConnect, SessionInfo, SignIn};
+use crate::state::{Gateway, Live, SessionInfo, SignIn};
 
 /// The session cookie. `__Host-` binds it to this origin: Secure, Path=/, no Domain.
 pub const SESSION_COOKIE: &str = "__Host-noexit-gateway";
@@ -342,8 +343,9 @@ async fn connect(
             return refusal(status, e.code(), &e.to_string());
         }
     };
-    // One live session per workspace: refused here, or taken over when the new one starts.
-    let busy = gw.config.second_connect == SecondConnect::Refuse
+    // One live session per workspace (spec.desktop.secondConnect): refused here, or taken over
+    // when the new one starts.
+    let busy = grant.policy.second_connect == SecondConnect::Refuse
         && gw.live.lock().map(|l| l.contains_key(&proxy::live_key(&grant))).unwrap_or(true);
     if busy {
         let msg = format!("workspace {project}/{workspace} already has a live desktop session");
@@ -363,12 +365,32 @@ async fn serve_session(
 ) {
     let id = uuid::Uuid::new_v4();
     let (cancel_tx, cancel) = tokio::sync::watch::channel(None);
-    if let Ok(mut live) = gw.live.lock() {
-        let old = live.insert(proxy::live_key(&grant), Live { id, user: user.clone(), cancel: cancel_tx });
-        if let Some(old) = old {
-            let _ = old.cancel.send(Some("taken over by a newer connection".into()));
+    // Checked again here, under the lock: two connects may both have passed the check before
+    // the upgrade.
+    let claimed = gw.live.lock().map_err(|_| ()).and_then(|mut live| {
+        let key = proxy::live_key(&grant);
+        if grant.policy.second_connect == SecondConnect::Refuse && live.contains_key(&key) {
+            return Err(());
         }
-    }
+        let old = live.insert(key, Live { id, user: user.clone(), cancel: cancel_tx });
+        Ok(old.map(|old| {
+            let _ = old.cancel.send(Some(format!("taken over by a newer connection (session {id})")));
+            old.id
+        }))
+    });
+    let took_over = match claimed {
+        Ok(old) => old,
+        Err(()) => {
+            let msg = format!("workspace {}/{} already has a live desktop session", grant.project, grant.workspace);
+            gw.refuse(&format!("user:{user}"), "gateway.connect", &object, "sessionActive", &msg, &source).await;
+            let mut socket = socket;
+            let mut reason = msg;
+            reason.truncate(120);
+            let close = axum::extract::ws::CloseFrame { code: 4009, reason: reason.into() };
+            let _ = socket.send(axum::extract::ws::Message::Close(Some(close))).await;
+            return;
+        }
+    };
     let session = Session { id, user: user.clone(), has_mfa, source: source.clone(), grant: grant.clone(), cancel };
     let actor = format!("user:{user}");
     let ws_id = noexit_crds::agent::WorkspaceIdentity { project: grant.project.clone(), name: grant.workspace.clone() };
@@ -390,7 +412,9 @@ async fn serve_session(
         object: object.clone(),
         refused: None,
         source: Some(source.clone()),
-        detail: serde_json::json!({"session": id, "asAdmin": grant.as_admin, "pasteIn": grant.policy.clipboard_in}),
+        detail: serde_json::json!({
+            "session": id, "asAdmin": grant.as_admin, "pasteIn": grant.policy.clipboard_in, "tookOver": took_over,
+        }),
     })
     .await;
     let from = source.clone();

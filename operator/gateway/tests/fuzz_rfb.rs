@@ -18,44 +18,13 @@ fn iterations() -> usize {
     std::env::var("NOEXIT_FUZZ_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000)
 }
 
-/// Feed `input` in random chunks; returns forwarded bytes, drops and the error if any.
+/// Feed `input` in chunks of a random size (the harness checks progress and bounds).
 fn drive(
     rng: &mut StdRng,
-    mut step: impl FnMut(&[u8]) -> Result<Step, RfbError>,
+    step: impl FnMut(&[u8]) -> Result<Step, RfbError>,
     input: &[u8],
 ) -> (Vec<u8>, Vec<DropReason>, Option<RfbError>) {
-    let (mut buf, mut out, mut drops, mut fed) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
-    // Every step consumes bytes or asks for more; bound the loop to catch a stuck filter.
-    for _ in 0..(input.len() * 4 + 100) {
-        match step(&buf) {
-            Err(e) => return (out, drops, Some(e)),
-            Ok(Step::Need(n)) => {
-                assert!(n > buf.len(), "Need({n}) with {} buffered", buf.len());
-                if fed == input.len() {
-                    return (out, drops, None);
-                }
-                let next = (fed + rng.gen_range(1..=64)).min(input.len());
-                buf.extend_from_slice(&input[fed..next]);
-                fed = next;
-            }
-            Ok(Step::Forward { len, .. }) => {
-                assert!(len > 0 && len <= buf.len(), "Forward({len}) of {}", buf.len());
-                out.extend(buf.drain(..len));
-            }
-            Ok(Step::Drop { len, reason }) => {
-                assert!(len > 0 && len <= buf.len(), "Drop({len}) of {}", buf.len());
-                buf.drain(..len);
-                drops.push(reason);
-            }
-            Ok(Step::Replace { consumed, with, .. }) => {
-                assert!(consumed > 0 && consumed <= buf.len());
-                buf.drain(..consumed);
-                out.extend(with);
-                drops.push(DropReason::EncodingStripped);
-            }
-        }
-    }
-    panic!("filter made no progress on {input:?}");
+    noexit_gateway::rfb::harness::drive(step, input, rng.gen_range(1..=64))
 }
 
 fn rect(x: u16, y: u16, w: u16, h: u16, enc: i32) -> Vec<u8> {
@@ -203,4 +172,46 @@ fn client_filter_never_panics_and_follows_the_paste_policy() {
         assert!(drops2.is_empty(), "filtered output still had {drops2:?}");
         assert_eq!(out2, out);
     }
+}
+
+/// The cargo-fuzz target's seed corpus (and anything the fuzzer found and was added there),
+/// replayed through the very checks the target runs, every chunk size, on every CI run.
+#[test]
+fn the_cargo_fuzz_corpus_passes_the_fuzz_targets_checks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/rfb_filters");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        for chunk in [0u8, 1, 6, 63] {
+            let mut input = data.clone();
+            if input.len() > 1 {
+                input[1] = chunk;
+            }
+            let run = std::panic::catch_unwind(|| noexit_gateway::rfb::harness::exercise(&input));
+            assert!(run.is_ok(), "{} (chunk byte {chunk}) breaks a filter property", path.display());
+        }
+        seeds += 1;
+    }
+    assert!(seeds >= 20, "only {seeds} seeds in {}", dir.display());
+}
+
+/// The target's checks can fail: the clipboard that a filter forwarding everything lets
+/// through is what a fresh filter (the second pass) drops.
+#[test]
+fn the_fuzz_targets_checks_catch_a_forwarded_clipboard() {
+    use noexit_gateway::rfb::harness::drive;
+    let mut cut = vec![3, 0, 0, 0];
+    cut.extend((MARKER.len() as u32).to_be_bytes());
+    cut.extend(MARKER);
+    let forward_all =
+        |b: &[u8]| Ok(if b.is_empty() { Step::Need(1) } else { Step::Forward { len: b.len(), input: false } });
+    let (leaked, _, _) = drive(forward_all, &cut, 4);
+    assert!(contains(&leaked, MARKER));
+    let mut second = ServerFilter::new(W, H);
+    let (_, drops, err) = drive(|b| second.step(b), &leaked, 7);
+    assert!(err.is_none() && !drops.is_empty() && drops.iter().all(|d| *d == DropReason::ServerCutText), "{drops:?}");
+    let mut f = ServerFilter::new(W, H);
+    let (out, drops, err) = drive(|b| f.step(b), &cut, 4);
+    assert!(err.is_none() && out.is_empty() && drops.iter().all(|d| *d == DropReason::ServerCutText), "{drops:?}");
 }

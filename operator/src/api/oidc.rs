@@ -25,20 +25,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::error::ApiError;
 
-const ALLOWED: [Algorithm; 7] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-];
+use noexit_web::oidc::ALLOWED_ALGORITHMS as ALLOWED;
 
 /// Seconds of clock difference tolerated for `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
@@ -49,8 +41,8 @@ const MAX_KID: usize = 256;
 /// Largest discovery document or JWKS read.
 const MAX_DOCUMENT: usize = 1 << 20;
 
-/// `amr` values that count as a second factor.
-pub const MFA_METHODS: [&str; 3] = ["mfa", "otp", "hwk"];
+/// `amr` values that count as a second factor (shared with the gateway).
+pub use noexit_web::oidc::MFA_METHODS;
 
 #[derive(Clone, Debug)]
 pub struct OidcConfig {
@@ -135,7 +127,7 @@ pub struct Identity {
 
 impl Identity {
     pub fn has_mfa(&self) -> bool {
-        self.amr.iter().any(|m| MFA_METHODS.contains(&m.as_str()))
+        noexit_web::oidc::has_mfa(&self.amr)
     }
 }
 

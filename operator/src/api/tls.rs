@@ -1,55 +1,16 @@
 //! TLS for the API: the server certificate (reloaded when its files change, so rotation needs
-//! no restart), client-certificate verification against the operator's CA (expired or foreign
-//! certificates fail the handshake), and rustls client configs for callers (CLI, OIDC, tests).
+//! no restart: [`ReloadingCert`], from `noexit-web`, tested there), client-certificate
+//! verification against the operator's CA (expired or foreign certificates fail the
+//! handshake), and rustls client configs for callers (CLI, OIDC, tests).
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use rustls::RootCertStore;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
+use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{0}: no certificate found")]
-    NoCertificate(String),
-    #[error("{0}: no private key found")]
-    NoKey(String),
-    #[error("{what}: {message}")]
-    Invalid { what: String, message: String },
-}
-
-/// The one crypto provider noexit uses (ring), chosen explicitly so no process-wide default is
-/// needed.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-pub fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Invalid { what: what.into(), message: e.to_string() })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate(what.into()));
-    }
-    Ok(certs)
-}
-
-pub fn parse_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| TlsError::Invalid { what: what.into(), message: e.to_string() })?
-        .ok_or_else(|| TlsError::NoKey(what.into()))
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
-}
+pub use noexit_web::tls::{ReloadingCert, TlsError, parse_certs, parse_key, provider};
 
 pub fn roots(ca_pem: &[u8], what: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
@@ -100,59 +61,6 @@ fn rustls_native_certs_or_empty() -> Vec<CertificateDer<'static>> {
         }
     }
     certs
-}
-
-/// Serves the certificate in `cert_file`/`key_file`, re-reading them when either changes.
-#[derive(Debug)]
-pub struct ReloadingCert {
-    cert_file: PathBuf,
-    key_file: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, Option<SystemTime>)>,
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn load_certified(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
-    let certs = parse_certs(&read(cert_file)?, &cert_file.display().to_string())?;
-    let key = parse_key(&read(key_file)?, &key_file.display().to_string())?;
-    let signing = provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| TlsError::Invalid { what: key_file.display().to_string(), message: e.to_string() })?;
-    Ok(Arc::new(CertifiedKey::new(certs, signing)))
-}
-
-impl ReloadingCert {
-    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
-        let key = load_certified(cert_file, key_file)?;
-        let stamp = newest(cert_file, key_file);
-        Ok(Self { cert_file: cert_file.into(), key_file: key_file.into(), current: RwLock::new((key, stamp)) })
-    }
-
-    /// Re-read the files if they changed since the last load. `Ok(true)` if a new certificate is
-    /// now served; on error the old one stays.
-    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let stamp = newest(&self.cert_file, &self.key_file);
-        let unchanged = self.current.read().map(|c| c.1 == stamp).unwrap_or(false);
-        if unchanged {
-            return Ok(false);
-        }
-        let key = load_certified(&self.cert_file, &self.key_file)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (key, stamp);
-        Ok(true)
-    }
-}
-
-fn newest(a: &Path, b: &Path) -> Option<SystemTime> {
-    modified(a).max(modified(b))
-}
-
-impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|c| c.0.clone())
-    }
 }
 
 /// The server's TLS: the rustls config, and the verifier that judges client certificates.
@@ -245,37 +153,4 @@ pub fn server_config(cert: Arc<ReloadingCert>, client_ca_pem: &[u8]) -> Result<S
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls { config: Arc::new(config), clients })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pki::Ca;
-
-    #[test]
-    fn reloads_when_the_files_change_and_keeps_the_old_cert_on_garbage() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::generate("t").unwrap();
-        let write = |c: &crate::pki::IssuedCert| {
-            std::fs::write(dir.path().join("tls.crt"), &c.cert_pem).unwrap();
-            std::fs::write(dir.path().join("tls.key"), &c.key_pem).unwrap();
-        };
-        let first = ca.issue_server(&["localhost".into()], chrono::Duration::days(1)).unwrap();
-        write(&first);
-        let cert = ReloadingCert::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
-        assert!(!cert.reload_if_changed().unwrap());
-        let second = ca.issue_server(&["localhost".into()], chrono::Duration::days(1)).unwrap();
-        write(&second);
-        // Force a different mtime even on coarse file systems.
-        let later = SystemTime::now() + std::time::Duration::from_secs(5);
-        std::fs::File::options().write(true).open(dir.path().join("tls.crt")).unwrap().set_modified(later).unwrap();
-        assert!(cert.reload_if_changed().unwrap());
-        let served = cert.current.read().unwrap().0.cert[0].clone();
-        assert_eq!(served, parse_certs(second.cert_pem.as_bytes(), "x").unwrap()[0]);
-        std::fs::write(dir.path().join("tls.crt"), "garbage").unwrap();
-        let later = SystemTime::now() + std::time::Duration::from_secs(10);
-        std::fs::File::options().write(true).open(dir.path().join("tls.crt")).unwrap().set_modified(later).unwrap();
-        assert!(cert.reload_if_changed().is_err());
-        assert_eq!(cert.current.read().unwrap().0.cert[0], served);
-    }
 }

@@ -60,6 +60,14 @@ pub struct ServiceEndpoint {
 pub struct PeerSelector {
     pub namespace: String,
     pub pod_labels: BTreeMap<String, String>,
+    /// The ServiceAccount of these pods (the gateway's: each workspace binds it a Role that
+    /// reads that workspace's VNC Secret).
+    #[serde(default = "gateway_service_account")]
+    pub service_account: String,
+}
+
+fn gateway_service_account() -> String {
+    "noexit-gateway".into()
 }
 
 fn component(name: &str) -> BTreeMap<String, String> {
@@ -85,7 +93,11 @@ impl Default for Site {
                 port: 8080,
                 pod_labels: component("mirror"),
             },
-            gateway: PeerSelector { namespace: "noexit-system".into(), pod_labels: component("gateway") },
+            gateway: PeerSelector {
+                namespace: "noexit-system".into(),
+                pod_labels: component("gateway"),
+                service_account: gateway_service_account(),
+            },
             dns: ServiceEndpoint {
                 service: "noexit-dns".into(),
                 address: "10.96.100.53".into(),

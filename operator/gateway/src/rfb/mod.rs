@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod handshake;
+pub mod harness;
 pub mod server;
 
 pub use client::{ClientFilter, PastePolicy};

@@ -74,21 +74,44 @@ struct WriteFile<'a> {
     path: &'a str,
     permissions: &'a str,
     owner: &'a str,
-    content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<&'a str>,
+    content: std::borrow::Cow<'a, str>,
 }
 
+/// Where the guest's desktop reads TigerVNC's password file (as in the pod image).
+pub const VNC_PASSWD_FILE: &str = "/etc/noexit/vnc/passwd";
+
 /// `#cloud-config` user data that writes the agent's config and credentials (root-only) and
-/// starts the agent, which the VM image ships as `noexit-agent.service`.
-pub fn cloud_init(config_yaml: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> String {
-    let file = |path, permissions, content| WriteFile { path, permissions, owner: "root:root", content };
+/// starts the agent, which the VM image ships as `noexit-agent.service`; also TigerVNC's
+/// password file for the desktop (`noexit-desktop.service`, run as the researcher).
+pub fn cloud_init(config_yaml: &str, ca_pem: &str, cert_pem: &str, key_pem: &str, vnc_passwd: &[u8]) -> String {
+    use base64::Engine as _;
+    let text = |path, permissions, content| WriteFile {
+        path,
+        permissions,
+        owner: "root:root",
+        encoding: None,
+        content: std::borrow::Cow::Borrowed(content),
+    };
     let doc = CloudConfig {
         write_files: vec![
-            file("/etc/noexit/agent.yaml", "0600", config_yaml),
-            file(CA_FILE, "0644", ca_pem),
-            file(CERT_FILE, "0644", cert_pem),
-            file(KEY_FILE, "0600", key_pem),
+            text("/etc/noexit/agent.yaml", "0600", config_yaml),
+            text(CA_FILE, "0644", ca_pem),
+            text(CERT_FILE, "0644", cert_pem),
+            text(KEY_FILE, "0600", key_pem),
+            WriteFile {
+                path: VNC_PASSWD_FILE,
+                permissions: "0400",
+                owner: "researcher:researcher",
+                encoding: Some("b64"),
+                content: std::borrow::Cow::Owned(base64::engine::general_purpose::STANDARD.encode(vnc_passwd)),
+            },
         ],
-        runcmd: vec![vec!["systemctl", "enable", "--now", "noexit-agent.service"]],
+        runcmd: vec![
+            vec!["systemctl", "enable", "--now", "noexit-agent.service"],
+            vec!["systemctl", "enable", "--now", "noexit-desktop.service"],
+        ],
     };
     format!("#cloud-config\n{}", serde_yaml::to_string(&doc).unwrap_or_default())
 }

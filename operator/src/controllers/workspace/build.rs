@@ -1,5 +1,5 @@
-//! Children of a Workspace, in apply order: agent Secret, home volume, desktop Service, then the
-//! pod or the virtual machine.
+//! Children of a Workspace, in apply order: agent Secret, VNC Secret and the gateway's right to
+//! read it, home volume, desktop Service, then the pod or the virtual machine.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
     ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -50,6 +51,60 @@ pub fn agent_secret_name(ws: &str) -> String {
 pub fn desktop_service_name(ws: &str) -> String {
     format!("ws-{ws}-desktop")
 }
+/// The workspace's VNC Secret: key `password` for the gateway, key `passwd` (TigerVNC's
+/// obfuscated password file) for the desktop. Names and keys are the gateway's.
+pub use noexit_gateway::directory::{VNC_PASSWD_FILE_KEY, VNC_PASSWORD_KEY, vnc_secret_name};
+/// The Role (and its RoleBinding) that lets the gateway read this one workspace's VNC Secret.
+pub fn gateway_role_name(ws: &str) -> String {
+    format!("ws-{ws}-gateway")
+}
+/// Where the desktop finds TigerVNC's password file (images/r-desktop/start-desktop).
+pub const VNC_DIR: &str = "/etc/noexit/vnc";
+/// TigerVNC reads at most 8 characters of a VNC password.
+pub const VNC_PASSWORD_LEN: usize = 8;
+
+/// The workspace's VNC password. Made once and kept: the reconciler reuses the live Secret's
+/// password ([`VncCredential::reuse_or_new`]), so a reconcile never logs a session out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VncCredential {
+    pub password: String,
+}
+
+impl std::fmt::Debug for VncCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VncCredential(<redacted>)")
+    }
+}
+
+impl VncCredential {
+    /// A new random password: 8 characters from 62 (about 47 bits; TigerVNC's limit).
+    pub fn generate() -> Self {
+        use rand::Rng as _;
+        use rand::distributions::Alphanumeric;
+        let password = rand::rngs::OsRng.sample_iter(&Alphanumeric).take(VNC_PASSWORD_LEN).map(char::from).collect();
+        Self { password }
+    }
+
+    /// The live Secret's password when it holds a usable one (1 to 8 printable ASCII
+    /// characters), else a new one; `true` when new.
+    pub fn reuse_or_new(live: Option<&Secret>) -> (Self, bool) {
+        let usable = live
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(VNC_PASSWORD_KEY))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .filter(|p| (1..=VNC_PASSWORD_LEN).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_graphic()));
+        match usable {
+            Some(password) => (Self { password }, false),
+            None => (Self::generate(), true),
+        }
+    }
+
+    /// TigerVNC's password file for this password.
+    pub fn passwd_file(&self) -> [u8; 8] {
+        noexit_gateway::rfb::handshake::password_file(self.password.as_bytes())
+    }
+}
+
 /// Annotations on the agent Secret that let the reconciler reuse or rotate the certificate.
 pub const SERIAL_ANNOTATION: &str = "noexit.io/cert-serial";
 pub const NOT_AFTER_ANNOTATION: &str = "noexit.io/certificate-not-after";
@@ -71,12 +126,16 @@ pub fn build(
     resolved: &ResolvedWorkspace,
     site: &Site,
     creds: &AgentCredentials,
+    vnc: &VncCredential,
 ) -> Result<Vec<Child>, ConvertError> {
     let name = ws.name_any();
     let ns = ws.namespace().unwrap_or_default();
     let owner = Owner::of(ws, &ws.spec.project);
     let mut out = vec![
-        Child::from_typed(&agent_secret(ws, resolved, site, creds, &owner, &ns))?,
+        Child::from_typed(&agent_secret(ws, resolved, site, creds, vnc, &owner, &ns))?,
+        Child::from_typed(&vnc_secret(&name, vnc, &owner, &ns))?,
+        Child::from_typed(&gateway_role(&name, &owner, &ns))?,
+        Child::from_typed(&gateway_binding(&name, site, &owner, &ns))?,
         Child::from_typed(&home_claim(ws, site, &owner, &ns))?,
         Child::from_typed(&desktop_service(&name, site, &owner, &ns))?,
     ];
@@ -102,6 +161,7 @@ fn agent_secret(
     resolved: &ResolvedWorkspace,
     site: &Site,
     creds: &AgentCredentials,
+    vnc: &VncCredential,
     owner: &Owner,
     ns: &str,
 ) -> Secret {
@@ -113,7 +173,9 @@ fn agent_secret(
         (noexit_crds::agent::CONFIG_KEY.to_owned(), bytes(&config)),
     ]);
     if ws.spec.runtime == Runtime::Vm {
-        let user_data = cloud_init(&config, &creds.ca_pem, &creds.cert_pem, &creds.key_pem);
+        // The guest's desktop reads its VNC password file from cloud-init (KubeVirt mounts
+        // no other Secret into a guest); the guest never sees the plain password.
+        let user_data = cloud_init(&config, &creds.ca_pem, &creds.cert_pem, &creds.key_pem, &vnc.passwd_file());
         data.insert(USERDATA_KEY.to_owned(), bytes(&user_data));
     }
     let mut meta = owner.meta(agent_secret_name(&ws.name_any()), Some(ns), "agent");
@@ -127,6 +189,52 @@ fn agent_secret(
         data: Some(data),
         immutable: Some(false),
         ..Secret::default()
+    }
+}
+
+/// The VNC Secret: the gateway reads `password`, the desktop mounts `passwd`.
+fn vnc_secret(name: &str, vnc: &VncCredential, owner: &Owner, ns: &str) -> Secret {
+    Secret {
+        metadata: owner.meta(vnc_secret_name(name), Some(ns), "desktop"),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (VNC_PASSWORD_KEY.to_owned(), bytes(&vnc.password)),
+            (VNC_PASSWD_FILE_KEY.to_owned(), ByteString(vnc.passwd_file().to_vec())),
+        ])),
+        immutable: Some(false),
+        ..Secret::default()
+    }
+}
+
+/// The gateway may `get` this workspace's VNC Secret, by name, and nothing else here: no list,
+/// no other Secret (the agent's key lives next to it).
+fn gateway_role(name: &str, owner: &Owner, ns: &str) -> Role {
+    Role {
+        metadata: owner.meta(gateway_role_name(name), Some(ns), "desktop"),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".into()]),
+            resource_names: Some(vec![vnc_secret_name(name)]),
+            verbs: vec!["get".into()],
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+fn gateway_binding(name: &str, site: &Site, owner: &Owner, ns: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: owner.meta(gateway_role_name(name), Some(ns), "desktop"),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: gateway_role_name(name),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: site.gateway.service_account.clone(),
+            namespace: Some(site.gateway.namespace.clone()),
+            ..Subject::default()
+        }]),
     }
 }
 
@@ -236,12 +344,25 @@ fn pod(ws: &Workspace, resolved: &ResolvedWorkspace, site: &Site, owner: &Owner,
         mount("home", "/home/researcher", false),
         mount("outbox", "/outbox", false),
         mount("inbox", "/inbox", true),
+        mount("vnc", VNC_DIR, true),
     ];
     let mut volumes = vec![
         claim_volume("home", &home_claim_name(&name), false),
         empty_dir("outbox", "10Gi"),
         empty_dir("inbox", "1Gi"),
         empty_dir("agent-state", "1Gi"),
+        // TigerVNC's password file alone (not the plain password); group-readable through
+        // fsGroup, for the workspace user who runs the desktop.
+        Volume {
+            name: "vnc".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(vnc_secret_name(&name)),
+                default_mode: Some(0o440),
+                items: Some(vec![KeyToPath { key: VNC_PASSWD_FILE_KEY.into(), path: "passwd".into(), mode: None }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
         Volume {
             name: "agent-config".into(),
             secret: Some(SecretVolumeSource {
@@ -404,13 +525,17 @@ mod tests {
         }
     }
 
+    pub(crate) fn vnc() -> VncCredential {
+        VncCredential { password: "pw123456".into() }
+    }
+
     fn now() -> chrono::DateTime<chrono::Utc> {
         "2026-11-22T10:00:00Z".parse().expect("time")
     }
 
     fn build_for(ws: &Workspace) -> Vec<Child> {
         let r = validate(ws, Some(&testdata::project()), &testdata::datasets(), &Default::default(), now());
-        build(ws, &r, &Site::default(), &creds()).expect("build")
+        build(ws, &r, &Site::default(), &creds(), &vnc()).expect("build")
     }
 
     fn find<'a>(kids: &'a [Child], kind: &str) -> Option<&'a Child> {
@@ -464,6 +589,9 @@ mod tests {
             kinds,
             [
                 "Secret noexit-ward-7/ws-alice-r-agent",
+                "Secret noexit-ward-7/ws-alice-r-vnc",
+                "Role noexit-ward-7/ws-alice-r-gateway",
+                "RoleBinding noexit-ward-7/ws-alice-r-gateway",
                 "PersistentVolumeClaim noexit-ward-7/ws-alice-r-home",
                 "Service noexit-ward-7/ws-alice-r-desktop"
             ]
@@ -496,6 +624,85 @@ mod tests {
         let secret = find(&kids, "Secret").expect("secret");
         let data = secret.object.data["data"].as_object().expect("data");
         assert!(data.contains_key(USERDATA_KEY));
+    }
+
+    fn secret_named(kids: &[Child], name: &str) -> Secret {
+        let child = kids.iter().find(|c| c.describe().ends_with(&format!("/{name}"))).expect(name);
+        serde_json::from_value(serde_json::to_value(&child.object).expect("json")).expect("secret")
+    }
+
+    #[test]
+    fn the_vnc_secret_holds_the_password_for_the_gateway_and_the_file_for_the_desktop() {
+        let kids = build_for(&testdata::workspaces()[0]);
+        let data = secret_named(&kids, "ws-alice-r-vnc").data.expect("data");
+        assert_eq!(data[VNC_PASSWORD_KEY].0, b"pw123456");
+        assert_eq!(data[VNC_PASSWD_FILE_KEY].0, noexit_gateway::rfb::handshake::password_file(b"pw123456"));
+        // The pod mounts the password file only, read-only, where start-desktop looks.
+        let pod = &find(&kids, "Pod").expect("pod").object.data["spec"];
+        let vol = pod["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == "vnc").expect("vnc");
+        assert_eq!(vol["secret"]["secretName"], "ws-alice-r-vnc");
+        assert_eq!(vol["secret"]["items"], json!([{"key": "passwd", "path": "passwd"}]));
+        let mounts = pod["containers"][0]["volumeMounts"].as_array().expect("mounts");
+        let m = mounts.iter().find(|m| m["name"] == "vnc").expect("vnc mount");
+        assert_eq!((m["mountPath"].as_str(), m["readOnly"].as_bool()), (Some(VNC_DIR), Some(true)));
+        // The agent sidecar does not get it.
+        assert!(pod["containers"][1]["volumeMounts"].as_array().expect("mounts").iter().all(|m| m["name"] != "vnc"));
+    }
+
+    #[test]
+    fn a_vm_guest_gets_the_vnc_password_file_through_cloud_init() {
+        let kids = build_for(&testdata::workspaces()[1]);
+        let data = secret_named(&kids, "ws-alice-vm-agent").data.expect("data");
+        let user_data = String::from_utf8(data[USERDATA_KEY].0.clone()).expect("utf8");
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(user_data.trim_start_matches("#cloud-config\n")).expect("yaml");
+        let files = doc["write_files"].as_sequence().expect("files");
+        let f = files.iter().find(|f| f["path"] == "/etc/noexit/vnc/passwd").expect("passwd file");
+        assert_eq!(f["encoding"], "b64");
+        assert_eq!(f["permissions"], "0400");
+        use base64::Engine as _;
+        let content =
+            base64::engine::general_purpose::STANDARD.decode(f["content"].as_str().expect("content")).expect("b64");
+        assert_eq!(content, noexit_gateway::rfb::handshake::password_file(b"pw123456"));
+        assert!(!user_data.contains("pw123456"), "the plain password stays out of the guest");
+        assert!(secret_named(&kids, "ws-alice-vm-vnc").data.is_some());
+    }
+
+    #[test]
+    fn the_gateway_may_get_this_workspaces_vnc_secret_by_name_only() {
+        let kids = build_for(&testdata::workspaces()[0]);
+        let role = kids.iter().find(|c| c.kind() == "Role").expect("role");
+        assert_eq!(
+            role.object.data["rules"],
+            json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["ws-alice-r-vnc"], "verbs": ["get"]}])
+        );
+        let binding = kids.iter().find(|c| c.kind() == "RoleBinding").expect("binding");
+        let site = Site::default();
+        assert_eq!(binding.object.data["roleRef"]["name"], "ws-alice-r-gateway");
+        assert_eq!(
+            binding.object.data["subjects"],
+            json!([{"kind": "ServiceAccount", "name": site.gateway.service_account, "namespace": site.gateway.namespace}])
+        );
+    }
+
+    #[test]
+    fn the_vnc_password_is_kept_when_usable_and_made_when_not() {
+        let secret = |pw: &[u8]| Secret {
+            data: Some(BTreeMap::from([(VNC_PASSWORD_KEY.to_owned(), ByteString(pw.to_vec()))])),
+            ..Secret::default()
+        };
+        assert_eq!(
+            VncCredential::reuse_or_new(Some(&secret(b"Ab3dEf9h"))),
+            (VncCredential { password: "Ab3dEf9h".into() }, false)
+        );
+        for bad in [&b""[..], b"toolong-123", b"sp ace", b"\xff\xfe"] {
+            let (made, new) = VncCredential::reuse_or_new(Some(&secret(bad)));
+            assert!(new && made.password.len() == VNC_PASSWORD_LEN, "{bad:?}");
+        }
+        let (a, new) = VncCredential::reuse_or_new(None);
+        assert!(new && a.password.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, VncCredential::generate(), "random");
+        assert_eq!(format!("{a:?}"), "VncCredential(<redacted>)");
     }
 
     #[test]

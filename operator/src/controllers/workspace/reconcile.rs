@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -13,7 +14,9 @@ use noexit_crds::agent::WorkspaceIdentity;
 use noexit_crds::common::condition;
 use noexit_crds::{Dataset, Project, Workspace};
 
-use super::build::{SERIAL_ANNOTATION, agent_secret_name, should_run, virtual_machine_resource};
+use super::build::{
+    SERIAL_ANNOTATION, VncCredential, agent_secret_name, should_run, virtual_machine_resource, vnc_secret_name,
+};
 use super::{status, validate};
 use crate::controllers::apply::{Scope, apply_all, prune};
 use crate::controllers::children::Owner;
@@ -47,6 +50,8 @@ pub fn error_policy(guard: Arc<DeserializeGuard<Workspace>>, error: &Error, ctx:
 pub fn scopes(namespace: &str) -> Vec<Scope> {
     vec![
         Scope::of::<Secret>(Some(namespace)),
+        Scope::of::<Role>(Some(namespace)),
+        Scope::of::<RoleBinding>(Some(namespace)),
         Scope::of::<PersistentVolumeClaim>(Some(namespace)),
         Scope::of::<Service>(Some(namespace)),
         Scope::of::<Pod>(Some(namespace)),
@@ -99,7 +104,15 @@ async fn apply(ws: &Workspace, api: &Api<Workspace>, ctx: &Context) -> Result<Ou
     let validity = chrono::Duration::days(ctx.site.agent_cert_days.into());
     let (creds, issued) = ca::credentials(&authority, live_secret.as_ref(), &id, validity, now)?;
 
-    let children = workspace::build(ws, &resolved, &ctx.site, &creds)?;
+    // The VNC password is made once and kept (a new one would cut the live desktop session).
+    let vnc_name = vnc_secret_name(&name);
+    let live_vnc = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&vnc_name)
+        .await
+        .map_err(|e| Error::kube("read", format!("Secret {ns}/{vnc_name}"), e))?;
+    let (vnc, vnc_new) = VncCredential::reuse_or_new(live_vnc.as_ref());
+
+    let children = workspace::build(ws, &resolved, &ctx.site, &creds, &vnc)?;
     let mut applied = apply_all(&ctx.client, &children).await?;
     let owner = Owner::of(ws, &ws.spec.project);
     applied.pruned = prune(&ctx.client, &owner.selector(), &scopes(&ns), &children).await?;
@@ -108,6 +121,15 @@ async fn apply(ws: &Workspace, api: &Api<Workspace>, ctx: &Context) -> Result<Ou
     if issued {
         let note = format!("issued agent certificate {} (valid until {})", creds.serial, creds.not_after);
         ctx.event(&regarding, false, "CertificateIssued", note).await;
+    }
+    if vnc_new {
+        ctx.event(
+            &regarding,
+            false,
+            "VncPasswordCreated",
+            format!("made the desktop's VNC password (Secret {vnc_name})"),
+        )
+        .await;
     }
     if !applied.pruned.is_empty() {
         ctx.event(&regarding, false, "Pruned", format!("deleted {}", applied.pruned.join(", "))).await;
