@@ -140,6 +140,7 @@ impl Rig {
                 user: USER.into(),
                 amr: vec!["pwd".into(), "otp".into()],
                 expires: chrono::Utc::now() + chrono::Duration::hours(1),
+                bearer: oidc::Bearer::default(),
             };
             let signin = state::SignIn { who, csrf: "x".into(), ends: chrono::Utc::now() + chrono::Duration::hours(1) };
             gw.signins.lock().unwrap().insert(format!("cookie-{i}"), signin);

@@ -20,7 +20,7 @@ use super::*;
 use crate::directory::FileDirectory;
 use crate::oidc::{Bearer, OidcClient, OidcSettings, SignedIn};
 use crate::record::MemoryRecorder;
-use crate::state::{Config, SecondConnect};
+use crate::state::Config;
 
 const ALICE: &str = "alice@ward7.example";
 const BOB: &str = "bob@ward7.example";
@@ -167,7 +167,6 @@ impl Fixture {
         let config = Config {
             public_origin: ORIGIN.into(),
             recheck: Duration::from_secs(15),
-            second_connect: SecondConnect::Takeover,
             require_mfa: true,
             max_signin: Duration::from_secs(3600),
             novnc_dir: "/usr/share/novnc".into(),
