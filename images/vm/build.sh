@@ -1,40 +1,243 @@
 #!/usr/bin/env bash
-# Builds the VM workspace image: Debian 12 + R + Xfce/TigerVNC + noexit-agent, as a qcow2 disk.
-# Usage: sudo images/vm/build.sh OUT_DIR [AGENT_BINARY]
+# Builds noexit's VM images from Debian packages only (bookworm, by mmdebstrap from the Debian
+# archive; nothing else is downloaded) into a cache directory outside the repository, and prints
+# that directory on stdout (logs go to stderr). A second run with the same inputs reuses it.
+#   images/vm/build.sh tiny       # TEST image: vmlinuz + initrd.img (agent, nft, busybox,
+#                                 # mkfs.ext4, virtio/ext4/iso9660/nftables modules) and a root
+#                                 # shell on ttyS1 when booted with noexit.test=1
+#   images/vm/build.sh workspace  # the workspace disk: workspace.qcow2 (Debian 12, agent, nftables,
+#                                 # R, TigerVNC + Xfce) with vmlinuz + initrd.img beside it
+# Both follow the boot contract in images/README.md (the seed ISO NOEXITSEED, disks by serial).
+# Inputs: AGENT (the noexit-agent binary; default target/debug/noexit-agent of this repository),
+#         NOEXIT_CACHE (default ~/.cache/noexit), NOEXIT_DEBIAN_MIRROR (default
+#         http://deb.debian.org/debian). The cache key hashes this directory's files, the agent
+#         binary and those settings; the archive's contents are not part of it (delete the
+#         directory, or set NOEXIT_VM_REBUILD=1, to pick up Debian updates).
+# Needs: mmdebstrap, kmod (modprobe/depmod), cpio, zstd, binutils (strip); for `workspace` also
+#        root, qemu-utils, e2fsprogs, and the loop-free path below (mkfs.ext4 -d): no mounts.
+#   DIR=$(images/vm/build.sh tiny) && ls "$DIR"   # initrd.img  info.txt  vmlinuz
 set -euo pipefail
-out=${1:?usage: build.sh OUT_DIR [AGENT_BINARY]}
-agent=${2:-target/release/noexit-agent}
 here=$(cd "$(dirname "$0")" && pwd)
-[ "$(id -u)" -eq 0 ] || { echo "build.sh: needs root (debootstrap, mount)" >&2; exit 1; }
-[ -x "$agent" ] || { echo "build.sh: build the agent first: cargo build --release -p noexit-agent" >&2; exit 1; }
-mkdir -p "$out"
-work=$(mktemp -d)
-trap 'umount -R "$work/root" 2>/dev/null || true; rm -rf "$work"' EXIT
+repo=$(cd "$here/../.." && pwd)
+kind=${1:-}
+case $kind in
+tiny | workspace) ;;
+*)
+  echo "usage: images/vm/build.sh tiny|workspace   (prints the output directory)" >&2
+  exit 2
+  ;;
+esac
+agent=${AGENT:-$repo/target/debug/noexit-agent}
+[ -x "$agent" ] || {
+  echo "vm/build: no agent binary at $agent: build it (cargo build -p noexit-agent) or set AGENT" >&2
+  exit 1
+}
+mirror=${NOEXIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+suite=bookworm
+for tool in mmdebstrap modprobe depmod cpio zstd strip; do
+  command -v "$tool" >/dev/null || {
+    echo "vm/build: $tool is not installed (hack/install-deps.sh installs it)" >&2
+    exit 1
+  }
+done
 
-debootstrap --variant=minbase --include=systemd-sysv,linux-image-amd64,grub-pc,cloud-init,nftables,r-base,xfce4,tigervnc-standalone-server,dbus-x11 \
-  bookworm "$work/root" http://deb.debian.org/debian
+# Bump when the steps below change what they produce.
+BUILD_ID=1
+hash=$(
+  {
+    echo "$BUILD_ID $kind $suite $mirror"
+    cd "$here" && find build.sh guest "$kind" -type f | LC_ALL=C sort | xargs sha256sum
+    sha256sum <"$agent"
+  } | sha256sum | cut -c1-16
+)
+cache=${NOEXIT_CACHE:-$HOME/.cache/noexit}/vm
+out=$cache/$kind-$hash
+mkdir -p "$cache"
+# One build per output at a time (parallel tests wait for the first).
+exec 9>"$cache/.$kind-$hash.lock"
+flock 9
+if [ -f "$out/info.txt" ] && [ -z "${NOEXIT_VM_REBUILD:-}" ]; then
+  echo "$out"
+  exit 0
+fi
+start=$SECONDS
+work=$(mktemp -d "$cache/.build-$kind.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+log() { echo "vm/build: $*" >&2; }
 
-install -m 0755 "$agent" "$work/root/usr/local/bin/noexit-agent"
-install -m 0644 "$here/noexit-agent.service" "$work/root/etc/systemd/system/noexit-agent.service"
-install -m 0644 "$here/usb-storage.conf" "$work/root/etc/modprobe.d/noexit-usb-storage.conf"
-install -m 0644 "$here/../r-desktop/Rprofile.site" "$work/root/etc/R/Rprofile.site"
-mkdir -p "$work/root/etc/tigervnc"
-install -m 0644 "$here/../r-desktop/vnc.conf" "$work/root/etc/tigervnc/vncserver-config-mandatory"
-chroot "$work/root" useradd --uid 1000 --create-home --home-dir /home/researcher researcher
-chroot "$work/root" systemctl enable noexit-agent.service
-# No remote shells, no automount of removable media.
-chroot "$work/root" sh -c 'apt-get purge -y openssh-server udisks2 2>/dev/null || true'
+# Guest packages, unpacked (not installed): the files are all the tiny image needs.
+extract() {
+  log "mmdebstrap $suite (extract): $1"
+  mmdebstrap --quiet --variant=extract --include="$1" "$suite" "$work/deb" "$mirror" >&2
+}
 
-img="$out/r-desktop-vm.raw"
-qemu-img create -f raw "$img" 8G
-parted -s "$img" mklabel msdos mkpart primary ext4 1MiB 100% set 1 boot on
-loop=$(losetup --find --show --partscan "$img")
-mkfs.ext4 -q "${loop}p1"
-mkdir -p "$work/mnt" && mount "${loop}p1" "$work/mnt"
-cp -a "$work/root/." "$work/mnt/"
-for fs in dev proc sys; do mount --bind "/$fs" "$work/mnt/$fs"; done
-chroot "$work/mnt" grub-install --target=i386-pc "$loop"
-chroot "$work/mnt" update-grub
-umount -R "$work/mnt"; losetup -d "$loop"
-qemu-img convert -O qcow2 -c "$img" "$out/r-desktop-vm.qcow2" && rm -f "$img"
-echo "built $out/r-desktop-vm.qcow2"
+# The guest's shared libraries a binary of the extracted tree needs, resolved by the guest's own
+# dynamic loader against the guest's libraries (so an agent built against a newer glibc than
+# bookworm's is refused here, not at boot).
+libs_of() {
+  local deb=$work/deb listing
+  listing=$("$deb/lib64/ld-linux-x86-64.so.2" --library-path "$deb/lib/x86_64-linux-gnu:$deb/usr/lib/x86_64-linux-gnu" \
+    --list "$1" 2>&1) || {
+    echo "vm/build: $1 does not load with the guest's ($suite) libraries:" >&2
+    echo "$listing" >&2
+    exit 1
+  }
+  if grep -q "not found" <<<"$listing"; then
+    echo "vm/build: $1 needs libraries $suite does not have:" >&2
+    echo "$listing" >&2
+    exit 1
+  fi
+  awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$listing" | sed "s|^$deb||"
+}
+
+# copy_in SRC DEST: a file into the initramfs tree at DEST (symlinks followed), with its libraries.
+copy_in() {
+  local src=$1 dest=$2 lib
+  mkdir -p "$root$(dirname "$dest")"
+  cp -L "$src" "$root$dest"
+  for lib in $(libs_of "$src"); do
+    [ -e "$root$lib" ] && continue
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$work/deb$lib" "$root$lib"
+  done
+}
+
+# Modules the guest loads at boot, with their dependencies (resolved here, loaded in this order).
+#   virtio (PCI, disks, network, entropy); the seed CD-ROM on SATA, IDE or virtio-scsi;
+#   ext4 (home, datasets), iso9660 (seed, datasets);
+#   nftables as the agent's egress table uses it (agent/src/egress/plan.rs: inet table, ct mark,
+#   limit, log, reject).
+TINY_MODULES=(virtio_pci virtio_blk virtio_net virtio_scsi virtio-rng
+  ahci ata_piix sr_mod
+  crc32c_generic ext4 isofs
+  nf_tables nft_ct nft_limit nft_log nf_log_syslog nft_reject_inet)
+
+build_tiny() {
+  extract linux-image-amd64,busybox-static,nftables,e2fsprogs
+  local deb=$work/deb kver ko
+  kver=$(ls "$deb/lib/modules")
+  root=$work/initramfs
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/local/bin,usr/lib/noexit,etc/noexit,proc,sys,dev,run,tmp,var,root,home,data}
+
+  # busybox: the shell and the small tools (ip, udhcpc, mount, blockdev, insmod, ...)
+  cp "$deb/bin/busybox" "$root/bin/busybox"
+  for applet in $("$root/bin/busybox" --list); do
+    [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+  done
+  # nft (and libnftables), mkfs.ext4 (and mke2fs.conf)
+  copy_in "$deb/usr/sbin/nft" /usr/sbin/nft
+  copy_in "$deb/sbin/mke2fs" /sbin/mke2fs
+  ln -s mke2fs "$root/sbin/mkfs.ext4"
+  cp "$deb/etc/mke2fs.conf" "$root/etc/mke2fs.conf"
+  # the agent, without debug info (a debug build is mostly that), with its libraries
+  strip --strip-debug -o "$work/noexit-agent" "$agent"
+  copy_in "$work/noexit-agent" /usr/local/bin/noexit-agent
+
+  # kernel modules
+  depmod -b "$deb" "$kver"
+  : >"$root/etc/noexit/modules"
+  for m in "${TINY_MODULES[@]}"; do
+    modprobe -d "$deb" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
+  done | awk '!seen[$0]++' | while read -r ko; do
+    ko=${ko#"$deb"}
+    mkdir -p "$root$(dirname "$ko")"
+    cp "$deb$ko" "$root$ko"
+    echo "$ko" >>"$root/etc/noexit/modules"
+  done
+  cp "$deb/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/"
+  depmod -b "$root" "$kver"
+
+  # the boot contract and PID 1
+  install -m 0755 "$here/guest/noexit-boot" "$root/usr/lib/noexit/noexit-boot"
+  install -m 0755 "$here/guest/udhcpc.script" "$root/usr/lib/noexit/udhcpc.script"
+  ln -s ../lib/noexit/noexit-boot "$root/usr/sbin/noexit-boot"
+  install -m 0755 "$here/tiny/init" "$root/init"
+  printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'researcher:x:1000:1000:researcher:/home/researcher:/bin/sh' >"$root/etc/passwd"
+  printf '%s\n' 'root:x:0:' 'researcher:x:1000:' >"$root/etc/group"
+  printf '%s\n' '127.0.0.1 localhost' '::1 localhost' >"$root/etc/hosts"
+  printf '%s\n' 'hosts: files dns' >"$root/etc/nsswitch.conf"
+  printf '%s\n' /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu >"$root/etc/ld.so.conf"
+  ldconfig -r "$root"
+  : >"$root/etc/resolv.conf"
+
+  mkdir -p "$work/out"
+  cp "$deb/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+  (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | zstd -q -10 -T0 >"$work/out/initrd.img"
+  {
+    echo "kind: tiny (TEST image: root shell on ttyS1 with noexit.test=1)"
+    echo "suite: $suite"
+    echo "kernel: $kver"
+    echo "agent: $agent ($(sha256sum <"$agent" | cut -c1-16))"
+    echo "modules: ${TINY_MODULES[*]}"
+    echo "cmdline: console=ttyS0 noexit.test=1"
+  } >"$work/out/info.txt"
+}
+
+build_workspace() {
+  [ "$(id -u)" -eq 0 ] || {
+    echo "vm/build: the workspace image needs root (mmdebstrap installs packages in a chroot)" >&2
+    exit 1
+  }
+  for tool in qemu-img mkfs.ext4 sfdisk; do
+    command -v "$tool" >/dev/null || {
+      echo "vm/build: $tool is not installed (hack/install-deps.sh installs it)" >&2
+      exit 1
+    }
+  done
+  local rootfs=$work/rootfs kver
+  # No openssh, no spice agent, no udisks (automount), no recommends.
+  local pkgs=systemd-sysv,udev,kmod,linux-image-amd64,grub-pc-bin,nftables,busybox,e2fsprogs,util-linux,iproute2
+  pkgs=$pkgs,ca-certificates,r-base-core,tigervnc-standalone-server,tigervnc-tools,xfce4-session,xfwm4,xfce4-panel
+  pkgs=$pkgs,xfdesktop4,xfce4-terminal,thunar,dbus-x11,fonts-dejavu-core,locales
+  log "mmdebstrap $suite (install): $pkgs"
+  mmdebstrap --quiet --variant=apt --include="$pkgs" \
+    --customize-hook="copy-in '$here/guest/noexit-boot' /usr/lib/noexit/" \
+    --customize-hook="copy-in '$here/guest/udhcpc.script' /usr/lib/noexit/" \
+    "$suite" "$rootfs" "$mirror" >&2
+  strip --strip-debug -o "$rootfs/usr/local/bin/noexit-agent" "$agent"
+  chmod 0755 "$rootfs/usr/local/bin/noexit-agent" "$rootfs/usr/lib/noexit/noexit-boot" "$rootfs/usr/lib/noexit/udhcpc.script"
+  install -m 0644 "$here/workspace/noexit-boot.service" "$rootfs/etc/systemd/system/noexit-boot.service"
+  install -m 0644 "$here/workspace/noexit-agent.service" "$rootfs/etc/systemd/system/noexit-agent.service"
+  install -m 0644 "$here/workspace/usb-storage.conf" "$rootfs/etc/modprobe.d/noexit-usb-storage.conf"
+  install -m 0644 "$here/workspace/journald-console.conf" -D "$rootfs/etc/systemd/journald.conf.d/noexit-console.conf"
+  install -m 0644 "$here/../r-desktop/Rprofile.site" "$rootfs/etc/R/Rprofile.site"
+  install -m 0644 "$here/../r-desktop/vnc.conf" -D "$rootfs/etc/tigervnc/vncserver-config-mandatory"
+  chroot "$rootfs" useradd --uid 1000 --user-group --no-create-home --home-dir /home/researcher --shell /bin/bash researcher
+  chroot "$rootfs" systemctl enable noexit-boot.service noexit-agent.service >&2
+  # Nothing listens or configures the network but noexit-boot.
+  chroot "$rootfs" systemctl mask systemd-networkd.service serial-getty@ttyS0.service getty@tty1.service >&2 || true
+  echo noexit-workspace >"$rootfs/etc/hostname"
+  printf '%s\n' '127.0.0.1 localhost noexit-workspace' '::1 localhost' >"$rootfs/etc/hosts"
+  # fstab: the root only; home and datasets are mounted by noexit-boot.
+  echo 'LABEL=noexit-root / ext4 defaults,errors=remount-ro 0 1' >"$rootfs/etc/fstab"
+  kver=$(ls "$rootfs/lib/modules")
+  mkdir -p "$work/out"
+  cp "$rootfs/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+  cp "$rootfs/boot/initrd.img-$kver" "$work/out/initrd.img"
+  rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
+
+  # The disk: one ext4 partition filled from the tree (mkfs.ext4 -d: no loop device, no mount),
+  # booted by the host's direct kernel boot (vmlinuz/initrd.img beside it; root=LABEL=noexit-root).
+  local size_mb part=$work/root.ext4 disk=$work/disk.raw
+  size_mb=$(($(du -sm "$rootfs" | cut -f1) * 13 / 10 + 1024))
+  log "ext4 root file system, $size_mb MiB"
+  mkfs.ext4 -q -L noexit-root -d "$rootfs" "$part" "${size_mb}M"
+  truncate -s $((size_mb + 2))M "$disk"
+  echo 'start=2048, type=83' | sfdisk -q "$disk"
+  dd if="$part" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
+  qemu-img convert -c -O qcow2 "$disk" "$work/out/workspace.qcow2"
+  {
+    echo "kind: workspace"
+    echo "suite: $suite"
+    echo "kernel: $kver"
+    echo "agent: $agent ($(sha256sum <"$agent" | cut -c1-16))"
+    echo "packages: $pkgs"
+    echo "cmdline: console=ttyS0 root=LABEL=noexit-root ro"
+  } >"$work/out/info.txt"
+}
+
+"build_$kind"
+rm -rf "$out"
+mv "$work/out" "$out"
+log "$kind built in $((SECONDS - start)) s: $(du -sh "$out" | cut -f1) in $out"
+echo "$out"

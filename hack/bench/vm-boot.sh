@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Boot time of the tiny VM test image under TCG (no KVM on these machines): from starting
+# qemu-system-x86_64 to the agent's first log line ("agent started") on the console, N boots, with
+# the same seed / blank home disk / read-only dataset disk as operator/tests/vm_image.rs. Prints
+# each boot, the median, the guest's own uptime at that line, and qemu's resident memory.
+#   hack/bench/vm-boot.sh            # 5 boots, -m 256
+#   RUNS=9 MEM=192 hack/bench/vm-boot.sh
+# Needs: qemu-system-x86, xorriso, e2fsprogs (mkfs.ext4), qemu-utils, and what images/vm/build.sh
+# needs; the agent binary (AGENT, default target/debug/noexit-agent).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+runs=${RUNS:-5}
+mem=${MEM:-256}
+machine=${MACHINE:-q35}
+t0=$SECONDS
+img=$("$repo/images/vm/build.sh" tiny)
+echo "image: $img ($(du -sh "$img/vmlinuz" | cut -f1) kernel, $(du -sh "$img/initrd.img" | cut -f1) initramfs; build/lookup $((SECONDS - t0)) s)"
+work=$(mktemp -d)
+qpid=
+trap '[ -n "$qpid" ] && kill "$qpid" 2>/dev/null; rm -rf "$work"' EXIT
+mkdir -p "$work/seed/tls" "$work/ds"
+cat >"$work/seed/agent.yaml" <<'EOF'
+workspace: { project: bench, name: boot }
+controlPlane:
+  url: https://api.noexit:8443
+  caFile: /etc/noexit/tls/ca.crt
+  certFile: /etc/noexit/tls/client.crt
+  keyFile: /etc/noexit/tls/client.key
+egress:
+  resolvers: [10.0.2.3]
+  endpoints: [{ name: controlPlane, address: 10.0.2.2, port: 8443 }]
+  desktopPort: 5901
+mode: vm
+desktop: none
+outbox: /home/researcher/outbox
+EOF
+# A CA and a client certificate the agent accepts (it stops at startup without them).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
+  -keyout "$work/ca.key" -out "$work/seed/tls/ca.crt" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=boot \
+  -addext subjectAltName=URI:noexit://workspace/bench/boot -keyout "$work/seed/tls/client.key" \
+  -out "$work/client.csr" 2>/dev/null
+openssl x509 -req -in "$work/client.csr" -CA "$work/seed/tls/ca.crt" -CAkey "$work/ca.key" -days 2 \
+  -copy_extensions copy -out "$work/seed/tls/client.crt" 2>/dev/null
+printf 'ADDRESS=10.0.2.15/24\nGATEWAY=10.0.2.2\nDNS=10.0.2.3\nHOSTS="10.0.2.2 api.noexit"\n' >"$work/seed/network.env"
+xorriso -as mkisofs -quiet -V NOEXITSEED -J -R -o "$work/seed.iso" "$work/seed" 2>/dev/null
+echo data >"$work/ds/readme.txt"
+mkfs.ext4 -q -d "$work/ds" "$work/ds.img" 16M
+
+times=()
+for i in $(seq 1 "$runs"); do
+  rm -f "$work/home.qcow2" "$work/console.log"
+  qemu-img create -q -f qcow2 "$work/home.qcow2" 1G
+  start=$(date +%s%N)
+  qemu-system-x86_64 -machine "$machine,accel=tcg" -m "$mem" -nodefaults -no-user-config -display none \
+    -kernel "$img/vmlinuz" -initrd "$img/initrd.img" -append "console=ttyS0 quiet" \
+    -serial "file:$work/console.log" \
+    -drive "file=$work/seed.iso,media=cdrom,if=none,id=seed,readonly=on" -device ide-cd,drive=seed \
+    -drive "file=$work/home.qcow2,if=none,id=home,format=qcow2" -device virtio-blk-pci,drive=home,serial=home \
+    -drive "file=$work/ds.img,if=none,id=ds,format=raw,readonly=on" -device virtio-blk-pci,drive=ds,serial=ds-cohort \
+    -nic user,model=virtio-net-pci,restrict=on &
+  qpid=$!
+  line=
+  for _ in $(seq 1 1200); do # 120 s bound
+    line=$(grep -m1 "agent started" "$work/console.log" 2>/dev/null || true)
+    [ -n "$line" ] && break
+    grep -q "exited with status\|FAILED" "$work/console.log" 2>/dev/null && break
+    kill -0 "$qpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  end=$(date +%s%N)
+  [ -n "$line" ] || {
+    echo "boot $i: no 'agent started' line; console:" >&2
+    cat "$work/console.log" >&2
+    exit 1
+  }
+  ms=$(((end - start) / 1000000))
+  rss=$(awk '/VmRSS/ { print int($2 / 1024) }' "/proc/$qpid/status")
+  uptime=$(grep -m1 "starting noexit-agent" "$work/console.log" | sed 's/.*up \([0-9.]*\) s.*/\1/')
+  echo "boot $i: ${ms} ms to 'agent started' (guest uptime at agent start ${uptime} s, qemu RSS ${rss} MiB)"
+  times+=("$ms")
+  kill "$qpid"
+  wait "$qpid" 2>/dev/null || true
+  qpid=
+done
+median=$(printf '%s\n' "${times[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
+echo "median of $runs boots: ${median} ms (TCG, -machine $machine, -m $mem)"
