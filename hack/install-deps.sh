@@ -13,13 +13,19 @@
 #                       the gateway, Xvnc as the desktop, headless Chromium driven by
 #                       playwright-core (npm ci in hack/test-support/browser; no browser download)
 #   websockify          the gateway benchmark's reference proxy
+#   qemu-system-x86, qemu-utils, xorriso, mmdebstrap, kmod, cpio, zstd, binutils, e2fsprogs
+#                       the VM images (images/vm/build.sh: Debian packages by mmdebstrap, modules
+#                       resolved by modprobe/depmod, the initramfs by cpio + zstd, the agent
+#                       stripped) and their boot test (operator/tests/vm_image.rs: QEMU under TCG,
+#                       the seed ISO by xorriso, disks by qemu-img and mkfs.ext4)
 # The control plane itself (etcd, kube-apiserver, ..., kwok, kubectl, helm) is built from Go
 # modules by hack/control-plane/build.sh with the machine's Go (/usr/local/go, >= 1.26).
 # Benchmarks also want nginx and wrk (hack/bench/README.md), and dnsperf for the DNS server;
 # tests do not.
 set -euo pipefail
 packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-certificates openssl
-  bind9-dnsutils dnsmasq-base novnc websockify tigervnc-standalone-server chromium xclip xterm)
+  bind9-dnsutils dnsmasq-base novnc websockify tigervnc-standalone-server chromium xclip xterm
+  qemu-system-x86 qemu-utils xorriso mmdebstrap kmod cpio zstd binutils e2fsprogs)
 # Node.js (with npm) is a toolchain of these machines; Debian's packages only where it is absent
 # (its npm package conflicts with a Node.js that brings its own npm).
 command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)

@@ -6,7 +6,8 @@
 #                                 # mkfs.ext4, virtio/ext4/iso9660/nftables modules) and a root
 #                                 # shell on ttyS1 when booted with noexit.test=1
 #   images/vm/build.sh workspace  # the workspace disk: workspace.qcow2 (Debian 12, agent, nftables,
-#                                 # R, TigerVNC + Xfce) with vmlinuz + initrd.img beside it
+#                                 # R, TigerVNC + Xfce; no SSH, no spice agent, USB storage off)
+#                                 # with vmlinuz + initrd.img beside it for direct kernel boot
 # Both follow the boot contract in images/README.md (the seed ISO NOEXITSEED, disks by serial).
 # Inputs: AGENT (the noexit-agent binary; default target/debug/noexit-agent of this repository),
 #         NOEXIT_CACHE (default ~/.cache/noexit), NOEXIT_DEBIAN_MIRROR (default
@@ -14,7 +15,8 @@
 #         binary and those settings; the archive's contents are not part of it (delete the
 #         directory, or set NOEXIT_VM_REBUILD=1, to pick up Debian updates).
 # Needs: mmdebstrap, kmod (modprobe/depmod), cpio, zstd, binutils (strip); for `workspace` also
-#        root, qemu-utils, e2fsprogs, and the loop-free path below (mkfs.ext4 -d): no mounts.
+#        root (mmdebstrap installs in a chroot), qemu-utils and e2fsprogs; no loop devices, no
+#        mounts (mkfs.ext4 -d fills the file system from the tree).
 #   DIR=$(images/vm/build.sh tiny) && ls "$DIR"   # initrd.img  info.txt  vmlinuz
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -106,11 +108,11 @@ copy_in() {
 #   virtio (PCI, disks, network, entropy); the seed CD-ROM on SATA, IDE or virtio-scsi;
 #   ext4 (home, datasets), iso9660 (seed, datasets);
 #   nftables as the agent's egress table uses it (agent/src/egress/plan.rs: inet table, ct mark,
-#   limit, log, reject).
+#   named counters (objref), limit, log, reject).
 TINY_MODULES=(virtio_pci virtio_blk virtio_net virtio_scsi virtio-rng
   ahci ata_piix sr_mod
   crc32c_generic ext4 isofs
-  nf_tables nft_ct nft_limit nft_log nf_log_syslog nft_reject_inet)
+  nf_tables nft_ct nft_objref nft_limit nft_log nf_log_syslog nft_reject_inet)
 
 build_tiny() {
   extract linux-image-amd64,busybox-static,nftables,e2fsprogs
@@ -146,6 +148,8 @@ build_tiny() {
   done
   cp "$deb/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/"
   depmod -b "$root" "$kver"
+  # The kernel runs /sbin/modprobe to load what a request needs (e.g. an nft expression).
+  ln -s ../bin/busybox "$root/sbin/modprobe"
 
   # the boot contract and PID 1
   install -m 0755 "$here/guest/noexit-boot" "$root/usr/lib/noexit/noexit-boot"
@@ -178,7 +182,7 @@ build_workspace() {
     echo "vm/build: the workspace image needs root (mmdebstrap installs packages in a chroot)" >&2
     exit 1
   }
-  for tool in qemu-img mkfs.ext4 sfdisk; do
+  for tool in qemu-img mkfs.ext4; do
     command -v "$tool" >/dev/null || {
       echo "vm/build: $tool is not installed (hack/install-deps.sh installs it)" >&2
       exit 1
@@ -186,16 +190,15 @@ build_workspace() {
   done
   local rootfs=$work/rootfs kver
   # No openssh, no spice agent, no udisks (automount), no recommends.
-  local pkgs=systemd-sysv,udev,kmod,linux-image-amd64,grub-pc-bin,nftables,busybox,e2fsprogs,util-linux,iproute2
+  local pkgs=systemd-sysv,udev,kmod,linux-image-amd64,initramfs-tools,nftables,udhcpc,e2fsprogs,util-linux,iproute2
   pkgs=$pkgs,ca-certificates,r-base-core,tigervnc-standalone-server,tigervnc-tools,xfce4-session,xfwm4,xfce4-panel
   pkgs=$pkgs,xfdesktop4,xfce4-terminal,thunar,dbus-x11,fonts-dejavu-core,locales
   log "mmdebstrap $suite (install): $pkgs"
-  mmdebstrap --quiet --variant=apt --include="$pkgs" \
-    --customize-hook="copy-in '$here/guest/noexit-boot' /usr/lib/noexit/" \
-    --customize-hook="copy-in '$here/guest/udhcpc.script' /usr/lib/noexit/" \
-    "$suite" "$rootfs" "$mirror" >&2
+  mmdebstrap --quiet --variant=apt --include="$pkgs" "$suite" "$rootfs" "$mirror" >&2
+  install -m 0755 -D "$here/guest/noexit-boot" "$rootfs/usr/lib/noexit/noexit-boot"
+  install -m 0755 -D "$here/guest/udhcpc.script" "$rootfs/usr/lib/noexit/udhcpc.script"
   strip --strip-debug -o "$rootfs/usr/local/bin/noexit-agent" "$agent"
-  chmod 0755 "$rootfs/usr/local/bin/noexit-agent" "$rootfs/usr/lib/noexit/noexit-boot" "$rootfs/usr/lib/noexit/udhcpc.script"
+  chmod 0755 "$rootfs/usr/local/bin/noexit-agent"
   install -m 0644 "$here/workspace/noexit-boot.service" "$rootfs/etc/systemd/system/noexit-boot.service"
   install -m 0644 "$here/workspace/noexit-agent.service" "$rootfs/etc/systemd/system/noexit-agent.service"
   install -m 0644 "$here/workspace/usb-storage.conf" "$rootfs/etc/modprobe.d/noexit-usb-storage.conf"
@@ -216,15 +219,13 @@ build_workspace() {
   cp "$rootfs/boot/initrd.img-$kver" "$work/out/initrd.img"
   rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
 
-  # The disk: one ext4 partition filled from the tree (mkfs.ext4 -d: no loop device, no mount),
-  # booted by the host's direct kernel boot (vmlinuz/initrd.img beside it; root=LABEL=noexit-root).
-  local size_mb part=$work/root.ext4 disk=$work/disk.raw
+  # The disk: one ext4 file system over the whole disk, filled from the tree (mkfs.ext4 -d: no
+  # loop device, no mount, no boot loader), booted by the host's direct kernel boot with
+  # vmlinuz/initrd.img beside it and root=LABEL=noexit-root.
+  local size_mb disk=$work/disk.raw
   size_mb=$(($(du -sm "$rootfs" | cut -f1) * 13 / 10 + 1024))
   log "ext4 root file system, $size_mb MiB"
-  mkfs.ext4 -q -L noexit-root -d "$rootfs" "$part" "${size_mb}M"
-  truncate -s $((size_mb + 2))M "$disk"
-  echo 'start=2048, type=83' | sfdisk -q "$disk"
-  dd if="$part" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
+  mkfs.ext4 -q -L noexit-root -d "$rootfs" "$disk" "${size_mb}M"
   qemu-img convert -c -O qcow2 "$disk" "$work/out/workspace.qcow2"
   {
     echo "kind: workspace"
