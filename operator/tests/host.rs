@@ -9,9 +9,10 @@
 //! Everything this test makes is named with a random per-run tag: projects, libvirt networks
 //! and domains, bridges, nft tables, the "outside" network namespace. It removes all of it.
 
-use std::io::{Read, Write};
+mod support;
+
+use std::io::Read;
 use std::net::Ipv4Addr;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -60,12 +61,14 @@ fn pid_alive(pidfile: &str) -> bool {
 }
 
 /// libvirtd and virtlogd, started if not running (their pidfiles say); never stopped here.
+/// libvirtd is started with /dev/kvm hidden (a private mount namespace): on hosts where KVM
+/// hangs, its QEMU capability probe (`accel=kvm:tcg`) would hang every call; the test runs TCG.
 fn daemons() {
     if !pid_alive("/run/virtlogd.pid") {
         ok("virtlogd -d");
     }
     if !pid_alive("/run/libvirtd.pid") {
-        ok("libvirtd -d");
+        ok("unshare -m --propagation private sh -c 'if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi; exec libvirtd -d'");
     }
     poll("libvirtd to answer", Duration::from_secs(30), || sh(&format!("virsh -c {URI} version")).status.success().then_some(()));
 }
@@ -80,51 +83,19 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A shell on the guest's ttyS1 (the tiny image's test shell), over libvirt's unix socket.
-struct GuestConsole {
-    stream: UnixStream,
-    n: u32,
-}
+/// The guest's test shell (the tiny image's ttyS1), through `support::guest_console`.
+struct GuestConsole(support::guest_console::GuestConsole);
 
 impl GuestConsole {
     fn connect(sock: &Path) -> Self {
-        let stream = poll("the guest's test console socket", Duration::from_secs(60), || UnixStream::connect(sock).ok());
-        stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        let mut c = Self { stream, n: 0 };
-        // The shell comes up after the boot contract ran.
-        poll("the guest's test shell", Duration::from_secs(300), || c.try_run("true", Duration::from_secs(5)).map(|_| ()));
-        c
-    }
-
-    fn try_run(&mut self, cmd: &str, limit: Duration) -> Option<(i32, String)> {
-        self.n += 1;
-        let (start_mark, end_mark) = (format!("__S{}__", self.n), format!("__E{}__", self.n));
-        let line = format!("echo {start_mark}; {cmd} 2>&1; echo {end_mark}$?__\n");
-        self.stream.write_all(line.as_bytes()).ok()?;
-        let deadline = Instant::now() + limit;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while Instant::now() < deadline {
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(_) => {}
-            }
-            let text = String::from_utf8_lossy(&buf);
-            if let Some(s) = text.find(&format!("{start_mark}\n")).or_else(|| text.find(&format!("{start_mark}\r\n")))
-                && let Some(e) = text[s..].find(&end_mark)
-            {
-                let body = text[s + start_mark.len()..s + e].trim().to_owned();
-                let rest = &text[s + e + end_mark.len()..];
-                let code = rest.split("__").next().and_then(|c| c.trim().parse().ok())?;
-                return Some((code, body));
-            }
-        }
-        None
+        let sock = poll("the test console socket", Duration::from_secs(120), || sock.exists().then(|| sock.to_owned()));
+        let mut c = support::guest_console::GuestConsole::connect(&sock, Duration::from_secs(60)).expect("console");
+        c.wait_ready(Duration::from_secs(300)).expect("the guest's test shell");
+        Self(c)
     }
 
     fn run(&mut self, cmd: &str) -> (i32, String) {
-        self.try_run(cmd, Duration::from_secs(60)).unwrap_or_else(|| panic!("guest command timed out: {cmd}"))
+        self.0.run(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("guest command {cmd:?}: {e}"))
     }
 }
 

@@ -163,6 +163,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let cluster = Arc::new(crate::api::MemoryCluster::new());
     let svc = services::Paths::new(state_dir);
+    std::fs::create_dir_all(&svc.dir).with_context(|| format!("creating {}", svc.dir.display()))?;
     let host = Host {
         settings,
         libvirt,

@@ -72,6 +72,13 @@ pub fn start(args: &UpArgs, paths: &Paths, ca: &Ca, cluster: Arc<MemoryCluster>)
             s(&state.join("api-data")),
         ],
     )?;
+    // Without an upstream the mirror serves an offline snapshot: an empty one by default.
+    let snapshot = state.join("mirror-snapshot");
+    let packages = snapshot.join("src/contrib/PACKAGES");
+    if !packages.exists() {
+        std::fs::create_dir_all(snapshot.join("src/contrib")).with_context(|| format!("creating {}", snapshot.display()))?;
+        std::fs::write(&packages, "")?;
+    }
     let mut mirror_args = vec![
         "--listen".into(),
         listen(args.mirror_port),
@@ -84,8 +91,9 @@ pub fn start(args: &UpArgs, paths: &Paths, ca: &Ca, cluster: Arc<MemoryCluster>)
         "--cache-dir".into(),
         s(&state.join("mirror-cache")),
     ];
-    if let Some(up) = &args.mirror_upstream {
-        mirror_args.extend(["--upstream".into(), up.clone()]);
+    match &args.mirror_upstream {
+        Some(up) => mirror_args.extend(["--upstream".into(), up.clone()]),
+        None => mirror_args.extend(["--snapshot".into(), s(&snapshot)]),
     }
     let mirror: crate::mirror::Args = parse("mirror", mirror_args)?;
     let site = paths.dir.join("dns-site.yaml");
