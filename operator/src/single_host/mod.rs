@@ -80,6 +80,10 @@ pub struct UpArgs {
     /// Reconcile once and exit (no services): for scripts and benchmarks.
     #[arg(long)]
     pub once: bool,
+    /// With --once: run this many passes in the one process, each printed (benchmarks: the
+    /// passes after the first find nothing to change).
+    #[arg(long, default_value_t = 1, requires = "once")]
+    pub passes: u32,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -178,6 +182,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let first = host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     print_pass(&first);
     if args.once {
+        for _ in 1..args.passes {
+            print_pass(&host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
         return Ok(());
     }
     std::fs::write(pid_file(state_dir), std::process::id().to_string())?;
