@@ -95,7 +95,8 @@ impl GuestConsole {
     }
 
     fn run(&mut self, cmd: &str) -> (i32, String) {
-        self.0.run(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("guest command {cmd:?}: {e}"))
+        let (code, out) = self.0.run(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("guest command {cmd:?}: {e}"));
+        (code, out.trim_end().to_owned())
     }
 }
 
@@ -184,7 +185,7 @@ impl World {
         for (p, workspaces) in projects {
             let p = self.project(p);
             text.push_str(&format!(
-                "apiVersion: noexit.io/v1alpha1\nkind: Project\nmetadata: {{name: {p}}}\nspec:\n  displayName: test\n  members: [{{user: r@x, roles: [researcher, admin]}}]\n  approval: {{reference: T-1, expires: \"2099-01-01\"}}\n  datasets: [{ds}]\n---\n"
+                "apiVersion: noexit.io/v1alpha1\nkind: Project\nmetadata: {{name: {p}}}\nspec:\n  displayName: test\n  members: [{{user: r@x, roles: [researcher, admin]}}]\n  approval: {{reference: T-1, expires: \"2099-01-01\"}}\n  datasets: [{ds}]\n  egress: {{mirror: {{allow: [{{name: survival}}]}}}}\n---\n"
             ));
             for (w, with_ds) in *workspaces {
                 text.push_str(&format!(
@@ -309,7 +310,7 @@ impl Drop for Cleanup {
 /// An HTTP GET from the guest with busybox nc (the static busybox's wget crashes resolving):
 /// `(reached, output)`; reached means an HTTP response came back.
 fn get(c: &mut GuestConsole, host: impl std::fmt::Display, port: u16, path: &str) -> (bool, String) {
-    let (_, out) = c.run(&format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 4 {host} {port}"));
+    let (_, out) = c.run(&format!("(printf 'GET {path} HTTP/1.0\\r\\n\\r\\n'; sleep 3) | nc -w 4 {host} {port}"));
     (out.contains("HTTP/1."), out)
 }
 
@@ -398,6 +399,7 @@ fn single_host_end_to_end() {
     // The mirror answers on the project's gateway address.
     let (reached, out) = get(&mut a, gw_a, w.ports[1], "/healthz");
     assert!(reached, "mirror from a/w1: {out}");
+    assert!(get(&mut b, gw_b, w.ports[1], "/healthz").0, "b cannot reach its own mirror");
     // The dataset is there and read-only; the home is writable.
     assert_eq!(a.run(&format!("cat /data/ds{tag}/hello.txt")), (0, "dataset-content".into()));
     let (code, out) = a.run(&format!("touch /data/ds{tag}/x"));
@@ -443,7 +445,6 @@ fn single_host_end_to_end() {
     let a_addr = Ipv4Addr::new(base.octets()[0], base.octets()[1], 0, 10);
     assert!(!get(&mut b, gw_a, w.ports[1], "/healthz").0, "b reached a's gateway");
     assert_ne!(b.run(&format!("ping -c 1 -W 2 {a_addr}")).0, 0, "b reached a's VM");
-    assert!(get(&mut b, gw_b, w.ports[1], "/healthz").0, "b cannot reach its own mirror");
     drop(outside);
 
     // ---- down keeps home; up again finds it. ----
