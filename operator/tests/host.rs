@@ -29,7 +29,11 @@ fn skip_or_fail(msg: &str) -> bool {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn sh(cmd: &str) -> Output {
@@ -68,14 +72,23 @@ fn daemons() {
         ok("virtlogd -d");
     }
     if !pid_alive("/run/libvirtd.pid") {
-        ok("unshare -m --propagation private sh -c 'if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi; exec libvirtd -d'");
+        ok(
+            "unshare -m --propagation private sh -c 'if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi; exec libvirtd -d'",
+        );
     }
-    poll("libvirtd to answer", Duration::from_secs(30), || sh(&format!("virsh -c {URI} version")).status.success().then_some(()));
+    poll("libvirtd to answer", Duration::from_secs(30), || {
+        sh(&format!("virsh -c {URI} version")).status.success().then_some(())
+    });
 }
 
 fn tiny_image() -> Option<PathBuf> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(repo.join("images/vm/build.sh")).arg("tiny").current_dir(repo).stderr(Stdio::inherit()).output().ok()?;
+    let out = Command::new(repo.join("images/vm/build.sh"))
+        .arg("tiny")
+        .current_dir(repo)
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
     out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
@@ -95,7 +108,8 @@ impl GuestConsole {
     }
 
     fn run(&mut self, cmd: &str) -> (i32, String) {
-        let (code, out) = self.0.run(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("guest command {cmd:?}: {e}"));
+        let (code, out) =
+            self.0.run(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("guest command {cmd:?}: {e}"));
         (code, out.trim_end().to_owned())
     }
 }
@@ -320,7 +334,20 @@ fn single_host_end_to_end() {
         skip_or_fail("needs root (libvirt system daemon, nftables, network namespaces)");
         return;
     }
-    for tool in ["libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "xorriso", "nft", "ip", "mkfs.ext4", "python3", "curl", "sqlite3"] {
+    for tool in [
+        "libvirtd",
+        "virtlogd",
+        "virsh",
+        "qemu-system-x86_64",
+        "qemu-img",
+        "xorriso",
+        "nft",
+        "ip",
+        "mkfs.ext4",
+        "python3",
+        "curl",
+        "sqlite3",
+    ] {
         if !have(tool) {
             skip_or_fail(&format!("{tool} is not installed (hack/install-deps.sh)"));
             return;
@@ -351,24 +378,26 @@ fn single_host_end_to_end() {
 
     // ---- Bad input: each refused with a clear message, nothing made. ----
     let bad = w.manifests("bad-image.yaml", &[("a", &[("w1", true)])]);
-    std::fs::write(&bad, std::fs::read_to_string(&bad).unwrap().replace(&w.image.display().to_string(), "/nonexistent/image")).unwrap();
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&bad).unwrap().replace(&w.image.display().to_string(), "/nonexistent/image"),
+    )
+    .unwrap();
     let o = w.once(&[&bad]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("spec.image: /nonexistent/image does not exist"), "{}", stderr(&o));
     let bad = w.manifests("bad-ds.yaml", &[("a", &[("w1", true)])]);
     std::fs::write(&bad, std::fs::read_to_string(&bad).unwrap().replace("dataset.img", "missing.img")).unwrap();
     let o = w.once(&[&bad]);
-    assert!(stderr(&o).contains("spec.source.hostPath.path:") && stderr(&o).contains("missing.img does not exist"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("spec.source.hostPath.path:") && stderr(&o).contains("missing.img does not exist"),
+        "{}",
+        stderr(&o)
+    );
     let good = w.manifests("a.yaml", &[("a", &[("w1", true)])]);
     let mut args = w.args();
     args[3] = "qemu+unix:///system?socket=/nonexistent/libvirt-sock".into();
-    let o = Command::new(BIN)
-        .arg("up")
-        .args(args)
-        .args(["--once", "-f"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let o = Command::new(BIN).arg("up").args(args).args(["--once", "-f"]).arg(&good).output().unwrap();
     assert!(stderr(&o).contains("cannot connect to libvirt") && stderr(&o).contains("libvirtd -d"), "{}", stderr(&o));
     // A domain of the same name not made by noexit: refused, left alone, nothing else made.
     let foreign = format!("noexit-{pa}-w1");
@@ -376,7 +405,11 @@ fn single_host_end_to_end() {
     std::fs::write(&xml, format!("<domain type='qemu'><name>{foreign}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>")).unwrap();
     ok(&format!("virsh -c {URI} define {}", xml.display()));
     let o = w.once(&[&good]);
-    assert!(stderr(&o).contains(&format!("libvirt domain \"{foreign}\" exists and was not made by this noexit")), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("libvirt domain \"{foreign}\" exists and was not made by this noexit")),
+        "{}",
+        stderr(&o)
+    );
     assert!(exists("dom", &foreign), "the foreign domain was touched");
     assert!(!exists("net", &format!("noexit-{pa}")) && !table_exists(&format!("noexit-{pa}")), "half-created");
     ok(&format!("virsh -c {URI} undefine {foreign}"));
@@ -391,7 +424,10 @@ fn single_host_end_to_end() {
     poll("a/w1 to report its egress lock", Duration::from_secs(120), || w.heartbeat(&pa, "w1").filter(|l| *l));
     poll("the first heartbeat of b/w1", Duration::from_secs(600), || w.heartbeat(&pb, "w1"));
     let status = String::from_utf8_lossy(&w.cmd("status", &[], &[]).output().unwrap().stdout).into_owned();
-    assert!(status.contains("virtualisation: qemu") && status.contains("Running") && status.contains("locked"), "{status}");
+    assert!(
+        status.contains("virtualisation: qemu") && status.contains("Running") && status.contains("locked"),
+        "{status}"
+    );
 
     let mut a = w.console(&pa, "w1");
     let mut b = w.console(&pb, "w1");
@@ -411,7 +447,11 @@ fn single_host_end_to_end() {
     // walls is shown by its counter while the other is off. ----
     let outside = Outside::new(&tag, base);
     let out_ip = outside.address;
-    let bridge_a = String::from_utf8_lossy(&sh(&format!("virsh -c {URI} net-info noexit-{pa} | awk '/Bridge/ {{print $2}}'")).stdout).trim().to_owned();
+    let bridge_a = String::from_utf8_lossy(
+        &sh(&format!("virsh -c {URI} net-info noexit-{pa} | awk '/Bridge/ {{print $2}}'")).stdout,
+    )
+    .trim()
+    .to_owned();
     // Forwarding on our own bridge only, so the host's forward hook (our wall) sees the packets.
     ok(&format!("sysctl -qw net.ipv4.conf.{bridge_a}.forwarding=1"));
     assert!(!get(&mut a, out_ip, 8000, "/").0, "outside reached with both walls on");
@@ -439,7 +479,10 @@ fn single_host_end_to_end() {
     // Both off: libvirt's rules still refuse (reported as such, not asserted reachable).
     ok(&format!("nft delete table inet {table_a}"));
     let both_off = get(&mut a, out_ip, 8000, "/");
-    eprintln!("both walls off: reached={} ({}) — libvirt's isolated-network rules refuse forwarding", both_off.0, both_off.1);
+    eprintln!(
+        "both walls off: reached={} ({}) — libvirt's isolated-network rules refuse forwarding",
+        both_off.0, both_off.1
+    );
     assert!(!both_off.0);
     // Project b cannot reach project a: neither a's VM nor the host services on a's address.
     let a_addr = Ipv4Addr::new(base.octets()[0], base.octets()[1], 0, 10);
@@ -459,9 +502,15 @@ fn single_host_end_to_end() {
     // ---- A changed manifest reconciles: b's workspace goes (domain and disks), then b. ----
     let only_a_and_b = w.manifests("both.yaml", &[("a", &[("w1", true)]), ("b", &[])]);
     let b_dir = w.state().join("workspaces").join(&pb).join("w1");
-    poll("b/w1 to be deleted", Duration::from_secs(60), || (!exists("dom", &format!("noexit-{pb}-w1")) && !b_dir.exists()).then_some(()));
+    poll("b/w1 to be deleted", Duration::from_secs(60), || {
+        (!exists("dom", &format!("noexit-{pb}-w1")) && !b_dir.exists()).then_some(())
+    });
     assert!(exists("net", &format!("noexit-{pb}")), "project b's network went with its workspace");
-    std::fs::write(&only_a_and_b, std::fs::read_to_string(w.manifests("a-only.yaml", &[("a", &[("w1", true)])])).unwrap()).unwrap();
+    std::fs::write(
+        &only_a_and_b,
+        std::fs::read_to_string(w.manifests("a-only.yaml", &[("a", &[("w1", true)])])).unwrap(),
+    )
+    .unwrap();
     poll("project b's network and wall to be removed", Duration::from_secs(60), || {
         (!exists("net", &format!("noexit-{pb}")) && !table_exists(&format!("noexit-{pb}"))).then_some(())
     });
@@ -472,7 +521,11 @@ fn single_host_end_to_end() {
     std::fs::write(&empty, "").unwrap();
     let o = w.once(&[&empty]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(!exists("dom", &format!("noexit-{pa}-w1")) && !exists("net", &format!("noexit-{pa}")) && !table_exists(&table_a));
+    assert!(
+        !exists("dom", &format!("noexit-{pa}-w1"))
+            && !exists("net", &format!("noexit-{pa}"))
+            && !table_exists(&table_a)
+    );
 }
 
 fn rand_u32() -> u32 {

@@ -44,7 +44,11 @@ pub fn ensure_home(path: &Path, size_bytes: u64) -> Result<bool, FileError> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     }
     let size = size_bytes.to_string();
-    tool("qemu-img", path, &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()])?;
+    tool(
+        "qemu-img",
+        path,
+        &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()],
+    )?;
     Ok(true)
 }
 
@@ -56,7 +60,17 @@ pub fn ensure_overlay(path: &Path, base: &Path) -> Result<(), FileError> {
     tool(
         "qemu-img",
         path,
-        &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), "-F".as_ref(), "qcow2".as_ref(), "-b".as_ref(), base.as_os_str(), path.as_os_str()],
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            path.as_os_str(),
+        ],
     )
 }
 
@@ -119,7 +133,8 @@ mod tests {
         let iso = dir.path().join("seed.iso");
         let files = crate::render::seed::files("a: 1\n", "CA", "CERT", "KEY", None);
         write_seed(&iso, &files).unwrap();
-        let out = Command::new("xorriso").args(["-indev"]).arg(&iso).args(["-find", "/", "-type", "f"]).output().unwrap();
+        let out =
+            Command::new("xorriso").args(["-indev"]).arg(&iso).args(["-find", "/", "-type", "f"]).output().unwrap();
         let listing = String::from_utf8_lossy(&out.stdout);
         assert!(listing.contains("'/tls/client.key'"), "{listing}");
         let err = String::from_utf8_lossy(&out.stderr);

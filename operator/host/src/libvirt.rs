@@ -179,7 +179,11 @@ mod tests {
     }
 
     fn network_xml(name: &str, instance: &str) -> String {
-        let net = crate::model::ProjectNet { project: name.trim_start_matches("noexit-").into(), index: 7, base: crate::model::DEFAULT_SUBNET_BASE };
+        let net = crate::model::ProjectNet {
+            project: name.trim_start_matches("noexit-").into(),
+            index: 7,
+            base: crate::model::DEFAULT_SUBNET_BASE,
+        };
         crate::render::network::render(instance, &net, &[])
     }
 

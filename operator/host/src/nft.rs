@@ -64,13 +64,8 @@ impl Nft {
     /// Packets counted by a named counter of an `inet` table.
     pub fn counter(&self, table: &str, counter: &str) -> Result<u64, NftError> {
         let out = self.run("reading a counter", &["-j", "list", "counter", "inet", table, counter], None)?;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).map_err(|e| NftError { action: "reading a counter".into(), message: e.to_string() })?;
-        Ok(v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find_map(|o| o["counter"]["packets"].as_u64())
-            .unwrap_or(0))
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| NftError { action: "reading a counter".into(), message: e.to_string() })?;
+        Ok(v["nftables"].as_array().into_iter().flatten().find_map(|o| o["counter"]["packets"].as_u64()).unwrap_or(0))
     }
 }

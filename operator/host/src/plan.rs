@@ -74,26 +74,58 @@ pub struct Desired {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Define and start a network (redefine if ours and changed: its domains are stopped first).
-    DefineNetwork { name: String, xml: String, replace: bool },
-    AddLease { network: String, lease: Lease },
-    RemoveLease { network: String, lease: Lease },
-    ApplyTable { name: String, script: String, hash: String },
+    DefineNetwork {
+        name: String,
+        xml: String,
+        replace: bool,
+    },
+    AddLease {
+        network: String,
+        lease: Lease,
+    },
+    RemoveLease {
+        network: String,
+        lease: Lease,
+    },
+    ApplyTable {
+        name: String,
+        script: String,
+        hash: String,
+    },
     /// Write the domain's files (home disk if missing, seed) then define it (replacing ours).
-    DefineDomain { name: String, xml: String, replace: bool },
-    StartDomain { name: String },
-    StopDomain { name: String },
+    DefineDomain {
+        name: String,
+        xml: String,
+        replace: bool,
+    },
+    StartDomain {
+        name: String,
+    },
+    StopDomain {
+        name: String,
+    },
     /// Stop and undefine; the workspace's files (home, seed) are removed with it.
-    DeleteDomain { name: String },
-    DeleteTable { name: String },
-    DeleteNetwork { name: String },
+    DeleteDomain {
+        name: String,
+    },
+    DeleteTable {
+        name: String,
+    },
+    DeleteNetwork {
+        name: String,
+    },
 }
 
 /// A name we want that someone else holds.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Clash {
-    #[error("libvirt domain {0:?} exists and was not made by this noexit; it is left alone (rename the workspace or remove that domain yourself)")]
+    #[error(
+        "libvirt domain {0:?} exists and was not made by this noexit; it is left alone (rename the workspace or remove that domain yourself)"
+    )]
     Domain(String),
-    #[error("libvirt network {0:?} exists and was not made by this noexit; it is left alone (rename the project or remove that network yourself)")]
+    #[error(
+        "libvirt network {0:?} exists and was not made by this noexit; it is left alone (rename the project or remove that network yourself)"
+    )]
     Network(String),
     #[error("nftables table inet {0:?} exists and was not made by this noexit; it is left alone")]
     Table(String),
@@ -231,7 +263,10 @@ mod tests {
 
     fn desired() -> Desired {
         let mut d = Desired { instance: ME.into(), ..Default::default() };
-        d.networks.insert("noexit-p".into(), DesiredNetwork { xml: "<network/>".into(), hash: "n1".into(), leases: vec![lease(10)] });
+        d.networks.insert(
+            "noexit-p".into(),
+            DesiredNetwork { xml: "<network/>".into(), hash: "n1".into(), leases: vec![lease(10)] },
+        );
         d.tables.insert("noexit-p".into(), DesiredTable { script: "table".into(), hash: "t1".into() });
         d.domains.insert(
             "noexit-p-w".into(),
@@ -242,7 +277,8 @@ mod tests {
 
     fn converged() -> Actual {
         let mut a = Actual::default();
-        a.networks.insert("noexit-p".into(), ObservedNetwork { owner: owner("n1"), active: true, leases: vec![lease(10)] });
+        a.networks
+            .insert("noexit-p".into(), ObservedNetwork { owner: owner("n1"), active: true, leases: vec![lease(10)] });
         a.tables.insert("noexit-p".into(), Some("t1".into()));
         a.domains.insert("noexit-p-w".into(), ObservedDomain { owner: owner("d1"), active: true });
         a
@@ -269,7 +305,10 @@ mod tests {
     #[test]
     fn from_nothing_in_order() {
         let steps = plan(&desired(), &Actual::default()).unwrap();
-        assert_eq!(names(&steps), ["define-net noexit-p false", "table noexit-p", "define noexit-p-w false", "start noexit-p-w"]);
+        assert_eq!(
+            names(&steps),
+            ["define-net noexit-p false", "table noexit-p", "define noexit-p-w false", "start noexit-p-w"]
+        );
     }
 
     #[test]
@@ -297,7 +336,10 @@ mod tests {
     #[test]
     fn removed_objects_are_deleted_domains_first_networks_last() {
         let d = Desired { instance: ME.into(), ..Default::default() };
-        assert_eq!(names(&plan(&d, &converged()).unwrap()), ["delete noexit-p-w", "delete-table noexit-p", "delete-net noexit-p"]);
+        assert_eq!(
+            names(&plan(&d, &converged()).unwrap()),
+            ["delete noexit-p-w", "delete-table noexit-p", "delete-net noexit-p"]
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! across restarts), VNC passwords, issued agent credentials, applied host tables, and each
 //! workspace's phase for `status`.
 
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -42,7 +42,10 @@ pub struct WorkspaceRow {
 
 impl State {
     pub async fn open(path: &std::path::Path) -> Result<Self, StateError> {
-        let opts = SqliteConnectOptions::new().filename(path).create_if_missing(true).busy_timeout(std::time::Duration::from_secs(10));
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
         for s in SCHEMA {
             sqlx::query(s).execute(&pool).await?;
@@ -61,31 +64,47 @@ impl State {
     }
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>, StateError> {
-        Ok(sqlx::query("SELECT value FROM settings WHERE key = ?").bind(key).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
+        Ok(sqlx::query("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.get(0)))
     }
 
     pub async fn set_setting(&self, key: &str, value: &str) -> Result<(), StateError> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// The project's subnet index, allocating the lowest free one.
     pub async fn project_index(&self, project: &str) -> Result<u8, StateError> {
-        if let Some(row) = sqlx::query("SELECT subnet_index FROM projects WHERE project = ?").bind(project).fetch_optional(&self.pool).await? {
+        if let Some(row) = sqlx::query("SELECT subnet_index FROM projects WHERE project = ?")
+            .bind(project)
+            .fetch_optional(&self.pool)
+            .await?
+        {
             return Ok(row.get::<i64, _>(0) as u8);
         }
         let used: Vec<i64> = sqlx::query_scalar("SELECT subnet_index FROM projects").fetch_all(&self.pool).await?;
-        let free = (0..=255i64).find(|i| !used.contains(i)).ok_or(StateError::Full { what: "project subnet", max: 256 })?;
-        sqlx::query("INSERT INTO projects (project, subnet_index) VALUES (?, ?)").bind(project).bind(free).execute(&self.pool).await?;
+        let free =
+            (0..=255i64).find(|i| !used.contains(i)).ok_or(StateError::Full { what: "project subnet", max: 256 })?;
+        sqlx::query("INSERT INTO projects (project, subnet_index) VALUES (?, ?)")
+            .bind(project)
+            .bind(free)
+            .execute(&self.pool)
+            .await?;
         Ok(free as u8)
     }
 
     pub async fn projects(&self) -> Result<Vec<(String, u8)>, StateError> {
-        let rows = sqlx::query("SELECT project, subnet_index FROM projects ORDER BY project").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT project, subnet_index FROM projects ORDER BY project").fetch_all(&self.pool).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get::<i64, _>(1) as u8)).collect())
     }
 
@@ -95,14 +114,24 @@ impl State {
     }
 
     /// The workspace's host index and VNC password, allocating them on first sight.
-    pub async fn workspace(&self, project: &str, workspace: &str, new_password: impl FnOnce() -> String) -> Result<(u8, String), StateError> {
+    pub async fn workspace(
+        &self,
+        project: &str,
+        workspace: &str,
+        new_password: impl FnOnce() -> String,
+    ) -> Result<(u8, String), StateError> {
         const GET: &str = "SELECT host_index, vnc_password FROM workspaces WHERE project = ? AND workspace = ?";
         if let Some(row) = sqlx::query(GET).bind(project).bind(workspace).fetch_optional(&self.pool).await? {
             return Ok((row.get::<i64, _>(0) as u8, row.get(1)));
         }
-        let used: Vec<i64> = sqlx::query_scalar("SELECT host_index FROM workspaces WHERE project = ?").bind(project).fetch_all(&self.pool).await?;
+        let used: Vec<i64> = sqlx::query_scalar("SELECT host_index FROM workspaces WHERE project = ?")
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?;
         let max = i64::from(crate::model::MAX_HOSTS);
-        let free = (0..max).find(|i| !used.contains(i)).ok_or(StateError::Full { what: "workspace address", max: crate::model::MAX_HOSTS })?;
+        let free = (0..max)
+            .find(|i| !used.contains(i))
+            .ok_or(StateError::Full { what: "workspace address", max: crate::model::MAX_HOSTS })?;
         let password = new_password();
         sqlx::query("INSERT INTO workspaces (project, workspace, host_index, vnc_password) VALUES (?, ?, ?, ?)")
             .bind(project)
@@ -123,7 +152,13 @@ impl State {
         Ok(row.and_then(|r| Some((r.get::<Option<String>, _>(0)?, r.get::<Option<String>, _>(1)?))))
     }
 
-    pub async fn set_credentials(&self, project: &str, workspace: &str, cert: &str, key: &str) -> Result<(), StateError> {
+    pub async fn set_credentials(
+        &self,
+        project: &str,
+        workspace: &str,
+        cert: &str,
+        key: &str,
+    ) -> Result<(), StateError> {
         sqlx::query("UPDATE workspaces SET cert_pem = ?, key_pem = ? WHERE project = ? AND workspace = ?")
             .bind(cert)
             .bind(key)
@@ -134,7 +169,13 @@ impl State {
         Ok(())
     }
 
-    pub async fn set_phase(&self, project: &str, workspace: &str, phase: &str, message: Option<&str>) -> Result<(), StateError> {
+    pub async fn set_phase(
+        &self,
+        project: &str,
+        workspace: &str,
+        phase: &str,
+        message: Option<&str>,
+    ) -> Result<(), StateError> {
         sqlx::query(
             "UPDATE workspaces SET phase = ?, message = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%SZ','now') \
              WHERE project = ? AND workspace = ? AND (phase IS NOT ? OR message IS NOT ?)",
@@ -168,7 +209,11 @@ impl State {
     }
 
     pub async fn forget_workspace(&self, project: &str, workspace: &str) -> Result<(), StateError> {
-        sqlx::query("DELETE FROM workspaces WHERE project = ? AND workspace = ?").bind(project).bind(workspace).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM workspaces WHERE project = ? AND workspace = ?")
+            .bind(project)
+            .bind(workspace)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

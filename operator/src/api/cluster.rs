@@ -227,7 +227,9 @@ impl MemoryCluster {
         let mut next = BTreeMap::new();
         for mut ws in workspaces {
             let key = (ws.spec.project.clone(), ws.name_any());
-            if let Some(agent) = state.workspaces.get(&key).and_then(|old| old.status.as_ref()).and_then(|s| s.agent.clone()) {
+            if let Some(agent) =
+                state.workspaces.get(&key).and_then(|old| old.status.as_ref()).and_then(|s| s.agent.clone())
+            {
                 ws.status.get_or_insert_with(Default::default).agent = Some(agent);
             }
             next.insert(key, ws);

@@ -200,7 +200,9 @@ pub fn check(manifests: &[Manifest], files: &dyn Files, now: DateTime<Utc>) -> R
         let memory = quantity::bytes(&res.memory.0);
         let home = quantity::bytes(&res.home_size.0);
         let (Some(memory), Some(home)) = (memory, home) else {
-            problems.push(format!("{object}: spec.resources: memory and homeSize must be byte quantities (e.g. 512Mi, 20Gi)"));
+            problems.push(format!(
+                "{object}: spec.resources: memory and homeSize must be byte quantities (e.g. 512Mi, 20Gi)"
+            ));
             continue;
         };
         let ds: Vec<DatasetDisk> = resolved.datasets.iter().filter_map(|d| disks.get(d).cloned()).collect();
@@ -239,7 +241,11 @@ fn image(image: &str, files: &dyn Files) -> Result<ImageBoot, String> {
             let initrd = path.join("initrd.img");
             for f in [&kernel, &initrd] {
                 if files.kind(f) != FileKind::File {
-                    return Err(format!("{} has no {} (build it with images/vm/build.sh)", path.display(), f.file_name().and_then(|n| n.to_str()).unwrap_or("?")));
+                    return Err(format!(
+                        "{} has no {} (build it with images/vm/build.sh)",
+                        path.display(),
+                        f.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+                    ));
                 }
             }
             let cmdline = files.read(&path.join("cmdline")).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
@@ -333,10 +339,14 @@ spec:
         assert_eq!(e, vec!["workspace ward-7/alice-vm: spec.image: /img/missing does not exist"]);
         let e = run(&MANIFESTS.replace("/data/icu.img", "/data/gone.img")).unwrap_err();
         assert_eq!(e, vec!["dataset icu: spec.source.hostPath.path: /data/gone.img does not exist"]);
-        let e = run(&MANIFESTS.replace("{hostPath: {path: /data/icu.img}}", "{nfs: {server: n, path: /x}}")).unwrap_err();
+        let e =
+            run(&MANIFESTS.replace("{hostPath: {path: /data/icu.img}}", "{nfs: {server: n, path: /x}}")).unwrap_err();
         assert!(e[0].contains("single-host mode attaches datasets from host files only"), "{e:?}");
         // The operator's own validators run too.
-        let e = run(&MANIFESTS.replace("datasets: [icu]\n\"#", "datasets: [icu]\n\"#").replace("owner: alice@x", "owner: mallory@x")).unwrap_err();
+        let e = run(&MANIFESTS
+            .replace("datasets: [icu]\n\"#", "datasets: [icu]\n\"#")
+            .replace("owner: alice@x", "owner: mallory@x"))
+        .unwrap_err();
         assert!(e.iter().any(|m| m.starts_with("workspace ward-7/alice-vm: spec.owner")), "{e:?}");
     }
 }

@@ -106,7 +106,8 @@ fn secure_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Traversable by qemu (its own user under qemu:///system), not listable.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).with_context(|| format!("chmod {}", dir.display()))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod {}", dir.display()))
 }
 
 /// The CA (made on first start, kept in the state directory).
@@ -224,7 +225,13 @@ fn print_pass(r: &reconcile::PassReport) {
     for f in &r.failed {
         println!("  FAILED {f}");
     }
-    println!("reconciled {} workspace(s) in {} ms ({} step(s), {} failed)", r.workspaces, r.elapsed.as_millis(), r.steps.len(), r.failed.len());
+    println!(
+        "reconciled {} workspace(s) in {} ms ({} step(s), {} failed)",
+        r.workspaces,
+        r.elapsed.as_millis(),
+        r.steps.len(),
+        r.failed.len()
+    );
 }
 
 pub async fn down(args: DownArgs) -> anyhow::Result<()> {
@@ -250,7 +257,10 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
     for s in reconcile::down(&libvirt, &Nft::default(), &state).await? {
         println!("  {s}");
     }
-    println!("down: workspaces stopped, project networks and walls removed; home disks kept in {}", state_dir.join("workspaces").display());
+    println!(
+        "down: workspaces stopped, project networks and walls removed; home disks kept in {}",
+        state_dir.join("workspaces").display()
+    );
     Ok(())
 }
 

@@ -85,7 +85,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// Read what exists: our prefix's domains and networks, our tables (with the hash recorded
 /// when this instance applied them).
 pub async fn actual(libvirt: &Libvirt, nft: &Nft, state: &State) -> anyhow::Result<Actual> {
-    let (domains, networks) = blocking(|| Ok::<_, anyhow::Error>((libvirt.domains(PREFIX)?, libvirt.networks(PREFIX)?)))?;
+    let (domains, networks) =
+        blocking(|| Ok::<_, anyhow::Error>((libvirt.domains(PREFIX)?, libvirt.networks(PREFIX)?)))?;
     let live = blocking(|| nft.tables(PREFIX))?;
     let recorded: BTreeMap<String, String> = state.tables().await?.into_iter().collect();
     let tables = live.into_iter().map(|t| {
@@ -186,7 +187,10 @@ impl Host {
 
     fn publish(&self, checked: &Checked, world: &World) -> anyhow::Result<()> {
         if let Some(cluster) = &self.cluster {
-            cluster.replace_all(checked.projects.clone(), checked.workspaces.iter().map(|w| w.workspace.clone()).collect());
+            cluster.replace_all(
+                checked.projects.clone(),
+                checked.workspaces.iter().map(|w| w.workspace.clone()).collect(),
+            );
         }
         if let Some(path) = &self.clients_file {
             let entries: Vec<_> = world
@@ -202,7 +206,12 @@ impl Host {
         Ok(())
     }
 
-    async fn run_step(&self, step: &Step, world: &World, known: &BTreeMap<String, (String, String)>) -> anyhow::Result<()> {
+    async fn run_step(
+        &self,
+        step: &Step,
+        world: &World,
+        known: &BTreeMap<String, (String, String)>,
+    ) -> anyhow::Result<()> {
         let lv = &self.libvirt;
         match step {
             Step::DefineNetwork { name, xml, replace } => blocking(|| lv.define_network(name, xml, *replace))?,
@@ -213,7 +222,10 @@ impl Host {
                 self.state.set_table(name, Some(hash)).await?;
             }
             Step::DeleteTable { name } => {
-                blocking(|| self.nft.apply(&format!("deleting table inet {name}"), &noexit_host::render::nft::delete_script(name)))?;
+                blocking(|| {
+                    self.nft
+                        .apply(&format!("deleting table inet {name}"), &noexit_host::render::nft::delete_script(name))
+                })?;
                 self.state.set_table(name, None).await?;
             }
             Step::DefineDomain { name, xml, replace } => {
@@ -292,11 +304,15 @@ pub async fn down(libvirt: &Libvirt, nft: &Nft, state: &State) -> anyhow::Result
 
 pub fn describe(step: &Step) -> String {
     match step {
-        Step::DefineNetwork { name, replace, .. } => format!("{} network {name}", if *replace { "redefine" } else { "define" }),
+        Step::DefineNetwork { name, replace, .. } => {
+            format!("{} network {name}", if *replace { "redefine" } else { "define" })
+        }
         Step::AddLease { network, lease } => format!("lease {} → {} on {network}", lease.mac, lease.ip),
         Step::RemoveLease { network, lease } => format!("drop lease {} on {network}", lease.mac),
         Step::ApplyTable { name, .. } => format!("apply table inet {name}"),
-        Step::DefineDomain { name, replace, .. } => format!("{} domain {name}", if *replace { "redefine" } else { "define" }),
+        Step::DefineDomain { name, replace, .. } => {
+            format!("{} domain {name}", if *replace { "redefine" } else { "define" })
+        }
         Step::StartDomain { name } => format!("start {name}"),
         Step::StopDomain { name } => format!("stop {name}"),
         Step::DeleteDomain { name } => format!("delete domain {name} and its disks"),
@@ -307,7 +323,8 @@ pub fn describe(step: &Step) -> String {
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
 }
 
 fn write_if_changed(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -44,11 +44,19 @@ fn s(p: &Path) -> String {
 }
 
 /// Start the three services; each task ends with its name (or its error).
-pub fn start(args: &UpArgs, paths: &Paths, ca: &Ca, cluster: Arc<MemoryCluster>) -> anyhow::Result<JoinSet<anyhow::Result<&'static str>>> {
+pub fn start(
+    args: &UpArgs,
+    paths: &Paths,
+    ca: &Ca,
+    cluster: Arc<MemoryCluster>,
+) -> anyhow::Result<JoinSet<anyhow::Result<&'static str>>> {
     std::fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
     let state = &args.common.state_dir;
     let pki = state.join("pki");
-    let server = ca.issue_server(&[API_NAME.into(), MIRROR_NAME.into(), "localhost".into(), "127.0.0.1".into()], chrono::Duration::days(365))?;
+    let server = ca.issue_server(
+        &[API_NAME.into(), MIRROR_NAME.into(), "localhost".into(), "127.0.0.1".into()],
+        chrono::Duration::days(365),
+    )?;
     std::fs::write(pki.join("server.crt"), &server.cert_pem)?;
     super::write_private(&pki.join("server.key"), &server.key_pem)?;
     let listen = |port: u16| format!("{}:{port}", args.listen_address);
@@ -76,7 +84,8 @@ pub fn start(args: &UpArgs, paths: &Paths, ca: &Ca, cluster: Arc<MemoryCluster>)
     let snapshot = state.join("mirror-snapshot");
     let packages = snapshot.join("src/contrib/PACKAGES");
     if !packages.exists() {
-        std::fs::create_dir_all(snapshot.join("src/contrib")).with_context(|| format!("creating {}", snapshot.display()))?;
+        std::fs::create_dir_all(snapshot.join("src/contrib"))
+            .with_context(|| format!("creating {}", snapshot.display()))?;
         std::fs::write(&packages, "")?;
     }
     let mut mirror_args = vec![
@@ -115,7 +124,9 @@ pub fn start(args: &UpArgs, paths: &Paths, ca: &Ca, cluster: Arc<MemoryCluster>)
     )?;
     let mut set = JoinSet::new();
     let cluster: Arc<dyn Cluster> = cluster;
-    set.spawn(async move { crate::api::run_with_cluster(api, Some(cluster)).await.context("control-plane API").map(|()| "the API") });
+    set.spawn(async move {
+        crate::api::run_with_cluster(api, Some(cluster)).await.context("control-plane API").map(|()| "the API")
+    });
     set.spawn(async move { crate::mirror::run(mirror).await.context("mirror").map(|()| "the mirror") });
     set.spawn(async move { crate::dns::run(dns).await.context("DNS server").map(|()| "the DNS server") });
     Ok(set)

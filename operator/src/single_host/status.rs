@@ -20,14 +20,13 @@ async fn heartbeats(api_db: &Path) -> std::collections::BTreeMap<(String, String
         return out;
     }
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(api_db).read_only(true);
-    let Ok(pool) = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(opts).await else { return out };
+    let Ok(pool) = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(opts).await else {
+        return out;
+    };
     const SQL: &str = "SELECT project, workspace, at, egress_locked, active_sessions FROM agent_heartbeats";
     if let Ok(rows) = sqlx::query(SQL).fetch_all(&pool).await {
         for r in rows {
-            out.insert(
-                (r.get(0), r.get(1)),
-                Beat { at: r.get(2), egress_locked: r.get(3), active_sessions: r.get(4) },
-            );
+            out.insert((r.get(0), r.get(1)), Beat { at: r.get(2), egress_locked: r.get(3), active_sessions: r.get(4) });
         }
     }
     pool.close().await;
@@ -37,13 +36,20 @@ async fn heartbeats(api_db: &Path) -> std::collections::BTreeMap<(String, String
 /// The status table as text.
 pub async fn render(state_dir: &Path) -> anyhow::Result<String> {
     let db = state_dir.join("host.db");
-    anyhow::ensure!(db.exists(), "{}: no single-host state here (run `noexit-operator up -f …` first)", state_dir.display());
+    anyhow::ensure!(
+        db.exists(),
+        "{}: no single-host state here (run `noexit-operator up -f …` first)",
+        state_dir.display()
+    );
     let state = State::open(&db).await?;
     let virt = state.setting("virt_type").await?.unwrap_or_else(|| "?".into());
     let why = state.setting("virt_type_reason").await?.unwrap_or_default();
     let beats = heartbeats(&state_dir.join("api.db")).await;
     let mut out = format!("virtualisation: {virt} ({why})\n");
-    out.push_str(&format!("{:<16} {:<20} {:<9} {:<21} {:<7} {:<8} {}\n", "PROJECT", "WORKSPACE", "PHASE", "LAST HEARTBEAT", "EGRESS", "SESSIONS", "MESSAGE"));
+    out.push_str(&format!(
+        "{:<16} {:<20} {:<9} {:<21} {:<7} {:<8} {}\n",
+        "PROJECT", "WORKSPACE", "PHASE", "LAST HEARTBEAT", "EGRESS", "SESSIONS", "MESSAGE"
+    ));
     for w in state.workspaces().await? {
         let b = beats.get(&(w.project.clone(), w.workspace.clone()));
         out.push_str(&format!(

@@ -119,7 +119,8 @@ pub fn agent_config(project: &str, workspace: &str, net: &ProjectNet, ports: &Ho
 /// Everything that must exist. Workspaces or projects without an allocation are skipped (the
 /// caller allocates first).
 pub fn world(checked: &Checked, settings: &Settings, alloc: &Allocations) -> World {
-    let mut out = World { desired: Desired { instance: settings.instance.clone(), ..Default::default() }, ..Default::default() };
+    let mut out =
+        World { desired: Desired { instance: settings.instance.clone(), ..Default::default() }, ..Default::default() };
     let mut leases: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
     for p in &checked.projects {
         let Some(&index) = alloc.projects.get(&p.name_any()) else { continue };
@@ -140,7 +141,11 @@ pub fn world(checked: &Checked, settings: &Settings, alloc: &Allocations) -> Wor
         let net = project_net(settings, &w.project, index);
         let address = net.address(*host);
         let mac = net.mac(*host);
-        leases.entry(net.network_name()).or_default().push(Lease { mac: mac.clone(), ip: address, name: w.name.clone() });
+        leases.entry(net.network_name()).or_default().push(Lease {
+            mac: mac.clone(),
+            ip: address,
+            name: w.name.clone(),
+        });
         let config = agent_config(&w.project, &w.name, &net, &settings.ports, w.mirror);
         let config_yaml = serde_yaml::to_string(&config).unwrap_or_default();
         let guest_net = GuestNetwork {
@@ -178,7 +183,12 @@ pub fn world(checked: &Checked, settings: &Settings, alloc: &Allocations) -> Wor
         let name = domain_name(&w.project, &w.name);
         out.desired.domains.insert(
             name.clone(),
-            DesiredDomain { xml: domain::render(&spec), hash: domain::hash(&spec), running: w.running, network: net.network_name() },
+            DesiredDomain {
+                xml: domain::render(&spec),
+                hash: domain::hash(&spec),
+                running: w.running,
+                network: net.network_name(),
+            },
         );
         out.workspaces.insert(
             name,

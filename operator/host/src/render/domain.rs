@@ -52,7 +52,9 @@ fn body(spec: &DomainSpec) -> String {
     if spec.virt_type == crate::model::VirtType::Kvm {
         x.push_str("  <cpu mode=\"host-passthrough\"/>\n");
     }
-    x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n");
+    x.push_str(
+        "  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n",
+    );
     x.push_str("  <devices>\n");
     let mut letters = b'a'..=b'z';
     let mut next = || format!("vd{}", letters.next().map(char::from).unwrap_or('z'));
@@ -132,7 +134,11 @@ pub(crate) mod tests {
                 cmdline: "console=ttyS0 noexit.test=1".into(),
             },
             home: "/var/lib/noexit/host/ward-7/alice-vm/home.qcow2".into(),
-            datasets: vec![DatasetDisk { name: "icu-2019".into(), path: "/srv/data/icu-2019.img".into(), format: "raw".into() }],
+            datasets: vec![DatasetDisk {
+                name: "icu-2019".into(),
+                path: "/srv/data/icu-2019.img".into(),
+                format: "raw".into(),
+            }],
             seed: "/var/lib/noexit/host/ward-7/alice-vm/seed.iso".into(),
             network: "noexit-ward-7".into(),
             mac: "52:54:00:d5:00:0a".into(),

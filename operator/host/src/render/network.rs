@@ -31,7 +31,13 @@ pub fn lease(l: &Lease) -> String {
 
 /// The hash of everything but the leases (which change live, without redefining).
 pub fn hash(net: &ProjectNet) -> String {
-    crate::model::digest(&format!("{}|{}|{}|{}|dns=no|forward=none", net.network_name(), net.bridge(), net.gateway(), net.prefix()))
+    crate::model::digest(&format!(
+        "{}|{}|{}|{}|dns=no|forward=none",
+        net.network_name(),
+        net.bridge(),
+        net.gateway(),
+        net.prefix()
+    ))
 }
 
 /// The leases in a network XML as libvirt returns it.
@@ -48,7 +54,11 @@ pub fn parse_leases(xml: &str) -> Vec<Lease> {
         .skip(1)
         .filter_map(|el| {
             let el = &el[..el.find("/>").unwrap_or(el.len())];
-            Some(Lease { mac: attr(el, "mac")?.to_lowercase(), name: attr(el, "name").unwrap_or_default(), ip: attr(el, "ip")?.parse().ok()? })
+            Some(Lease {
+                mac: attr(el, "mac")?.to_lowercase(),
+                name: attr(el, "name").unwrap_or_default(),
+                ip: attr(el, "ip")?.parse().ok()?,
+            })
         })
         .collect();
     out.sort();

@@ -47,15 +47,27 @@ pub fn table(net: &ProjectNet, ports: &HostPorts) -> String {
     t.push_str("\t}\n");
     let _ = writeln!(t, "\tchain input {{\n\t\ttype filter hook input priority {FILTER_PRIORITY}; policy accept;");
     let _ = writeln!(t, "\t\tiifname \"{br}\" udp sport 68 udp dport 67 accept comment \"DHCP (fixed leases)\"");
-    let allow = [("tcp", ports.api, "control-plane API"), ("tcp", ports.mirror, "package mirror"), ("udp", ports.dns, "DNS"), ("tcp", ports.dns, "DNS")];
+    let allow = [
+        ("tcp", ports.api, "control-plane API"),
+        ("tcp", ports.mirror, "package mirror"),
+        ("udp", ports.dns, "DNS"),
+        ("tcp", ports.dns, "DNS"),
+    ];
     for (proto, port, what) in allow {
         let _ = writeln!(t, "\t\tiifname \"{br}\" ip daddr {gw} {proto} dport {port} accept comment \"{what}\"");
     }
-    let _ = writeln!(t, "\t\tiifname \"{br}\" counter name \"{BLOCKED_IN}\" drop comment \"anything else to the host\"");
+    let _ =
+        writeln!(t, "\t\tiifname \"{br}\" counter name \"{BLOCKED_IN}\" drop comment \"anything else to the host\"");
     t.push_str("\t}\n");
     let _ = writeln!(t, "\tchain forward {{\n\t\ttype filter hook forward priority {FILTER_PRIORITY}; policy accept;");
-    let _ = writeln!(t, "\t\tiifname \"{br}\" counter name \"{BLOCKED_FORWARD}\" drop comment \"nothing is routed out of the project\"");
-    let _ = writeln!(t, "\t\toifname \"{br}\" counter name \"{BLOCKED_FORWARD}\" drop comment \"nothing is routed into the project\"");
+    let _ = writeln!(
+        t,
+        "\t\tiifname \"{br}\" counter name \"{BLOCKED_FORWARD}\" drop comment \"nothing is routed out of the project\""
+    );
+    let _ = writeln!(
+        t,
+        "\t\toifname \"{br}\" counter name \"{BLOCKED_FORWARD}\" drop comment \"nothing is routed into the project\""
+    );
     t.push_str("\t}\n}\n");
     t
 }

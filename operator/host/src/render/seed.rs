@@ -42,7 +42,13 @@ pub fn network_env(n: &GuestNetwork) -> String {
 }
 
 /// Every file of the seed, in a fixed order.
-pub fn files(agent_yaml: &str, ca_pem: &str, cert_pem: &str, key_pem: &str, net: Option<&GuestNetwork>) -> Vec<SeedFile> {
+pub fn files(
+    agent_yaml: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    net: Option<&GuestNetwork>,
+) -> Vec<SeedFile> {
     let mut out = vec![
         SeedFile { path: "agent.yaml", content: agent_yaml.to_owned() },
         SeedFile { path: "tls/ca.crt", content: ca_pem.to_owned() },
@@ -84,7 +90,10 @@ mod tests {
             "ADDRESS=10.213.0.10/24\nGATEWAY=10.213.0.1\nDNS=10.213.0.1\nHOSTS=\"10.213.0.1 api.noexit mirror.noexit\"\n"
         );
         let f = files("a", "b", "c", "d", Some(&n));
-        assert_eq!(f.iter().map(|f| f.path).collect::<Vec<_>>(), ["agent.yaml", "tls/ca.crt", "tls/client.crt", "tls/client.key", "network.env"]);
+        assert_eq!(
+            f.iter().map(|f| f.path).collect::<Vec<_>>(),
+            ["agent.yaml", "tls/ca.crt", "tls/client.crt", "tls/client.key", "network.env"]
+        );
         let mut g = f.clone();
         g[3].content = "e".into();
         assert_ne!(digest(&f), digest(&g));
