@@ -20,6 +20,11 @@
 #                       resolved by modprobe/depmod, the initramfs by cpio + zstd, the agent
 #                       stripped) and their boot test (operator/tests/vm_image.rs: QEMU under TCG,
 #                       the seed ISO by xorriso, disks by qemu-img and mkfs.ext4)
+#   libvirt-dev, libvirt-daemon-system, libvirt-clients, dnsmasq-base, sqlite3
+#                       single-host mode (`noexit-operator up`, crate noexit-host): the `virt`
+#                       crate links libvirt; its e2e test (operator/tests/host.rs) runs libvirtd
+#                       (qemu:///system, TCG) whose isolated networks use dnsmasq for the fixed
+#                       leases, and reads the API's SQLite database with sqlite3
 # The control plane itself (etcd, kube-apiserver, ..., kwok, kubectl, helm) is built from Go
 # modules by hack/control-plane/build.sh with the machine's Go (/usr/local/go, >= 1.26).
 # Benchmarks also want nginx and wrk (hack/bench/README.md), and dnsperf for the DNS server;
@@ -29,6 +34,8 @@ packages=(nftables iproute2 iputils-ping procps postgresql r-base-core curl ca-c
   bind9-dnsutils dnsmasq-base novnc websockify tigervnc-standalone-server chromium xclip xterm)
 # VM images and their boot test (images/vm/build.sh, operator/tests/vm_image.rs)
 packages+=(qemu-system-x86 qemu-utils xorriso mmdebstrap kmod cpio zstd binutils e2fsprogs)
+# Single-host mode (noexit-host links libvirt; operator/tests/host.rs runs libvirtd)
+packages+=(libvirt-dev libvirt-daemon-system libvirt-clients sqlite3)
 # Node.js (with npm) is a toolchain of these machines; Debian's packages only where it is absent
 # (its npm package conflicts with a Node.js that brings its own npm).
 command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)

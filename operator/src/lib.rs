@@ -11,6 +11,7 @@ pub mod mirror;
 pub mod pki;
 pub mod render;
 pub mod serving;
+pub mod single_host;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,7 +1,7 @@
 //! `noexit-operator`: one binary, one subcommand per component.
 
 use clap::{Parser, Subcommand};
-use noexit_operator::{api, audit, controllers, dns, mirror, render, telemetry, webhook};
+use noexit_operator::{api, audit, controllers, dns, mirror, render, single_host, telemetry, webhook};
 
 mod gateway_recorder;
 
@@ -31,6 +31,16 @@ enum Command {
     Gateway(gateway_recorder::GatewayCommand),
     /// Print every object the operator would apply for the given manifests (no cluster needed).
     Render(render::Args),
+    /// Single-host mode: run the API, mirror, DNS server and VM workspaces (libvirt) on this
+    /// host from the same manifests. Runs in the foreground; re-reads the files as they change.
+    Up(single_host::UpArgs),
+    /// Single-host mode: stop `up` and its workspaces, remove the project networks and walls;
+    /// home disks are kept.
+    Down(single_host::DownArgs),
+    /// Single-host mode: workspaces, phases, last heartbeats, sessions.
+    Status(single_host::StatusArgs),
+    #[command(name = "kvm-probe", hide = true)]
+    KvmProbe,
     /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).
     AuditKeygen(audit::keys::KeygenArgs),
     /// Migrate the database as its owner and give each audit writer (api, mirror, webhook,
@@ -43,6 +53,9 @@ fn main() -> std::process::ExitCode {
     if let Command::Render(args) = cli.command {
         // Render is synchronous and prints to stdout; keep logs off it.
         return render::main(args);
+    }
+    if let Command::KvmProbe = cli.command {
+        return single_host::virt_type::run_probe();
     }
     if let Command::AuditKeygen(args) = &cli.command {
         return match audit::keys::keygen(args) {
@@ -77,7 +90,13 @@ fn main() -> std::process::ExitCode {
             }
             Command::Dns(args) => dns::run(args).await,
             Command::Gateway(args) => gateway_recorder::run(args).await,
-            Command::Render(_) | Command::AuditKeygen(_) => Ok(()),
+            Command::Up(args) => single_host::up(args).await,
+            Command::Down(args) => single_host::down(args).await,
+            Command::Status(args) => {
+                print!("{}", single_host::status::render(&args.common.state_dir).await?);
+                Ok(())
+            }
+            Command::Render(_) | Command::AuditKeygen(_) | Command::KvmProbe => Ok(()),
         }
     });
     match result {

@@ -219,6 +219,24 @@ impl MemoryCluster {
         self.state().workspaces.insert(key, ws);
     }
 
+    /// Replace every Project and Workspace (keeping the agent status a workspace already has):
+    /// single-host mode after each reconcile of its manifests.
+    pub fn replace_all(&self, projects: Vec<Project>, workspaces: Vec<Workspace>) {
+        let mut state = self.state();
+        state.projects = projects.into_iter().map(|p| (p.name_any(), p)).collect();
+        let mut next = BTreeMap::new();
+        for mut ws in workspaces {
+            let key = (ws.spec.project.clone(), ws.name_any());
+            if let Some(agent) =
+                state.workspaces.get(&key).and_then(|old| old.status.as_ref()).and_then(|s| s.agent.clone())
+            {
+                ws.status.get_or_insert_with(Default::default).agent = Some(agent);
+            }
+            next.insert(key, ws);
+        }
+        state.workspaces = next;
+    }
+
     pub fn get_request_now(&self, project: &str, name: &str) -> Option<WorkspaceRequest> {
         self.state().requests.get(&(project.to_owned(), name.to_owned())).cloned()
     }

@@ -310,6 +310,12 @@ pub fn inbox_policy(extensions: &[String], max_bytes: u64, allow_archives: bool)
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    run_with_cluster(args, None).await
+}
+
+/// [`run`], reading Projects and Workspaces from `cluster` when given (single-host mode keeps
+/// one in memory and refreshes it from the manifests it reconciles).
+pub async fn run_with_cluster(args: Args, cluster: Option<Arc<dyn Cluster>>) -> anyhow::Result<()> {
     let args = *args.options;
     // First, so a misconfigured issuer is refused before anything else is touched.
     let oidc = match &args.oidc_issuer {
@@ -357,12 +363,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let audit_store = Arc::new(crate::audit::Store::connect_with(&args.database_url, options).await?);
     let db = audit_store.pool().clone();
     let audit: Arc<dyn EventLog> = audit_store.clone();
-    let cluster: Arc<dyn Cluster> = match &args.manifests {
-        Some(path) => {
+    let cluster: Arc<dyn Cluster> = match (cluster, &args.manifests) {
+        (Some(cluster), _) => cluster,
+        (None, Some(path)) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             Arc::new(memory_cluster_from(&text)?)
         }
-        None => Arc::new(KubeCluster::new(kube::Client::try_default().await.context("connecting to Kubernetes")?)),
+        (None, None) => {
+            Arc::new(KubeCluster::new(kube::Client::try_default().await.context("connecting to Kubernetes")?))
+        }
     };
     // One key seals both doors' files at rest (outputs and inbox).
     let seal = noexit_airlock::seal::SealKey::load_or_create(&args.seal_key).context("--seal-key")?;

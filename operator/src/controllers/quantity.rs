@@ -26,9 +26,45 @@ pub fn cpu_cores(s: &str) -> u32 {
     (cores.ceil() as u32).max(1)
 }
 
+/// A byte quantity (`512Mi`, `20Gi`, `1G`, `1000`), or `None` if it is not one (milli-units
+/// or an exponent make no sense for bytes here).
+pub fn bytes(s: &str) -> Option<u64> {
+    if !is_valid(s) {
+        return None;
+    }
+    let (number, suffix) = split(s);
+    let unit: u64 = match suffix {
+        "" => 1,
+        "k" => 1000,
+        "M" => 1000u64.pow(2),
+        "G" => 1000u64.pow(3),
+        "T" => 1000u64.pow(4),
+        "P" => 1000u64.pow(5),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        _ => return None,
+    };
+    let value: f64 = number.parse().ok()?;
+    let total = value * unit as f64;
+    (total.is_finite() && total < u64::MAX as f64).then_some(total.ceil() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_quantities() {
+        assert_eq!(bytes("512Mi"), Some(512 << 20));
+        assert_eq!(bytes("1.5Gi"), Some(3 << 29));
+        assert_eq!(bytes("2G"), Some(2_000_000_000));
+        assert_eq!(bytes("100"), Some(100));
+        assert_eq!(bytes("500m"), None);
+        assert_eq!(bytes("4GB"), None);
+    }
 
     #[test]
     fn syntax() {

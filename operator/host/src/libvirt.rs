@@ -1,0 +1,220 @@
+//! Thin I/O over libvirt (the `virt` crate): read what exists, run plan steps. Blocking calls;
+//! run them off the async runtime.
+
+use std::collections::BTreeMap;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::network::Network;
+
+use crate::model::Lease;
+use crate::plan::{ObservedDomain, ObservedNetwork};
+use crate::render;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error(
+        "cannot connect to libvirt at {uri}: {message} (is libvirtd running? without an init system start it with `virtlogd -d; libvirtd -d`)"
+    )]
+    Connect { uri: String, message: String },
+    #[error("libvirt: {action} {kind} {name:?}: {message}")]
+    Call { action: &'static str, kind: &'static str, name: String, message: String },
+}
+
+/// An open libvirt connection.
+pub struct Libvirt {
+    conn: Connect,
+    uri: String,
+}
+
+// libvirt connections are thread-safe (virConnect is refcounted and locked).
+unsafe impl Send for Libvirt {}
+unsafe impl Sync for Libvirt {}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        let _ = self.conn.close();
+    }
+}
+
+fn err(action: &'static str, kind: &'static str, name: &str) -> impl Fn(virt::error::Error) -> LibvirtError {
+    let name = name.to_owned();
+    move |e| LibvirtError::Call { action, kind, name: name.clone(), message: e.to_string() }
+}
+
+const VIR_NETWORK_UPDATE_COMMAND_DELETE: u32 = 2;
+const VIR_NETWORK_UPDATE_COMMAND_ADD_LAST: u32 = 3;
+const VIR_NETWORK_SECTION_IP_DHCP_HOST: u32 = 4;
+const VIR_NETWORK_UPDATE_AFFECT_LIVE: u32 = 1;
+const VIR_NETWORK_UPDATE_AFFECT_CONFIG: u32 = 2;
+
+impl Libvirt {
+    pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| LibvirtError::Connect { uri: uri.to_owned(), message: e.to_string() })?;
+        Ok(Self { conn, uri: uri.to_owned() })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Every domain whose name starts with `prefix`, with its noexit owner marker if any.
+    pub fn domains(&self, prefix: &str) -> Result<BTreeMap<String, ObservedDomain>, LibvirtError> {
+        let mut out = BTreeMap::new();
+        for d in self.conn.list_all_domains(0).map_err(err("listing", "domains", ""))? {
+            let name = d.get_name().map_err(err("naming", "domain", ""))?;
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let xml = d.get_xml_desc(0).map_err(err("reading", "domain", &name))?;
+            let active = d.is_active().map_err(err("reading", "domain", &name))?;
+            out.insert(name, ObservedDomain { owner: render::owner(&xml), active });
+        }
+        Ok(out)
+    }
+
+    pub fn networks(&self, prefix: &str) -> Result<BTreeMap<String, ObservedNetwork>, LibvirtError> {
+        let mut out = BTreeMap::new();
+        for n in self.conn.list_all_networks(0).map_err(err("listing", "networks", ""))? {
+            let name = n.get_name().map_err(err("naming", "network", ""))?;
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let xml = n.get_xml_desc(0).map_err(err("reading", "network", &name))?;
+            let active = n.is_active().map_err(err("reading", "network", &name))?;
+            let leases = render::network::parse_leases(&xml);
+            out.insert(name, ObservedNetwork { owner: render::owner(&xml), active, leases });
+        }
+        Ok(out)
+    }
+
+    /// Define (replacing the definition if it exists) and start a network.
+    pub fn define_network(&self, name: &str, xml: &str, replace: bool) -> Result<(), LibvirtError> {
+        if replace {
+            self.delete_network(name)?;
+        }
+        let net = Network::define_xml(&self.conn, xml).map_err(err("defining", "network", name))?;
+        if let Err(e) = net.create() {
+            // Nothing half-made: a network that cannot start is not left defined.
+            let _ = net.undefine();
+            return Err(err("starting", "network", name)(e));
+        }
+        net.set_autostart(true).map_err(err("setting autostart of", "network", name))?;
+        Ok(())
+    }
+
+    pub fn delete_network(&self, name: &str) -> Result<(), LibvirtError> {
+        let Ok(net) = Network::lookup_by_name(&self.conn, name) else { return Ok(()) };
+        if net.is_active().unwrap_or(false) {
+            net.destroy().map_err(err("stopping", "network", name))?;
+        }
+        net.undefine().map_err(err("undefining", "network", name))?;
+        Ok(())
+    }
+
+    pub fn update_lease(&self, network: &str, lease: &Lease, add: bool) -> Result<(), LibvirtError> {
+        let net = Network::lookup_by_name(&self.conn, network).map_err(err("finding", "network", network))?;
+        let cmd = if add { VIR_NETWORK_UPDATE_COMMAND_ADD_LAST } else { VIR_NETWORK_UPDATE_COMMAND_DELETE };
+        net.update(
+            cmd,
+            VIR_NETWORK_SECTION_IP_DHCP_HOST,
+            -1,
+            &render::network::lease(lease),
+            VIR_NETWORK_UPDATE_AFFECT_LIVE | VIR_NETWORK_UPDATE_AFFECT_CONFIG,
+        )
+        .map_err(err("updating the leases of", "network", network))?;
+        Ok(())
+    }
+
+    /// Define a domain (replacing our old definition: it is stopped first).
+    pub fn define_domain(&self, name: &str, xml: &str, replace: bool) -> Result<(), LibvirtError> {
+        if replace {
+            self.stop_domain(name)?;
+        }
+        Domain::define_xml(&self.conn, xml).map_err(err("defining", "domain", name))?;
+        Ok(())
+    }
+
+    pub fn start_domain(&self, name: &str) -> Result<(), LibvirtError> {
+        let d = Domain::lookup_by_name(&self.conn, name).map_err(err("finding", "domain", name))?;
+        if !d.is_active().map_err(err("reading", "domain", name))? {
+            d.create().map_err(err("starting", "domain", name))?;
+        }
+        Ok(())
+    }
+
+    /// Power off (the home disk is kept; the agent spools what it has not sent).
+    pub fn stop_domain(&self, name: &str) -> Result<(), LibvirtError> {
+        let Ok(d) = Domain::lookup_by_name(&self.conn, name) else { return Ok(()) };
+        if d.is_active().unwrap_or(false) {
+            d.destroy().map_err(err("stopping", "domain", name))?;
+        }
+        Ok(())
+    }
+
+    pub fn delete_domain(&self, name: &str) -> Result<(), LibvirtError> {
+        self.stop_domain(name)?;
+        let Ok(d) = Domain::lookup_by_name(&self.conn, name) else { return Ok(()) };
+        d.undefine().map_err(err("undefining", "domain", name))?;
+        Ok(())
+    }
+
+    /// The VNC port libvirt gave a running domain (autoport), read from its live XML.
+    pub fn vnc_port(&self, name: &str) -> Option<u16> {
+        let d = Domain::lookup_by_name(&self.conn, name).ok()?;
+        let xml = d.get_xml_desc(0).ok()?;
+        let g = &xml[xml.find("<graphics type='vnc'")?..];
+        render::attr(&g[..g.find('>')?], "port")?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libvirt's test driver: in-process, no daemon.
+    fn test_driver() -> Libvirt {
+        Libvirt::open("test:///default").expect("the test driver is built into libvirt")
+    }
+
+    fn network_xml(name: &str, instance: &str) -> String {
+        let net = crate::model::ProjectNet {
+            project: name.trim_start_matches("noexit-").into(),
+            index: 7,
+            base: crate::model::DEFAULT_SUBNET_BASE,
+        };
+        crate::render::network::render(instance, &net, &[])
+    }
+
+    #[test]
+    fn define_read_back_update_and_delete_a_network() {
+        let lv = test_driver();
+        lv.define_network("noexit-t1", &network_xml("noexit-t1", "i1"), false).unwrap();
+        let nets = lv.networks("noexit-").unwrap();
+        let n = &nets["noexit-t1"];
+        assert!(n.active);
+        assert_eq!(n.owner.as_ref().map(|o| o.instance.as_str()), Some("i1"));
+        let lease = Lease { mac: "52:54:00:d5:07:0a".into(), ip: "10.213.7.10".parse().unwrap(), name: "w".into() };
+        lv.update_lease("noexit-t1", &lease, true).unwrap();
+        assert_eq!(lv.networks("noexit-").unwrap()["noexit-t1"].leases, vec![lease.clone()]);
+        lv.update_lease("noexit-t1", &lease, false).unwrap();
+        assert!(lv.networks("noexit-").unwrap()["noexit-t1"].leases.is_empty());
+        lv.delete_network("noexit-t1").unwrap();
+        assert!(!lv.networks("noexit-").unwrap().contains_key("noexit-t1"));
+    }
+
+    #[test]
+    fn a_domain_made_elsewhere_has_no_owner() {
+        let lv = test_driver();
+        // The test driver's own domain "test".
+        let all = lv.domains("").unwrap();
+        assert_eq!(all["test"].owner, None);
+    }
+
+    #[test]
+    fn unreachable_daemon_is_a_clear_error() {
+        let e = Libvirt::open("qemu+unix:///system?socket=/nonexistent/libvirt-sock").err().unwrap().to_string();
+        assert!(e.contains("cannot connect to libvirt") && e.contains("libvirtd -d"), "{e}");
+    }
+}

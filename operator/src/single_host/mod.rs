@@ -1,0 +1,273 @@
+//! Single-host mode: `noexit-operator up -f FILE…`, `down`, `status`.
+//!
+//! One process on a Linux host with libvirt runs the control-plane API (SQLite), the package
+//! mirror, the DNS server and a reconcile loop that turns the same Project / Dataset /
+//! Workspace manifests as on Kubernetes (checked by the same validators) into libvirt networks
+//! and domains and a host nftables table per project, through `noexit-host`.
+//!
+//! Pieces: [`check`] (which manifests can run here, pure), [`world`] (what must exist, pure),
+//! [`reconcile`] (one pass of I/O), [`services`] (the API, mirror and DNS in-process),
+//! [`virt_type`] (KVM or TCG), [`status`].
+
+pub mod check;
+pub mod reconcile;
+pub mod services;
+pub mod status;
+pub mod virt_type;
+pub mod world;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use noexit_host::libvirt::Libvirt;
+use noexit_host::model::{DEFAULT_SUBNET_BASE, HostPorts};
+use noexit_host::nft::Nft;
+use noexit_host::state::State;
+
+use self::reconcile::{Host, PassError};
+use crate::pki::Ca;
+
+/// Default state directory (home disks, seeds, databases, the CA).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/noexit/host";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Where single-host mode keeps its state: databases, CA, home disks and seeds.
+    #[arg(long, env = "NOEXIT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// libvirt connection URI.
+    #[arg(long, env = "NOEXIT_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+}
+
+/// Arguments of `noexit-operator up`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Manifest files (Projects, Datasets, Workspaces); re-read every --interval seconds.
+    #[arg(short = 'f', long = "file", required = true)]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+    /// `kvm`, `qemu` (TCG emulation) or `auto` (KVM if /dev/kvm creates a VM, else TCG).
+    #[arg(long, env = "NOEXIT_VIRT_TYPE", default_value = "auto")]
+    pub virt_type: String,
+    /// Address the API, mirror and DNS server listen on (the project tables let each project's
+    /// VMs reach them on its gateway address only).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub listen_address: Ipv4Addr,
+    #[arg(long, default_value_t = 8443)]
+    pub api_port: u16,
+    #[arg(long, default_value_t = 8080)]
+    pub mirror_port: u16,
+    /// Where the DNS server listens; guests ask port 53 on their gateway, redirected here.
+    #[arg(long, default_value_t = 5353)]
+    pub dns_port: u16,
+    /// CRAN repository the mirror fetches from (none: it serves its cache only).
+    #[arg(long)]
+    pub mirror_upstream: Option<String>,
+    /// First address of the range project subnets (/24 each) are cut from.
+    #[arg(long, default_value_t = DEFAULT_SUBNET_BASE)]
+    pub subnet_base: Ipv4Addr,
+    /// Address the VNC consoles listen on: only the gateway (on this host) connects there.
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    pub vnc_listen: Ipv4Addr,
+    /// Seconds between reconcile passes.
+    #[arg(long, default_value_t = 5)]
+    pub interval: u64,
+    /// Reconcile once and exit (no services): for scripts and benchmarks.
+    #[arg(long)]
+    pub once: bool,
+    /// With --once: run this many passes in the one process, each printed (benchmarks: the
+    /// passes after the first find nothing to change).
+    #[arg(long, default_value_t = 1, requires = "once")]
+    pub passes: u32,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn pid_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("up.pid")
+}
+
+fn secure_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Traversable by qemu (its own user under qemu:///system), not listable.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("chmod {}", dir.display()))
+}
+
+/// The CA (made on first start, kept in the state directory).
+pub fn load_or_make_ca(state_dir: &Path) -> anyhow::Result<Ca> {
+    let dir = state_dir.join("pki");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    if cert.exists() && key.exists() {
+        let c = std::fs::read_to_string(&cert)?;
+        let k = std::fs::read_to_string(&key)?;
+        return Ok(Ca::from_pem(&c, &k)?);
+    }
+    let ca = Ca::generate("noexit single-host CA")?;
+    write_private(&key, ca.key_pem())?;
+    std::fs::write(&cert, ca.cert_pem())?;
+    Ok(ca)
+}
+
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    // Everything that can refuse comes before anything is made.
+    let checked = reconcile::checked(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let virt_type = virt_type::decide(&args.virt_type)?;
+    let libvirt = Arc::new(tokio::task::block_in_place(|| Libvirt::open(&args.common.libvirt_uri))?);
+    let nft = Nft::default();
+    tokio::task::block_in_place(|| nft.tables("noexit-")).context("nftables is needed for the project walls")?;
+    tracing::info!(virt_type = virt_type.0.as_str(), reason = %virt_type.1, workspaces = checked.workspaces.len(), "single-host mode");
+
+    let state_dir = &args.common.state_dir;
+    secure_dir(state_dir)?;
+    secure_dir(&state_dir.join("workspaces"))?;
+    let state = State::open(&state_dir.join("host.db")).await?;
+    let instance = state.instance().await?;
+    let ca = Arc::new(load_or_make_ca(state_dir)?);
+    state.set_setting("virt_type", virt_type.0.as_str()).await?;
+    state.set_setting("virt_type_reason", &virt_type.1).await?;
+    state.set_setting("libvirt_uri", &args.common.libvirt_uri).await?;
+    let ports = HostPorts { api: args.api_port, mirror: args.mirror_port, dns: args.dns_port };
+    let settings = world::Settings {
+        instance,
+        state_dir: state_dir.clone(),
+        virt_type: virt_type.0,
+        ports,
+        subnet_base: args.subnet_base,
+        vnc_listen: args.vnc_listen,
+    };
+    let cluster = Arc::new(crate::api::MemoryCluster::new());
+    let svc = services::Paths::new(state_dir);
+    std::fs::create_dir_all(&svc.dir).with_context(|| format!("creating {}", svc.dir.display()))?;
+    let host = Host {
+        settings,
+        libvirt,
+        nft,
+        state: state.clone(),
+        ca: ca.clone(),
+        manifests: args.files.clone(),
+        cluster: Some(cluster.clone()),
+        clients_file: Some(svc.clients.clone()),
+        policy_file: Some(svc.policy.clone()),
+    };
+    let first = host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    print_pass(&first);
+    if args.once {
+        for _ in 1..args.passes {
+            print_pass(&host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
+        return Ok(());
+    }
+    std::fs::write(pid_file(state_dir), std::process::id().to_string())?;
+    let mut services = services::start(&args, &svc, &ca, cluster)?;
+    let mut tick = tokio::time::interval(Duration::from_secs(args.interval.max(1)));
+    tick.tick().await;
+    let shutdown = crate::telemetry::shutdown_signal();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            Some(done) = services.join_next() => {
+                break Err(match done {
+                    Ok(Ok(name)) => anyhow::anyhow!("{name} stopped"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("a service panicked: {e}"),
+                });
+            }
+            _ = tick.tick() => match host.pass().await {
+                Ok(r) if r.steps.is_empty() && r.failed.is_empty() => {}
+                Ok(r) => print_pass(&r),
+                // A bad edit keeps what runs (fail closed, lose nothing) and says why.
+                Err(e @ (PassError::Refused(_) | PassError::Clash(_))) => tracing::error!("{e}"),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "reconcile failed"),
+            },
+        }
+    };
+    services.abort_all();
+    let _ = std::fs::remove_file(pid_file(state_dir));
+    result
+}
+
+fn print_pass(r: &reconcile::PassReport) {
+    for s in &r.steps {
+        println!("  {s}");
+    }
+    for f in &r.failed {
+        println!("  FAILED {f}");
+    }
+    println!(
+        "reconciled {} workspace(s) in {} ms ({} step(s), {} failed)",
+        r.workspaces,
+        r.elapsed.as_millis(),
+        r.steps.len(),
+        r.failed.len()
+    );
+}
+
+pub async fn down(args: DownArgs) -> anyhow::Result<()> {
+    let state_dir = &args.common.state_dir;
+    let pidf = pid_file(state_dir);
+    if let Ok(text) = std::fs::read_to_string(&pidf)
+        && let Ok(pid) = text.trim().parse::<i32>()
+        && process_alive(pid)
+    {
+        // SAFETY: plain kill(2) on the pid `up` wrote.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while process_alive(pid) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "`up` (pid {pid}) did not stop within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("stopped noexit up (pid {pid})");
+    }
+    let db = state_dir.join("host.db");
+    anyhow::ensure!(db.exists(), "{}: no single-host state here (nothing to bring down)", state_dir.display());
+    let state = State::open(&db).await?;
+    let libvirt = tokio::task::block_in_place(|| Libvirt::open(&args.common.libvirt_uri))?;
+    for s in reconcile::down(&libvirt, &Nft::default(), &state).await? {
+        println!("  {s}");
+    }
+    println!(
+        "down: workspaces stopped, project networks and walls removed; home disks kept in {}",
+        state_dir.join("workspaces").display()
+    );
+    Ok(())
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Zombies count as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}

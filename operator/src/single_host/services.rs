@@ -1,0 +1,140 @@
+//! The control-plane API, the mirror and the DNS server, run in this process with the options
+//! their own subcommands take (so they behave exactly as `noexit-operator api|mirror|dns`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::task::JoinSet;
+
+use super::UpArgs;
+use super::world::{API_NAME, MIRROR_NAME};
+use crate::api::{Cluster, MemoryCluster};
+use crate::pki::Ca;
+
+/// Files the services read, under the state directory.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub dir: PathBuf,
+    pub clients: PathBuf,
+    pub policy: PathBuf,
+}
+
+impl Paths {
+    pub fn new(state_dir: &Path) -> Self {
+        let dir = state_dir.join("services");
+        Self { clients: dir.join("clients.yaml"), policy: dir.join("mirror-policy.yaml"), dir }
+    }
+}
+
+#[derive(Parser)]
+#[command(no_binary_name = true)]
+struct Wrap<T: clap::Args> {
+    #[command(flatten)]
+    inner: T,
+}
+
+fn parse<T: clap::Args>(what: &str, args: Vec<String>) -> anyhow::Result<T> {
+    Ok(Wrap::<T>::try_parse_from(args).with_context(|| format!("options of the {what}"))?.inner)
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Start the three services; each task ends with its name (or its error).
+pub fn start(
+    args: &UpArgs,
+    paths: &Paths,
+    ca: &Ca,
+    cluster: Arc<MemoryCluster>,
+) -> anyhow::Result<JoinSet<anyhow::Result<&'static str>>> {
+    std::fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
+    let state = &args.common.state_dir;
+    let pki = state.join("pki");
+    let server = ca.issue_server(
+        &[API_NAME.into(), MIRROR_NAME.into(), "localhost".into(), "127.0.0.1".into()],
+        chrono::Duration::days(365),
+    )?;
+    std::fs::write(pki.join("server.crt"), &server.cert_pem)?;
+    super::write_private(&pki.join("server.key"), &server.key_pem)?;
+    let listen = |port: u16| format!("{}:{port}", args.listen_address);
+
+    let api: crate::api::Args = parse(
+        "API",
+        vec![
+            "--listen".into(),
+            listen(args.api_port),
+            "--tls-cert".into(),
+            s(&pki.join("server.crt")),
+            "--tls-key".into(),
+            s(&pki.join("server.key")),
+            "--client-ca".into(),
+            s(&pki.join("ca.crt")),
+            "--database-url".into(),
+            format!("sqlite:{}", s(&state.join("api.db"))),
+            "--audit-key".into(),
+            s(&state.join("audit-signing.pem")),
+            "--data-dir".into(),
+            s(&state.join("api-data")),
+        ],
+    )?;
+    // Without an upstream the mirror serves an offline snapshot: an empty one by default.
+    let snapshot = state.join("mirror-snapshot");
+    let packages = snapshot.join("src/contrib/PACKAGES");
+    if !packages.exists() {
+        std::fs::create_dir_all(snapshot.join("src/contrib"))
+            .with_context(|| format!("creating {}", snapshot.display()))?;
+        std::fs::write(&packages, "")?;
+    }
+    let mut mirror_args = vec![
+        "--listen".into(),
+        listen(args.mirror_port),
+        "--policy".into(),
+        s(&paths.policy),
+        "--clients".into(),
+        s(&paths.clients),
+        "--audit-file".into(),
+        s(&state.join("mirror-audit.jsonl")),
+        "--cache-dir".into(),
+        s(&state.join("mirror-cache")),
+    ];
+    match &args.mirror_upstream {
+        Some(up) => mirror_args.extend(["--upstream".into(), up.clone()]),
+        None => mirror_args.extend(["--snapshot".into(), s(&snapshot)]),
+    }
+    let mirror: crate::mirror::Args = parse("mirror", mirror_args)?;
+    let site = paths.dir.join("dns-site.yaml");
+    std::fs::write(&site, dns_site())?;
+    let dns: crate::dns::Args = parse(
+        "DNS server",
+        vec![
+            "--listen".into(),
+            listen(args.dns_port),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--site".into(),
+            s(&site),
+            "--clients".into(),
+            s(&paths.clients),
+            "--audit-file".into(),
+            s(&state.join("dns-audit.jsonl")),
+        ],
+    )?;
+    let mut set = JoinSet::new();
+    let cluster: Arc<dyn Cluster> = cluster;
+    set.spawn(async move {
+        crate::api::run_with_cluster(api, Some(cluster)).await.context("control-plane API").map(|()| "the API")
+    });
+    set.spawn(async move { crate::mirror::run(mirror).await.context("mirror").map(|()| "the mirror") });
+    set.spawn(async move { crate::dns::run(dns).await.context("DNS server").map(|()| "the DNS server") });
+    Ok(set)
+}
+
+/// The DNS server's site: its zone holds the Kubernetes service names only. In single-host mode
+/// the guests find the API and the mirror through the seed's hosts entries (each project on its
+/// own gateway address); the DNS server's job is to refuse every other name without recursing.
+fn dns_site() -> String {
+    "operatorNamespace: noexit-system\n".into()
+}
