@@ -163,7 +163,12 @@ async fn bench(backend: &str) {
     let cluster = Arc::new(api::memory_cluster_from(&manifests).expect("manifests"));
     let audit = Arc::new(Store::connect(&url).await.expect("audit store"));
     let store = ApiStore::new(audit.pool().clone());
-    let config = ApiConfig { data_dir: dir.path().join("data"), require_mfa: false, max_upload_bytes: 1 << 20 };
+    let config = ApiConfig {
+        data_dir: dir.path().join("data"),
+        require_mfa: false,
+        max_upload_bytes: 1 << 20,
+        inbox: Default::default(),
+    };
     let oidc_config =
         api::oidc::OidcConfig { allow_http_loopback: true, ..api::oidc::OidcConfig::new(issuer.url.clone()) };
     let oidc = Arc::new(api::oidc::Oidc::new(oidc_config).expect("oidc"));
@@ -210,9 +215,9 @@ async fn bench(backend: &str) {
     let ids = Arc::new(ids);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for r in 0..reviewers {
+    for (r, http) in clients.iter().enumerate().take(reviewers) {
         let (ids, token, base) = (ids.clone(), issuer.token(&format!("checker-{r}@x")), base.clone());
-        let http = clients[r].clone();
+        let http = http.clone();
         tasks.push(tokio::spawn(async move {
             let (mut gets, mut approves) = (Vec::new(), Vec::new());
             for (o, id) in ids.iter().enumerate() {
@@ -248,9 +253,9 @@ async fn bench(backend: &str) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     let lanes = reviewers.max(1);
-    for lane in 0..lanes {
+    for (lane, http) in clients.iter().enumerate().take(lanes) {
         let (ids, token, base) = (ids.clone(), token.clone(), base.clone());
-        let http = clients[lane].clone();
+        let http = http.clone();
         tasks.push(tokio::spawn(async move {
             let (mut links, mut downloads) = (Vec::new(), Vec::new());
             for id in ids.iter().skip(lane).step_by(lanes) {

@@ -107,6 +107,7 @@ pub fn agent_config(project: &str, workspace: &str, net: &ProjectNet, ports: &Ho
             canary: None,
         },
         outbox: "/outbox".into(),
+        inbox: "/inbox".into(),
         spool: "/var/lib/noexit-agent/spool".into(),
         mode: AgentMode::Vm,
         desktop: DesktopKind::Vnc,
