@@ -24,12 +24,14 @@ fn renders_the_example_project_with_real_certificates() {
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
         .map(|d| serde::Deserialize::deserialize(d).expect("document"))
         .collect();
-    assert_eq!(docs.len(), 28);
+    // 28 objects, plus per workspace the VNC Secret and the gateway's Role and RoleBinding to
+    // read it (2 workspaces).
+    assert_eq!(docs.len(), 34);
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "Pod").count(), 1);
     assert_eq!(kinds.iter().filter(|k| **k == "VirtualMachine").count(), 1);
     // The dry run issues real (throwaway) certificates, so the Secret holds a parsable PEM.
-    let secret = docs.iter().find(|d| d["kind"] == "Secret").expect("secret");
+    let secret = docs.iter().find(|d| d["kind"] == "Secret" && !d["data"]["tls.crt"].is_null()).expect("secret");
     let pem = secret["data"]["tls.crt"].as_str().expect("tls.crt");
     use base64::Engine;
     let decoded = base64::engine::general_purpose::STANDARD.decode(pem).expect("base64");
