@@ -2154,7 +2154,7 @@ async fn airlock_flow(db_url: &str) {
     let (_, still) = call(&people, Method::GET, &outputs(&format!("/{tamper_id}")), Some(&alice), None).await.unwrap();
     assert_eq!(still["state"], "approved");
 
-    // Bad submissions: a path-traversal name, an oversized file, a zip bomb (stored, not expanded).
+    // Bad submissions: a path-traversal name, an oversized file, a zip bomb (refused, never expanded).
     let sha = "0".repeat(64);
     for (name, size, code) in [("../escape.csv", 10, "invalidFileName"), ("big.csv", 2 * 1024 * 1024, "fileTooLarge")] {
         let manifest = json!({"id": Uuid::new_v4(), "fileName": name, "size": size, "sha256": sha,
@@ -2166,20 +2166,38 @@ async fn airlock_flow(db_url: &str) {
     let bomb = zip_bomb(64 * 1024 * 1024);
     assert!(bomb.len() < 1024 * 1024, "the bomb fits under the upload limit ({} bytes)", bomb.len());
     let (bomb_id, ack) = submit(&api, &agent, "bomb.zip", &bomb).await;
-    assert_eq!(ack["state"], "checked");
+    assert_eq!(ack["state"], "rejected", "the agent is told at once (and does not retry): {ack}");
     let (_, b) = call(&people, Method::GET, &outputs(&format!("/{bomb_id}")), Some(&olive), None).await.unwrap();
-    assert_ne!(b["checks"]["verdict"], "pass", "an archive is never passed: {b}");
-    let stored =
-        std::fs::metadata(api.data_dir.path().join("outbox/ward-7/alice-r").join(bomb_id.to_string())).unwrap();
-    assert_eq!(stored.len(), noexit_airlock::seal::sealed_len(bomb.len() as u64), "stored as sent, not expanded");
+    assert_eq!((b["state"].as_str(), b["checks"]["verdict"].as_str()), (Some("rejected"), Some("refuse")), "{b}");
+    assert_eq!(b["contentDeleted"], true, "{b}");
+    assert_eq!(b["reviews"][0]["reviewer"], "noexit-airlock", "{b}");
+    let why = b["reviews"][0]["reason"].as_str().unwrap();
+    assert!(why.contains("archives are not released: unpack and submit the files"), "{why}");
+    assert!(
+        !api.data_dir.path().join("outbox/ward-7/alice-r").join(bomb_id.to_string()).exists(),
+        "the sealed content is deleted at once"
+    );
+    let refusals = api.refused("output.refuse").await;
+    let entry = refusals.iter().find(|e| e.event.object.ends_with(&bomb_id.to_string())).expect("output.refuse entry");
+    assert_eq!(entry.event.actor, "system:noexit-airlock");
+    assert_eq!(entry.event.detail["bytesRead"], bomb.len() as u64, "only the bytes sent were read: never expanded");
+    assert_eq!(entry.event.detail["expanded"], false);
+    let (_, decisions) = call(&agent, Method::GET, &api.url("/v1/agent/outputs"), None, None).await.unwrap();
+    let seen = decisions.as_array().unwrap().iter().find(|d| d["id"] == bomb_id.to_string()).expect("bomb decision");
+    assert_eq!(seen["state"], "rejected");
+    assert!(seen["reasons"][0]["reason"].as_str().unwrap().contains("unpack and submit the files"), "{seen}");
+    // Reviewers cannot act on it: the decision is final.
+    let (status, _) = call(&people, Method::POST, &approve(bomb_id), Some(&olive), None).await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT);
 
     // Withdrawal: only the requester, before release; then no one reviews it.
-    let withdraw = outputs(&format!("/{bomb_id}/withdraw"));
+    let (notes_id, _) = submit(&api, &agent, "notes.txt", b"a model summary, no counts\n").await;
+    let withdraw = outputs(&format!("/{notes_id}/withdraw"));
     let (status, body) = call(&people, Method::POST, &withdraw, Some(&bob), None).await.unwrap();
     assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("notTheRequester")), "{body}");
     let (status, body) = call(&people, Method::POST, &withdraw, Some(&alice), None).await.unwrap();
     assert_eq!((status, body["state"].as_str()), (StatusCode::OK, Some("withdrawn")), "{body}");
-    let (status, _) = call(&people, Method::POST, &approve(bomb_id), Some(&olive), None).await.unwrap();
+    let (status, _) = call(&people, Method::POST, &approve(notes_id), Some(&olive), None).await.unwrap();
     assert_eq!(status, StatusCode::CONFLICT);
 
     // Every refusal is in the audit log, under its action.

@@ -4,6 +4,7 @@
 //! submitted ──content verified, checks run──▶ checked ──first approval──▶ inReview
 //!     checked | inReview ──enough distinct approvals──▶ approved ──requester downloads──▶ released
 //!     checked | inReview ──one rejection (reason)────▶ rejected
+//!     submitted | checked ──the checks refuse it (archive, executable)──▶ rejected
 //!     checked | inReview ──changes requested (reason)▶ changesRequested
 //!     submitted | checked | inReview | approved ──requester withdraws──▶ withdrawn
 //!     submitted | checked | inReview | approved ──retention passes─────▶ expired
@@ -130,6 +131,8 @@ pub enum Actor<'a> {
 pub enum Event<'a> {
     /// The content arrived, matched the declared SHA-256, and the checks ran.
     Checked,
+    /// The checks refuse the file outright (an archive, an executable): no one reviews it.
+    Refuse,
     Review {
         decision: Decision,
         reason: &'a str,
@@ -145,6 +148,7 @@ impl Event<'_> {
     pub fn name(&self) -> &'static str {
         match self {
             Event::Checked => "checked",
+            Event::Refuse => "refuse",
             Event::Review { decision, .. } => decision.as_str(),
             Event::Withdraw => "withdraw",
             Event::Release => "release",
@@ -208,12 +212,13 @@ pub fn transition(facts: &Facts<'_>, actor: Actor<'_>, event: Event<'_>) -> Resu
     let name = event.name();
     let wrong = || Refusal::WrongState { state: facts.state, event: name };
     match event {
-        Event::Checked | Event::Expire => {
+        Event::Checked | Event::Refuse | Event::Expire => {
             if actor != Actor::System {
                 return Err(Refusal::SystemOnly { event: name });
             }
             match (event, facts.state) {
                 (Event::Checked, State::Submitted) => Ok(State::Checked),
+                (Event::Refuse, State::Submitted | State::Checked) => Ok(State::Rejected),
                 (Event::Expire, State::Submitted | State::Checked | State::InReview | State::Approved) => {
                     Ok(State::Expired)
                 }
@@ -322,7 +327,7 @@ mod tests {
     }
 
     fn events() -> Vec<Event<'static>> {
-        let mut e = vec![Event::Checked, Event::Withdraw, Event::Release, Event::Expire];
+        let mut e = vec![Event::Checked, Event::Refuse, Event::Withdraw, Event::Release, Event::Expire];
         for d in Decision::ALL {
             e.push(Event::Review { decision: d, reason: "cell of 7" });
         }
@@ -333,6 +338,7 @@ mod tests {
     fn expected(state: State, event: Event<'_>) -> Option<State> {
         match (state, event) {
             (Submitted, Event::Checked) => Some(Checked),
+            (Submitted | Checked, Event::Refuse) => Some(Rejected),
             (Submitted | Checked | InReview | Approved, Event::Withdraw) => Some(Withdrawn),
             (Submitted | Checked | InReview | Approved, Event::Expire) => Some(Expired),
             (Approved, Event::Release) => Some(Released),
@@ -345,7 +351,7 @@ mod tests {
 
     fn right_actor(event: Event<'_>) -> Actor<'static> {
         match event {
-            Event::Checked | Event::Expire => Actor::System,
+            Event::Checked | Event::Refuse | Event::Expire => Actor::System,
             Event::Withdraw | Event::Release => Actor::Person { user: ALICE, checker: false },
             Event::Review { .. } => checker(BOB),
         }
@@ -386,7 +392,7 @@ mod tests {
             let f = facts(state);
             for event in events() {
                 let wrong: Vec<Actor<'_>> = match event {
-                    Event::Checked | Event::Expire => vec![checker(BOB), Actor::Person { user: ALICE, checker: true }],
+                    Event::Checked | Event::Refuse | Event::Expire => vec![checker(BOB), Actor::Person { user: ALICE, checker: true }],
                     Event::Withdraw | Event::Release => vec![Actor::System, checker(BOB)],
                     Event::Review { .. } => vec![
                         Actor::System,

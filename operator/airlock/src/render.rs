@@ -171,6 +171,7 @@ fn verdict_name(v: Verdict) -> &'static str {
         Verdict::Pass => "pass",
         Verdict::Review => "review",
         Verdict::Fail => "fail",
+        Verdict::Refuse => "refused",
     }
 }
 
@@ -238,7 +239,7 @@ pub fn review_fragment(file_name: &str, bytes: &[u8], report: &Report) -> String
         }
         Format::Image { mime } => image_html(&mut out, file_name, mime, bytes),
         Format::Svg => image_html(&mut out, file_name, "image/svg+xml", bytes),
-        Format::Archive { what } | Format::Binary { what } => {
+        Format::Archive { what } | Format::Executable { what } | Format::Binary { what } => {
             let _ = write!(out, "<p>{}: not shown; it can only be reviewed offline.</p>", escape(what));
         }
     }

@@ -278,6 +278,18 @@ pub async fn outbox_content(
         let ack = OutboxAck { id: request_id, state: now };
         return Ok(noted(Json(ack), object, serde_json::json!({"resent": true})));
     }
+    if let Some(reason) = report.refusal() {
+        // Never reviewed, never released: rejected now, content deleted, audited.
+        let read = plain.as_ref().map_or(expected, |p| p.len() as u64);
+        let now = if super::airlock_checks::refuse(&state, &row, row.version + 1, &dest, &reason, read).await? {
+            Life::Rejected.as_str().to_owned()
+        } else {
+            state.store.output_request(request_id).await?.map(|r| r.state).unwrap_or_default()
+        };
+        let ack = OutboxAck { id: request_id, state: now };
+        let detail = serde_json::json!({"size": expected, "sha256": row.sha256, "verdict": report.verdict, "refused": reason});
+        return Ok(noted(Json(ack), object, detail));
+    }
     if row.companion_of.is_some() {
         super::airlock_checks::recheck_described(&state, &row, &policy).await;
     }

@@ -12,12 +12,16 @@
 //! checks of the files it describes that no one has reviewed yet.
 
 use noexit_airlock::checks::{self, CheckResult, OutputMetadata, Policy, Report, Submission, Verdict};
-use noexit_airlock::lifecycle::State;
+use noexit_airlock::lifecycle::{self, Actor, Decision, Event, Facts, State};
 use noexit_crds::agent::WorkspaceIdentity;
 
 use super::AppState;
 use super::error::ApiError;
-use super::output_store::OutputRequestRow;
+use super::output_store::{OutputRequestRow, ReviewRow};
+use crate::audit::{AuditEvent, Outcome};
+
+/// Who decides a refusal by the checks (the review's `reviewer`, the audit entry's actor).
+pub const DECIDER: &str = "noexit-airlock";
 
 /// Suffix of a metadata sidecar.
 pub const SIDECAR_SUFFIX: &str = ".sdc.json";
@@ -124,6 +128,63 @@ pub async fn check_arrival(
         report.results.push(n);
     }
     Ok(report)
+}
+
+/// The checks refuse `row` (an archive, an executable): `checked` → `rejected` at once, with
+/// the reason as the decision of [`DECIDER`] (the researcher reads it in `/outbox/.decisions`),
+/// the sealed content deleted (it was never expanded), and an `output.refuse` audit entry that
+/// records how many bytes were read. `version` is the row's version after it was marked
+/// checked. `false` if another change came first (a withdrawal): nothing is done then.
+pub async fn refuse(
+    state: &AppState,
+    row: &OutputRequestRow,
+    version: i64,
+    content: &std::path::Path,
+    reason: &str,
+    bytes_read: u64,
+) -> Result<bool, ApiError> {
+    let facts = Facts { state: State::Checked, requester: row.requester(), reviewers: &[], approvals: 0, required: 1 };
+    let next = lifecycle::transition(&facts, Actor::System, Event::Refuse)
+        .map_err(|e| ApiError::Internal(format!("refusing output {}: {e}", row.id)))?;
+    let review = ReviewRow {
+        request_id: row.id.clone(),
+        reviewer: DECIDER.into(),
+        decision: Decision::Reject.as_str().into(),
+        reason: reason.into(),
+        at: chrono::Utc::now(),
+    };
+    if !state.store.change_state(&row.id, version, next, Some(&review), None).await? {
+        return Ok(false);
+    }
+    let mut deleted = true;
+    match tokio::fs::remove_file(content).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            // The sweeper deletes it after retention, as for any rejected request.
+            tracing::warn!(output = %row.id, error = %e, "cannot delete refused content now");
+            deleted = false;
+        }
+    }
+    if deleted {
+        state.store.mark_content_deleted(&row.id).await?;
+    }
+    let event = AuditEvent {
+        actor: format!("system:{DECIDER}"),
+        role: None,
+        action: "output.refuse".into(),
+        object: super::outputs::object_of(row),
+        outcome: Outcome::Refused(reason.to_owned()),
+        source: None,
+        detail: serde_json::json!({
+            "fileName": row.file_name, "size": row.size, "sha256": row.sha256,
+            "bytesRead": bytes_read, "expanded": false, "contentDeleted": deleted,
+        }),
+    };
+    if let Err(e) = state.audit.record(event).await {
+        tracing::error!(error = %e, output = %row.id, "cannot record a refused output");
+    }
+    Ok(true)
 }
 
 /// A companion arrived: re-run the checks of the files it describes that are still waiting

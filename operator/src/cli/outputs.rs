@@ -246,6 +246,7 @@ fn verdict(v: Verdict) -> &'static str {
         Verdict::Pass => "pass",
         Verdict::Review => "review",
         Verdict::Fail => "FAIL",
+        Verdict::Refuse => "REFUSED",
     }
 }
 

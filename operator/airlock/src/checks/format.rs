@@ -14,6 +14,8 @@ pub enum Format {
     Svg,
     /// An archive or compressed stream: never expanded (a zip bomb stays a few bytes).
     Archive { what: &'static str },
+    /// A program (ELF, Mach-O, Windows PE): refused like an archive, never reviewed.
+    Executable { what: &'static str },
     /// Some other binary format (PDF, Office, unknown).
     Binary { what: &'static str },
 }
@@ -26,7 +28,7 @@ impl Format {
             Format::Text => "text",
             Format::Image { mime } => mime,
             Format::Svg => "SVG image",
-            Format::Archive { what } | Format::Binary { what } => what,
+            Format::Archive { what } | Format::Executable { what } | Format::Binary { what } => what,
         }
     }
 }
@@ -50,7 +52,9 @@ const MAGIC: &[(&[u8], Format)] = &[
     (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", Format::Binary { what: "legacy Office document" }),
     (b"SQLite format 3\x00", Format::Binary { what: "SQLite database" }),
     (b"PAR1", Format::Binary { what: "Parquet file" }),
-    (b"\x7fELF", Format::Binary { what: "ELF executable" }),
+    (b"\x7fELF", Format::Executable { what: "ELF executable" }),
+    (b"\xcf\xfa\xed\xfe", Format::Executable { what: "Mach-O executable" }),
+    (b"\xce\xfa\xed\xfe", Format::Executable { what: "Mach-O executable" }),
 ];
 
 /// Decide the format of `bytes` named `file_name`. Content wins over the name: a `.csv`
@@ -58,6 +62,9 @@ const MAGIC: &[(&[u8], Format)] = &[
 pub fn detect(file_name: &str, bytes: &[u8]) -> Format {
     if let Some((_, f)) = MAGIC.iter().find(|(m, _)| bytes.starts_with(m)) {
         return *f;
+    }
+    if is_pe(bytes) {
+        return Format::Executable { what: "Windows executable" };
     }
     // A tar archive has `ustar` at offset 257.
     if bytes.len() > 262 && &bytes[257..262] == b"ustar" {
@@ -81,6 +88,16 @@ pub fn extension(file_name: &str) -> String {
         Some((stem, ext)) if !stem.is_empty() => ext.to_ascii_lowercase(),
         _ => String::new(),
     }
+}
+
+/// `MZ`, and the `PE\0\0` signature where the DOS header's offset at 0x3c points (so a table
+/// whose first cell starts "MZ" is not taken for a program).
+fn is_pe(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(b"MZ") || bytes.len() < 0x40 {
+        return false;
+    }
+    let at = u32::from_le_bytes([bytes[0x3c], bytes[0x3d], bytes[0x3e], bytes[0x3f]]) as usize;
+    bytes.get(at..at.saturating_add(4)) == Some(b"PE\0\0".as_slice())
 }
 
 fn looks_like_svg(bytes: &[u8]) -> bool {

@@ -58,6 +58,9 @@ pub enum Verdict {
     /// A person must look (unparseable, binary, too large, ambiguous).
     Review,
     Fail,
+    /// Never released, not even reviewed: an archive or executable the checks cannot look
+    /// inside. The control plane rejects the request at once and deletes its content.
+    Refuse,
 }
 
 /// A table cell, as a reviewer finds it in the file: `row` is the 1-based line of the file
@@ -133,6 +136,23 @@ impl Report {
     }
 }
 
+/// Why an archive is refused (the researcher reads it in `/outbox/.decisions`).
+pub const ARCHIVES_REFUSED: &str = "archives are not released: unpack and submit the files";
+/// Why an executable is refused.
+pub const EXECUTABLES_REFUSED: &str = "executables are not released: submit results, not programs";
+
+impl Report {
+    /// The reason the checks refuse this file outright (verdict [`Verdict::Refuse`]), if they do.
+    pub fn refusal(&self) -> Option<String> {
+        if self.verdict != Verdict::Refuse {
+            return None;
+        }
+        let why: Vec<&str> =
+            self.results.iter().filter(|r| r.verdict == Verdict::Refuse).map(|r| r.message.as_str()).collect();
+        Some(if why.is_empty() { ARCHIVES_REFUSED.to_owned() } else { why.join("; ") })
+    }
+}
+
 fn result(check: &str, verdict: Verdict, message: String) -> CheckResult {
     CheckResult { check: check.into(), verdict, message, cells: vec![] }
 }
@@ -162,8 +182,13 @@ pub fn run_with_detectors(sub: &Submission<'_>, policy: &Policy, detectors: &noe
         match fmt {
             Format::Archive { what } => results.push(result(
                 "format",
-                Verdict::Review,
-                format!("{what} ({size} bytes): archives are never expanded; manual review"),
+                Verdict::Refuse,
+                format!("{what} ({size} bytes, never expanded): {ARCHIVES_REFUSED}"),
+            )),
+            Format::Executable { what } => results.push(result(
+                "format",
+                Verdict::Refuse,
+                format!("{what} ({size} bytes): {EXECUTABLES_REFUSED}"),
             )),
             Format::Binary { what } => results.push(result(
                 "format",

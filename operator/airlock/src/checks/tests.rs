@@ -282,17 +282,29 @@ fn zip_bomb() -> Vec<u8> {
 }
 
 #[test]
-fn archives_and_zip_bombs_go_to_review_unexpanded() {
+fn archives_zip_bombs_and_executables_are_refused_unexpanded() {
     let z = zip_bomb();
     for name in ["out.zip", "table.csv"] {
         let r = run(&sub(name, &z), &Policy::default());
-        assert_eq!(r.verdict, Verdict::Review);
+        assert_eq!(r.verdict, Verdict::Refuse);
         assert_eq!(r.results.len(), 1, "only the format result: {:#?}", r.results);
         assert!(r.results[0].message.contains("zip archive"), "{}", r.results[0].message);
         assert!(r.results[0].message.contains("never expanded"));
+        assert!(r.refusal().unwrap().contains("unpack and submit the files"), "{:?}", r.refusal());
     }
-    let r = run(&sub("x.gz", b"\x1f\x8b\x08\x00rest"), &Policy::default());
-    assert_eq!(r.verdict, Verdict::Review);
+    for (name, bytes) in [("x.gz", &b"\x1f\x8b\x08\x00rest"[..]), ("model", b"\x7fELF\x02\x01\x01")] {
+        let r = run(&sub(name, bytes), &Policy::default());
+        assert_eq!(r.verdict, Verdict::Refuse, "{name}");
+    }
+    let mut pe = b"MZ".to_vec();
+    pe.resize(0x80, 0);
+    pe[0x3c] = 0x40;
+    pe[0x40..0x44].copy_from_slice(b"PE\0\0");
+    assert_eq!(run(&sub("tool.exe", &pe), &Policy::default()).verdict, Verdict::Refuse);
+    // A table whose first cell starts "MZ" is a table, not a program.
+    let r = run(&sub("t.csv", b"MZ code,n\nA,40\nB,44\n"), &Policy::default());
+    assert_ne!(r.verdict, Verdict::Refuse);
+    assert_eq!(r.refusal(), None);
 }
 
 #[test]

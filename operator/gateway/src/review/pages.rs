@@ -97,6 +97,7 @@ fn verdict_of(o: &Output) -> &'static str {
         Some(Verdict::Pass) => "pass",
         Some(Verdict::Review) => "review",
         Some(Verdict::Fail) => "fail",
+        Some(Verdict::Refuse) => "refused",
         None => "not checked yet",
     }
 }
