@@ -430,11 +430,22 @@ async fn download_verifies_the_receipt_and_spends_the_link_once() {
 
     // The link the CLI used is spent.
     assert_eq!(raw_get(&h, &format!("/v1/projects/ward-7/outputs/{SUMMARY_ID}/download/tok1")).await, 410);
-    // Without --key the receipt's own key is used, and the OK line says so.
+    // Without --key: the file and receipt are saved (they match the key the receipt carries),
+    // but who signed is unknown: NOT VERIFIED, exit 1.
     let args = ["outputs", "download", SUMMARY_ID, "-p", "ward-7", "-o", "again.csv"];
     let (code, out, err) = h.noexit(Some("alice"), &args).await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("(the key inside the receipt; pass --key to check it is your site's)"), "{out}");
+    echo(&["outputs", "download", SUMMARY_ID, "-p", "ward-7", "-o", "again.csv"], &out, &err);
+    assert_eq!(code, 1, "{out}{err}");
+    let signed = receipt::sign(&summary_receipt(), &h.key);
+    let not_verified = format!(
+        "NOT VERIFIED: no site key given (--key or NOEXIT_RECEIPT_KEY); the receipt is internally consistent \
+         with the key it carries (id {})",
+        signed.key_id
+    );
+    assert!(err.contains(&not_verified), "{err}");
+    assert!(!out.contains("OK "), "no OK line without the site key: {out}");
+    assert_eq!(std::fs::read(h.path("again.csv")).unwrap(), SUMMARY);
+    assert!(h.path("again.csv.receipt.json").exists() && !h.path("again.csv.unverified").exists());
 
     // A tampered store: the bytes do not match the receipt; nothing gets the file's name.
     h.state.lock().unwrap().serve_instead = Some(b"ward,patients\nA,19\nB,16\n".to_vec());
@@ -445,6 +456,12 @@ async fn download_verifies_the_receipt_and_spends_the_link_once() {
     assert!(err.contains("does not vouch for tampered.csv: SHA-256 differs"), "{err}");
     assert!(err.contains("kept in tampered.csv.unverified"), "{err}");
     assert!(!h.path("tampered.csv").exists() && h.path("tampered.csv.unverified").exists());
+    // Without --key too: bytes that do not match even the receipt's own key are kept aside.
+    let args = ["outputs", "download", SUMMARY_ID, "-p", "ward-7", "-o", "tampered2.csv"];
+    let (code, _, err) = h.noexit(Some("alice"), &args).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not vouch for tampered2.csv: SHA-256 differs"), "{err}");
+    assert!(!h.path("tampered2.csv").exists() && h.path("tampered2.csv.unverified").exists());
 
     // The wrong site key: refused, naming both keys.
     h.state.lock().unwrap().serve_instead = None;
@@ -497,10 +514,23 @@ async fn verify_receipt_offline_names_what_failed() {
     assert!(out.starts_with("OK summary.csv: 24 bytes"), "{out}");
     assert!(out.trim_end().ends_with(&format!("signed by key {} (the site key audit.pub)", signed.key_id)), "{out}");
 
-    // Without --key: the receipt's own key, and the line says so.
-    let (code, out, _) = run(vec!["outputs", "verify-receipt", "summary.csv", "summary.csv.receipt.json"]).await;
-    assert_eq!(code, 0);
-    assert!(out.contains("(the key inside the receipt; pass --key to check it is your site's)"), "{out}");
+    // Without --key: consistent with the key it carries, but who signed is unknown (exit 1).
+    let (code, out, err) = run(vec!["outputs", "verify-receipt", "summary.csv", "summary.csv.receipt.json"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains(&format!(
+            "NOT VERIFIED: no site key given (--key or NOEXIT_RECEIPT_KEY); the receipt is internally consistent \
+             with the key it carries (id {})",
+            signed.key_id
+        )),
+        "{err}"
+    );
+    // …and a changed file fails the same way it does with the key.
+    std::fs::write(h.path("changed0.csv"), b"ward,patients\nA,19\nB,15\nC,3\n").unwrap();
+    let (code, _, err) = run(vec!["outputs", "verify-receipt", "changed0.csv", "summary.csv.receipt.json"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("size differs"), "{err}");
 
     // Another key.
     let (code, _, err) =

@@ -95,17 +95,20 @@ pub enum OutputsCommand {
         /// goes to FILE.receipt.json.
         #[arg(long, short = 'o', value_name = "FILE")]
         output: Option<PathBuf>,
-        /// The site's receipt signing key (the audit checkpoint public key, PEM).
+        /// The site's receipt signing key (the audit checkpoint public key, PEM). Without it
+        /// the file and receipt are saved but the command says NOT VERIFIED and exits 1.
         #[arg(long, env = "NOEXIT_RECEIPT_KEY", value_name = "PUBKEY")]
         key: Option<PathBuf>,
     },
-    /// Check offline that RECEIPT is a signed release receipt for FILE. Exit 0 and one line
-    /// starting OK, or exit 1 naming what failed.
+    /// Check offline that RECEIPT is a signed release receipt for FILE, signed by the site's
+    /// key. Exit 0 and one line starting OK, or exit 1 naming what failed (NOT VERIFIED
+    /// without a key).
     VerifyReceipt {
         file: PathBuf,
         receipt: PathBuf,
         /// The site's receipt signing key (the audit checkpoint public key, PEM). Without it
-        /// the key inside the receipt is used, which proves integrity but not who signed.
+        /// the receipt is only checked against the key it carries (integrity, not who signed)
+        /// and the command says NOT VERIFIED and exits 1.
         #[arg(long, env = "NOEXIT_RECEIPT_KEY", value_name = "PUBKEY")]
         key: Option<PathBuf>,
     },
@@ -413,7 +416,18 @@ fn site_key(path: Option<&Path>) -> Result<Option<SiteKey>, CliError> {
     .transpose()
 }
 
-/// `outputs verify-receipt`: returns the OK line.
+/// Without the site's key a receipt proves only that it is consistent with the key it carries:
+/// anyone can make such a receipt, so this is a failure (exit 1), as `noexit audit verify`
+/// without keys.
+pub fn not_verified(signed: &SignedReceipt) -> CliError {
+    CliError::Verification(format!(
+        "NOT VERIFIED: no site key given (--key or NOEXIT_RECEIPT_KEY); the receipt is internally consistent \
+         with the key it carries (id {})",
+        term(&signed.key_id)
+    ))
+}
+
+/// `outputs verify-receipt`: returns the OK line (an error without the site's key).
 pub fn verify_receipt(file: &Path, receipt_path: &Path, key: Option<&Path>) -> Result<String, CliError> {
     let text = std::fs::read(receipt_path)
         .map_err(|e| CliError::Usage(format!("cannot read receipt {}: {e}", receipt_path.display())))?;
@@ -422,7 +436,12 @@ pub fn verify_receipt(file: &Path, receipt_path: &Path, key: Option<&Path>) -> R
     let f = std::fs::File::open(file).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
     let digest = FileDigest::from_reader(std::io::BufReader::new(f))
         .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
-    check(file, receipt_path, &signed, &digest, site_key(key)?.as_ref())
+    let site = site_key(key)?;
+    let line = check(file, receipt_path, &signed, &digest, site.as_ref())?;
+    if site.is_none() {
+        return Err(not_verified(&signed));
+    }
+    Ok(line)
 }
 
 fn check(
@@ -439,7 +458,7 @@ fn check(
             let key = signed
                 .embedded_key()
                 .map_err(|e| CliError::Verification(format!("{}: {e}", receipt_path.display())))?;
-            (key, "the key inside the receipt; pass --key to check it is your site's".to_owned())
+            (key, "the key inside the receipt".to_owned())
         }
     };
     receipt::verify_digest(signed, digest, &vk).map_err(|e| {
@@ -708,6 +727,12 @@ async fn download(
             std::fs::rename(&partial, &target).map_err(|e| {
                 CliError::Usage(format!("cannot rename {} to {}: {e}", partial.display(), target.display()))
             })?;
+            if site.is_none() {
+                // The bytes match the receipt and its own key; who signed it is unknown.
+                println!("saved as {}", target.display());
+                println!("receipt saved as {}", receipt_path.display());
+                return Err(not_verified(&signed));
+            }
             println!("{line}");
             println!("receipt saved as {}", receipt_path.display());
             Ok(())
