@@ -392,7 +392,9 @@ mod tests {
             let f = facts(state);
             for event in events() {
                 let wrong: Vec<Actor<'_>> = match event {
-                    Event::Checked | Event::Refuse | Event::Expire => vec![checker(BOB), Actor::Person { user: ALICE, checker: true }],
+                    Event::Checked | Event::Refuse | Event::Expire => {
+                        vec![checker(BOB), Actor::Person { user: ALICE, checker: true }]
+                    }
                     Event::Withdraw | Event::Release => vec![Actor::System, checker(BOB)],
                     Event::Review { .. } => vec![
                         Actor::System,

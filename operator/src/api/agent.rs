@@ -287,7 +287,8 @@ pub async fn outbox_content(
             state.store.output_request(request_id).await?.map(|r| r.state).unwrap_or_default()
         };
         let ack = OutboxAck { id: request_id, state: now };
-        let detail = serde_json::json!({"size": expected, "sha256": row.sha256, "verdict": report.verdict, "refused": reason});
+        let detail =
+            serde_json::json!({"size": expected, "sha256": row.sha256, "verdict": report.verdict, "refused": reason});
         return Ok(noted(Json(ack), object, detail));
     }
     if row.companion_of.is_some() {

@@ -185,11 +185,9 @@ pub fn run_with_detectors(sub: &Submission<'_>, policy: &Policy, detectors: &noe
                 Verdict::Refuse,
                 format!("{what} ({size} bytes, never expanded): {ARCHIVES_REFUSED}"),
             )),
-            Format::Executable { what } => results.push(result(
-                "format",
-                Verdict::Refuse,
-                format!("{what} ({size} bytes): {EXECUTABLES_REFUSED}"),
-            )),
+            Format::Executable { what } => {
+                results.push(result("format", Verdict::Refuse, format!("{what} ({size} bytes): {EXECUTABLES_REFUSED}")))
+            }
             Format::Binary { what } => results.push(result(
                 "format",
                 Verdict::Review,
