@@ -13,7 +13,7 @@ use noexit_crds::agent::WorkspaceIdentity;
 use noexit_crds::names::project_namespace;
 use noexit_crds::workspace::AgentReport;
 use noexit_crds::workspace_request::Decision;
-use noexit_crds::{Project, Workspace, WorkspaceRequest, WorkspaceRequestStatus};
+use noexit_crds::{OutputRequest, Project, Workspace, WorkspaceRequest, WorkspaceRequestStatus};
 
 /// Field manager of everything the API writes (Workspace `status.agent`, request decisions).
 pub const API_FIELD_MANAGER: &str = "noexit-api";
@@ -51,6 +51,9 @@ pub trait Cluster: Send + Sync {
     fn report_agent(&self, id: &WorkspaceIdentity, report: AgentReport) -> BoxFuture<'_, Result<(), ClusterError>>;
     /// The workspace's current agent certificate serial, if the controller recorded one.
     fn workspace(&self, id: &WorkspaceIdentity) -> BoxFuture<'_, Result<Option<Workspace>, ClusterError>>;
+    /// Write the kubectl mirror of one airlock request (spec and status) into the project
+    /// namespace. Never read back: the API's database is the source of truth.
+    fn mirror_output(&self, project: &str, mirror: OutputRequest) -> BoxFuture<'_, Result<(), ClusterError>>;
 }
 
 /// The status written for a decision: one condition and the summary fields.
@@ -185,6 +188,30 @@ impl Cluster for KubeCluster {
         let name = id.name.clone();
         Box::pin(async move { api.get_opt(&name).await.map_err(unavailable) })
     }
+
+    fn mirror_output(&self, project: &str, mirror: OutputRequest) -> BoxFuture<'_, Result<(), ClusterError>> {
+        let api: Api<OutputRequest> = Api::namespaced(self.client.clone(), &project_namespace(project));
+        let project = project.to_owned();
+        Box::pin(async move {
+            let name = mirror.name_any();
+            let params = PatchParams::apply(API_FIELD_MANAGER).force();
+            let body = serde_json::json!({
+                "apiVersion": "noexit.io/v1alpha1",
+                "kind": "OutputRequest",
+                "metadata": {"name": name, "labels": mirror.metadata.labels},
+                "spec": mirror.spec,
+            });
+            let status = serde_json::json!({
+                "apiVersion": "noexit.io/v1alpha1",
+                "kind": "OutputRequest",
+                "status": mirror.status,
+            });
+            let named = |e: kube::Error| ClusterError::Unavailable(format!("outputrequest {project}/{name}: {e}"));
+            api.patch(&name, &params, &Patch::Apply(&body)).await.map_err(named)?;
+            api.patch_status(&name, &params, &Patch::Apply(&status)).await.map_err(named)?;
+            Ok(())
+        })
+    }
 }
 
 /// An in-memory cluster: Projects, WorkspaceRequests and Workspaces in maps.
@@ -198,6 +225,8 @@ struct MemoryState {
     projects: BTreeMap<String, Project>,
     requests: BTreeMap<(String, String), WorkspaceRequest>,
     workspaces: BTreeMap<(String, String), Workspace>,
+    /// Each mirror written, in order: `(project, object)`.
+    mirrors: Vec<(String, OutputRequest)>,
 }
 
 impl MemoryCluster {
@@ -243,6 +272,11 @@ impl MemoryCluster {
 
     pub fn workspace_now(&self, project: &str, name: &str) -> Option<Workspace> {
         self.state().workspaces.get(&(project.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Every OutputRequest mirror written so far, in order (`(project, object)`).
+    pub fn mirrors(&self) -> Vec<(String, OutputRequest)> {
+        self.state().mirrors.clone()
     }
 }
 
@@ -310,6 +344,11 @@ impl Cluster for MemoryCluster {
     fn workspace(&self, id: &WorkspaceIdentity) -> BoxFuture<'_, Result<Option<Workspace>, ClusterError>> {
         let found = self.state().workspaces.get(&(id.project.clone(), id.name.clone())).cloned();
         Box::pin(async move { Ok(found) })
+    }
+
+    fn mirror_output(&self, project: &str, mirror: OutputRequest) -> BoxFuture<'_, Result<(), ClusterError>> {
+        self.state().mirrors.push((project.to_owned(), mirror));
+        Box::pin(async move { Ok(()) })
     }
 }
 
