@@ -44,7 +44,7 @@ pub struct OutputRequestSpec {
 #[serde(rename_all = "camelCase")]
 pub struct OutputDecision {
     pub reviewer: String,
-    /// `approve`, `reject` or `request-changes`.
+    /// `approve`, `reject` or `requestChanges`.
     pub decision: String,
     pub at: chrono::DateTime<chrono::Utc>,
 }
@@ -52,8 +52,8 @@ pub struct OutputDecision {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutputRequestStatus {
-    /// Life-cycle state: submitted, checked, in-review, approved, rejected, changes-requested,
-    /// released, withdrawn, expired.
+    /// Life-cycle state as the API names it: submitted, checked, inReview, approved, rejected,
+    /// changesRequested, released, withdrawn, expired.
     pub state: String,
     /// The control plane's checks: pass, review or fail (absent until the content arrived).
     #[serde(default, skip_serializing_if = "Option::is_none")]

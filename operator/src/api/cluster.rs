@@ -457,4 +457,38 @@ mod tests {
         let parsed: WorkspaceRequestStatus = serde_json::from_value(status.clone()).unwrap();
         assert_eq!(parsed.decision_from_conditions(), Some(Decision::Denied));
     }
+    #[tokio::test]
+    async fn output_mirrors_are_applied_as_noexit_api_spec_then_status() {
+        let spec = noexit_crds::OutputRequestSpec {
+            request_id: "0f3a2b1c-0000-4000-8000-000000000001".into(),
+            workspace: "alice-r".into(),
+            file_name: "table.csv".into(),
+            size: 12,
+            sha256: "ab".repeat(32),
+            requester: "alice".into(),
+        };
+        let mut obj = OutputRequest::new("out-0f3a2b1c-0000-4000-8000-000000000001", spec);
+        obj.status = Some(noexit_crds::OutputRequestStatus {
+            state: "inReview".into(),
+            verdict: Some("pass".into()),
+            approvals: "1/2".into(),
+            reviewers_required: 2,
+            decisions: vec![],
+            updated_at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        });
+        let (cluster, seen) = fake_kube(serde_json::to_value(&obj).unwrap());
+        cluster.mirror_output("ward-7", obj).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let base = "/apis/noexit.io/v1alpha1/namespaces/noexit-ward-7/outputrequests/out-0f3a2b1c-0000-4000-8000-000000000001";
+        assert!(seen[0].path_and_query.starts_with(&format!("{base}?")), "{}", seen[0].path_and_query);
+        assert!(seen[1].path_and_query.starts_with(&format!("{base}/status?")), "{}", seen[1].path_and_query);
+        for req in seen.iter() {
+            assert_eq!((req.method.as_str(), req.content_type.as_str()), ("PATCH", "application/apply-patch+yaml"));
+            assert!(req.path_and_query.contains("fieldManager=noexit-api"));
+        }
+        assert_eq!(seen[0].body["spec"]["fileName"], "table.csv");
+        assert!(seen[0].body.get("status").is_none());
+        assert_eq!(seen[1].body["status"]["approvals"], "1/2");
+    }
 }
