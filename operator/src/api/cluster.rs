@@ -480,7 +480,8 @@ mod tests {
         cluster.mirror_output("ward-7", obj).await.unwrap();
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2, "{seen:?}");
-        let base = "/apis/noexit.io/v1alpha1/namespaces/noexit-ward-7/outputrequests/out-0f3a2b1c-0000-4000-8000-000000000001";
+        let base =
+            "/apis/noexit.io/v1alpha1/namespaces/noexit-ward-7/outputrequests/out-0f3a2b1c-0000-4000-8000-000000000001";
         assert!(seen[0].path_and_query.starts_with(&format!("{base}?")), "{}", seen[0].path_and_query);
         assert!(seen[1].path_and_query.starts_with(&format!("{base}/status?")), "{}", seen[1].path_and_query);
         for req in seen.iter() {

@@ -4,8 +4,8 @@
 //! is never read back, and a failure to write it is logged and never fails the decision.
 //! It carries metadata, state and who decided when — never content, never reasons.
 
-use noexit_crds::output_request::{OutputDecision, OutputRequestSpec, OutputRequestStatus, mirror_name};
 use noexit_crds::OutputRequest;
+use noexit_crds::output_request::{OutputDecision, OutputRequestSpec, OutputRequestStatus, mirror_name};
 
 use super::AppState;
 use super::output_store::{OutputRequestRow, ReviewRow};
@@ -126,7 +126,10 @@ mod tests {
         assert_eq!((status.state.as_str(), status.approvals.as_str()), ("in-review", "1/2"));
         assert_eq!(status.verdict, None);
         assert_eq!(status.decisions.len(), 1);
-        assert_eq!((status.decisions[0].reviewer.as_str(), status.decisions[0].decision.as_str()), ("carol", "approve"));
+        assert_eq!(
+            (status.decisions[0].reviewer.as_str(), status.decisions[0].decision.as_str()),
+            ("carol", "approve")
+        );
         let json = serde_json::to_string(&obj).unwrap();
         assert!(!json.contains("SECRET REASON"), "reasons stay in the API: {json}");
     }
