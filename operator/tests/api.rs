@@ -1979,6 +1979,36 @@ async fn airlock_review_and_release_postgres() {
     airlock_flow(&pg.create_database("airlock_flow").unwrap()).await;
 }
 
+/// The database is the airlock's source of truth: when the cluster refuses the kubectl mirror,
+/// submission and decisions still succeed (the API only logs a warning).
+#[tokio::test]
+async fn airlock_decisions_do_not_wait_for_the_kubectl_mirror() {
+    let pki = pki();
+    let issuer = Issuer::start().await;
+    let cluster = Arc::new(api::memory_cluster_from(PROJECT).unwrap());
+    cluster.refuse_mirrors(true);
+    let db = tempfile::tempdir().unwrap();
+    let audit = Arc::new(Store::connect(&sqlite_url(&db)).await.unwrap());
+    let api = Api::start_on(&pki, Some(&issuer), cluster, audit).await;
+    let agent = client(&pki, Some(&pki.agent("alice-r")));
+    let people = client(&pki, None);
+    let (id, ack) = submit(&api, &agent, "summary.csv", b"region,n\nnorth,120\nsouth,150\n").await;
+    assert_eq!(ack["state"], "checked", "{ack}");
+    let approve = api.url(&format!("/v1/projects/ward-7/outputs/{id}/approve"));
+    for who in ["olive", "oscar"] {
+        let token = issuer.token(&format!("{who}@ward7.example"));
+        let (status, body) = call(&people, Method::POST, &approve, Some(&token), None).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let alice = issuer.token("alice@ward7.example");
+    let (_, body) =
+        call(&people, Method::GET, &api.url(&format!("/v1/projects/ward-7/outputs/{id}")), Some(&alice), None)
+            .await
+            .unwrap();
+    assert_eq!(body["state"], "approved");
+    assert!(api.cluster.mirrors().is_empty());
+}
+
 async fn airlock_flow(db_url: &str) {
     let pki = pki();
     let issuer = Issuer::start().await;

@@ -227,6 +227,8 @@ struct MemoryState {
     workspaces: BTreeMap<(String, String), Workspace>,
     /// Each mirror written, in order: `(project, object)`.
     mirrors: Vec<(String, OutputRequest)>,
+    /// Refuse mirror writes (tests: an unreachable or forbidding Kubernetes API).
+    refuse_mirrors: bool,
 }
 
 impl MemoryCluster {
@@ -272,6 +274,11 @@ impl MemoryCluster {
 
     pub fn workspace_now(&self, project: &str, name: &str) -> Option<Workspace> {
         self.state().workspaces.get(&(project.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Make every later mirror write fail as an unavailable cluster would (`true`).
+    pub fn refuse_mirrors(&self, refuse: bool) {
+        self.state().refuse_mirrors = refuse;
     }
 
     /// Every OutputRequest mirror written so far, in order (`(project, object)`).
@@ -347,8 +354,14 @@ impl Cluster for MemoryCluster {
     }
 
     fn mirror_output(&self, project: &str, mirror: OutputRequest) -> BoxFuture<'_, Result<(), ClusterError>> {
-        self.state().mirrors.push((project.to_owned(), mirror));
-        Box::pin(async move { Ok(()) })
+        let mut state = self.state();
+        let result = if state.refuse_mirrors {
+            Err(ClusterError::Unavailable(format!("outputrequest {project}/{}: refused", mirror.name_any())))
+        } else {
+            state.mirrors.push((project.to_owned(), mirror));
+            Ok(())
+        };
+        Box::pin(async move { result })
     }
 }
 

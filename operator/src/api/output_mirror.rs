@@ -11,6 +11,9 @@ use super::AppState;
 use super::output_store::{OutputRequestRow, ReviewRow};
 use super::outputs::{OutputView, view};
 
+/// Longest a mirror write may hold up the decision that caused it.
+pub const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Label naming the workspace a mirrored request came from.
 pub const WORKSPACE_LABEL: &str = "noexit.io/workspace";
 
@@ -64,7 +67,7 @@ pub async fn mirror(state: &AppState, project: &str, id: &str) {
 /// Mirror a request whose row and reviews the caller already loaded.
 pub async fn render_and_write(state: &AppState, row: &OutputRequestRow, reviews: Vec<ReviewRow>, required: u32) {
     let obj = render(&view(row, reviews, required));
-    if let Err(e) = state.cluster.mirror_output(&row.project, obj).await {
+    if let Err(e) = write(state, &row.project, obj).await {
         tracing::warn!(project = %row.project, output = %row.id, error = %e, "cannot mirror the output request to its OutputRequest object");
     }
 }
@@ -79,8 +82,15 @@ async fn try_mirror(state: &AppState, project: &str, id: &str) -> Result<(), Str
         Ok(p) => p.map(|p| p.spec.output.reviewers).unwrap_or(2).max(1),
         Err(e) => return Err(e.to_string()),
     };
-    let obj = render(&view(&row, reviews, required));
-    state.cluster.mirror_output(project, obj).await.map_err(|e| e.to_string())
+    write(state, project, render(&view(&row, reviews, required))).await
+}
+
+/// The cluster write, bounded by [`MIRROR_TIMEOUT`].
+async fn write(state: &AppState, project: &str, obj: noexit_crds::OutputRequest) -> Result<(), String> {
+    match tokio::time::timeout(MIRROR_TIMEOUT, state.cluster.mirror_output(project, obj)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer from the cluster within {MIRROR_TIMEOUT:?}")),
+    }
 }
 
 #[cfg(test)]
