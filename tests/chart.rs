@@ -490,7 +490,9 @@ const WRITE: &[&str] = &["create", "update", "patch", "delete", "deletecollectio
 /// it creates (`project::build`, RoleBinding `noexit-controller`).
 #[test]
 fn nothing_bound_cluster_wide_writes_secrets_or_pods() {
-    use noexit_operator::controllers::project::build::{CONTROLLER_PROJECT_ROLE, CONTROLLER_SERVICE_ACCOUNT};
+    use noexit_operator::controllers::project::build::{
+        API_PROJECT_ROLE, CONTROLLER_PROJECT_ROLE, CONTROLLER_SERVICE_ACCOUNT,
+    };
     let objects = objects();
     let cluster_wide: Vec<&str> = objects
         .iter()
@@ -527,7 +529,8 @@ fn nothing_bound_cluster_wide_writes_secrets_or_pods() {
     let controller = rules_of(&objects, "ClusterRole", "noexit-controller");
     let bind: Vec<_> = controller.iter().filter(|r| strings(&r["verbs"]).contains(&"bind")).collect();
     assert_eq!(bind.len(), 1);
-    assert_eq!(strings(&bind[0]["resourceNames"]), [CONTROLLER_PROJECT_ROLE]);
+    // The controller may bind only the two per-project ClusterRoles (its own, and the API's).
+    assert_eq!(strings(&bind[0]["resourceNames"]), [CONTROLLER_PROJECT_ROLE, API_PROJECT_ROLE]);
     assert!(
         controller.iter().any(|r| strings(&r["resources"]) == ["rolebindings"] && strings(&r["verbs"]) == ["create"])
     );
@@ -536,6 +539,47 @@ fn nothing_bound_cluster_wide_writes_secrets_or_pods() {
         if strings(&r["resources"]).contains(&"namespaces") {
             assert!(!strings(&r["verbs"]).contains(&"delete"), "the controller may delete namespaces");
         }
+    }
+}
+
+/// Issue 11: the API writes the airlock's OutputRequest mirrors only in project namespaces (the
+/// ClusterRole noexit-api-project, bound there by the controller, never cluster-wide), and SREs
+/// read them through the aggregated view role, which writes nothing.
+#[test]
+fn output_request_mirrors_are_written_per_project_and_read_through_view() {
+    use noexit_operator::controllers::project::build::{API_PROJECT_ROLE, API_SERVICE_ACCOUNT};
+    let objects = objects();
+    let cluster_wide: Vec<&str> = objects
+        .iter()
+        .filter(|(_, o)| o["kind"] == "ClusterRoleBinding")
+        .filter_map(|(_, o)| o["roleRef"]["name"].as_str())
+        .collect();
+    assert!(!cluster_wide.contains(&API_PROJECT_ROLE), "{API_PROJECT_ROLE} is bound cluster-wide");
+    for role in &cluster_wide {
+        for rule in rules_of(&objects, "ClusterRole", role) {
+            let resources = strings(&rule["resources"]);
+            if resources.iter().any(|r| r.starts_with("outputrequests") || *r == "*") {
+                let writes: Vec<_> = strings(&rule["verbs"]).into_iter().filter(|v| WRITE.contains(v)).collect();
+                assert!(writes.is_empty(), "ClusterRole {role} (bound cluster-wide) may {writes:?} outputrequests");
+            }
+        }
+    }
+    assert_eq!(API_SERVICE_ACCOUNT, "noexit-api");
+    let api = rules_of(&objects, "ClusterRole", API_PROJECT_ROLE);
+    let resources: Vec<&str> = api.iter().flat_map(|r| strings(&r["resources"])).collect();
+    assert_eq!(resources, ["outputrequests", "outputrequests/status"], "{API_PROJECT_ROLE} grants only the mirrors");
+    for r in &api {
+        assert!(strings(&r["verbs"]).contains(&"patch"), "{API_PROJECT_ROLE} cannot apply {:?}", r["resources"]);
+        assert!(!strings(&r["verbs"]).contains(&"delete"));
+    }
+    let view = objects
+        .iter()
+        .find(|(_, o)| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "noexit-outputrequests-view")
+        .map(|(_, o)| o)
+        .expect("ClusterRole noexit-outputrequests-view");
+    assert_eq!(view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"], "true");
+    for r in rules_of(&objects, "ClusterRole", "noexit-outputrequests-view") {
+        assert_eq!(strings(&r["verbs"]), ["get", "list", "watch"]);
     }
 }
 

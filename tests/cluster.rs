@@ -495,6 +495,54 @@ async fn members_rbac_reaches_their_own_project_only() -> anyhow::Result<()> {
     .await
 }
 
+/// Issue 11: the API's ServiceAccount may write the airlock's OutputRequest mirrors in a project
+/// namespace (RoleBinding `noexit-api` from the controller) and nowhere else; whoever holds the
+/// built-in `view` role there reads them (the chart aggregates them into it).
+#[tokio::test]
+async fn the_api_mirrors_output_requests_in_project_namespaces_only() -> anyhow::Result<()> {
+    let Some(client) = cluster().await? else { return Ok(()) };
+    with_project(&client, "outreq", |client, ex| async move {
+        create_project_without_dry_run(&client, &ex).await?;
+        let ns = ex.namespace();
+        let api_sa = "--as=system:serviceaccount:noexit-system:noexit-api";
+        let can = |verb: &'static str, ns: String, who: &'static str| async move {
+            let run = kubectl(&["auth", "can-i", verb, "outputrequests.noexit.io", "-n", &ns, who]).await?;
+            Ok::<_, anyhow::Error>(run.stdout.trim().to_owned())
+        };
+        wait_for("the API may patch OutputRequests in the project (RoleBinding from the controller)", LONG, || async {
+            Ok((can("patch", ns.clone(), api_sa).await? == "yes").then_some(()))
+        })
+        .await?;
+        anyhow::ensure!(
+            can("patch", "default".into(), api_sa).await? == "no",
+            "the API may patch OutputRequests in default"
+        );
+        let name = "out-0f3a2b1c-0000-4000-8000-000000000001";
+        let yaml = format!(
+            "apiVersion: noexit.io/v1alpha1\nkind: OutputRequest\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{requestId: 0f3a2b1c-0000-4000-8000-000000000001, workspace: alice-r, fileName: t.csv, \
+             size: 1, sha256: ab, requester: alice@ward7.example}}\n"
+        );
+        kubectl_stdin(&["apply", "--server-side", "--field-manager=noexit-api", api_sa, "-f", "-"], &yaml)
+            .await?
+            .ok()?;
+        // An SRE bound to `view` in the namespace reads it.
+        let sre = "--as=sre@example.org";
+        kubectl(&["create", "rolebinding", "sre-view", "--clusterrole=view", "--user=sre@example.org", "-n", &ns])
+            .await?
+            .ok()?;
+        wait_for("an SRE with view reads OutputRequests", LONG, || async {
+            Ok((can("list", ns.clone(), sre).await? == "yes").then_some(()))
+        })
+        .await?;
+        let got = kubectl(&["get", "outputrequests", "-n", &ns, sre]).await?.ok()?;
+        anyhow::ensure!(got.contains(name) && got.contains("t.csv"), "{got}");
+        anyhow::ensure!(can("patch", ns.clone(), sre).await? == "no", "view may patch OutputRequests");
+        Ok(())
+    })
+    .await
+}
+
 /// Every `x-kubernetes-validations` message of the CRDs, as `(CRD name, message)`.
 fn cel_messages() -> std::collections::BTreeSet<(String, String)> {
     fn walk(crd: &str, v: &serde_json::Value, out: &mut std::collections::BTreeSet<(String, String)>) {

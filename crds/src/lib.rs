@@ -5,12 +5,14 @@ pub mod agent;
 pub mod common;
 pub mod dataset;
 pub mod names;
+pub mod output_request;
 pub mod project;
 pub mod workspace;
 pub mod workspace_request;
 
 pub use common::{Condition, Role};
 pub use dataset::{Dataset, DatasetSpec, DatasetStatus};
+pub use output_request::{OutputRequest, OutputRequestSpec, OutputRequestStatus};
 pub use project::{Project, ProjectSpec, ProjectStatus};
 pub use workspace::{Workspace, WorkspaceSpec, WorkspaceStatus};
 pub use workspace_request::{WorkspaceRequest, WorkspaceRequestSpec, WorkspaceRequestStatus};
@@ -23,7 +25,7 @@ pub const VERSION: &str = "v1alpha1";
 /// Every CRD noexit installs, in the order an installer should apply them.
 pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![Project::crd(), Dataset::crd(), Workspace::crd(), WorkspaceRequest::crd()]
+    vec![Project::crd(), Dataset::crd(), Workspace::crd(), WorkspaceRequest::crd(), OutputRequest::crd()]
 }
 
 /// The CRD YAML files kept in `crds/`, as the generator writes them.

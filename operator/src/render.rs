@@ -273,10 +273,11 @@ mod tests {
                 count += 1;
             }
         }
-        // Project: ns, the controller's binding, sa, quota, limits, 5 netpols, 3 roles + 3
-        // bindings, 2 × (pv + pvc) = 20; pod workspace: agent secret, VNC secret, the gateway's
-        // role + binding, pvc, svc, pod = 7; vm workspace: 7; request (undecided): 0.
-        assert_eq!(count, 34);
+        // Project: ns, the controller's binding, the API's binding (airlock mirrors), sa, quota,
+        // limits, 5 netpols, 3 roles + 3 bindings, 2 × (pv + pvc) = 21; pod workspace: agent
+        // secret, VNC secret, the gateway's role + binding, pvc, svc, pod = 7; vm workspace: 7;
+        // request (undecided): 0.
+        assert_eq!(count, 35);
     }
 
     #[test]
@@ -301,7 +302,7 @@ mod tests {
         let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
             .map(|d| serde::Deserialize::deserialize(d).expect("document"))
             .collect();
-        assert_eq!(docs.len(), 34);
+        assert_eq!(docs.len(), 35);
         assert!(docs.iter().all(|d| d.get("apiVersion").is_some() && d.get("kind").is_some()));
     }
 }

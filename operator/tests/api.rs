@@ -1979,6 +1979,36 @@ async fn airlock_review_and_release_postgres() {
     airlock_flow(&pg.create_database("airlock_flow").unwrap()).await;
 }
 
+/// The database is the airlock's source of truth: when the cluster refuses the kubectl mirror,
+/// submission and decisions still succeed (the API only logs a warning).
+#[tokio::test]
+async fn airlock_decisions_do_not_wait_for_the_kubectl_mirror() {
+    let pki = pki();
+    let issuer = Issuer::start().await;
+    let cluster = Arc::new(api::memory_cluster_from(PROJECT).unwrap());
+    cluster.refuse_mirrors(true);
+    let db = tempfile::tempdir().unwrap();
+    let audit = Arc::new(Store::connect(&sqlite_url(&db)).await.unwrap());
+    let api = Api::start_on(&pki, Some(&issuer), cluster, audit).await;
+    let agent = client(&pki, Some(&pki.agent("alice-r")));
+    let people = client(&pki, None);
+    let (id, ack) = submit(&api, &agent, "summary.csv", b"region,n\nnorth,120\nsouth,150\n").await;
+    assert_eq!(ack["state"], "checked", "{ack}");
+    let approve = api.url(&format!("/v1/projects/ward-7/outputs/{id}/approve"));
+    for who in ["olive", "oscar"] {
+        let token = issuer.token(&format!("{who}@ward7.example"));
+        let (status, body) = call(&people, Method::POST, &approve, Some(&token), None).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let alice = issuer.token("alice@ward7.example");
+    let (_, body) =
+        call(&people, Method::GET, &api.url(&format!("/v1/projects/ward-7/outputs/{id}")), Some(&alice), None)
+            .await
+            .unwrap();
+    assert_eq!(body["state"], "approved");
+    assert!(api.cluster.mirrors().is_empty());
+}
+
 async fn airlock_flow(db_url: &str) {
     let pki = pki();
     let issuer = Issuer::start().await;
@@ -2136,6 +2166,43 @@ async fn airlock_flow(db_url: &str) {
         call(&people, Method::GET, &outputs(&format!("/{summary_id}")), Some(&alice), None).await.unwrap();
     assert_eq!(released["state"], "released");
 
+    // SREs see each step with kubectl: the API mirrored every state change into `out-<id>`.
+    let mirrored = |id: Uuid| {
+        let mut states: Vec<(String, String, Option<String>)> = Vec::new();
+        for (project, o) in api.cluster.mirrors() {
+            if project == "ward-7" && o.spec.request_id == id.to_string() {
+                assert_eq!(o.metadata.name, Some(format!("out-{id}")));
+                let s = o.status.expect("status");
+                let step = (s.state, s.approvals, s.verdict);
+                if states.last() != Some(&step) {
+                    states.push(step);
+                }
+            }
+        }
+        states
+    };
+    let step = |state: &str, approvals: &str, verdict: Option<&str>| {
+        (state.to_owned(), approvals.to_owned(), verdict.map(str::to_owned))
+    };
+    assert_eq!(
+        mirrored(summary_id),
+        vec![
+            step("submitted", "0/2", None),
+            step("checked", "0/2", Some("pass")),
+            step("inReview", "1/2", Some("pass")),
+            step("approved", "2/2", Some("pass")),
+            step("released", "2/2", Some("pass")),
+        ]
+    );
+    let last_table = api.cluster.mirrors().into_iter().rev().find(|(_, o)| o.spec.request_id == table_id.to_string());
+    let table_mirror = last_table.expect("table mirrored").1;
+    let table_status = table_mirror.status.clone().unwrap();
+    assert_eq!((table_status.state.as_str(), table_status.verdict.as_deref()), ("rejected", Some("fail")));
+    assert_eq!(table_status.decisions.len(), 1);
+    assert_eq!(table_status.decisions[0].decision, "reject");
+    let table_json = serde_json::to_string(&table_mirror).unwrap();
+    assert!(!table_json.contains("cell of 7"), "reasons stay in the API: {table_json}");
+
     // A tampered stored file is refused at download (and stays approved).
     let (tamper_id, _) = submit(&api, &agent, "counts.csv", b"ward,n\n7a,40\n7b,44\n").await;
     for who in [&olive, &oscar] {
@@ -2197,6 +2264,7 @@ async fn airlock_flow(db_url: &str) {
     assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("notTheRequester")), "{body}");
     let (status, body) = call(&people, Method::POST, &withdraw, Some(&alice), None).await.unwrap();
     assert_eq!((status, body["state"].as_str()), (StatusCode::OK, Some("withdrawn")), "{body}");
+    assert_eq!(mirrored(notes_id).last().map(|s| s.0.as_str()), Some("withdrawn"));
     let (status, _) = call(&people, Method::POST, &approve(notes_id), Some(&olive), None).await.unwrap();
     assert_eq!(status, StatusCode::CONFLICT);
 

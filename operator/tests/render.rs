@@ -25,8 +25,8 @@ fn renders_the_example_project_with_real_certificates() {
         .map(|d| serde::Deserialize::deserialize(d).expect("document"))
         .collect();
     // 28 objects, plus per workspace the VNC Secret and the gateway's Role and RoleBinding to
-    // read it (2 workspaces).
-    assert_eq!(docs.len(), 34);
+    // read it (2 workspaces), plus the API's RoleBinding for the airlock's OutputRequest mirrors.
+    assert_eq!(docs.len(), 35);
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "Pod").count(), 1);
     assert_eq!(kinds.iter().filter(|k| **k == "VirtualMachine").count(), 1);

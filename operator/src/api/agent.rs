@@ -220,6 +220,7 @@ pub async fn outbox(
         "fileName": m.file_name, "size": m.size, "sha256": m.sha256,
         "submittedBy": m.submitted_by, "scan": m.scan,
     });
+    super::output_mirror::mirror(&state, &row.project, &row.id).await;
     let ack = OutboxAck { id: m.id, state: row.state };
     Ok(noted((StatusCode::CREATED, Json(ack)), object, detail))
 }
@@ -294,6 +295,7 @@ pub async fn outbox_content(
     if row.companion_of.is_some() {
         super::airlock_checks::recheck_described(&state, &row, &policy).await;
     }
+    super::output_mirror::mirror(&state, &row.project, &row.id).await;
     let ack = OutboxAck { id: request_id, state: Life::Checked.as_str().into() };
     let detail = serde_json::json!({
         "size": expected, "sha256": row.sha256, "verdict": report.verdict,

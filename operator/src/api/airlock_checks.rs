@@ -210,8 +210,10 @@ pub async fn recheck_described(state: &AppState, companion: &OutputRequestRow, p
         match check_arrival(state, row, plain.as_deref(), policy).await {
             Ok(report) => {
                 let json = serde_json::to_string(&report).unwrap_or_default();
-                if let Err(e) = state.store.replace_report(&row.id, row.version, &json).await {
-                    tracing::warn!(output = %row.id, error = %e, "cannot store the re-checked report");
+                match state.store.replace_report(&row.id, row.version, &json).await {
+                    Ok(true) => super::output_mirror::mirror(state, &row.project, &row.id).await,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(output = %row.id, error = %e, "cannot store the re-checked report"),
                 }
             }
             Err(e) => tracing::warn!(output = %row.id, error = %e, "re-check failed"),

@@ -13,7 +13,7 @@ use noexit_crds::agent::WorkspaceIdentity;
 use noexit_crds::names::project_namespace;
 use noexit_crds::workspace::AgentReport;
 use noexit_crds::workspace_request::Decision;
-use noexit_crds::{Project, Workspace, WorkspaceRequest, WorkspaceRequestStatus};
+use noexit_crds::{OutputRequest, Project, Workspace, WorkspaceRequest, WorkspaceRequestStatus};
 
 /// Field manager of everything the API writes (Workspace `status.agent`, request decisions).
 pub const API_FIELD_MANAGER: &str = "noexit-api";
@@ -51,6 +51,9 @@ pub trait Cluster: Send + Sync {
     fn report_agent(&self, id: &WorkspaceIdentity, report: AgentReport) -> BoxFuture<'_, Result<(), ClusterError>>;
     /// The workspace's current agent certificate serial, if the controller recorded one.
     fn workspace(&self, id: &WorkspaceIdentity) -> BoxFuture<'_, Result<Option<Workspace>, ClusterError>>;
+    /// Write the kubectl mirror of one airlock request (spec and status) into the project
+    /// namespace. Never read back: the API's database is the source of truth.
+    fn mirror_output(&self, project: &str, mirror: OutputRequest) -> BoxFuture<'_, Result<(), ClusterError>>;
 }
 
 /// The status written for a decision: one condition and the summary fields.
@@ -185,6 +188,30 @@ impl Cluster for KubeCluster {
         let name = id.name.clone();
         Box::pin(async move { api.get_opt(&name).await.map_err(unavailable) })
     }
+
+    fn mirror_output(&self, project: &str, mirror: OutputRequest) -> BoxFuture<'_, Result<(), ClusterError>> {
+        let api: Api<OutputRequest> = Api::namespaced(self.client.clone(), &project_namespace(project));
+        let project = project.to_owned();
+        Box::pin(async move {
+            let name = mirror.name_any();
+            let params = PatchParams::apply(API_FIELD_MANAGER).force();
+            let body = serde_json::json!({
+                "apiVersion": "noexit.io/v1alpha1",
+                "kind": "OutputRequest",
+                "metadata": {"name": name, "labels": mirror.metadata.labels},
+                "spec": mirror.spec,
+            });
+            let status = serde_json::json!({
+                "apiVersion": "noexit.io/v1alpha1",
+                "kind": "OutputRequest",
+                "status": mirror.status,
+            });
+            let named = |e: kube::Error| ClusterError::Unavailable(format!("outputrequest {project}/{name}: {e}"));
+            api.patch(&name, &params, &Patch::Apply(&body)).await.map_err(named)?;
+            api.patch_status(&name, &params, &Patch::Apply(&status)).await.map_err(named)?;
+            Ok(())
+        })
+    }
 }
 
 /// An in-memory cluster: Projects, WorkspaceRequests and Workspaces in maps.
@@ -198,6 +225,10 @@ struct MemoryState {
     projects: BTreeMap<String, Project>,
     requests: BTreeMap<(String, String), WorkspaceRequest>,
     workspaces: BTreeMap<(String, String), Workspace>,
+    /// Each mirror written, in order: `(project, object)`.
+    mirrors: Vec<(String, OutputRequest)>,
+    /// Refuse mirror writes (tests: an unreachable or forbidding Kubernetes API).
+    refuse_mirrors: bool,
 }
 
 impl MemoryCluster {
@@ -243,6 +274,16 @@ impl MemoryCluster {
 
     pub fn workspace_now(&self, project: &str, name: &str) -> Option<Workspace> {
         self.state().workspaces.get(&(project.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Make every later mirror write fail as an unavailable cluster would (`true`).
+    pub fn refuse_mirrors(&self, refuse: bool) {
+        self.state().refuse_mirrors = refuse;
+    }
+
+    /// Every OutputRequest mirror written so far, in order (`(project, object)`).
+    pub fn mirrors(&self) -> Vec<(String, OutputRequest)> {
+        self.state().mirrors.clone()
     }
 }
 
@@ -310,6 +351,17 @@ impl Cluster for MemoryCluster {
     fn workspace(&self, id: &WorkspaceIdentity) -> BoxFuture<'_, Result<Option<Workspace>, ClusterError>> {
         let found = self.state().workspaces.get(&(id.project.clone(), id.name.clone())).cloned();
         Box::pin(async move { Ok(found) })
+    }
+
+    fn mirror_output(&self, project: &str, mirror: OutputRequest) -> BoxFuture<'_, Result<(), ClusterError>> {
+        let mut state = self.state();
+        let result = if state.refuse_mirrors {
+            Err(ClusterError::Unavailable(format!("outputrequest {project}/{}: refused", mirror.name_any())))
+        } else {
+            state.mirrors.push((project.to_owned(), mirror));
+            Ok(())
+        };
+        Box::pin(async move { result })
     }
 }
 
@@ -417,5 +469,40 @@ mod tests {
         assert_eq!(status["conditions"][0]["message"], "no REC");
         let parsed: WorkspaceRequestStatus = serde_json::from_value(status.clone()).unwrap();
         assert_eq!(parsed.decision_from_conditions(), Some(Decision::Denied));
+    }
+    #[tokio::test]
+    async fn output_mirrors_are_applied_as_noexit_api_spec_then_status() {
+        let spec = noexit_crds::OutputRequestSpec {
+            request_id: "0f3a2b1c-0000-4000-8000-000000000001".into(),
+            workspace: "alice-r".into(),
+            file_name: "table.csv".into(),
+            size: 12,
+            sha256: "ab".repeat(32),
+            requester: "alice".into(),
+        };
+        let mut obj = OutputRequest::new("out-0f3a2b1c-0000-4000-8000-000000000001", spec);
+        obj.status = Some(noexit_crds::OutputRequestStatus {
+            state: "inReview".into(),
+            verdict: Some("pass".into()),
+            approvals: "1/2".into(),
+            reviewers_required: 2,
+            decisions: vec![],
+            updated_at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        });
+        let (cluster, seen) = fake_kube(serde_json::to_value(&obj).unwrap());
+        cluster.mirror_output("ward-7", obj).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let base =
+            "/apis/noexit.io/v1alpha1/namespaces/noexit-ward-7/outputrequests/out-0f3a2b1c-0000-4000-8000-000000000001";
+        assert!(seen[0].path_and_query.starts_with(&format!("{base}?")), "{}", seen[0].path_and_query);
+        assert!(seen[1].path_and_query.starts_with(&format!("{base}/status?")), "{}", seen[1].path_and_query);
+        for req in seen.iter() {
+            assert_eq!((req.method.as_str(), req.content_type.as_str()), ("PATCH", "application/apply-patch+yaml"));
+            assert!(req.path_and_query.contains("fieldManager=noexit-api"));
+        }
+        assert_eq!(seen[0].body["spec"]["fileName"], "table.csv");
+        assert!(seen[0].body.get("status").is_none());
+        assert_eq!(seen[1].body["status"]["approvals"], "1/2");
     }
 }

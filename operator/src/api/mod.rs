@@ -13,6 +13,7 @@ pub mod error;
 pub mod guard;
 pub mod inbox;
 pub mod oidc;
+pub mod output_mirror;
 pub mod output_store;
 pub mod outputs;
 pub mod people;

@@ -397,6 +397,7 @@ async fn apply(
         {
             let row = load(state, project, id).await.map_err(|e| (e, None))?;
             let reviews = state.store.reviews(&row.id).await.map_err(|e| (e.into(), None))?;
+            super::output_mirror::render_and_write(state, &row, reviews.clone(), required).await;
             return Ok((row, reviews));
         }
     }
@@ -638,6 +639,7 @@ pub async fn download(
     if !state.store.change_state(&row.id, row.version, lifecycle::State::Released, None, Some(&receipt_json)).await? {
         return fail(ApiError::conflict("wrongState", format!("{object} changed while it was being released")));
     }
+    super::output_mirror::mirror(&state, &row.project, &row.id).await;
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));

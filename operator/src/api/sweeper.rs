@@ -73,6 +73,7 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> anyhow::Result<
                 let Ok(next) = lifecycle::transition(&facts, Actor::System, Event::Expire) else { continue };
                 if state.store.change_state(&row.id, row.version, next, None, None).await? {
                     audit(state, "output.expire", object_of(row), serde_json::json!({"from": row.state})).await;
+                    crate::api::output_mirror::mirror(state, &row.project, &row.id).await;
                     done.expired.push(row.id.clone());
                 }
             }

@@ -36,6 +36,12 @@ pub const CONTROLLER_SERVICE_ACCOUNT: &str = "noexit-controller";
 pub const CONTROLLER_PROJECT_ROLE: &str = "noexit-controller-project";
 /// Name of the RoleBinding that gives the controller its rights in a project namespace.
 pub const CONTROLLER_BINDING: &str = "noexit-controller";
+/// The API's ServiceAccount (in the operator namespace) and the ClusterRole bound to it in each
+/// project namespace: it writes the `OutputRequest` mirrors of the airlock there, and nowhere else.
+pub const API_SERVICE_ACCOUNT: &str = "noexit-api";
+pub const API_PROJECT_ROLE: &str = "noexit-api-project";
+/// Name of the RoleBinding that gives the API its rights in a project namespace.
+pub const API_BINDING: &str = "noexit-api";
 
 /// PVC name of a dataset inside a project namespace.
 pub fn dataset_claim_name(dataset: &str) -> String {
@@ -54,6 +60,7 @@ pub fn build(project: &Project, resolved: &ResolvedProject, site: &Site) -> Resu
     let mut out = vec![
         Child::from_typed(&namespace(&owner, &ns))?,
         Child::from_typed(&controller_binding(&owner, &ns, site))?,
+        Child::from_typed(&api_binding(&owner, &ns, site))?,
         Child::from_typed(&service_account(&owner, &ns))?,
         Child::from_typed(&quota(project, &owner, &ns))?,
         Child::from_typed(&limits(project, &owner, &ns))?,
@@ -97,6 +104,25 @@ fn controller_binding(owner: &Owner, ns: &str, site: &Site) -> RoleBinding {
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
             name: CONTROLLER_SERVICE_ACCOUNT.into(),
+            namespace: Some(site.operator_namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// The API's rights in the namespace (the airlock's `OutputRequest` mirrors): the ClusterRole
+/// [`API_PROJECT_ROLE`] bound here only, never cluster-wide.
+fn api_binding(owner: &Owner, ns: &str, site: &Site) -> RoleBinding {
+    RoleBinding {
+        metadata: owner.meta(API_BINDING, Some(ns), "project"),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: API_PROJECT_ROLE.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: API_SERVICE_ACCOUNT.into(),
             namespace: Some(site.operator_namespace.clone()),
             ..Subject::default()
         }]),
@@ -517,6 +543,22 @@ mod tests {
         assert_eq!(data["roleRef"]["name"], CONTROLLER_PROJECT_ROLE);
         assert_eq!(data["subjects"][0]["name"], CONTROLLER_SERVICE_ACCOUNT);
         assert_eq!(data["subjects"][0]["namespace"], "noexit-system");
+    }
+
+    #[test]
+    fn the_api_is_bound_in_the_namespace_only_for_the_airlock_mirrors() {
+        let kids = children();
+        let binding = kids.iter().find(|c| c.kind() == "RoleBinding" && c.name() == API_BINDING).expect("binding");
+        assert_eq!(binding.namespace(), Some("noexit-ward-7"));
+        let data = &binding.object.data;
+        assert_eq!(
+            (data["roleRef"]["kind"].as_str(), data["roleRef"]["name"].as_str()),
+            (Some("ClusterRole"), Some(API_PROJECT_ROLE))
+        );
+        assert_eq!(data["subjects"][0]["kind"], "ServiceAccount");
+        assert_eq!(data["subjects"][0]["name"], API_SERVICE_ACCOUNT);
+        assert_eq!(data["subjects"][0]["namespace"], "noexit-system");
+        assert_eq!(data["subjects"].as_array().map(Vec::len), Some(1));
     }
 
     #[test]
