@@ -169,7 +169,7 @@ impl FileDigest {
 }
 
 /// Short, stable name of a public key: hex of the first 8 bytes of SHA-256 of its 32 raw
-/// bytes. Identical to the audit log's `audit::keys::key_id`.
+/// bytes. The audit log names its keys with this same function (`audit::keys::key_id`).
 pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
@@ -413,7 +413,7 @@ mod tests {
 
     #[test]
     fn the_key_id_is_the_audit_logs_name_for_the_key() {
-        // audit::keys::key_id = hex(sha256(raw public key)[..8]); operator's tests compare the two.
+        // hex(sha256(raw public key)[..8]), the audit log's key id too (audit::keys re-exports it).
         let vk = key(7).verifying_key();
         assert_eq!(key_id(&vk), hex::encode(&Sha256::digest(vk.as_bytes())[..8]));
         assert_eq!(key_id(&vk).len(), 16);

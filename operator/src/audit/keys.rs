@@ -7,7 +7,6 @@ use ed25519_dalek::pkcs8::{
     DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding,
 };
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -19,10 +18,9 @@ pub enum KeyError {
     Parse { path: String, kind: &'static str, message: String },
 }
 
-/// Short, stable name of a public key, stored with each checkpoint so keys can be rotated.
-pub fn key_id(key: &VerifyingKey) -> String {
-    hex::encode(&Sha256::digest(key.as_bytes())[..8])
-}
+/// Short, stable name of a public key, stored with each checkpoint so keys can be rotated. One
+/// definition with the release receipts' signer id: a receipt names the audit signing key.
+pub use noexit_airlock::receipt::key_id;
 
 /// Reads a PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`).
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
