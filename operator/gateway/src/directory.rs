@@ -321,7 +321,9 @@ impl Directory for FileDirectory {
     }
 }
 
-pub use kube_directory::{KubeDirectory, VNC_PASSWD_FILE_KEY, VNC_PASSWORD_KEY, policy_of, vnc_secret_name};
+pub use kube_directory::{
+    KubeDirectory, VNC_PASSWD_FILE_KEY, VNC_PASSWORD_KEY, policy_of, project_access, vnc_secret_name,
+};
 
 mod kube_directory {
     //! Access facts from the cluster: the Project (members, approval, desktop policy), the
@@ -362,6 +364,30 @@ mod kube_directory {
         }
     }
 
+    /// What the gateway decides on for a Project: `ready` is whether its approval is in force
+    /// (the Ready condition on Kubernetes; in single-host mode a project that passed the checks).
+    /// Both modes use this, so they decide alike.
+    pub fn project_access(p: &Project, ready: bool, site: &DesktopPolicy) -> ProjectAccess {
+        let expires = chrono::DateTime::parse_from_rfc3339(&p.spec.approval.expires)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .ok()
+            .or_else(|| {
+                chrono::NaiveDate::parse_from_str(&p.spec.approval.expires, "%Y-%m-%d")
+                    .ok()
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+                    .map(|t| t.and_utc())
+            });
+        ProjectAccess {
+            name: p.metadata.name.clone().unwrap_or_default(),
+            members: p.spec.members.iter().map(|m| m.user.clone()).collect(),
+            admins: p.spec.users_with(Role::Admin).into_iter().map(str::to_owned).collect(),
+            approved: ready,
+            // An unreadable date counts as expired (fail closed).
+            expires: Some(expires.unwrap_or(chrono::DateTime::UNIX_EPOCH)),
+            desktop: policy_of(&p.spec.desktop, site),
+        }
+    }
+
     #[derive(Clone)]
     pub struct KubeDirectory {
         client: kube::Client,
@@ -375,29 +401,11 @@ mod kube_directory {
         }
 
         fn project_access(&self, p: &Project) -> ProjectAccess {
-            let name = p.metadata.name.clone().unwrap_or_default();
             let ready = p
                 .status
                 .as_ref()
                 .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            let expires = chrono::DateTime::parse_from_rfc3339(&p.spec.approval.expires)
-                .map(|t| t.with_timezone(&chrono::Utc))
-                .ok()
-                .or_else(|| {
-                    chrono::NaiveDate::parse_from_str(&p.spec.approval.expires, "%Y-%m-%d")
-                        .ok()
-                        .and_then(|d| d.and_hms_opt(0, 0, 0))
-                        .map(|t| t.and_utc())
-                });
-            ProjectAccess {
-                name,
-                members: p.spec.members.iter().map(|m| m.user.clone()).collect(),
-                admins: p.spec.users_with(Role::Admin).into_iter().map(str::to_owned).collect(),
-                approved: ready,
-                // An unreadable date counts as expired (fail closed).
-                expires: Some(expires.unwrap_or(chrono::DateTime::UNIX_EPOCH)),
-                desktop: policy_of(&p.spec.desktop, &self.defaults),
-            }
+            project_access(p, ready, &self.defaults)
         }
 
         async fn workspace_access(&self, namespace: &str, w: &Workspace) -> WorkspaceAccess {

@@ -98,6 +98,19 @@ pub struct Args {
     pub api_ca: Option<PathBuf>,
 }
 
+impl Args {
+    /// The site's limits a project's desktop policy is combined with
+    /// ([`directory::policy_of`]); whoever writes a directory file uses them too.
+    pub fn site_policy(&self) -> directory::DesktopPolicy {
+        directory::DesktopPolicy {
+            paste_max_bytes: self.paste_max_bytes,
+            max_session_seconds: self.max_session_minutes.saturating_mul(60),
+            admin_support: self.admin_support,
+            ..Default::default()
+        }
+    }
+}
+
 /// Run the gateway until SIGTERM or Ctrl-C.
 pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Result<()> {
     let public = args.public_url.trim_end_matches('/').to_owned();
@@ -119,12 +132,7 @@ pub async fn run(args: Args, recorder: Arc<dyn record::Recorder>) -> anyhow::Res
         user_claim: args.oidc_user_claim.clone(),
         ca_pem,
     })?;
-    let defaults = directory::DesktopPolicy {
-        paste_max_bytes: args.paste_max_bytes,
-        max_session_seconds: args.max_session_minutes.saturating_mul(60),
-        admin_support: args.admin_support,
-        ..Default::default()
-    };
+    let defaults = args.site_policy();
     let dir: Arc<dyn directory::Directory> = match &args.directory {
         Some(path) => Arc::new(directory::FileDirectory::new(path)),
         None => Arc::new(directory::KubeDirectory::new(
