@@ -6,6 +6,7 @@ pub mod audit;
 pub mod cli;
 pub mod controllers;
 pub mod dns;
+pub mod gateway_store;
 pub mod manifests;
 pub mod mirror;
 pub mod pki;

@@ -1,9 +1,7 @@
 //! `noexit-operator`: one binary, one subcommand per component.
 
 use clap::{Parser, Subcommand};
-use noexit_operator::{api, audit, controllers, dns, mirror, render, single_host, telemetry, webhook};
-
-mod gateway_recorder;
+use noexit_operator::{api, audit, controllers, dns, gateway_store, mirror, render, single_host, telemetry, webhook};
 
 #[derive(Parser, Debug)]
 #[command(name = "noexit-operator", version, about = "noexit: secure research workspaces on Kubernetes")]
@@ -28,7 +26,7 @@ enum Command {
     /// Run the workspace DNS server (authoritative for the API's and mirror's names only).
     Dns(dns::Args),
     /// Run the browser remote-desktop gateway (OIDC sign-in, noVNC, filtering RFB proxy).
-    Gateway(gateway_recorder::GatewayCommand),
+    Gateway(gateway_store::GatewayCommand),
     /// Print every object the operator would apply for the given manifests (no cluster needed).
     Render(render::Args),
     /// Single-host mode: run the API, mirror, DNS server and VM workspaces (libvirt) on this
@@ -89,7 +87,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Dns(args) => dns::run(args).await,
-            Command::Gateway(args) => gateway_recorder::run(args).await,
+            Command::Gateway(args) => gateway_store::run(args).await,
             Command::Up(args) => single_host::up(args).await,
             Command::Down(args) => single_host::down(args).await,
             Command::Status(args) => {

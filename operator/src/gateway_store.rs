@@ -1,14 +1,15 @@
-//! `noexit-operator gateway`: the gateway crate's decisions go to the operator's audit store
-//! (the hash-chained log every component writes) and its desktop sessions to the API's
-//! session table, so `noexit sessions` shows them beside the agent's view.
+//! Where the gateway crate's records go: its decisions to the operator's audit store (the
+//! hash-chained log every component writes) and its desktop sessions to the API's session
+//! table, so `noexit sessions` shows them beside the agent's view. Used by
+//! `noexit-operator gateway` and by single-host mode's in-process gateway.
 
 use std::sync::Arc;
 
+use crate::api::ApiStore;
+use crate::audit::{AuditEvent, Outcome, Store};
 use futures::future::BoxFuture;
 use noexit_crds::agent::{SessionEvent, WorkspaceIdentity};
 use noexit_gateway::record::{GatewayEvent, Recorder};
-use noexit_operator::api::ApiStore;
-use noexit_operator::audit::{AuditEvent, Outcome, Store};
 
 /// Arguments of `noexit-operator gateway`.
 #[derive(clap::Args, Debug, Clone)]
@@ -20,9 +21,18 @@ pub struct GatewayCommand {
     pub database_url: String,
 }
 
-struct StoreRecorder {
+/// A [`Recorder`] writing into the shared database.
+pub struct StoreRecorder {
     audit: Arc<Store>,
     sessions: ApiStore,
+}
+
+impl StoreRecorder {
+    /// Sessions go to the same database as the audit log.
+    pub fn new(audit: Arc<Store>) -> Self {
+        let sessions = ApiStore::new(audit.pool().clone());
+        Self { audit, sessions }
+    }
 }
 
 impl Recorder for StoreRecorder {
@@ -57,8 +67,7 @@ impl Recorder for StoreRecorder {
 
 pub async fn run(args: GatewayCommand) -> anyhow::Result<()> {
     let audit = Arc::new(Store::connect(&args.database_url).await?);
-    let sessions = ApiStore::new(audit.pool().clone());
-    let recorder = Arc::new(StoreRecorder { audit: audit.clone(), sessions });
+    let recorder = Arc::new(StoreRecorder::new(audit.clone()));
     let result = noexit_gateway::run(*args.gateway, recorder).await;
     audit.close().await;
     result
