@@ -7,9 +7,12 @@
 //!
 //! Pieces: [`check`] (which manifests can run here, pure), [`world`] (what must exist, pure),
 //! [`reconcile`] (one pass of I/O), [`services`] (the API, mirror and DNS in-process),
+//! [`gateway`] (the remote-desktop gateway in-process) and [`desktops`] (its directory, pure),
 //! [`virt_type`] (KVM or TCG), [`status`].
 
 pub mod check;
+pub mod desktops;
+pub mod gateway;
 pub mod reconcile;
 pub mod services;
 pub mod status;
@@ -77,6 +80,8 @@ pub struct UpArgs {
     /// Seconds between reconcile passes.
     #[arg(long, default_value_t = 5)]
     pub interval: u64,
+    #[command(flatten)]
+    pub gateway: gateway::GatewayOptions,
     /// Reconcile once and exit (no services): for scripts and benchmarks.
     #[arg(long)]
     pub once: bool,
@@ -143,6 +148,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Everything that can refuse comes before anything is made.
     let checked = reconcile::checked(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;
     let virt_type = virt_type::decide(&args.virt_type)?;
+    let desktop_gateway =
+        gateway::plan(&args.gateway, &args.common.state_dir, &services::Paths::new(&args.common.state_dir))?;
     let libvirt = Arc::new(tokio::task::block_in_place(|| Libvirt::open(&args.common.libvirt_uri))?);
     let nft = Nft::default();
     tokio::task::block_in_place(|| nft.tables("noexit-")).context("nftables is needed for the project walls")?;
@@ -168,6 +175,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let cluster = Arc::new(crate::api::MemoryCluster::new());
     let svc = services::Paths::new(state_dir);
+    let gateway_line = desktop_gateway.as_ref().map_or_else(|| gateway::OFF.to_owned(), |g| g.describe());
+    if !args.once {
+        println!("gateway: {gateway_line}");
+        state.set_setting("gateway", &gateway_line).await?;
+    }
     std::fs::create_dir_all(&svc.dir).with_context(|| format!("creating {}", svc.dir.display()))?;
     let host = Host {
         settings,
@@ -179,6 +191,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         cluster: Some(cluster.clone()),
         clients_file: Some(svc.clients.clone()),
         policy_file: Some(svc.policy.clone()),
+        desktops: desktop_gateway.as_ref().map(|g| g.publish()),
     };
     let first = host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     print_pass(&first);
@@ -189,7 +202,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     std::fs::write(pid_file(state_dir), std::process::id().to_string())?;
+    // Before the API starts: the gateway's store migrates the shared database first.
+    let desktop_gateway = match desktop_gateway {
+        Some(g) => Some(g.prepare(&ca).await?),
+        None => None,
+    };
     let mut services = services::start(&args, &svc, &ca, cluster)?;
+    if let Some(g) = desktop_gateway {
+        services.spawn(g);
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(args.interval.max(1)));
     tick.tick().await;
     let shutdown = crate::telemetry::shutdown_signal();
@@ -214,6 +235,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     services.abort_all();
+    let _ = state.set_setting("gateway", "off (`up` is not running)").await;
     let _ = std::fs::remove_file(pid_file(state_dir));
     result
 }

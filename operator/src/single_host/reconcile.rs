@@ -15,6 +15,7 @@ use noexit_host::state::State;
 use noexit_host::{files, model};
 
 use super::check::{self, Checked, HostFiles};
+use super::desktops::{self, LiveConsole};
 use super::world::{self, Allocations, Settings, World};
 use crate::api::MemoryCluster;
 use crate::manifests::{Manifest, parse_documents};
@@ -54,6 +55,8 @@ pub struct Host {
     /// Written after each pass: the mirror's and DNS server's clients, the mirror's policy.
     pub clients_file: Option<PathBuf>,
     pub policy_file: Option<PathBuf>,
+    /// Written after each pass when the gateway runs: its directory.
+    pub desktops: Option<desktops::Publish>,
 }
 
 /// Every document of every file, errors prefixed with the file.
@@ -154,6 +157,9 @@ impl Host {
         }
         self.record_phases(&checked, &world).await?;
         self.publish(&checked, &world)?;
+        if let Some(d) = &self.desktops {
+            self.publish_desktops(d, &checked, &alloc, &world)?;
+        }
         report.elapsed = start.elapsed();
         Ok(report)
     }
@@ -204,6 +210,30 @@ impl Host {
             write_if_changed(path, &crate::mirror::policy::policy_from_projects(&checked.projects).to_yaml())?;
         }
         Ok(())
+    }
+
+    /// The gateway's directory, with each domain's console as libvirt reports it now.
+    fn publish_desktops(
+        &self,
+        d: &desktops::Publish,
+        checked: &Checked,
+        alloc: &Allocations,
+        world: &World,
+    ) -> anyhow::Result<()> {
+        let live = blocking(|| -> anyhow::Result<BTreeMap<String, LiveConsole>> {
+            let domains = self.libvirt.domains(PREFIX)?;
+            Ok(world
+                .workspaces
+                .keys()
+                .map(|name| {
+                    let active = domains.get(name).is_some_and(|d| d.active);
+                    let vnc_port = if active { self.libvirt.vnc_port(name) } else { None };
+                    (name.clone(), LiveConsole { active, vnc_port })
+                })
+                .collect())
+        })?;
+        let file = desktops::directory(checked, alloc, &live, self.settings.vnc_listen, &d.site);
+        write_private_if_changed(&d.path, &desktops::render(&file))
     }
 
     async fn run_step(
@@ -336,10 +366,23 @@ fn write_if_changed(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// A random VNC password (VNC uses at most 8 characters).
+/// Like [`write_if_changed`], readable by the owner only (it holds secrets): the temporary
+/// file is made 0600 before anything is written to it.
+fn write_private_if_changed(path: &Path, text: &str) -> anyhow::Result<()> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    super::write_private(&tmp, text)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A random VNC password: 8 characters, all VNC authentication uses
+/// ([`desktops::VNC_PASSWORD_MAX`]), from 57 (about 46 bits).
 pub fn vnc_password() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::thread_rng();
-    (0..8).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect()
+    (0..desktops::VNC_PASSWORD_MAX).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect()
 }

@@ -19,12 +19,19 @@ pub struct Paths {
     pub dir: PathBuf,
     pub clients: PathBuf,
     pub policy: PathBuf,
+    /// The gateway's directory (mode 0600: it holds the consoles' passwords).
+    pub gateway_directory: PathBuf,
 }
 
 impl Paths {
     pub fn new(state_dir: &Path) -> Self {
         let dir = state_dir.join("services");
-        Self { clients: dir.join("clients.yaml"), policy: dir.join("mirror-policy.yaml"), dir }
+        Self {
+            clients: dir.join("clients.yaml"),
+            policy: dir.join("mirror-policy.yaml"),
+            gateway_directory: dir.join("gateway-directory.yaml"),
+            dir,
+        }
     }
 }
 
@@ -35,7 +42,7 @@ struct Wrap<T: clap::Args> {
     inner: T,
 }
 
-fn parse<T: clap::Args>(what: &str, args: Vec<String>) -> anyhow::Result<T> {
+pub(crate) fn parse<T: clap::Args>(what: &str, args: Vec<String>) -> anyhow::Result<T> {
     Ok(Wrap::<T>::try_parse_from(args).with_context(|| format!("options of the {what}"))?.inner)
 }
 

@@ -45,7 +45,8 @@ pub async fn render(state_dir: &Path) -> anyhow::Result<String> {
     let virt = state.setting("virt_type").await?.unwrap_or_else(|| "?".into());
     let why = state.setting("virt_type_reason").await?.unwrap_or_default();
     let beats = heartbeats(&state_dir.join("api.db")).await;
-    let mut out = format!("virtualisation: {virt} ({why})\n");
+    let gateway = state.setting("gateway").await?.unwrap_or_else(|| "?".into());
+    let mut out = format!("virtualisation: {virt} ({why})\ngateway: {gateway}\n");
     out.push_str(&format!(
         "{:<16} {:<20} {:<9} {:<21} {:<7} {:<8} {}\n",
         "PROJECT", "WORKSPACE", "PHASE", "LAST HEARTBEAT", "EGRESS", "SESSIONS", "MESSAGE"
