@@ -1,0 +1,618 @@
+//! End to end, single-host mode's remote-desktop gateway: `noexit-operator up` with
+//! `--oidc-issuer` runs the gateway in its process; a person signs in at a test OIDC issuer
+//! (authorization code + PKCE, the same fake as `tests/gateway.rs`), opens the desktop
+//! WebSocket, and completes the RFB handshake through the gateway to QEMU's VNC console of the
+//! tiny VM (libvirt, `qemu:///system`, TCG), which authenticates the gateway with the
+//! workspace's own password; a FramebufferUpdate comes back. A non-member is refused and the
+//! refusal is in the audit log (which `noexit audit verify` authenticates); a stopped workspace
+//! loses its console and a deleted one leaves the directory.
+//!
+//! Needs root, libvirtd + virtlogd (started here if not running; never stopped), qemu, xorriso,
+//! nft, ip, noVNC (`/usr/share/novnc`) and the tiny image (`images/vm/build.sh tiny`). Missing
+//! parts skip with a message, unless `NOEXIT_CI=1`, where they fail. Everything is named with a
+//! random per-run tag and removed.
+//!
+//!   cargo test -p noexit-operator --test host_gateway -- --nocapture
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::{SinkExt, StreamExt};
+use noexit_gateway::rfb::handshake;
+use noexit_operator::audit::store::Filter;
+use noexit_operator::audit::{Outcome, Store};
+use serde_json::json;
+use sha2::Digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
+const CLI: &str = env!("CARGO_BIN_EXE_noexit");
+const URI: &str = "qemu:///system";
+const OWNER: &str = "r@x";
+const OUTSIDER: &str = "mallory@x";
+
+fn skip_or_fail(msg: &str) -> bool {
+    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
+        panic!("{msg} (NOEXIT_CI=1: not skipping)");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn sh(cmd: &str) -> Output {
+    Command::new("sh").args(["-c", cmd]).output().expect("sh")
+}
+
+fn ok(cmd: &str) {
+    let o = sh(cmd);
+    assert!(o.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pid_alive(pidfile: &str) -> bool {
+    std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// libvirtd and virtlogd as `tests/host.rs` starts them (/dev/kvm hidden: KVM hangs here).
+async fn daemons() {
+    if !pid_alive("/run/virtlogd.pid") {
+        ok("virtlogd -d");
+    }
+    if !pid_alive("/run/libvirtd.pid") {
+        ok(
+            "unshare -m --propagation private sh -c 'if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi; exec libvirtd -d'",
+        );
+    }
+    poll("libvirtd to answer", Duration::from_secs(30), || {
+        sh(&format!("virsh -c {URI} version")).status.success().then_some(())
+    })
+    .await;
+}
+
+fn tiny_image() -> Option<PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(repo.join("images/vm/build.sh"))
+        .arg("tiny")
+        .current_dir(repo)
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
+    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// Removes every libvirt object and nft table named with the tag, whatever happened.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let tag = &self.0;
+        let list = sh(&format!("virsh -c {URI} list --all --name; virsh -c {URI} net-list --all --name"));
+        for name in String::from_utf8_lossy(&list.stdout).lines().filter(|n| n.contains(tag.as_str())) {
+            let _ = sh(&format!("virsh -c {URI} destroy {name}; virsh -c {URI} undefine {name}"));
+            let _ = sh(&format!("virsh -c {URI} net-destroy {name}; virsh -c {URI} net-undefine {name}"));
+        }
+        let tables = sh("nft list tables inet");
+        for t in String::from_utf8_lossy(&tables.stdout).lines().filter_map(|l| l.strip_prefix("table inet ")) {
+            if t.contains(tag.as_str()) {
+                let _ = sh(&format!("nft delete table inet {t}"));
+            }
+        }
+    }
+}
+
+/// `up`, stopped with SIGTERM on drop; its output is printed if the test fails.
+struct Up {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // SAFETY: SIGTERM to the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- up's output ----\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+// ---- the test OIDC issuer (as in tests/gateway.rs): authorization code + PKCE, ES256 --------
+
+struct Code {
+    challenge: String,
+    nonce: String,
+    redirect_uri: String,
+    client_id: String,
+    user: String,
+}
+
+struct Issuer {
+    url: String,
+    user: Arc<Mutex<String>>,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Issuer {
+    async fn start() -> Issuer {
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let raw = pair.public_key_raw().to_vec();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65]),
+            "kid": "k1", "alg": "ES256", "use": "sig"});
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
+        let user = Arc::new(Mutex::new(OWNER.to_owned()));
+        let codes: Arc<Mutex<HashMap<String, Code>>> = Arc::default();
+        let discovery = json!({
+            "issuer": url, "authorization_endpoint": format!("{url}/authorize"),
+            "token_endpoint": format!("{url}/token"), "jwks_uri": format!("{url}/jwks"),
+            "code_challenge_methods_supported": ["S256"],
+        });
+        let jwks = json!({"keys": [jwk]});
+        let (u, c) = (user.clone(), codes.clone());
+        let authorize = move |axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>| {
+            let (u, c) = (u.clone(), c.clone());
+            async move {
+                let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+                if get("response_type") != "code" || get("code_challenge_method") != "S256" {
+                    return (axum::http::StatusCode::BAD_REQUEST, "code flow with PKCE S256 only").into_response();
+                }
+                let code = uuid::Uuid::new_v4().simple().to_string();
+                c.lock().unwrap().insert(
+                    code.clone(),
+                    Code {
+                        challenge: get("code_challenge"),
+                        nonce: get("nonce"),
+                        redirect_uri: get("redirect_uri"),
+                        client_id: get("client_id"),
+                        user: u.lock().unwrap().clone(),
+                    },
+                );
+                let q = serde_urlencoded::to_string([("code", code.as_str()), ("state", get("state").as_str())]);
+                axum::response::Redirect::to(&format!("{}?{}", get("redirect_uri"), q.unwrap())).into_response()
+            }
+        };
+        let (c, iss) = (codes.clone(), url.clone());
+        let token = move |axum::extract::Form(f): axum::extract::Form<HashMap<String, String>>| {
+            let (c, iss, key) = (c.clone(), iss.clone(), key.clone());
+            async move {
+                let get = |k: &str| f.get(k).cloned().unwrap_or_default();
+                let bad =
+                    |e: &str| (axum::http::StatusCode::BAD_REQUEST, axum::Json(json!({"error": e}))).into_response();
+                let Some(code) = c.lock().unwrap().remove(&get("code")) else { return bad("invalid_grant") };
+                if get("redirect_uri") != code.redirect_uri
+                    || get("client_id") != code.client_id
+                    || b64url(&sha2::Sha256::digest(get("code_verifier").as_bytes())) != code.challenge
+                {
+                    return bad("invalid_grant");
+                }
+                let now = chrono::Utc::now().timestamp();
+                let claims = json!({"iss": iss, "aud": code.client_id, "sub": code.user, "email": code.user,
+                    "iat": now, "exp": now + 600, "nonce": code.nonce, "amr": ["pwd", "otp"]});
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+                header.kid = Some("k1".into());
+                let id_token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+                axum::Json(json!({"access_token": "unused", "token_type": "Bearer", "id_token": id_token}))
+                    .into_response()
+            }
+        };
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || async move { axum::Json(discovery) }),
+            )
+            .route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }))
+            .route("/authorize", axum::routing::get(authorize))
+            .route("/token", axum::routing::post(token));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Issuer { url, user }
+    }
+}
+
+// ---- a browser without a browser: HTTP/1.1 by hand, the WebSocket through tungstenite -------
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The value a `Set-Cookie` gives `name`.
+    fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .filter_map(|(_, v)| v.split(';').next()?.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_owned())
+    }
+}
+
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    host: &str,
+    path: &str,
+    cookie: &str,
+) -> Reply {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().into(), v.trim().into())).collect();
+    Reply { status, headers, body: body.to_owned() }
+}
+
+struct Browser {
+    gateway: SocketAddr,
+    origin: String,
+    tls: tokio_rustls::TlsConnector,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl Browser {
+    /// Trusts the single-host CA only, as a person's browser would after importing it.
+    fn new(ca: &Path, gateway: SocketAddr) -> Browser {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &std::fs::read(ca).unwrap()[..]) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+        Browser { gateway, origin: format!("https://localhost:{}", gateway.port()), tls }
+    }
+
+    async fn connect_tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.gateway).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        self.tls.connect(name, tcp).await.expect("the gateway's certificate from the single-host CA")
+    }
+
+    async fn get(&self, path: &str, cookie: &str) -> Reply {
+        let host = format!("localhost:{}", self.gateway.port());
+        exchange(self.connect_tls().await, &host, path, cookie).await
+    }
+
+    /// The whole sign-in: the gateway's /login, the issuer, back to /callback. The session cookie.
+    async fn sign_in(&self, issuer: &Issuer, user: &str) -> String {
+        *issuer.user.lock().unwrap() = user.into();
+        let login = self.get("/login", "").await;
+        assert_eq!(login.status, 303, "/login: {}", login.body);
+        let state = login.cookie("noexit-gateway-login").expect("login cookie");
+        let authorize = login.header("location").unwrap().to_owned();
+        let rest = authorize.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_at(rest.find('/').unwrap());
+        let at_issuer = exchange(TcpStream::connect(host).await.unwrap(), host, path, "").await;
+        assert_eq!(at_issuer.status, 303, "issuer: {}", at_issuer.body);
+        let back = at_issuer.header("location").unwrap();
+        let callback = back.strip_prefix(&self.origin).expect("redirect to the public URL");
+        let done = self.get(callback, &format!("noexit-gateway-login={state}")).await;
+        assert_eq!(done.status, 200, "/callback: {}", done.body);
+        done.cookie("__Host-noexit-gateway").expect("session cookie")
+    }
+
+    /// Open a desktop's WebSocket; `Err(status)` when refused.
+    async fn open(&self, session: &str, project: &str, workspace: &str) -> Result<Ws, u16> {
+        let tls = self.connect_tls().await;
+        let mut req =
+            format!("wss://localhost:{}/ws/{project}/{workspace}", self.gateway.port()).into_client_request().unwrap();
+        req.headers_mut().insert("origin", self.origin.parse().unwrap());
+        req.headers_mut().insert("cookie", format!("__Host-noexit-gateway={session}").parse().unwrap());
+        match tokio_tungstenite::client_async(req, tls).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(e) => panic!("WebSocket: {e}"),
+        }
+    }
+}
+
+/// The browser's side of RFB over the gateway's WebSocket.
+struct Rfb {
+    ws: Ws,
+    buf: Vec<u8>,
+}
+
+impl Rfb {
+    async fn send(&mut self, b: &[u8]) {
+        self.ws.send(Message::Binary(b.to_vec().into())).await.expect("send");
+    }
+
+    async fn read(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            match self.ws.next().await {
+                Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
+                Some(Ok(Message::Close(c))) => panic!("the gateway closed the session: {c:?}"),
+                Some(Ok(_)) => {}
+                other => panic!("the session ended: {other:?}"),
+            }
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Handshake (the gateway offers "None": it authenticated to the console itself), then one
+    /// full-screen FramebufferUpdateRequest; returns (width, height, desktop name, first
+    /// rectangle's header).
+    async fn handshake_and_update(ws: Ws) -> (u16, u16, String, Vec<u8>) {
+        let mut c = Rfb { ws, buf: Vec::new() };
+        assert_eq!(c.read(12).await, handshake::VERSION_3_8);
+        c.send(handshake::VERSION_3_8).await;
+        assert_eq!(c.read(2).await, [1, handshake::SECURITY_NONE]);
+        c.send(&[handshake::SECURITY_NONE]).await;
+        assert_eq!(c.read(4).await, [0, 0, 0, 0], "security result");
+        c.send(&[1]).await;
+        let init = c.read(24).await;
+        let (w, h) = (u16::from_be_bytes([init[0], init[1]]), u16::from_be_bytes([init[2], init[3]]));
+        let len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
+        let name = String::from_utf8_lossy(&c.read(len).await).into_owned();
+        let [w0, w1] = w.to_be_bytes();
+        let [h0, h1] = h.to_be_bytes();
+        c.send(&[3, 0, 0, 0, 0, 0, w0, w1, h0, h1]).await;
+        let head = c.read(4).await;
+        assert_eq!(head[0], 0, "expected a FramebufferUpdate, got message type {}", head[0]);
+        assert!(u16::from_be_bytes([head[2], head[3]]) >= 1, "an update without rectangles");
+        (w, h, name, c.read(12).await)
+    }
+}
+
+fn manifests(path: &Path, tag: &str, image: &Path, workspace: Option<bool>) {
+    let p = format!("g{tag}");
+    let mut text = format!(
+        "apiVersion: noexit.io/v1alpha1\nkind: Project\nmetadata: {{name: {p}}}\nspec:\n  displayName: test\n  members: [{{user: \"{OWNER}\", roles: [researcher, admin]}}]\n  approval: {{reference: T-1, expires: \"2099-01-01\"}}\n"
+    );
+    if let Some(running) = workspace {
+        text.push_str(&format!(
+            "---\napiVersion: noexit.io/v1alpha1\nkind: Workspace\nmetadata: {{name: w1, namespace: noexit-{p}}}\nspec:\n  project: {p}\n  owner: \"{OWNER}\"\n  runtime: vm\n  image: {}\n  resources: {{cpu: \"1\", memory: 256Mi, homeSize: 64Mi}}\n  lifecycle: {{running: {running}}}\n",
+            image.display()
+        ));
+    }
+    // Atomic, so a pass never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The directory entry of the workspace: (running, desktop), or `None` when it is not listed.
+fn listed(directory: &Path) -> Option<Option<(bool, Option<String>)>> {
+    let text = std::fs::read_to_string(directory).ok()?;
+    let v: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let ws = v.get("workspaces")?.as_sequence()?;
+    Some(ws.iter().find(|w| w.get("name").and_then(|n| n.as_str()) == Some("w1")).map(|w| {
+        (
+            w.get("running").and_then(|r| r.as_bool()).unwrap_or(false),
+            w.get("desktop").and_then(|d| d.as_str()).map(str::to_owned),
+        )
+    }))
+}
+
+/// Poll (bounded) the audit log for `user`'s refused desktop connect whose reason has `why`.
+async fn refused(db: &str, user: &str, why: &str) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let store = Store::open_read_only(db).await.expect("the audit log");
+        let entries = store.query(&Filter { refused: Some(true), ..Default::default() }).await.unwrap();
+        store.pool_close().await;
+        let found = entries.iter().any(|e| {
+            e.event.actor == format!("user:{user}")
+                && e.event.action == "gateway.connect"
+                && matches!(&e.event.outcome, Outcome::Refused(r) if r.contains(why))
+        });
+        if found {
+            return;
+        }
+        assert!(Instant::now() < until, "no audited refusal of {user} with {why:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_host_gateway_end_to_end() {
+    if unsafe { libc::geteuid() } != 0 {
+        skip_or_fail("needs root (libvirt system daemon, nftables)");
+        return;
+    }
+    for tool in ["libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "xorriso", "nft", "ip"] {
+        if !have(tool) {
+            skip_or_fail(&format!("{tool} is not installed (hack/install-deps.sh)"));
+            return;
+        }
+    }
+    if !Path::new("/usr/share/novnc/core/rfb.js").exists() {
+        skip_or_fail("noVNC is not installed (Debian package novnc; hack/install-deps.sh)");
+        return;
+    }
+    let Some(tiny) = tiny_image() else {
+        skip_or_fail("the tiny VM image cannot be built (images/vm/build.sh tiny)");
+        return;
+    };
+    daemons().await;
+    let started = Instant::now();
+    let tag: String = format!("{:06x}", rand_u32() & 0xff_ffff);
+    let _cleanup = Cleanup(tag.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let image = dir.path().join("image");
+    std::fs::create_dir(&image).unwrap();
+    std::fs::copy(tiny.join("vmlinuz"), image.join("vmlinuz")).unwrap();
+    std::fs::copy(tiny.join("initrd.img"), image.join("initrd.img")).unwrap();
+    std::fs::write(image.join("cmdline"), "console=ttyS0\n").unwrap();
+    let file = dir.path().join("manifests.yaml");
+    manifests(&file, &tag, &image, Some(true));
+    let project = format!("g{tag}");
+
+    let issuer = Issuer::start().await;
+    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let base = Ipv4Addr::new(10, 100 + (rand_u32() % 100) as u8, 0, 0);
+    let log = dir.path().join("up.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .arg("up")
+        .args(["--state-dir", state.to_str().unwrap(), "--libvirt-uri", URI, "--virt-type", "qemu"])
+        .args(["--api-port", &free_port().to_string(), "--mirror-port", &free_port().to_string()])
+        .args(["--dns-port", &free_port().to_string(), "--subnet-base", &base.to_string(), "--interval", "1"])
+        .args(["--oidc-issuer", &issuer.url, "--gateway-listen", &gateway.to_string()])
+        .args(["--gateway-metrics-listen", "127.0.0.1:0"])
+        .arg("-f")
+        .arg(&file)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let mut up = Up { child, log: log.clone() };
+
+    // The directory: the owner's running workspace with its console on 127.0.0.1, file 0600.
+    let directory = state.join("services/gateway-directory.yaml");
+    let desktop = poll("the workspace's console in the gateway's directory", Duration::from_secs(120), || {
+        if let Some(code) = up.child.try_wait().unwrap() {
+            panic!("`up` exited ({code})");
+        }
+        listed(&directory).flatten().and_then(|(running, d)| d.filter(|_| running))
+    })
+    .await;
+    assert!(desktop.starts_with("127.0.0.1:59"), "{desktop}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&directory).unwrap().permissions().mode() & 0o777, 0o600);
+    let printed = std::fs::read_to_string(&log).unwrap();
+    assert!(printed.contains(&format!("gateway: https://localhost:{}", gateway.port())), "{printed}");
+    poll("the gateway listening", Duration::from_secs(30), || {
+        std::net::TcpStream::connect_timeout(&gateway, Duration::from_millis(200)).ok()
+    })
+    .await;
+    let status = Command::new(BIN).args(["status", "--state-dir", state.to_str().unwrap()]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    eprintln!("$ noexit-operator status\n{status}");
+    assert!(status.contains(&format!("gateway: https://localhost:{}", gateway.port())), "{status}");
+
+    // The console asks for the password: VNC authentication (2) is the only security type.
+    let mut direct = TcpStream::connect(&desktop).await.unwrap();
+    let mut hello = [0u8; 12];
+    direct.read_exact(&mut hello).await.unwrap();
+    direct.write_all(handshake::VERSION_3_8).await.unwrap();
+    let mut types = [0u8; 2];
+    direct.read_exact(&mut types).await.unwrap();
+    assert_eq!(types, [1, handshake::SECURITY_VNC_AUTH], "the console offers other security types");
+    drop(direct);
+    // The tiny kernel is running in the domain.
+    let console_log = state.join(format!("workspaces/{project}/w1/console.log"));
+    poll("the tiny kernel on the serial console", Duration::from_secs(120), || {
+        std::fs::read_to_string(&console_log).ok().filter(|t| t.contains("Linux version"))
+    })
+    .await;
+
+    // ---- The owner signs in and reaches QEMU's console through the gateway. ----
+    let browser = Browser::new(&state.join("pki/ca.crt"), gateway);
+    let session = browser.sign_in(&issuer, OWNER).await;
+    let ws = browser.open(&session, &project, "w1").await.expect("the owner's desktop");
+    let (w, h, name, rect) = tokio::time::timeout(Duration::from_secs(60), Rfb::handshake_and_update(ws))
+        .await
+        .expect("RFB through the gateway within 60 s");
+    eprintln!("desktop {name:?} {w}x{h}; first rectangle {rect:?}; after {:?}", started.elapsed());
+    assert!(w > 0 && h > 0);
+    // The connect is in the API's session list (what `noexit sessions` shows).
+    let db = format!("sqlite:{}", state.join("api.db").display());
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let store = Store::open_read_only(&db).await.expect("the API's database");
+        let sessions = noexit_operator::api::ApiStore::new(store.pool().clone()).sessions(&project, 10).await.unwrap();
+        store.pool_close().await;
+        if !sessions.is_empty() {
+            eprintln!("sessions: {sessions:?}");
+            break;
+        }
+        assert!(Instant::now() < until, "no session recorded for {project}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // ---- A non-member is refused, and the refusal is audited. ----
+    let mallory = browser.sign_in(&issuer, OUTSIDER).await;
+    assert_eq!(browser.open(&mallory, &project, "w1").await.err(), Some(403));
+    refused(&db, OUTSIDER, &format!("{OUTSIDER} is not a member of project {project}")).await;
+    // The owner's connect is there too, and the log authenticates with the API's key.
+    let verify = Command::new(CLI)
+        .args(["audit", "--database-url", &db, "verify", "--checkpoint-key-pub"])
+        .arg(state.join("audit-signing.pub.pem"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verify.stdout).into_owned() + &String::from_utf8_lossy(&verify.stderr);
+    eprintln!("{report}");
+    assert!(verify.status.success() && report.contains("audit log intact"), "{report}");
+
+    // ---- Stopped: no console offered, a connect refused. Deleted: gone from the directory. ----
+    manifests(&file, &tag, &image, Some(false));
+    poll("the stopped workspace without a console", Duration::from_secs(60), || {
+        listed(&directory).flatten().filter(|(running, d)| !running && d.is_none())
+    })
+    .await;
+    assert_eq!(browser.open(&session, &project, "w1").await.err(), Some(403));
+    refused(&db, OWNER, &format!("workspace {project}/w1 is not running")).await;
+    manifests(&file, &tag, &image, None);
+    poll("the deleted workspace to leave the directory", Duration::from_secs(60), || {
+        listed(&directory).filter(Option::is_none)
+    })
+    .await;
+    assert_eq!(browser.open(&session, &project, "w1").await.err(), Some(403));
+    refused(&db, OWNER, &format!("no workspace {project}/w1")).await;
+    drop(up);
+    eprintln!("---- up's output ----\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    eprintln!("done after {:?}", started.elapsed());
+}
