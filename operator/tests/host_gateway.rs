@@ -390,10 +390,22 @@ impl Rfb {
         self.buf.drain(..n).collect()
     }
 
+    /// How the session ended: the close frame's reason, or why the stream stopped.
+    async fn ended(&mut self) -> String {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Close(c))) => return format!("closed: {c:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return format!("error: {e}"),
+                None => return "ended".into(),
+            }
+        }
+    }
+
     /// Handshake (the gateway offers "None": it authenticated to the console itself), then one
     /// full-screen FramebufferUpdateRequest; returns (width, height, desktop name, first
-    /// rectangle's header).
-    async fn handshake_and_update(ws: Ws) -> (u16, u16, String, Vec<u8>) {
+    /// rectangle's header) and the live session.
+    async fn handshake_and_update(ws: Ws) -> (u16, u16, String, Vec<u8>, Rfb) {
         let mut c = Rfb { ws, buf: Vec::new() };
         assert_eq!(c.read(12).await, handshake::VERSION_3_8);
         c.send(handshake::VERSION_3_8).await;
@@ -411,7 +423,8 @@ impl Rfb {
         let head = c.read(4).await;
         assert_eq!(head[0], 0, "expected a FramebufferUpdate, got message type {}", head[0]);
         assert!(u16::from_be_bytes([head[2], head[3]]) >= 1, "an update without rectangles");
-        (w, h, name, c.read(12).await)
+        let rect = c.read(12).await;
+        (w, h, name, rect, c)
     }
 }
 
@@ -563,7 +576,7 @@ async fn single_host_gateway_end_to_end() {
     let browser = Browser::new(&state.join("pki/ca.crt"), gateway);
     let session = browser.sign_in(&issuer, OWNER).await;
     let ws = browser.open(&session, &project, "w1").await.expect("the owner's desktop");
-    let (w, h, name, rect) = tokio::time::timeout(Duration::from_secs(60), Rfb::handshake_and_update(ws))
+    let (w, h, name, rect, mut live) = tokio::time::timeout(Duration::from_secs(60), Rfb::handshake_and_update(ws))
         .await
         .expect("RFB through the gateway within 60 s");
     eprintln!("desktop {name:?} {w}x{h}; first rectangle {rect:?}; after {:?}", started.elapsed());
@@ -603,6 +616,9 @@ async fn single_host_gateway_end_to_end() {
         listed(&directory).flatten().filter(|(running, d)| !running && d.is_none())
     })
     .await;
+    // The owner's session, open all along, has ended (console gone, or the next re-check).
+    let end = tokio::time::timeout(Duration::from_secs(30), live.ended()).await.expect("the session ended");
+    eprintln!("the open session, after the stop: {end}");
     assert_eq!(browser.open(&session, &project, "w1").await.err(), Some(403));
     refused(&db, OWNER, &format!("workspace {project}/w1 is not running")).await;
     manifests(&file, &tag, &image, None);
