@@ -1,6 +1,6 @@
 //! End to end, single-host mode's remote-desktop gateway: `noexit-operator up` with
 //! `--oidc-issuer` runs the gateway in its process; a person signs in at a test OIDC issuer
-//! (authorization code + PKCE, the same fake as `tests/gateway.rs`), opens the desktop
+//! (authorization code + PKCE, `noexit-test-support`'s fake), opens the desktop
 //! WebSocket, and completes the RFB handshake through the gateway to QEMU's VNC console of the
 //! tiny VM (libvirt, `qemu:///system`, TCG), which authenticates the gateway with the
 //! workspace's own password; a FramebufferUpdate comes back. A non-member is refused and the
@@ -14,21 +14,18 @@
 //!
 //!   cargo test -p noexit-operator --test host_gateway -- --nocapture
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use noexit_gateway::rfb::handshake;
 use noexit_operator::audit::store::Filter;
 use noexit_operator::audit::{Outcome, Store};
-use serde_json::json;
-use sha2::Digest;
+use noexit_test_support::oidc::{Issuer, SignIn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -157,105 +154,6 @@ impl Drop for Up {
     }
 }
 
-// ---- the test OIDC issuer (as in tests/gateway.rs): authorization code + PKCE, ES256 --------
-
-struct Code {
-    challenge: String,
-    nonce: String,
-    redirect_uri: String,
-    client_id: String,
-    user: String,
-}
-
-struct Issuer {
-    url: String,
-    user: Arc<Mutex<String>>,
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-impl Issuer {
-    async fn start() -> Issuer {
-        use axum::response::IntoResponse;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let raw = pair.public_key_raw().to_vec();
-        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65]),
-            "kid": "k1", "alg": "ES256", "use": "sig"});
-        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
-        let user = Arc::new(Mutex::new(OWNER.to_owned()));
-        let codes: Arc<Mutex<HashMap<String, Code>>> = Arc::default();
-        let discovery = json!({
-            "issuer": url, "authorization_endpoint": format!("{url}/authorize"),
-            "token_endpoint": format!("{url}/token"), "jwks_uri": format!("{url}/jwks"),
-            "code_challenge_methods_supported": ["S256"],
-        });
-        let jwks = json!({"keys": [jwk]});
-        let (u, c) = (user.clone(), codes.clone());
-        let authorize = move |axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>| {
-            let (u, c) = (u.clone(), c.clone());
-            async move {
-                let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-                if get("response_type") != "code" || get("code_challenge_method") != "S256" {
-                    return (axum::http::StatusCode::BAD_REQUEST, "code flow with PKCE S256 only").into_response();
-                }
-                let code = uuid::Uuid::new_v4().simple().to_string();
-                c.lock().unwrap().insert(
-                    code.clone(),
-                    Code {
-                        challenge: get("code_challenge"),
-                        nonce: get("nonce"),
-                        redirect_uri: get("redirect_uri"),
-                        client_id: get("client_id"),
-                        user: u.lock().unwrap().clone(),
-                    },
-                );
-                let q = serde_urlencoded::to_string([("code", code.as_str()), ("state", get("state").as_str())]);
-                axum::response::Redirect::to(&format!("{}?{}", get("redirect_uri"), q.unwrap())).into_response()
-            }
-        };
-        let (c, iss) = (codes.clone(), url.clone());
-        let token = move |axum::extract::Form(f): axum::extract::Form<HashMap<String, String>>| {
-            let (c, iss, key) = (c.clone(), iss.clone(), key.clone());
-            async move {
-                let get = |k: &str| f.get(k).cloned().unwrap_or_default();
-                let bad =
-                    |e: &str| (axum::http::StatusCode::BAD_REQUEST, axum::Json(json!({"error": e}))).into_response();
-                let Some(code) = c.lock().unwrap().remove(&get("code")) else { return bad("invalid_grant") };
-                if get("redirect_uri") != code.redirect_uri
-                    || get("client_id") != code.client_id
-                    || b64url(&sha2::Sha256::digest(get("code_verifier").as_bytes())) != code.challenge
-                {
-                    return bad("invalid_grant");
-                }
-                let now = chrono::Utc::now().timestamp();
-                let claims = json!({"iss": iss, "aud": code.client_id, "sub": code.user, "email": code.user,
-                    "iat": now, "exp": now + 600, "nonce": code.nonce, "amr": ["pwd", "otp"]});
-                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-                header.kid = Some("k1".into());
-                let id_token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
-                axum::Json(json!({"access_token": "unused", "token_type": "Bearer", "id_token": id_token}))
-                    .into_response()
-            }
-        };
-        let app = axum::Router::new()
-            .route(
-                "/.well-known/openid-configuration",
-                axum::routing::get(move || async move { axum::Json(discovery) }),
-            )
-            .route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }))
-            .route("/authorize", axum::routing::get(authorize))
-            .route("/token", axum::routing::post(token));
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Issuer { url, user }
-    }
-}
-
 // ---- a browser without a browser: HTTP/1.1 by hand, the WebSocket through tungstenite -------
 
 struct Reply {
@@ -336,7 +234,7 @@ impl Browser {
 
     /// The whole sign-in: the gateway's /login, the issuer, back to /callback. The session cookie.
     async fn sign_in(&self, issuer: &Issuer, user: &str) -> String {
-        *issuer.user.lock().unwrap() = user.into();
+        issuer.sign_in(SignIn::new(user));
         let login = self.get("/login", "").await;
         assert_eq!(login.status, 303, "/login: {}", login.body);
         let state = login.cookie("noexit-gateway-login").expect("login cookie");
@@ -513,7 +411,7 @@ async fn single_host_gateway_end_to_end() {
     manifests(&file, &tag, &image, Some(true));
     let project = format!("g{tag}");
 
-    let issuer = Issuer::start().await;
+    let issuer = Issuer::builder().start().await;
     let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let base = Ipv4Addr::new(10, 100 + (rand_u32() % 100) as u8, 0, 0);
     let log = dir.path().join("up.log");
