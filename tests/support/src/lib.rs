@@ -1,0 +1,14 @@
+//! What noexit's test suites share, so each piece of harness exists once: a test CA and the
+//! certificates tests need ([`pki`]), a fake OpenID Connect issuer ([`oidc`]), bounded polling
+//! ([`poll`]), loopback listeners ([`net`]), child processes and the workspace's binaries
+//! ([`process`]), and the CI rule for missing system tools ([`deps`]).
+//!
+//! A dev-dependency only: no shipped binary links it. Helpers panic on failure, as the tests
+//! using them would.
+
+pub mod deps;
+pub mod net;
+pub mod oidc;
+pub mod pki;
+pub mod poll;
+pub mod process;
