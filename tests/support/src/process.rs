@@ -101,6 +101,12 @@ impl Proc {
         self.wait_exit(bound).unwrap_or_else(|| panic!("no exit {bound:?} after SIGINT:\n{}", self.log()))
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; panics with the log unless it exits within `bound`.
+    pub fn terminate_within(&mut self, bound: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(bound).unwrap_or_else(|| panic!("no exit {bound:?} after SIGTERM:\n{}", self.log()))
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within 5 s.
     pub fn terminate(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
