@@ -8,10 +8,10 @@
 //! only gets `CARGO_BIN_EXE_*` paths for its own package). Run with
 //! `cargo test -p noexit-e2e --test agent_api`.
 
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use noexit_agent::sessions::utmp;
@@ -19,100 +19,15 @@ use noexit_crds::agent::WorkspaceIdentity;
 use noexit_operator::audit::store::{Pool, Store};
 use noexit_operator::controllers::revoke::{HttpRevoker, Revocation, Revoker};
 use noexit_operator::pki::Ca;
+use noexit_test_support::oidc::Issuer;
+use noexit_test_support::process::{self, Proc};
+use noexit_test_support::{net, poll};
 use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 
-/// Directory holding the workspace's binaries, built once per test binary.
-fn bin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // Without the variables `cargo test` sets for this test, the build reuses what a plain
-        // `cargo build` made instead of rebuilding half the tree each time.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&name.as_ref());
-            if (name.starts_with("CARGO_") && !keep) || name == "LD_LIBRARY_PATH" {
-                cmd.env_remove(name.as_ref());
-            }
-        }
-        // This test runs from <target>/<profile>/deps/; the binaries go to <target>/<profile>/.
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let status = cmd
-            .args(["build", "-p", "noexit-operator", "-p", "noexit-agent", "--bins", "--profile", profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "cargo build of noexit-operator and noexit-agent failed");
-        dir
-    })
-}
-
+/// A binary of the workspace's operator or agent, built once per test binary.
 fn bin(name: &str) -> PathBuf {
-    let path = bin_dir().join(name);
-    assert!(path.exists(), "{} was not built", path.display());
-    path
-}
-
-/// A child process that is killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> Self {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
-        Self { child, log }
-    }
-
-    /// Ctrl-C (SIGINT), as an orderly shutdown; waits for the exit, at most `bound`.
-    fn interrupt(&mut self, bound: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        assert!(sent.success(), "kill -INT {pid} failed");
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit {bound:?} after SIGINT:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Fail if the process died (with its log, which says why).
-    fn check_alive(&mut self, what: &str) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{what} exited with {status}:\n{}", self.log());
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    process::workspace_bin(&["-p", "noexit-operator", "-p", "noexit-agent", "--bins"], name)
 }
 
 struct Env {
@@ -146,9 +61,9 @@ impl Env {
         }
         std::fs::write(p.join("wtmp"), b"").unwrap();
         std::fs::write(p.join("utmp"), b"").unwrap();
-        let port = free_port();
+        let port = net::free_port();
         // Nothing listens on the canary port: the probe's "outside" address is refused.
-        let canary = free_port();
+        let canary = net::free_port();
         let cfg = format!(
             r#"workspace: {{ project: ward-7, name: alice-r }}
 controlPlane:
@@ -218,12 +133,11 @@ heartbeatSeconds: 1
             .args(extra)
             .env("RUST_LOG", "info");
         let mut api = Proc::spawn(&mut cmd, self.path("api.log"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        poll::blocking("the API to listen", Duration::from_secs(20), || {
             api.check_alive("the API");
-            assert!(Instant::now() < deadline, "the API did not listen within 20 s:\n{}", api.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            net::accepts(addr).then_some(())
+        });
         api
     }
 
@@ -287,20 +201,20 @@ async fn count(db: &SqlitePool, sql: &str) -> i64 {
     sqlx::query_scalar::<_, i64>(sql).fetch_one(db).await.unwrap()
 }
 
-/// Poll `check` every 100 ms until it holds, at most `bound`; on timeout fail with the logs.
-async fn until<F, Fut>(what: &str, bound: Duration, procs: &[&Proc], mut check: F)
+/// Polls `check` until it holds, at most `bound`; on timeout fail with the processes' logs.
+async fn until<F, Fut>(what: &str, bound: Duration, procs: &[&Proc], check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + bound;
-    while !check().await {
-        if Instant::now() > deadline {
-            let logs: Vec<String> = procs.iter().map(|p| format!("--- {}\n{}", p.log.display(), p.log())).collect();
-            panic!("timed out after {bound:?} waiting for {what}\n{}", logs.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let logs = || {
+        let logs: Vec<String> = procs
+            .iter()
+            .map(|p| format!("--- {}\n{}", p.log_path().map(|l| l.display().to_string()).unwrap_or_default(), p.log()))
+            .collect();
+        logs.join("\n")
+    };
+    poll::until_explained(what, bound, logs, check).await
 }
 
 const SESSIONS: &str = "SELECT COUNT(*) FROM agent_sessions WHERE project = 'ward-7' AND workspace = 'alice-r'";
@@ -498,57 +412,6 @@ async fn agent_reports_to_the_real_api() {
 
 // ---- the airlock with the real agent and the real API ------------------------------------
 
-/// A minimal OIDC issuer over HTTP on loopback (the API runs with `--oidc-allow-http-loopback`).
-struct Issuer {
-    url: String,
-    key: jsonwebtoken::EncodingKey,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl Issuer {
-    async fn start() -> Self {
-        use base64::Engine as _;
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let raw = pair.public_key_raw().to_vec();
-        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"});
-        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let discovery = serde_json::json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}).to_string();
-        let jwks = serde_json::json!({"keys": [jwk]}).to_string();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (discovery, jwks) = (discovery.clone(), jwks.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let body = if req.uri().path() == "/jwks" { jwks.clone() } else { discovery.clone() };
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from(body),
-                            )))
-                        }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-                });
-            }
-        });
-        Self { url, key, _task: task }
-    }
-
-    fn token(&self, user: &str) -> String {
-        let claims = serde_json::json!({
-            "iss": self.url, "aud": "noexit", "email": user, "email_verified": true, "sub": user,
-            "exp": chrono::Utc::now().timestamp() + 3600, "amr": ["pwd", "otp"],
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("k1".into());
-        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
-    }
-}
-
 type Https = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Full<bytes::Bytes>,
@@ -597,7 +460,8 @@ fn json_of(bytes: &[u8]) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn airlock_with_the_real_agent_and_api() {
     let env = Env::new();
-    let issuer = Issuer::start().await;
+    // Plain HTTP on loopback: the API runs with `--oidc-allow-http-loopback`.
+    let issuer = Issuer::builder().start().await;
     // The shipped example, with a second output checker (release needs two).
     let example =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ward-7.yaml")).unwrap();

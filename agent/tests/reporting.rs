@@ -1,5 +1,5 @@
 //! The real `noexit-agent` binary against a fake control-plane API (axum behind rustls with
-//! client-certificate auth, certificates from rcgen): spool durability across an API outage and
+//! client-certificate auth, certificates from the test CA): spool durability across an API outage and
 //! `kill -9`, outbox submission, heartbeats.
 
 mod support;

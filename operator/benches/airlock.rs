@@ -25,6 +25,7 @@ use noexit_crds::agent::WorkspaceIdentity;
 use noexit_operator::api::{self, ApiConfig, ApiStore, AppState, server, tls};
 use noexit_operator::audit::Store;
 use noexit_operator::pki::Ca;
+use noexit_test_support::oidc::Issuer;
 use serde_json::{Value, json};
 
 type Https = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -41,50 +42,9 @@ fn main() {
     }
 }
 
-/// A minimal OIDC issuer over HTTP on loopback: discovery and one ES256 key.
-struct Issuer {
-    url: String,
-    key: jsonwebtoken::EncodingKey,
-}
-
-impl Issuer {
-    async fn start() -> Self {
-        let pair = rcgen::KeyPair::generate().expect("key");
-        let raw = pair.public_key_raw().to_vec();
-        use base64::Engine as _;
-        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"});
-        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://127.0.0.1:{}", listener.local_addr().expect("addr").port());
-        let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}).to_string();
-        let jwks = json!({"keys": [jwk]}).to_string();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (discovery, jwks) = (discovery.clone(), jwks.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let body = if req.uri().path() == "/jwks" { jwks.clone() } else { discovery.clone() };
-                        async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body)))) }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-                });
-            }
-        });
-        Self { url, key }
-    }
-
-    fn token(&self, user: &str) -> String {
-        let claims = json!({
-            "iss": self.url, "aud": "noexit", "email": user, "email_verified": true, "sub": user,
-            "exp": chrono::Utc::now().timestamp() + 3600, "amr": ["pwd", "otp"],
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("k1".into());
-        jsonwebtoken::encode(&header, &claims, &self.key).expect("token")
-    }
+/// A token for `user` from the fake issuer, valid for an hour (longer than a large run).
+fn token(issuer: &Issuer, user: &str) -> String {
+    issuer.token_with(user, |c| c["exp"] = json!(chrono::Utc::now().timestamp() + 3600))
 }
 
 fn client(ca: &Ca, identity: Option<(&str, &str)>) -> Https {
@@ -152,7 +112,8 @@ async fn bench(backend: &str) {
         }
         other => panic!("unknown backend {other}"),
     };
-    let issuer = Issuer::start().await;
+    // Plain HTTP on loopback (`allow_http_loopback`).
+    let issuer = Issuer::builder().start().await;
     let mut members = String::from("    - {user: alice@x, roles: [researcher]}\n");
     for r in 0..reviewers {
         members.push_str(&format!("    - {{user: checker-{r}@x, roles: [outputChecker]}}\n"));
@@ -216,7 +177,7 @@ async fn bench(backend: &str) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (r, http) in clients.iter().enumerate().take(reviewers) {
-        let (ids, token, base) = (ids.clone(), issuer.token(&format!("checker-{r}@x")), base.clone());
+        let (ids, token, base) = (ids.clone(), token(&issuer, &format!("checker-{r}@x")), base.clone());
         let http = http.clone();
         tasks.push(tokio::spawn(async move {
             let (mut gets, mut approves) = (Vec::new(), Vec::new());
@@ -249,7 +210,7 @@ async fn bench(backend: &str) {
     report("review: approve", approves, wall);
 
     // Release: the requester downloads every output, 50 in flight.
-    let token = issuer.token("alice@x");
+    let token = token(&issuer, "alice@x");
     let started = Instant::now();
     let mut tasks = Vec::new();
     let lanes = reviewers.max(1);

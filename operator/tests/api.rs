@@ -24,10 +24,16 @@ use noexit_operator::api::authz::{Authn, Endpoint};
 use noexit_operator::api::{self, ApiConfig, ApiStore, AppState, MemoryCluster, server, tls};
 use noexit_operator::audit::{self, Outcome, Store};
 use noexit_operator::pki::{Ca, IssuedCert};
+use noexit_test_support::oidc::{self, Issuer, SigningKey};
+use noexit_test_support::process::Proc;
+use noexit_test_support::{net, poll};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 // ---- fixtures ----------------------------------------------------------------------------
+
+/// How long a test waits for something to settle (audit entries, a restarted server).
+const SETTLE: Duration = Duration::from_secs(30);
 
 struct Pki {
     ca: Ca,
@@ -95,163 +101,16 @@ fn user_with(role: Role) -> &'static str {
     }
 }
 
-/// A fake OIDC issuer on loopback over HTTPS (its own CA): discovery document and a JWKS that
-/// tests can change (key rotation), counting JWKS fetches. Tokens are signed with ES256 key
-/// `k1` unless a test picks another key.
-struct Issuer {
-    url: String,
-    key: jsonwebtoken::EncodingKey,
-    /// The CA that issued the issuer's HTTPS certificate.
-    ca_pem: String,
-    jwks: Arc<std::sync::Mutex<Vec<Value>>>,
-    jwks_fetches: Arc<std::sync::atomic::AtomicUsize>,
-    _task: tokio::task::JoinHandle<()>,
+/// The fake issuer over HTTPS (its own CA), as every test here uses it.
+async fn https_issuer() -> Issuer {
+    Issuer::builder().https().start().await
 }
 
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn es256_key_with_kid(kid: &str) -> (jsonwebtoken::EncodingKey, Value) {
-    let pair = rcgen::KeyPair::generate().unwrap();
-    let raw = pair.public_key_raw().to_vec();
-    let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid, "alg": "ES256", "use": "sig"});
-    (jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()), jwk)
-}
-
-fn es256_key() -> (jsonwebtoken::EncodingKey, Value) {
-    es256_key_with_kid("k1")
-}
-
-/// A 2048-bit RSA key made by `openssl` (ring cannot generate RSA keys) and its JWK.
-fn rs256_key(kid: &str) -> (jsonwebtoken::EncodingKey, Value) {
-    let dir = tempfile::tempdir().unwrap();
-    let pem = dir.path().join("rsa.pem");
-    let out = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
-        .arg(&pem)
-        .output()
-        .expect("openssl (hack/install-deps.sh installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out =
-        std::process::Command::new("openssl").args(["rsa", "-noout", "-modulus", "-in"]).arg(&pem).output().unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let modulus = hex::decode(text.trim().strip_prefix("Modulus=").unwrap()).unwrap();
-    let jwk = json!({"kty": "RSA", "n": b64(&modulus), "e": "AQAB", "kid": kid, "alg": "RS256", "use": "sig"});
-    // PKCS#1 DER, as jsonwebtoken's `from_rsa_der` takes it.
-    let der = dir.path().join("rsa.der");
-    let out = std::process::Command::new("openssl")
-        .args(["rsa", "-traditional", "-outform", "DER", "-in"])
-        .arg(&pem)
-        .arg("-out")
-        .arg(&der)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    (jsonwebtoken::EncodingKey::from_rsa_der(&std::fs::read(&der).unwrap()), jwk)
-}
-
-impl Issuer {
-    async fn start() -> Issuer {
-        let ca = Ca::generate("fake issuer CA").unwrap();
-        let cert = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], chrono::Duration::days(1)).unwrap();
-        let chain = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-        let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes()).unwrap().unwrap();
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
-        let (key, jwk) = es256_key();
-        let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}).to_string();
-        let jwks = Arc::new(std::sync::Mutex::new(vec![jwk]));
-        let jwks_fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (keys, fetches) = (jwks.clone(), jwks_fetches.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (acceptor, discovery, keys, fetches) =
-                    (acceptor.clone(), discovery.clone(), keys.clone(), fetches.clone());
-                tokio::spawn(async move {
-                    let Ok(stream) = acceptor.accept(stream).await else { return };
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let body = match req.uri().path() {
-                            "/.well-known/openid-configuration" => Some(discovery.clone()),
-                            "/jwks" => {
-                                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                                Some(json!({"keys": *keys.lock().unwrap()}).to_string())
-                            }
-                            _ => None,
-                        };
-                        async move {
-                            let mut resp =
-                                http::Response::new(Full::new(Bytes::from(body.clone().unwrap_or_default())));
-                            if body.is_none() {
-                                *resp.status_mut() = StatusCode::NOT_FOUND;
-                            }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-                });
-            }
-        });
-        Issuer { url, key, ca_pem: ca.cert_pem().to_owned(), jwks, jwks_fetches, _task: task }
-    }
-
-    /// What the issuer publishes from now on.
-    fn publish(&self, keys: Vec<Value>) {
-        *self.jwks.lock().unwrap() = keys;
-    }
-
-    fn jwks_fetches(&self) -> usize {
-        self.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// A verifier for this issuer, as the API builds it.
-    fn config(&self) -> api::oidc::OidcConfig {
-        api::oidc::OidcConfig {
-            ca_pem: Some(self.ca_pem.clone().into_bytes()),
-            ..api::oidc::OidcConfig::new(&self.url)
-        }
-    }
-
-    fn claims(&self, user: &str) -> Value {
-        json!({
-            "iss": self.url, "aud": "noexit", "email": user, "email_verified": true, "sub": user,
-            "exp": chrono::Utc::now().timestamp() + 600, "amr": ["pwd", "otp"],
-        })
-    }
-
-    fn token(&self, user: &str) -> String {
-        self.token_with(user, |_| {})
-    }
-
-    fn token_with(&self, user: &str, edit: impl FnOnce(&mut Value)) -> String {
-        let mut claims = self.claims(user);
-        edit(&mut claims);
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("k1".into());
-        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
-    }
-
-    /// A token for `user` signed with `key` under `kid`.
-    fn token_signed(
-        &self,
-        user: &str,
-        alg: jsonwebtoken::Algorithm,
-        kid: &str,
-        key: &jsonwebtoken::EncodingKey,
-    ) -> String {
-        let mut header = jsonwebtoken::Header::new(alg);
-        header.kid = Some(kid.into());
-        jsonwebtoken::encode(&header, &self.claims(user), key).unwrap()
+/// A verifier for `issuer`, as the API builds it.
+fn oidc_config(issuer: &Issuer) -> api::oidc::OidcConfig {
+    api::oidc::OidcConfig {
+        ca_pem: issuer.ca_pem().map(|pem| pem.as_bytes().to_vec()),
+        ..api::oidc::OidcConfig::new(&issuer.url)
     }
 }
 
@@ -286,7 +145,7 @@ impl Api {
         limits: noexit_operator::serving::Limits,
     ) -> Api {
         let store = ApiStore::new(audit.pool().clone());
-        let oidc = issuer.map(|i| Arc::new(api::oidc::Oidc::new(i.config()).unwrap()));
+        let oidc = issuer.map(|i| Arc::new(api::oidc::Oidc::new(oidc_config(i)).unwrap()));
         let data_dir = tempfile::tempdir().unwrap();
         let config = ApiConfig {
             data_dir: data_dir.path().to_owned(),
@@ -468,7 +327,7 @@ async fn agent_certificates_ok_expired_forged_and_revoked_at_once() {
     drop(tokio::net::TcpStream::connect(api.addr).await.unwrap());
     let mut plain = tokio::net::TcpStream::connect(api.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let handshakes = poll(|| api.refused("tls.handshake"), |v| !v.is_empty()).await;
+    let handshakes = poll::settle(SETTLE, || api.refused("tls.handshake"), |v| !v.is_empty()).await;
     assert_eq!(handshakes.len(), 1, "{handshakes:?}");
 
     // An agent may not call the operator's endpoint.
@@ -513,22 +372,6 @@ async fn agent_certificates_ok_expired_forged_and_revoked_at_once() {
     .await
     .unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-}
-
-/// Poll `get` until `done` holds (bounded), returning the last value.
-async fn poll<T, F, Fut>(mut get: F, done: impl Fn(&T) -> bool) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = T>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = get().await;
-        if done(&v) || Instant::now() > deadline {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -646,7 +489,7 @@ type BadBodyCase = (Option<(&'static str, Vec<u8>)>, StatusCode, &'static str, &
 async fn bad_bodies_get_a_json_4xx_naming_the_problem_and_are_audited() {
     let pki = pki();
     let db = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
     let agent = client(&pki, Some(&pki.agent("alice-r")));
     let url = api.url("/v1/agent/heartbeat");
@@ -721,7 +564,7 @@ async fn bad_bodies_get_a_json_4xx_naming_the_problem_and_are_audited() {
 async fn oidc_tokens_with_wrong_issuer_audience_signature_expiry_or_no_mfa_are_refused() {
     let pki = pki();
     let db = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
     let person = client(&pki, None);
     let url = api.url("/v1/projects/ward-7/whoami");
@@ -734,26 +577,20 @@ async fn oidc_tokens_with_wrong_issuer_audience_signature_expiry_or_no_mfa_are_r
         (Some(user), json!(["dataAnalyst"]), Some(true))
     );
 
-    let (other_key, _) = es256_key();
+    let other_key = SigningKey::es256("k1");
     let forged = {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("k1".into());
         let claims = json!({"iss": issuer.url, "aud": "noexit", "email": user, "exp": chrono::Utc::now().timestamp() + 600, "amr": ["otp"]});
-        jsonwebtoken::encode(&header, &claims, &other_key).unwrap()
+        oidc::sign(jsonwebtoken::Algorithm::ES256, "k1", &other_key.key, &claims)
     };
     let hmac = {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-        header.kid = Some("k1".into());
         let claims =
             json!({"iss": issuer.url, "aud": "noexit", "email": user, "exp": chrono::Utc::now().timestamp() + 600});
-        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(b"k1")).unwrap()
+        oidc::sign(jsonwebtoken::Algorithm::HS256, "k1", &jsonwebtoken::EncodingKey::from_secret(b"k1"), &claims)
     };
     let unknown_kid = {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("k9".into());
         let claims =
             json!({"iss": issuer.url, "aud": "noexit", "email": user, "exp": chrono::Utc::now().timestamp() + 600});
-        jsonwebtoken::encode(&header, &claims, &issuer.key).unwrap()
+        oidc::sign(jsonwebtoken::Algorithm::ES256, "k9", &issuer.key().key, &claims)
     };
     let cases = vec![
         (
@@ -819,16 +656,16 @@ async fn oidc_tokens_with_wrong_issuer_audience_signature_expiry_or_no_mfa_are_r
 
 #[tokio::test]
 async fn oidc_rs256_and_es256_keys_work_through_an_issuer_key_rotation() {
-    let issuer = Issuer::start().await;
-    let (es, es_jwk) = es256_key_with_kid("k1");
-    let (rs_old, rs_old_jwk) = rs256_key("rsa-2025");
-    let (rs_new, rs_new_jwk) = rs256_key("rsa-2026");
+    let issuer = https_issuer().await;
+    let SigningKey { key: es, jwk: es_jwk, .. } = SigningKey::es256("k1");
+    let SigningKey { key: rs_old, jwk: rs_old_jwk, .. } = SigningKey::rs256("rsa-2025");
+    let SigningKey { key: rs_new, jwk: rs_new_jwk, .. } = SigningKey::rs256("rsa-2026");
     issuer.publish(vec![es_jwk.clone(), rs_old_jwk.clone()]);
     let oidc = Arc::new(
         api::oidc::Oidc::new(api::oidc::OidcConfig {
             refresh_every: Duration::from_millis(200),
             min_refetch: Duration::ZERO,
-            ..issuer.config()
+            ..oidc_config(&issuer)
         })
         .unwrap(),
     );
@@ -850,32 +687,26 @@ async fn oidc_rs256_and_es256_keys_work_through_an_issuer_key_rotation() {
 
     // Rotation ends: the old key is withdrawn; the timer drops it without a restart.
     issuer.publish(vec![es_jwk, rs_new_jwk]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match oidc.verify(&old_token).await {
-            Err(e) => {
-                assert_eq!(e.code(), "unknownSigningKey", "{e}");
-                break;
-            }
-            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-            Ok(_) => panic!("the withdrawn key still verifies after 10 s"),
-        }
-    }
+    let e = poll::eventually("the withdrawn key to stop verifying", Duration::from_secs(10), || async {
+        oidc.verify(&old_token).await.err()
+    })
+    .await;
+    assert_eq!(e.code(), "unknownSigningKey", "{e}");
     assert_eq!(oidc.verify(&new_token).await.unwrap().user, user);
     assert_eq!(oidc.verify(&es_token).await.unwrap().user, user);
 }
 
 #[tokio::test]
 async fn a_flood_of_unknown_key_ids_makes_a_bounded_number_of_jwks_fetches() {
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let oidc = Arc::new(
-        api::oidc::Oidc::new(api::oidc::OidcConfig { min_refetch: Duration::from_secs(60), ..issuer.config() })
+        api::oidc::Oidc::new(api::oidc::OidcConfig { min_refetch: Duration::from_secs(60), ..oidc_config(&issuer) })
             .unwrap(),
     );
     let user = "bob@ward7.example";
     assert_eq!(oidc.verify(&issuer.token(user)).await.unwrap().user, user);
     assert_eq!(issuer.jwks_fetches(), 1);
-    let (garbage, _) = es256_key();
+    let garbage = SigningKey::es256("k1").key;
     let tokens: Vec<String> = (0..500)
         .map(|i| issuer.token_signed(user, jsonwebtoken::Algorithm::ES256, &format!("made-up-{i}"), &garbage))
         .collect();
@@ -897,7 +728,7 @@ async fn a_flood_of_unknown_key_ids_makes_a_bounded_number_of_jwks_fetches() {
 
     // A cold verifier hit by the flood at once: one fetch, which every other token waits for.
     let cold = Arc::new(
-        api::oidc::Oidc::new(api::oidc::OidcConfig { min_refetch: Duration::from_secs(60), ..issuer.config() })
+        api::oidc::Oidc::new(api::oidc::OidcConfig { min_refetch: Duration::from_secs(60), ..oidc_config(&issuer) })
             .unwrap(),
     );
     let before = issuer.jwks_fetches();
@@ -1010,7 +841,7 @@ fn docs_matrix_matches_the_code() {
 async fn authz_matrix_every_caller_times_every_endpoint() {
     let pki = pki();
     let db = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
     // A request by someone else than every caller who may decide on it.
     let gina = issuer.token("gina@ward7.example");
@@ -1097,7 +928,7 @@ async fn analysts_request_admins_decide_but_not_on_their_own_and_auditors_read_t
 
 async fn request_flow(db_url: &str) {
     let pki = pki();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let api = Api::start(&pki, Some(&issuer), db_url).await;
     let c = client(&pki, None);
     let (bob, carol, gina, dave) = (
@@ -1280,7 +1111,7 @@ async fn postgres_restarted_while_agents_report_loses_and_duplicates_nothing() {
     };
     let outage = async {
         // Let some reports through, then take the database away until agents notice.
-        let log = poll(|| api.store.event_count(), |n| n.as_ref().is_ok_and(|n| *n >= 40)).await;
+        let log = poll::settle(SETTLE, || api.store.event_count(), |n| n.as_ref().is_ok_and(|n| *n >= 40)).await;
         assert!(log.is_ok());
         pg.kill().unwrap();
         let before = api.store.event_count().await;
@@ -1342,7 +1173,7 @@ async fn noexit(api: &Api, pki: &Pki, token: Option<&str>, args: &[&str]) -> (i3
 async fn cli_requests_approves_and_reports_with_documented_exit_codes() {
     let pki = pki();
     let db = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
     let (bob, carol, dave) =
         (issuer.token("bob@ward7.example"), issuer.token("carol@ward7.example"), issuer.token("dave@ward7.example"));
@@ -1425,22 +1256,13 @@ async fn cli_requests_approves_and_reports_with_documented_exit_codes() {
 
 // ---- the real binary, killed right after acknowledging -----------------------------------------
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `noexit-operator api` on a free loopback port; waits (bounded) until it answers.
-async fn start_binary(pki: &Pki, db_url: &str, dir: &Path) -> (Child, String) {
+async fn start_binary(pki: &Pki, db_url: &str, dir: &Path) -> (Proc, String) {
     start_binary_with(pki, db_url, dir, &[]).await
 }
 
-async fn start_binary_with(pki: &Pki, db_url: &str, dir: &Path, extra: &[&str]) -> (Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+async fn start_binary_with(pki: &Pki, db_url: &str, dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let port = net::free_port();
     std::fs::write(dir.join("manifests.yaml"), PROJECT).unwrap();
     let p = |name: &str| pki.dir.path().join(name).display().to_string();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_noexit-operator"))
@@ -1464,11 +1286,11 @@ async fn start_binary_with(pki: &Pki, db_url: &str, dir: &Path, extra: &[&str]) 
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let child = Child(child);
+    let child = Proc::new(child);
     let base = format!("https://localhost:{port}");
     let health = client(pki, None);
     let health_url = format!("{base}/healthz");
-    let ready = poll(|| call(&health, Method::GET, &health_url, None, None), |r| r.is_ok()).await;
+    let ready = poll::settle(SETTLE, || call(&health, Method::GET, &health_url, None, None), |r| r.is_ok()).await;
     assert!(ready.is_ok(), "noexit-operator api did not come up: {ready:?}");
     (child, base)
 }
@@ -1482,8 +1304,7 @@ async fn sqlite_events_acknowledged_by_the_binary_survive_kill_9() {
     let (acked, errors) = agents_report(base, &pki, 4, 10, Duration::ZERO).await;
     assert_eq!(errors, 0);
     // SIGKILL right after the last acknowledgement: no shutdown, no flush.
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    child.kill9();
     let audit = Store::connect(&url).await.unwrap();
     let store = ApiStore::new(audit.pool().clone());
     assert_each_once(&audit, &store, &acked).await;
@@ -1532,7 +1353,7 @@ async fn the_workspace_finalizers_revoker_is_accepted_and_takes_effect_at_once()
 async fn database_failures_answer_503_without_database_internals_or_paths() {
     let pki = pki();
     let db = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let api = Api::start(&pki, Some(&issuer), &sqlite_url(&db)).await;
     let role = Endpoint::SessionList.allowed_roles()[0];
     let token = issuer.token(user_with(role));
@@ -1680,11 +1501,11 @@ async fn connections_over_the_per_address_limit_are_refused_and_audited() {
         }
     };
     assert!(refused, "connection {} from one address was served", n + 1);
-    let entries = poll(|| api.refused("api.connection"), |e: &Vec<_>| !e.is_empty()).await;
+    let entries = poll::settle(SETTLE, || api.refused("api.connection"), |e: &Vec<_>| !e.is_empty()).await;
     assert!(matches!(&entries[0].event.outcome, Outcome::Refused(r) if r.contains("more than 4 open connections")));
     // A place frees when a connection closes.
     drop(open.pop());
-    let again = poll(|| raw_tls(&pki, api.addr), |r| r.is_ok()).await;
+    let again = poll::settle(SETTLE, || raw_tls(&pki, api.addr), |r| r.is_ok()).await;
     assert!(again.is_ok(), "{:?}", again.err());
 }
 
@@ -1701,7 +1522,7 @@ async fn a_hundred_failed_handshakes_make_one_audit_entry() {
         let mut buf = [0u8; 64];
         let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
     }
-    let entries = poll(|| api.refused("tls.handshake"), |e: &Vec<_>| !e.is_empty()).await;
+    let entries = poll::settle(SETTLE, || api.refused("tls.handshake"), |e: &Vec<_>| !e.is_empty()).await;
     // One handshake that succeeds afterwards proves the server got past all of them.
     let (status, _) = call(&client(&pki, None), Method::GET, &api.url("/healthz"), None, None).await.unwrap();
     assert_eq!(status, StatusCode::OK);
@@ -1743,16 +1564,7 @@ async fn sigterm_seals_the_audit_tail_and_publishes_the_checkpoint() {
     assert!(before.is_intact() && before.unsealed >= 3, "{before:?}");
     reader.close().await;
 
-    let pid = child.0.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the API did not stop within 20 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = child.terminate_within(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
     let reader = Store::open_read_only(&url).await.unwrap();
     let after = noexit_operator::audit::verify::verify(&reader, &options()).await.unwrap();
@@ -1769,7 +1581,7 @@ async fn sigterm_seals_the_audit_tail_and_publishes_the_checkpoint() {
 async fn an_admin_revokes_only_their_own_projects_certificates() {
     let pki = pki();
     let db = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let ward9 = r#"
 ---
 apiVersion: noexit.io/v1alpha1
@@ -1984,7 +1796,7 @@ async fn airlock_review_and_release_postgres() {
 #[tokio::test]
 async fn airlock_decisions_do_not_wait_for_the_kubectl_mirror() {
     let pki = pki();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let cluster = Arc::new(api::memory_cluster_from(PROJECT).unwrap());
     cluster.refuse_mirrors(true);
     let db = tempfile::tempdir().unwrap();
@@ -2011,7 +1823,7 @@ async fn airlock_decisions_do_not_wait_for_the_kubectl_mirror() {
 
 async fn airlock_flow(db_url: &str) {
     let pki = pki();
-    let issuer = Issuer::start().await;
+    let issuer = https_issuer().await;
     let cluster = Arc::new(api::memory_cluster_from(&format!("{PROJECT}{WARD9}")).unwrap());
     let audit = Arc::new(Store::connect(db_url).await.unwrap());
     let api = Api::start_on(&pki, Some(&issuer), cluster, audit).await;

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
+use noexit_test_support::poll;
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -70,17 +71,6 @@ fn run_ok(cmd: &mut Command) -> Output {
 
 fn ip(args: &[&str]) {
     run_ok(Command::new("ip").args(args));
-}
-
-fn poll<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -275,7 +265,7 @@ fn dnsmasq(lab: &Lab, ns: &str, listen: &str, log: &Path, forward_to: Option<&st
     }
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let p = Proc { child, log: log.to_owned() };
-    poll("dnsmasq to start", Duration::from_secs(10), || p.log().contains("started").then_some(()));
+    poll::blocking("dnsmasq to start", Duration::from_secs(10), || p.log().contains("started").then_some(()));
     p
 }
 
@@ -410,7 +400,7 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
         .spawn()
         .unwrap();
     let mut dns = Proc { child, log };
-    poll("noexit dns to answer /healthz", Duration::from_secs(30), || {
+    poll::blocking("noexit dns to answer /healthz", Duration::from_secs(30), || {
         if let Ok(Some(status)) = dns.child.try_wait() {
             panic!("noexit dns exited with {status}:\n{}", dns.log());
         }
@@ -514,7 +504,7 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     // The outside resolver never saw any of it; through a forwarder (kube-dns), it would have.
     let control = format!("control-{}.example.org", lab.tag);
     run(&mut lab.exec(&lab.ws, &["dig", &format!("@{}", lab.standin_ip), "+tries=1", "+time=3", &control, "A"]));
-    let seen = poll("the control name in the outside resolver's log", Duration::from_secs(10), || {
+    let seen = poll::blocking("the control name in the outside resolver's log", Duration::from_secs(10), || {
         let log = outside.log();
         log.contains(&control).then_some(log)
     });
@@ -527,7 +517,7 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     // Refused names are in the audit log, attributed to the workspace, rate-limited.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let store = rt.block_on(noexit_operator::audit::Store::open_read_only(&db)).unwrap();
-    let rows = poll("the refused names in the audit log", Duration::from_secs(10), || {
+    let rows = poll::blocking("the refused names in the audit log", Duration::from_secs(10), || {
         let entries = rt.block_on(store.tail(1000)).unwrap();
         let rows: Vec<_> = entries.into_iter().filter(|e| e.event.action == "dns.query").collect();
         let has = |name: &str| rows.iter().any(|e| e.event.object == format!("dns:{name}."));
@@ -559,7 +549,9 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     // SIGTERM: a clean stop.
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(dns.child.id() as i32, libc::SIGTERM) };
-    let status = poll("noexit dns to stop on SIGTERM", Duration::from_secs(15), || dns.child.try_wait().ok().flatten());
+    let status = poll::blocking("noexit dns to stop on SIGTERM", Duration::from_secs(15), || {
+        dns.child.try_wait().ok().flatten()
+    });
     assert!(status.success(), "{status}:\n{}", dns.log());
     assert!(dns.log().contains("workspace DNS stopped"), "{}", dns.log());
 }
@@ -612,7 +604,7 @@ fn answers_refuses_and_audits_on_loopback() {
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    poll("noexit dns to answer", Duration::from_secs(30), || {
+    poll::blocking("noexit dns to answer", Duration::from_secs(30), || {
         if let Ok(Some(status)) = dns.child.try_wait() {
             panic!("noexit dns exited with {status}:\n{}", dns.log());
         }
@@ -646,7 +638,7 @@ fn answers_refuses_and_audits_on_loopback() {
     }
 
     // 11 refused names, an audit burst of 3: three lines, the workspace's, the name as sent.
-    let lines = poll("three audit lines", Duration::from_secs(10), || {
+    let lines = poll::blocking("three audit lines", Duration::from_secs(10), || {
         let text = std::fs::read_to_string(&audit).unwrap_or_default();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         (lines.len() >= 3).then_some(lines)
@@ -672,6 +664,6 @@ fn answers_refuses_and_audits_on_loopback() {
     assert!(body.contains(r#"noexit_dns_audit_suppressed_total{project="ward-7"} 8"#), "{body}");
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(dns.child.id() as i32, libc::SIGTERM) };
-    let status = poll("noexit dns to stop", Duration::from_secs(15), || dns.child.try_wait().ok().flatten());
+    let status = poll::blocking("noexit dns to stop", Duration::from_secs(15), || dns.child.try_wait().ok().flatten());
     assert!(status.success(), "{status}:\n{}", dns.log());
 }

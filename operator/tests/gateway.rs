@@ -11,21 +11,20 @@
 //! hack/test-support/browser/node_modules; skips with a message otherwise, unless
 //! `NOEXIT_CI=1`, where it fails.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use noexit_operator::audit::store::Filter;
 use noexit_operator::audit::{Outcome, Store};
+use noexit_test_support::oidc::Issuer;
+use noexit_test_support::process::{OnDrop, Proc};
+use noexit_test_support::{deps, net, pki, poll};
 use serde_json::{Value, json};
-use sha2::Digest;
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
 const ALICE: &str = "alice@ward7.example";
@@ -36,17 +35,9 @@ fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/test-support/browser")
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
-}
-
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready() -> bool {
-    let mut missing: Vec<String> = ["ip", "Xvnc", "xterm", "xclip", "chromium", "node"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .map(str::to_owned)
-        .collect();
+    let mut missing = deps::missing_tools(&["ip", "Xvnc", "xterm", "xclip", "chromium", "node"]);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root".into());
@@ -57,15 +48,7 @@ fn ready() -> bool {
     if !browser_dir().join("node_modules/playwright-core").exists() {
         missing.push("playwright-core (npm ci in hack/test-support/browser)".into());
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("gateway e2e needs {}: run sudo hack/install-deps.sh", missing.join(", "));
-    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
-        panic!("{msg} (NOEXIT_CI=1: not skipping)");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
+    deps::ready("gateway e2e", &missing, "run sudo hack/install-deps.sh")
 }
 
 fn sh(cmd: &mut Command) -> String {
@@ -76,17 +59,6 @@ fn sh(cmd: &mut Command) -> String {
 
 fn ip(args: &[&str]) {
     sh(Command::new("ip").args(args));
-}
-
-fn poll<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`.
@@ -160,161 +132,6 @@ impl Drop for Net {
         for ns in [&self.gw, &self.desk] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-    }
-}
-
-/// A child process stopped (SIGTERM, then SIGKILL) on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn stop(&mut self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-// ---- the test OIDC issuer: authorization code + PKCE, ES256 ID tokens -----------------------
-
-#[derive(Clone)]
-struct Profile {
-    user: String,
-    amr: Vec<String>,
-    /// Seconds from now to the ID token's expiry.
-    lifetime: i64,
-}
-
-struct Code {
-    challenge: String,
-    nonce: String,
-    redirect_uri: String,
-    client_id: String,
-    profile: Profile,
-}
-
-#[derive(Clone)]
-struct Issuer {
-    url: String,
-    profile: Arc<Mutex<Profile>>,
-    /// Token requests whose PKCE verifier did not match.
-    pkce_failures: Arc<Mutex<u32>>,
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-impl Issuer {
-    fn start(rt: &tokio::runtime::Runtime, addr: &str) -> Issuer {
-        let listener = rt.block_on(tokio::net::TcpListener::bind(format!("{addr}:0"))).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let raw = pair.public_key_raw().to_vec();
-        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65]),
-            "kid": "k1", "alg": "ES256", "use": "sig"});
-        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
-        let profile =
-            Arc::new(Mutex::new(Profile { user: ALICE.into(), amr: vec!["pwd".into(), "otp".into()], lifetime: 600 }));
-        let pkce_failures = Arc::new(Mutex::new(0));
-        let codes: Arc<Mutex<HashMap<String, Code>>> = Arc::default();
-        let discovery = json!({
-            "issuer": url, "authorization_endpoint": format!("{url}/authorize"),
-            "token_endpoint": format!("{url}/token"), "jwks_uri": format!("{url}/jwks"),
-            "code_challenge_methods_supported": ["S256"],
-        });
-        let jwks = json!({"keys": [jwk]});
-        let (p, c) = (profile.clone(), codes.clone());
-        let authorize = move |axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>| {
-            let (p, c) = (p.clone(), c.clone());
-            async move {
-                let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-                if get("response_type") != "code"
-                    || get("code_challenge_method") != "S256"
-                    || get("code_challenge").is_empty()
-                {
-                    return (axum::http::StatusCode::BAD_REQUEST, "code flow with PKCE S256 only").into_response();
-                }
-                let code = uuid::Uuid::new_v4().simple().to_string();
-                let profile = p.lock().unwrap().clone();
-                c.lock().unwrap().insert(
-                    code.clone(),
-                    Code {
-                        challenge: get("code_challenge"),
-                        nonce: get("nonce"),
-                        redirect_uri: get("redirect_uri"),
-                        client_id: get("client_id"),
-                        profile,
-                    },
-                );
-                let to = format!(
-                    "{}?{}",
-                    get("redirect_uri"),
-                    serde_urlencoded::to_string([("code", code.as_str()), ("state", get("state").as_str())]).unwrap()
-                );
-                axum::response::Redirect::to(&to).into_response()
-            }
-        };
-        let (c, fails, iss) = (codes.clone(), pkce_failures.clone(), url.clone());
-        let token = move |axum::extract::Form(f): axum::extract::Form<HashMap<String, String>>| {
-            let (c, fails, iss, key) = (c.clone(), fails.clone(), iss.clone(), key.clone());
-            async move {
-                let get = |k: &str| f.get(k).cloned().unwrap_or_default();
-                let bad =
-                    |e: &str| (axum::http::StatusCode::BAD_REQUEST, axum::Json(json!({"error": e}))).into_response();
-                // Codes are single use.
-                let Some(code) = c.lock().unwrap().remove(&get("code")) else { return bad("invalid_grant") };
-                if get("grant_type") != "authorization_code"
-                    || get("redirect_uri") != code.redirect_uri
-                    || get("client_id") != code.client_id
-                {
-                    return bad("invalid_request");
-                }
-                if b64url(&sha2::Sha256::digest(get("code_verifier").as_bytes())) != code.challenge {
-                    *fails.lock().unwrap() += 1;
-                    return bad("invalid_grant");
-                }
-                let now = chrono::Utc::now().timestamp();
-                let claims = json!({"iss": iss, "aud": code.client_id, "sub": code.profile.user, "email": code.profile.user,
-                    "iat": now, "exp": now + code.profile.lifetime, "nonce": code.nonce, "amr": code.profile.amr});
-                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-                header.kid = Some("k1".into());
-                let id_token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
-                axum::Json(json!({"access_token": "unused", "token_type": "Bearer", "id_token": id_token}))
-                    .into_response()
-            }
-        };
-        use axum::response::IntoResponse;
-        let app = axum::Router::new()
-            .route(
-                "/.well-known/openid-configuration",
-                axum::routing::get(move || async move { axum::Json(discovery) }),
-            )
-            .route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }))
-            .route("/authorize", axum::routing::get(authorize))
-            .route("/token", axum::routing::post(token));
-        rt.spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Issuer { url, profile, pkce_failures }
-    }
-
-    fn sign_in_as(&self, user: &str, amr: &[&str], lifetime: i64) {
-        *self.profile.lock().unwrap() =
-            Profile { user: user.into(), amr: amr.iter().map(|s| s.to_string()).collect(), lifetime };
     }
 }
 
@@ -458,17 +275,13 @@ workspaces:
         let bytes = id.as_bytes();
         let net = Net::new(&tag, 200 + bytes[6] % 50, bytes[7]);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let issuer = Issuer::start(&rt, &net.host_ip);
+        let issuer = rt.block_on(Issuer::builder().host(&net.host_ip).signing_in(ALICE).start());
         let dir = tempfile::tempdir().unwrap();
 
         // The gateway's certificate, and the SPKI pin Chromium is given instead of a CA.
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec![net.gw_ip.clone()]).unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
-        let spki = base64::engine::general_purpose::STANDARD
-            .encode(sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)));
+        let cert = pki::self_signed(&[&net.gw_ip]);
+        cert.write(dir.path(), "tls.crt", "tls.key");
+        let spki = cert.spki_pin();
 
         // The desktop: Xvnc with VNC authentication, a magenta xterm.
         std::fs::write(dir.path().join("vnc-password"), "vnc-pw-1").unwrap();
@@ -494,8 +307,8 @@ workspaces:
             .stderr(File::create(world.dir.path().join("xvnc.log")).unwrap())
             .spawn()
             .unwrap();
-        world.xvnc = Some(Proc(xvnc));
-        poll("Xvnc's X socket", Duration::from_secs(20), || {
+        world.xvnc = Some(Proc::new(xvnc).on_drop(OnDrop::Terminate));
+        poll::blocking("Xvnc's X socket", Duration::from_secs(20), || {
             Path::new(&format!("/tmp/.X11-unix/X{display}")).exists().then_some(())
         });
         let x = world.x(&[
@@ -510,7 +323,7 @@ workspaces:
             "noexit-e2e-window",
         ]);
         let xterm = Command::new(&x[0]).args(&x[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        world.xterm = Some(Proc(xterm));
+        world.xterm = Some(Proc::new(xterm).on_drop(OnDrop::Terminate));
 
         hostile_server(&world.net, 5902, [vec![3, 0, 0, 0], 0x7fff_ff00u32.to_be_bytes().to_vec()].concat());
         hostile_server(&world.net, 5903, vec![0xEE, 1, 2, 3]);
@@ -543,11 +356,9 @@ workspaces:
             .stderr(File::create(d.join("gateway.log")).unwrap())
             .spawn()
             .unwrap();
-        world.gateway = Some(Proc(gateway));
+        world.gateway = Some(Proc::new(gateway).on_drop(OnDrop::Terminate));
         let addr: SocketAddr = format!("{}:8443", world.net.gw_ip).parse().unwrap();
-        poll("the gateway listening", Duration::from_secs(30), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok().map(|_| ())
-        });
+        net::wait_for_listen("the gateway", addr, Duration::from_secs(30));
         world
     }
 
@@ -573,7 +384,7 @@ workspaces:
 impl Drop for World {
     fn drop(&mut self) {
         for p in [&mut self.gateway, &mut self.xterm, &mut self.xvnc].into_iter().flatten() {
-            p.stop();
+            p.terminate();
         }
         if std::thread::panicking() {
             for log in ["gateway.log", "xvnc.log"] {
@@ -670,12 +481,12 @@ fn researcher_opens_their_desktop_and_nothing_leaves_through_the_clipboard() {
     let took = cut_at.expect("never connected").elapsed();
     assert!(took < Duration::from_secs(30), "removed member stayed connected for {took:?}");
     assert!(r["status"].as_str().unwrap().contains("not a member"), "{r}");
-    assert_eq!(*world.issuer.pkce_failures.lock().unwrap(), 0);
+    assert_eq!(world.issuer.pkce_failures(), 0);
 
     // Everything refused is in the audit log, and the sessions are in the session table.
     let mut world = world;
     if let Some(mut g) = world.gateway.take() {
-        g.stop();
+        g.terminate();
     }
     let audit = world.audit();
     let has = |action: &str, pred: &dyn Fn(&Option<String>, &Value) -> bool| {

@@ -9,10 +9,10 @@
 mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -25,6 +25,9 @@ use noexit_operator::api::inbox::{AirlockSealer, InboxConfig, InboxPolicy};
 use noexit_operator::api::{self, ApiConfig, ApiStore, AppState, server, tls};
 use noexit_operator::audit::{self, Outcome, Store};
 use noexit_operator::pki::Ca;
+use noexit_test_support::oidc::Issuer;
+use noexit_test_support::poll;
+use noexit_test_support::process::{self, Proc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -59,132 +62,9 @@ spec: {project: ward-7, owner: alice@ward7.example, runtime: pod, image: "r:4"}
 /// Small enough to exceed in a test.
 const MAX_BYTES: u64 = 64 * 1024;
 
-// ---- the agent binary ----------------------------------------------------------------------
-
-/// `noexit-agent`, built once per test binary (a test only gets `CARGO_BIN_EXE_*` paths for
-/// its own package).
-fn agent_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&name.as_ref());
-            if (name.starts_with("CARGO_") && !keep) || name == "LD_LIBRARY_PATH" {
-                cmd.env_remove(name.as_ref());
-            }
-        }
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let status = cmd
-            .args(["build", "-p", "noexit-agent", "--bin", "noexit-agent", "--profile", profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "cargo build of noexit-agent failed");
-        let bin = dir.join("noexit-agent");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-}
-
-/// The agent process, killed when dropped.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---- the fake OIDC issuer (HTTPS on loopback, ES256) ---------------------------------------
-
-struct Issuer {
-    url: String,
-    key: jsonwebtoken::EncodingKey,
-    ca_pem: String,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-impl Issuer {
-    async fn start() -> Issuer {
-        let ca = Ca::generate("fake issuer CA").unwrap();
-        let cert = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], chrono::Duration::days(1)).unwrap();
-        let chain = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-        let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes()).unwrap().unwrap();
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let raw = pair.public_key_raw().to_vec();
-        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"});
-        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
-        let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}).to_string();
-        let jwks = json!({"keys": [jwk]}).to_string();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (acceptor, discovery, jwks) = (acceptor.clone(), discovery.clone(), jwks.clone());
-                tokio::spawn(async move {
-                    let Ok(stream) = acceptor.accept(stream).await else { return };
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let body = match req.uri().path() {
-                            "/.well-known/openid-configuration" => Some(discovery.clone()),
-                            "/jwks" => Some(jwks.clone()),
-                            _ => None,
-                        };
-                        async move {
-                            let mut resp =
-                                http::Response::new(Full::new(Bytes::from(body.clone().unwrap_or_default())));
-                            if body.is_none() {
-                                *resp.status_mut() = StatusCode::NOT_FOUND;
-                            }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-                });
-            }
-        });
-        Issuer { url, key, ca_pem: ca.cert_pem().to_owned(), _task: task }
-    }
-
-    fn token(&self, user: &str) -> String {
-        let claims = json!({
-            "iss": self.url, "aud": "noexit", "email": user, "email_verified": true, "sub": user,
-            "exp": chrono::Utc::now().timestamp() + 600, "amr": ["pwd", "otp"],
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("k1".into());
-        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
-    }
+/// `noexit-agent`, built once per test binary.
+fn agent_bin() -> PathBuf {
+    process::workspace_bin(&["-p", "noexit-agent", "--bin", "noexit-agent"], "noexit-agent")
 }
 
 // ---- the API and its callers ---------------------------------------------------------------
@@ -218,12 +98,12 @@ impl World {
         std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
         std::fs::write(dir.path().join("api.crt"), &server_cert.cert_pem).unwrap();
         std::fs::write(dir.path().join("api.key"), &server_cert.key_pem).unwrap();
-        let issuer = Issuer::start().await;
+        let issuer = Issuer::builder().https().start().await;
         let audit = Arc::new(Store::connect(db_url).await.unwrap());
         let store = ApiStore::new(audit.pool().clone());
         let cluster = Arc::new(api::memory_cluster_from(PROJECTS).unwrap());
         let oidc = api::oidc::Oidc::new(api::oidc::OidcConfig {
-            ca_pem: Some(issuer.ca_pem.clone().into_bytes()),
+            ca_pem: issuer.ca_pem().map(|pem| pem.as_bytes().to_vec()),
             ..api::oidc::OidcConfig::new(&issuer.url)
         })
         .unwrap();
@@ -316,7 +196,7 @@ impl World {
             .count()
     }
 
-    fn start_agent(&self) -> Agent {
+    fn start_agent(&self) -> Proc {
         let ws = WorkspaceIdentity { project: "ward-7".into(), name: "alice-r".into() };
         let cert = self.ca.issue_workspace_client(&ws, chrono::Duration::days(1)).unwrap();
         std::fs::write(self.path("agent.crt"), &cert.cert_pem).unwrap();
@@ -326,7 +206,7 @@ impl World {
         }
         std::fs::write(self.path("wtmp"), b"").unwrap();
         std::fs::write(self.path("utmp"), b"").unwrap();
-        let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let canary = noexit_test_support::net::free_port();
         let cfg = format!(
             r#"workspace: {{ project: ward-7, name: alice-r }}
 controlPlane:
@@ -350,10 +230,8 @@ heartbeatSeconds: 1
             p = self.dir.path().display()
         );
         std::fs::write(self.path("agent.yaml"), cfg).unwrap();
-        let log = self.path("agent.log");
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(agent_bin())
-            .arg("--config")
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--config")
             .arg(self.path("agent.yaml"))
             .arg("run")
             .arg("--wtmp")
@@ -363,30 +241,18 @@ heartbeatSeconds: 1
             .arg("--root")
             .arg(self.path("root"))
             .args(["--outbox-interval", "1", "--guard-interval", "1", "--poll-interval", "1"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Agent { child, log }
+            .env("RUST_LOG", "info");
+        Proc::spawn(&mut cmd, self.path("agent.log"))
     }
 }
 
-/// Poll every 100 ms, at most `bound`; on timeout fail with the agent's log.
-async fn until<F, Fut>(what: &str, bound: Duration, agent: &Agent, mut check: F)
+/// Polls `check` until it holds, at most `bound`; on timeout fail with the agent's log.
+async fn until<F, Fut>(what: &str, bound: Duration, agent: &Proc, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + bound;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {bound:?} waiting for {what}\n--- agent log ---\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll::until_explained(what, bound, || format!("--- agent log ---\n{}", agent.log()), check).await
 }
 
 const ANALYST: &str = "bob@ward7.example";

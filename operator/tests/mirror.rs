@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
+use noexit_test_support::poll;
 
 // ---------------------------------------------------------------------------------------------
 // Tools and skipping
@@ -69,18 +70,6 @@ fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Poll `check` until it returns `Some`, at most `limit`.
-fn poll<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,7 +430,7 @@ impl Mirror {
             .spawn()
             .unwrap();
         let mut me = Self { child, port, dir };
-        poll("the mirror to answer /healthz", Duration::from_secs(30), || {
+        poll::blocking("the mirror to answer /healthz", Duration::from_secs(30), || {
             if let Ok(Some(status)) = me.child.try_wait() {
                 panic!("mirror exited with {status}:\n{}", me.log());
             }
@@ -652,7 +641,7 @@ fn concurrent_misses_make_exactly_one_upstream_fetch() {
     let clients: Vec<_> =
         (0..20).map(|_| std::thread::spawn(move || get(addr, &format!("/{path}"), &[]).unwrap())).collect();
     // Hold upstream until 19 requests have joined the first one's fetch.
-    poll("19 requests joined the in-flight fetch", Duration::from_secs(30), || {
+    poll::blocking("19 requests joined the in-flight fetch", Duration::from_secs(30), || {
         (mirror.log().matches("joined in-flight fetch").count() >= 19).then_some(())
     });
     gate.add_permits(1000);
@@ -773,17 +762,19 @@ fn policy_and_clients_reload_and_policy_check() {
         |name: &str| text(&get(a, "/src/contrib/PACKAGES", &[]).unwrap()).contains(&format!("Package: {name}\n"));
     assert!(listed("nxallowed"));
     mirror.write("policy.yaml", "projects:\n  ward-7:\n    deny: [{name: nxdenied}, {name: nxallowed}]\n");
-    poll("the new policy to hide nxallowed", Duration::from_secs(20), || (!listed("nxallowed")).then_some(()));
+    poll::blocking("the new policy to hide nxallowed", Duration::from_secs(20), || {
+        (!listed("nxallowed")).then_some(())
+    });
     assert_eq!(get(a, "/src/contrib/nxallowed_1.0.tar.gz", &[]).unwrap().status, 403);
     // A broken edit keeps the previous policy.
     mirror.write("policy.yaml", "projects: [not, a, map]\n");
-    poll("the mirror to reject the broken policy", Duration::from_secs(20), || {
+    poll::blocking("the mirror to reject the broken policy", Duration::from_secs(20), || {
         mirror.log().contains("invalid; keeping the previous version").then_some(())
     });
     assert!(!listed("nxallowed") && listed("nxdep"));
     // Moving the workspace away from this address: refused from then on.
     mirror.write("clients.yaml", "clients:\n  10.9.9.9: ward-7/host\n");
-    poll("the clients reload", Duration::from_secs(20), || {
+    poll::blocking("the clients reload", Duration::from_secs(20), || {
         (get(a, "/src/contrib/PACKAGES", &[]).unwrap().status == 403).then_some(())
     });
 
@@ -895,7 +886,7 @@ fn stalled_clients_are_cut_off_and_do_not_starve_others() {
     }
     assert!(started.elapsed() < Duration::from_secs(5), "served while others stall: {:?}", started.elapsed());
     // The stalled connections are closed after the idle timeout, their transfers unfinished.
-    poll("the mirror to close the stalled connections", Duration::from_secs(30), || {
+    poll::blocking("the mirror to close the stalled connections", Duration::from_secs(30), || {
         (mirror.log().matches("connection ended with an error").count() >= 10).then_some(())
     });
     for mut s in stalled {
@@ -929,7 +920,7 @@ fn fetches_are_recorded_in_the_shared_tamper_evident_log() {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let store = rt.block_on(noexit_operator::audit::Store::open_read_only(&url)).unwrap();
-    let entries = poll("both fetches in the audit log", Duration::from_secs(10), || {
+    let entries = poll::blocking("both fetches in the audit log", Duration::from_secs(10), || {
         let entries = rt.block_on(store.tail(100)).unwrap();
         let has = |object: &str, refused: bool| {
             entries.iter().any(|e| {

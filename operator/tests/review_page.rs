@@ -20,19 +20,22 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use base64::Engine;
 use noexit_operator::api::oidc::{Oidc, OidcConfig};
 use noexit_operator::audit::store::Filter;
 use noexit_operator::audit::{Outcome, Store};
+use noexit_test_support::net::{self, free_port};
+use noexit_test_support::oidc::{Issuer, SignIn};
+use noexit_test_support::process::{OnDrop, Proc};
+use noexit_test_support::{deps, pki};
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -49,148 +52,16 @@ fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/test-support/browser")
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
-}
-
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready() -> bool {
-    let mut missing: Vec<String> = ["chromium", "node"].into_iter().filter(|t| !have(t)).map(str::to_owned).collect();
+    let mut missing = deps::missing_tools(&["chromium", "node"]);
     if !Path::new("/usr/share/novnc/core/rfb.js").exists() {
         missing.push("novnc".into());
     }
     if !browser_dir().join("node_modules/playwright-core").exists() {
         missing.push("playwright-core (npm ci in hack/test-support/browser)".into());
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("review page e2e needs {}: run hack/install-deps.sh", missing.join(", "));
-    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
-        panic!("{msg} (NOEXIT_CI=1: not skipping)");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
-}
-
-fn poll<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A child process stopped (SIGTERM, then SIGKILL) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-// ---- the test OIDC issuer: code + PKCE; ID tokens for the gateway and the API -------------------
-
-struct Code {
-    challenge: String,
-    nonce: String,
-    redirect_uri: String,
-    client_id: String,
-    user: String,
-}
-
-/// Starts the issuer; `user` names who signs in next.
-fn issuer(rt: &tokio::runtime::Runtime, user: Arc<Mutex<String>>) -> String {
-    use axum::extract::{Form, Query};
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let pair = rcgen::KeyPair::generate().unwrap();
-    let raw = pair.public_key_raw().to_vec();
-    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "x": b64url(&raw[1..33]), "y": b64url(&raw[33..65]),
-        "kid": "k1", "alg": "ES256", "use": "sig"}]});
-    let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
-    let discovery = json!({"issuer": url, "authorization_endpoint": format!("{url}/authorize"),
-        "token_endpoint": format!("{url}/token"), "jwks_uri": format!("{url}/jwks")});
-    let codes: Arc<Mutex<HashMap<String, Code>>> = Arc::default();
-    let c = codes.clone();
-    let authorize = move |Query(q): Query<HashMap<String, String>>| {
-        let (c, user) = (c.clone(), user.clone());
-        async move {
-            let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-            if get("code_challenge_method") != "S256" {
-                return (StatusCode::BAD_REQUEST, "PKCE S256 only").into_response();
-            }
-            let code = uuid::Uuid::new_v4().simple().to_string();
-            let user = user.lock().unwrap().clone();
-            c.lock().unwrap().insert(
-                code.clone(),
-                Code {
-                    challenge: get("code_challenge"),
-                    nonce: get("nonce"),
-                    redirect_uri: get("redirect_uri"),
-                    client_id: get("client_id"),
-                    user,
-                },
-            );
-            let q = serde_urlencoded::to_string([("code", code.as_str()), ("state", get("state").as_str())]).unwrap();
-            axum::response::Redirect::to(&format!("{}?{q}", get("redirect_uri"))).into_response()
-        }
-    };
-    let iss = url.clone();
-    let token = move |Form(f): Form<HashMap<String, String>>| {
-        let (codes, iss, key) = (codes.clone(), iss.clone(), key.clone());
-        async move {
-            let get = |k: &str| f.get(k).cloned().unwrap_or_default();
-            let bad = |e: &str| (StatusCode::BAD_REQUEST, axum::Json(json!({"error": e}))).into_response();
-            let Some(code) = codes.lock().unwrap().remove(&get("code")) else { return bad("invalid_grant") };
-            if get("redirect_uri") != code.redirect_uri
-                || get("client_id") != code.client_id
-                || b64url(&sha2::Sha256::digest(get("code_verifier").as_bytes())) != code.challenge
-            {
-                return bad("invalid_grant");
-            }
-            let now = chrono::Utc::now().timestamp();
-            // Both audiences: the gateway checks its client id, the API its own audience.
-            let claims = json!({"iss": iss, "aud": [code.client_id, API_AUDIENCE], "azp": code.client_id,
-                "sub": code.user, "email": code.user, "email_verified": true, "iat": now, "exp": now + 600,
-                "nonce": code.nonce, "amr": ["pwd", "otp"]});
-            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-            header.kid = Some("k1".into());
-            let id_token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
-            axum::Json(json!({"access_token": "opaque", "token_type": "Bearer", "id_token": id_token})).into_response()
-        }
-    };
-    let app = axum::Router::new()
-        .route("/.well-known/openid-configuration", axum::routing::get(move || async move { axum::Json(discovery) }))
-        .route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }))
-        .route("/authorize", axum::routing::get(authorize))
-        .route("/token", axum::routing::post(token));
-    rt.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    url
+    deps::ready("review page e2e", &missing, "run hack/install-deps.sh")
 }
 
 // ---- a stub of the API's output endpoints, verifying tokens as the API does -----------------
@@ -361,18 +232,16 @@ fn a_checker_sees_the_failing_cell_marked_and_approves_in_the_browser() {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let signing_in = Arc::new(Mutex::new(BOB.to_owned()));
-    let issuer_url = issuer(&rt, signing_in.clone());
+    // ID tokens name both the gateway (the client) and the API.
+    let issuer = rt.block_on(Issuer::builder().also_audience(API_AUDIENCE).signing_in(BOB).start());
+    let issuer_url = issuer.url.clone();
     let (api_url, api_state) = api(&rt, &issuer_url);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()]).unwrap().self_signed(&key).unwrap();
-    std::fs::write(d.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(d.join("tls.key"), key.serialize_pem()).unwrap();
-    let spki = base64::engine::general_purpose::STANDARD
-        .encode(sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)));
+    let cert = pki::self_signed(&["127.0.0.1"]);
+    cert.write(d, "tls.crt", "tls.key");
+    let spki = cert.spki_pin();
     std::fs::write(
         d.join("directory.yaml"),
         format!(
@@ -400,11 +269,9 @@ fn a_checker_sees_the_failing_cell_marked_and_approves_in_the_browser() {
         .stderr(File::create(d.join("gateway.log")).unwrap())
         .spawn()
         .unwrap();
-    let mut gateway = Some(Proc(gateway));
+    let mut gateway = Some(Proc::new(gateway).on_drop(OnDrop::Terminate));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    poll("the gateway listening", Duration::from_secs(30), || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok().map(|_| ())
-    });
+    net::wait_for_listen("the gateway", addr, Duration::from_secs(30));
     let output_path = format!("/review/ward-7/{OUTPUT_ID}");
     let screenshot =
         std::env::var("NOEXIT_REVIEW_SCREENSHOT").map(PathBuf::from).unwrap_or_else(|_| d.join("review-checker.png"));
@@ -447,7 +314,7 @@ fn a_checker_sees_the_failing_cell_marked_and_approves_in_the_browser() {
     assert_eq!(r["formsAfter"], json!(0), "decisions are final: no forms after one");
 
     // Alice, the requester (also a checker of the project): no forms, the API's refusal shown.
-    *signing_in.lock().unwrap() = ALICE.into();
+    issuer.sign_in(SignIn::new(ALICE));
     let r = browser(opts("requester"));
     assert_eq!(r["own"], json!(1), "{r}");
     assert_eq!(r["forms"], json!(0), "{r}");

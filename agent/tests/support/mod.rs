@@ -1,5 +1,5 @@
 //! Shared by the integration tests and the idle-memory benchmark: a fake control-plane API
-//! (axum behind rustls, client certificates required, certificates from rcgen), a temp
+//! (axum behind rustls, client certificates required, certificates from the test CA), a temp
 //! environment with config and certificates, and the agent process.
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
@@ -18,11 +18,9 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::routing::{post, put};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use noexit_agent::sessions::utmp::{self, Record};
 use noexit_crds::agent::{AgentEvent, EventBatch, EventBatchAck, Heartbeat, OutboxAck, OutboxManifest};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use noexit_test_support::{net, pki, poll};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -130,21 +128,7 @@ impl Server {
     pub async fn start(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, api: Api) -> (Self, SocketAddr) {
         let listener = TcpListener::bind(addr).await.unwrap();
         let local = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let app = router(api);
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                conns.spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let svc = TowerToHyperService::new(app);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
-                });
-            }
-        });
-        (Self(task), local)
+        (Self(net::serve(listener, Some(tls), router(api))), local)
     }
 
     pub fn stop(self) {
@@ -162,46 +146,19 @@ pub struct Env {
 impl Env {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let server_key = KeyPair::generate().unwrap();
-        let server_cert =
-            CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&server_key, &issuer).unwrap();
-        let client_key = KeyPair::generate().unwrap();
-        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        client_params.subject_alt_names = vec![SanType::URI("noexit://workspace/ward-7/alice-r".try_into().unwrap())];
-        let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
-
+        let ca = pki::Ca::new("agent test CA");
+        let server = ca.server(&["localhost"]);
+        let client = ca.client("noexit://workspace/ward-7/alice-r");
         let p = dir.path();
-        std::fs::write(p.join("ca.crt"), ca_cert.pem()).unwrap();
-        std::fs::write(p.join("tls.crt"), client_cert.pem()).unwrap();
-        std::fs::write(p.join("tls.key"), client_key.serialize_pem()).unwrap();
+        std::fs::write(p.join("ca.crt"), ca.cert_pem()).unwrap();
+        client.write(p, "tls.crt", "tls.key");
         for d in ["outbox", "spool", "root"] {
             std::fs::create_dir_all(p.join(d)).unwrap();
         }
         std::fs::write(p.join("wtmp"), b"").unwrap();
         std::fs::write(p.join("utmp"), b"").unwrap();
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca_cert.der().clone()).unwrap();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .unwrap();
-        let server_tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                vec![server_cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap(),
-            )
-            .unwrap();
-        Self { dir, server_tls: Arc::new(server_tls) }
+        Self { dir, server_tls: ca.mtls_server_config(&server) }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -292,14 +249,8 @@ impl Drop for Agent {
     }
 }
 
-/// Poll `cond` every 50 ms for at most `secs`; fail with the agent's log.
+/// Polls `cond` for at most `secs`; fails with the agent's log.
 pub async fn until(env: &Env, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        if tokio::time::Instant::now() > deadline {
-            let log = std::fs::read_to_string(env.path("agent.log")).unwrap_or_default();
-            panic!("timed out after {secs}s waiting for {what}\n--- agent log ---\n{log}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let log = || format!("--- agent log ---\n{}", std::fs::read_to_string(env.path("agent.log")).unwrap_or_default());
+    poll::until_explained(what, Duration::from_secs(secs), log, || std::future::ready(cond())).await
 }

@@ -284,11 +284,9 @@ async fn main() -> Res<()> {
     let secs: u64 = std::env::var("SECONDS_EACH").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     epoch();
     let dir = tempfile::tempdir()?;
-    let key = rcgen::KeyPair::generate()?;
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])?.self_signed(&key)?;
-    std::fs::write(dir.path().join("cert.pem"), cert.pem())?;
-    std::fs::write(dir.path().join("key.pem"), key.serialize_pem())?;
-    let cert_pem = cert.pem().into_bytes();
+    let cert = noexit_test_support::pki::self_signed(&["localhost"]);
+    cert.write(dir.path(), "cert.pem", "key.pem");
+    let cert_pem = cert.cert_pem().into_bytes();
 
     let desk = TcpListener::bind("127.0.0.1:0").await?;
     let desk_addr = desk.local_addr()?;

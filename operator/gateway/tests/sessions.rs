@@ -15,6 +15,7 @@ use futures::{SinkExt, StreamExt};
 use noexit_gateway::record::{GatewayEvent, MemoryRecorder};
 use noexit_gateway::rfb::handshake;
 use noexit_gateway::{Gateway, directory::FileDirectory, oidc, state};
+use noexit_test_support::{pki, poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -96,10 +97,8 @@ impl Rig {
     /// mapping of the directory file's `desktop:`).
     async fn start(desktop_policy: &str) -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        let cert = pki::self_signed(&["localhost"]);
+        cert.write(dir.path(), "tls.crt", "tls.key");
 
         let desk = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let desk_addr = desk.local_addr().unwrap();
@@ -153,7 +152,7 @@ impl Rig {
             noexit_gateway::web::router(gw.clone()),
             std::future::pending(),
         ));
-        Rig { _dir: dir, directory, addr, cert_pem: cert.pem().into_bytes(), recorder, gw, connections }
+        Rig { _dir: dir, directory, addr, cert_pem: cert.cert_pem().into_bytes(), recorder, gw, connections }
     }
 
     /// Open the WebSocket as sign-in `n`; `Err(status)` when the upgrade is refused.
@@ -203,18 +202,14 @@ impl Rig {
 
     /// Poll (bounded) for an audited disconnect whose `end` is `end`.
     async fn disconnect_audited(&self, end: &str) -> GatewayEvent {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(e) = self.events("gateway.disconnect").into_iter().find(|e| e.detail["end"] == end) {
-                return e;
-            }
-            assert!(
-                Instant::now() < until,
-                "no audited disconnect with end {end}: {:?}",
-                self.events("gateway.disconnect")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let explain = || format!("audited: {:?}", self.events("gateway.disconnect"));
+        poll::eventually_explained(
+            &format!("an audited disconnect with end {end}"),
+            Duration::from_secs(10),
+            explain,
+            || async { self.events("gateway.disconnect").into_iter().find(|e| e.detail["end"] == end) },
+        )
+        .await
     }
 
     fn metric(&self, line_prefix: &str) -> Option<String> {
@@ -384,14 +379,11 @@ async fn a_second_connect_is_refused_while_the_first_lives_when_the_project_says
     assert!(rig.metric(r#"noexit_gateway_refusals_total{reason="sessionActive"} 1"#).is_some());
     // Once the first has gone, the workspace is free again.
     drop(first);
-    let until = Instant::now() + Duration::from_secs(10);
-    let mut again = loop {
-        if rig.gw.live.lock().unwrap().is_empty() {
-            break rig.connect(2).await;
-        }
-        assert!(Instant::now() < until, "the first session never ended");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    poll::until("the first session to end", Duration::from_secs(10), || async {
+        rig.gw.live.lock().unwrap().is_empty()
+    })
+    .await;
+    let mut again = rig.connect(2).await;
     again.round_trip().await.expect("connect after the first ended");
 }
 
@@ -399,16 +391,11 @@ async fn a_second_connect_is_refused_while_the_first_lives_when_the_project_says
 async fn a_rotated_certificate_is_served_to_new_connections_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let write = |names: &[&str]| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(dir.path().join("tls.key.new"), key.serialize_pem()).unwrap();
-        std::fs::write(dir.path().join("tls.crt.new"), cert.pem()).unwrap();
+        let cert = pki::self_signed(names);
+        cert.write(dir.path(), "tls.crt.new", "tls.key.new");
         std::fs::rename(dir.path().join("tls.key.new"), dir.path().join("tls.key")).unwrap();
         std::fs::rename(dir.path().join("tls.crt.new"), dir.path().join("tls.crt")).unwrap();
-        cert.der().to_vec()
+        cert.cert_der().to_vec()
     };
     let first = write(&["localhost"]);
     let (tls, cert) =
@@ -473,15 +460,12 @@ async fn a_rotated_certificate_is_served_to_new_connections_without_a_restart() 
         tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
     }
 
-    let mut open = presented(addr).await;
-    assert_eq!(open, first);
+    assert_eq!(presented(addr).await, first);
     let second = write(&["localhost", "desktop.example.org"]);
-    let until = Instant::now() + Duration::from_secs(10);
-    while open != second {
-        assert!(Instant::now() < until, "the new certificate was never served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        open = presented(addr).await;
-    }
+    poll::until("the new certificate to be served", Duration::from_secs(10), || async {
+        presented(addr).await == second
+    })
+    .await;
     assert_eq!(reloads.load(Ordering::SeqCst), 1);
     // Garbage in the files: the last good certificate is still served.
     std::fs::write(dir.path().join("tls.crt"), "not a certificate").unwrap();

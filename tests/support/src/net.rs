@@ -52,3 +52,15 @@ pub fn serve(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_seen_and_a_free_port_is_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        wait_for_listen("the listener", listener.local_addr().unwrap(), Duration::from_secs(5));
+        assert!(!accepts(SocketAddr::from(([127, 0, 0, 1], free_port()))));
+    }
+}

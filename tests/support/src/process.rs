@@ -101,6 +101,12 @@ impl Proc {
         self.wait_exit(bound).unwrap_or_else(|| panic!("no exit {bound:?} after SIGINT:\n{}", self.log()))
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; panics with the log unless it exits within `bound`.
+    pub fn terminate_within(&mut self, bound: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(bound).unwrap_or_else(|| panic!("no exit {bound:?} after SIGTERM:\n{}", self.log()))
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within 5 s.
     pub fn terminate(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
@@ -173,4 +179,30 @@ pub fn workspace_bin(args: &[&str], name: &str) -> PathBuf {
     let path = workspace_bins(args).join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminate_stops_a_process_and_its_log_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p =
+            Proc::spawn(Command::new("sh").args(["-c", "echo started >&2; exec sleep 30"]), dir.path().join("log"));
+        crate::poll::blocking("the log line", Duration::from_secs(10), || p.log().contains("started").then_some(()));
+        p.check_alive("sleep");
+        let status = p.terminate_within(Duration::from_secs(10));
+        assert!(!status.success(), "killed by SIGTERM: {status:?}");
+        assert_eq!(p.log_tail(1), "started");
+    }
+
+    #[test]
+    #[should_panic(expected = "false exited with exit status: 1")]
+    fn check_alive_fails_with_the_exit_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Proc::spawn(&mut Command::new("false"), dir.path().join("log"));
+        p.wait_exit(Duration::from_secs(10)).expect("false exits");
+        p.check_alive("false");
+    }
 }
