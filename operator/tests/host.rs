@@ -628,6 +628,10 @@ fn up_refusals_are_audited() {
     let child = up(&["--libvirt-uri", URI]).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
     let running = Up { child };
     poll("up to write its pid file", Duration::from_secs(60), || state.join("up.pid").exists().then_some(()));
+    // The API's keys are this instance's, in its state directory (not the API's defaults).
+    poll("the API's seal key in the state directory", Duration::from_secs(60), || {
+        state.join("airlock-seal.key").exists().then_some(())
+    });
     std::fs::write(&file, good.replace(&ds.display().to_string(), "/nonexistent/ds.img")).unwrap();
     let want = format!("dataset:d{tag}");
     poll("the later pass's refusal in the audit log", Duration::from_secs(60), || {

@@ -78,6 +78,9 @@ pub fn start(
             s(&super::refusals::audit_key(state)),
             "--data-dir".into(),
             s(&state.join("api-data")),
+            // Not the API's default under /var/lib/noexit: each state directory is one instance.
+            "--seal-key".into(),
+            s(&state.join("airlock-seal.key")),
         ],
     )?;
     // Without an upstream the mirror serves an offline snapshot: an empty one by default.
