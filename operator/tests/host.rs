@@ -506,6 +506,7 @@ fn single_host_end_to_end() {
         (!exists("dom", &format!("noexit-{pb}-w1")) && !b_dir.exists()).then_some(())
     });
     assert!(exists("net", &format!("noexit-{pb}")), "project b's network went with its workspace");
+    assert!(!w.state().join("workspaces").join(&pb).exists(), "an empty workspaces/{pb}/ was left behind");
     std::fs::write(
         &only_a_and_b,
         std::fs::read_to_string(w.manifests("a-only.yaml", &[("a", &[("w1", true)])])).unwrap(),
@@ -532,4 +533,120 @@ fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
     u32::from_le_bytes(b)
+}
+
+/// `noexit audit …` on a state directory's audit store (the API's, where `up` records refusals).
+fn audit(state: &Path, args: &[&str]) -> Output {
+    let url = format!("sqlite:{}", state.join("api.db").display());
+    Command::new(env!("CARGO_BIN_EXE_noexit")).arg("audit").args(args).args(["--database-url", &url]).output().unwrap()
+}
+
+/// The refused entries as (action, object, reason).
+fn refused(state: &Path) -> Vec<(String, String, String)> {
+    let o = audit(state, &["query", "--outcome", "refused", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            (s("action"), s("object"), s("reason"))
+        })
+        .collect()
+}
+
+fn verify_audit(state: &Path) {
+    let key = state.join("audit-signing.pub.pem");
+    let o = audit(state, &["verify", "--checkpoint-key-pub", key.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "audit verify: {out}{}", stderr(&o));
+}
+
+/// Every refusal of `up` is in the tamper-evident audit log (the API's store in the state
+/// directory), signed with the API's key: at start (no libvirt needed for these) and, with
+/// libvirtd and root, when a later pass refuses an edited file while `up` runs.
+#[test]
+fn up_refusals_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Files the manifest names: a kernel-boot image directory and a dataset disk.
+    let image = dir.path().join("image");
+    std::fs::create_dir(&image).unwrap();
+    std::fs::write(image.join("vmlinuz"), "").unwrap();
+    std::fs::write(image.join("initrd.img"), "").unwrap();
+    let ds = dir.path().join("ds.img");
+    std::fs::write(&ds, "").unwrap();
+    let tag = format!("{:06x}", rand_u32() & 0xff_ffff);
+    let project = format!("au{tag}");
+    let good = format!(
+        "apiVersion: noexit.io/v1alpha1\nkind: Project\nmetadata: {{name: {project}}}\nspec:\n  displayName: t\n  members: [{{user: r@x, roles: [researcher, admin]}}]\n  approval: {{reference: T-1, expires: \"2099-01-01\"}}\n  datasets: [d{tag}]\n---\napiVersion: noexit.io/v1alpha1\nkind: Dataset\nmetadata: {{name: d{tag}}}\nspec:\n  classification: Synthetic\n  source: {{hostPath: {{path: {}}}}}\n  size: 8Mi\n  grantedTo: [{project}]\n---\napiVersion: noexit.io/v1alpha1\nkind: Workspace\nmetadata: {{name: w1, namespace: noexit-{project}}}\nspec:\n  project: {project}\n  owner: r@x\n  runtime: vm\n  image: {}\n  resources: {{cpu: \"1\", memory: 256Mi, homeSize: 64Mi}}\n  datasets: [d{tag}]\n",
+        ds.display(),
+        image.display()
+    );
+    let file = dir.path().join("m.yaml");
+    let up = |extra: &[&str]| {
+        let ports = [free_port(), free_port(), free_port()];
+        let mut c = Command::new(BIN);
+        c.arg("up")
+            .args(["--state-dir", state.to_str().unwrap(), "--virt-type", "qemu", "-f", file.to_str().unwrap()])
+            .args(["--api-port", &ports[0].to_string(), "--mirror-port", &ports[1].to_string()])
+            .args(["--dns-port", &ports[2].to_string(), "--interval", "1"])
+            .args(extra);
+        c
+    };
+
+    // At start: a pod workspace (refused by the checks), then an unreachable libvirt.
+    std::fs::write(&file, good.replace("runtime: vm", "runtime: pod")).unwrap();
+    let o = up(&["--once"]).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("`pod` workspaces need Kubernetes"), "{}", stderr(&o));
+    std::fs::write(&file, &good).unwrap();
+    let bad_uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    let o = up(&["--once", "--libvirt-uri", bad_uri]).output().unwrap();
+    assert!(stderr(&o).contains("cannot connect to libvirt"), "{}", stderr(&o));
+    let r = refused(&state);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!((r[0].0.as_str(), r[0].1.as_str()), ("host.up", format!("workspace:{project}/w1").as_str()));
+    assert!(r[0].2.contains("`pod` workspaces need Kubernetes"), "{r:?}");
+    assert_eq!((r[1].0.as_str(), r[1].1.as_str()), ("host.up", format!("libvirt:{bad_uri}").as_str()));
+    assert!(r[1].2.contains("cannot connect to libvirt"), "{r:?}");
+    verify_audit(&state);
+
+    // A later pass: `up` runs (nothing to make: no projects), then the file is edited badly.
+    if unsafe { libc::geteuid() } != 0 {
+        skip_or_fail("the later-pass part needs root (libvirt system daemon, nftables)");
+        return;
+    }
+    for tool in ["libvirtd", "virtlogd", "virsh", "nft"] {
+        if !have(tool) {
+            skip_or_fail(&format!("{tool} is not installed (hack/install-deps.sh)"));
+            return;
+        }
+    }
+    daemons();
+    std::fs::write(&file, "").unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let child = up(&["--libvirt-uri", URI]).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+    let running = Up { child };
+    poll("up to write its pid file", Duration::from_secs(60), || state.join("up.pid").exists().then_some(()));
+    // The API's keys are this instance's, in its state directory (not the API's defaults).
+    poll("the API's seal key in the state directory", Duration::from_secs(60), || {
+        state.join("airlock-seal.key").exists().then_some(())
+    });
+    std::fs::write(&file, good.replace(&ds.display().to_string(), "/nonexistent/ds.img")).unwrap();
+    let want = format!("dataset:d{tag}");
+    poll("the later pass's refusal in the audit log", Duration::from_secs(60), || {
+        refused(&state).into_iter().find(|(a, o, _)| a == "host.reconcile" && *o == want)
+    });
+    // Passes every second find the same bad file (each logs it): recorded once, not per pass.
+    let passes = || {
+        std::fs::read_to_string(dir.path().join("up.log"))
+            .unwrap_or_default()
+            .matches("refused, nothing changed")
+            .count()
+    };
+    let (entries, seen) = (refused(&state).len(), passes());
+    poll("three more refusing passes", Duration::from_secs(60), || (passes() >= seen + 3).then_some(()));
+    assert_eq!(refused(&state).len(), entries, "the same refusal was recorded again");
+    drop(running);
+    verify_audit(&state);
 }

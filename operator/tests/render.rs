@@ -38,6 +38,17 @@ fn renders_the_example_project_with_real_certificates() {
     assert!(String::from_utf8_lossy(&decoded).starts_with("-----BEGIN CERTIFICATE-----"));
 }
 
+/// The single-host example (host paths for the image and the datasets) is still a valid
+/// manifest set for the Kubernetes dry run.
+#[test]
+fn renders_the_single_host_example() {
+    let out = render(&[&example("single-host/ward-7.yaml")]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let yaml = String::from_utf8(out.stdout).expect("utf8");
+    assert_eq!(yaml.matches("\nkind: VirtualMachine\n").count(), 2, "{yaml}");
+    assert!(yaml.contains("path: /var/lib/noexit/datasets/icu-2019.img"), "{yaml}");
+}
+
 #[test]
 fn refuses_a_dataset_not_granted_naming_file_object_and_field() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -119,9 +119,37 @@ pub fn remove_workspace_dir(dir: &Path) -> Result<(), FileError> {
     }
 }
 
+/// Remove a workspace's directory, and its project's directory (`workspaces/<project>/`) when
+/// that was the project's last workspace: a deleted project leaves nothing behind.
+pub fn remove_workspace(dir: &Path) -> Result<(), FileError> {
+    remove_workspace_dir(dir)?;
+    let Some(project) = dir.parent() else { return Ok(()) };
+    match std::fs::remove_dir(project) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty) => Ok(()),
+        Err(e) => Err(io("removing", project)(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_workspace_takes_its_project_dir_along() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("ward-7/a"), root.path().join("ward-7/b"));
+        for d in [&a, &b] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("home.qcow2"), "x").unwrap();
+        }
+        remove_workspace(&a).unwrap();
+        assert!(!a.exists() && b.exists(), "the other workspace stays");
+        remove_workspace(&b).unwrap();
+        assert!(!root.path().join("ward-7").exists(), "an empty workspaces/<project>/ is left behind");
+        assert!(root.path().exists());
+        remove_workspace(&b).unwrap(); // gone already: fine
+    }
 
     #[test]
     fn seed_iso_has_the_label_and_files() {

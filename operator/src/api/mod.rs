@@ -346,14 +346,11 @@ pub async fn run_with_cluster(args: Args, cluster: Option<Arc<dyn Cluster>>) -> 
     let client_ca = std::fs::read(&args.client_ca).with_context(|| format!("reading {}", args.client_ca.display()))?;
     let cert = Arc::new(tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?);
     let tls_config = tls::server_config(cert.clone(), &client_ca)?;
-    let signing_key = if args.audit_key.exists() {
-        crate::audit::keys::load_signing_key(&args.audit_key)?
-    } else {
+    let (signing_key, created) = crate::audit::keys::load_or_create_signing_key(&args.audit_key)?;
+    if created {
         let public = args.audit_key.with_extension("pub.pem");
-        crate::audit::keys::write_key_pair(&args.audit_key, &public)?;
         tracing::info!(key = %args.audit_key.display(), public = %public.display(), "created the audit signing key");
-        crate::audit::keys::load_signing_key(&args.audit_key)?
-    };
+    }
     let options = crate::audit::StoreOptions {
         writer: Some(crate::audit::writers::Writer::new(crate::audit::writers::API, signing_key.clone())),
         signing_key: Some(signing_key),

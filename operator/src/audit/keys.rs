@@ -72,6 +72,16 @@ pub fn write_key_pair(private_path: &Path, public_path: &Path) -> Result<Verifyi
     load_verifying_key(public_path)
 }
 
+/// The signing key at `path`, or a new pair (the public key beside it as `<name>.pub.pem`) when
+/// the file does not exist yet; `true` when it was created.
+pub fn load_or_create_signing_key(path: &Path) -> Result<(SigningKey, bool), KeyError> {
+    if path.exists() {
+        return Ok((load_signing_key(path)?, false));
+    }
+    write_key_pair(path, &path.with_extension("pub.pem"))?;
+    Ok((load_signing_key(path)?, true))
+}
+
 /// `noexit-operator audit-keygen`: writes a new key pair for an audit writer (the API's also
 /// signs checkpoints).
 #[derive(clap::Args, Debug, Clone)]

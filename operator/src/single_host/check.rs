@@ -331,6 +331,52 @@ spec:
         assert!(w.boot.test_console());
     }
 
+    /// The runnable example (examples/single-host/, put in place and run by hack/up.sh): it must
+    /// pass `up`'s checks with the files the script makes, and name each of them.
+    const EXAMPLE: &str = include_str!("../../../examples/single-host/ward-7.yaml");
+    const UP_SCRIPT: &str = include_str!("../../../hack/up.sh");
+
+    fn example_files() -> FakeFiles {
+        let mut f = FakeFiles::default();
+        let img = "/var/lib/noexit/images/tiny";
+        f.0.insert(img.into(), None);
+        f.0.insert(format!("{img}/vmlinuz").into(), Some(String::new()));
+        f.0.insert(format!("{img}/initrd.img").into(), Some(String::new()));
+        f.0.insert(format!("{img}/cmdline").into(), Some("console=ttyS0 quiet\n".into()));
+        for ds in ["icu-2019", "cohort-2024"] {
+            f.0.insert(format!("/var/lib/noexit/datasets/{ds}.img").into(), Some(String::new()));
+        }
+        f
+    }
+
+    #[test]
+    fn the_single_host_example_passes_ups_checks() {
+        let manifests = parse_documents(EXAMPLE).unwrap();
+        let c = check(&manifests, &example_files(), Utc::now()).unwrap();
+        let ws: Vec<_> = c.workspaces.iter().map(|w| (w.name.as_str(), w.running, w.datasets.len())).collect();
+        assert_eq!(ws, [("alice-vm", true, 2), ("dave-vm", false, 1)]);
+        assert!(!c.workspaces[0].boot.test_console(), "the example must not open the test image's root shell");
+        assert_eq!(c.datasets.len(), 2);
+        // Without the files the script makes, `up` refuses, naming each.
+        let e = check(&manifests, &FakeFiles::default(), Utc::now()).unwrap_err();
+        assert!(
+            e.contains(
+                &"dataset icu-2019: spec.source.hostPath.path: /var/lib/noexit/datasets/icu-2019.img does not exist"
+                    .to_owned()
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"workspace ward-7/alice-vm: spec.image: /var/lib/noexit/images/tiny does not exist".to_owned()),
+            "{e:?}"
+        );
+        // hack/up.sh makes exactly the paths the example names.
+        for path in ["/var/lib/noexit/images", "/var/lib/noexit/datasets", "icu-2019", "cohort-2024"] {
+            assert!(UP_SCRIPT.contains(path), "hack/up.sh does not make {path}");
+        }
+        assert!(UP_SCRIPT.contains("examples/single-host/ward-7.yaml"));
+    }
+
     #[test]
     fn refusals_name_the_object_and_field() {
         let e = run(&MANIFESTS.replace("runtime: vm", "runtime: pod")).unwrap_err();

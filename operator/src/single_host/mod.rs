@@ -8,12 +8,13 @@
 //! Pieces: [`check`] (which manifests can run here, pure), [`world`] (what must exist, pure),
 //! [`reconcile`] (one pass of I/O), [`services`] (the API, mirror and DNS in-process),
 //! [`gateway`] (the remote-desktop gateway in-process) and [`desktops`] (its directory, pure),
-//! [`virt_type`] (KVM or TCG), [`status`].
+//! [`virt_type`] (KVM or TCG), [`status`], [`refusals`] (what `up` refused, in the audit log).
 
 pub mod check;
 pub mod desktops;
 pub mod gateway;
 pub mod reconcile;
+pub mod refusals;
 pub mod services;
 pub mod status;
 pub mod virt_type;
@@ -145,14 +146,41 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
-    // Everything that can refuse comes before anything is made.
-    let checked = reconcile::checked(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let virt_type = virt_type::decide(&args.virt_type)?;
-    let desktop_gateway =
-        gateway::plan(&args.gateway, &args.common.state_dir, &services::Paths::new(&args.common.state_dir))?;
-    let libvirt = Arc::new(tokio::task::block_in_place(|| Libvirt::open(&args.common.libvirt_uri))?);
+    // Everything that can refuse comes before anything is made (but the audit entry saying so).
+    let mut audit = refusals::Recorder::new(&args.common.state_dir, &args.files);
+    let checked = match reconcile::checked(&args.files) {
+        Ok(c) => c,
+        Err(e) => {
+            let r = refusals::refusals_of(&e).unwrap_or_default();
+            return Err(audit.refuse_start(r, anyhow::anyhow!("{e}")).await);
+        }
+    };
+    let virt_type = match virt_type::decide(&args.virt_type) {
+        Ok(v) => v,
+        Err(e) => return Err(audit.refuse_start(refusals::host_refusal("virt-type", &e), e).await),
+    };
+    let desktop_gateway = match gateway::plan(
+        &args.gateway,
+        &args.common.state_dir,
+        &services::Paths::new(&args.common.state_dir),
+    ) {
+        Ok(g) => g,
+        Err(e) => return Err(audit.refuse_start(refusals::host_refusal("gateway", &e), e).await),
+    };
+    let libvirt = match tokio::task::block_in_place(|| Libvirt::open(&args.common.libvirt_uri)) {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            let e = anyhow::Error::from(e);
+            let object = format!("libvirt:{}", args.common.libvirt_uri);
+            return Err(audit.refuse_start(refusals::host_refusal(object, &e), e).await);
+        }
+    };
     let nft = Nft::default();
-    tokio::task::block_in_place(|| nft.tables("noexit-")).context("nftables is needed for the project walls")?;
+    if let Err(e) =
+        tokio::task::block_in_place(|| nft.tables("noexit-")).context("nftables is needed for the project walls")
+    {
+        return Err(audit.refuse_start(refusals::host_refusal("nftables", &e), e).await);
+    }
     tracing::info!(virt_type = virt_type.0.as_str(), reason = %virt_type.1, workspaces = checked.workspaces.len(), "single-host mode");
 
     let state_dir = &args.common.state_dir;
@@ -193,7 +221,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         policy_file: Some(svc.policy.clone()),
         desktops: desktop_gateway.as_ref().map(|g| g.publish()),
     };
-    let first = host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let first = match host.pass().await {
+        Ok(r) => r,
+        Err(e) => {
+            let error = anyhow::anyhow!("{e}");
+            return Err(match refusals::refusals_of(&e) {
+                Some(r) => audit.refuse_start(r, error).await,
+                None => error,
+            });
+        }
+    };
     print_pass(&first);
     if args.once {
         for _ in 1..args.passes {
@@ -225,13 +262,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                     Err(e) => anyhow::anyhow!("a service panicked: {e}"),
                 });
             }
-            _ = tick.tick() => match host.pass().await {
-                Ok(r) if r.steps.is_empty() && r.failed.is_empty() => {}
-                Ok(r) => print_pass(&r),
-                // A bad edit keeps what runs (fail closed, lose nothing) and says why.
-                Err(e @ (PassError::Refused(_) | PassError::Clash(_))) => tracing::error!("{e}"),
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "reconcile failed"),
-            },
+            _ = tick.tick() => {
+                let pass = host.pass().await;
+                audit.pass(pass.as_ref().map(|_| ())).await;
+                match pass {
+                    Ok(r) if r.steps.is_empty() && r.failed.is_empty() => {}
+                    Ok(r) => print_pass(&r),
+                    // A bad edit keeps what runs (fail closed, lose nothing), says why and is
+                    // audited (once while the files stay the same).
+                    Err(e @ (PassError::Refused(_) | PassError::Clash(_))) => tracing::error!("{e}"),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "reconcile failed"),
+                }
+            }
         }
     };
     services.abort_all();

@@ -276,7 +276,7 @@ impl Host {
                 if let Err(e) = made {
                     // Nothing half-made: a new workspace's files go; an existing home stays.
                     if fresh {
-                        let _ = files::remove_workspace_dir(&f.dir);
+                        let _ = files::remove_workspace(&f.dir);
                     }
                     return Err(e);
                 }
@@ -294,7 +294,7 @@ impl Host {
             Step::DeleteDomain { name } => {
                 blocking(|| lv.delete_domain(name))?;
                 if let Some((project, workspace)) = known.get(name) {
-                    files::remove_workspace_dir(&world::workspace_dir(&self.settings.state_dir, project, workspace))?;
+                    files::remove_workspace(&world::workspace_dir(&self.settings.state_dir, project, workspace))?;
                     self.state.forget_workspace(project, workspace).await?;
                 }
             }

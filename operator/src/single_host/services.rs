@@ -80,11 +80,14 @@ pub fn start(
             "--client-ca".into(),
             s(&pki.join("ca.crt")),
             "--database-url".into(),
-            format!("sqlite:{}", s(&state.join("api.db"))),
+            super::refusals::audit_url(state),
             "--audit-key".into(),
-            s(&state.join("audit-signing.pem")),
+            s(&super::refusals::audit_key(state)),
             "--data-dir".into(),
             s(&state.join("api-data")),
+            // Not the API's default under /var/lib/noexit: each state directory is one instance.
+            "--seal-key".into(),
+            s(&state.join("airlock-seal.key")),
         ],
     )?;
     // Without an upstream the mirror serves an offline snapshot: an empty one by default.

@@ -53,9 +53,22 @@ fn probe(limit: Duration) -> Result<(), String> {
     }
 }
 
+/// Why this host's KVM cannot run the images' guests although /dev/kvm works: the paravirtual
+/// `kvm_pvm` module (some nested cloud hosts) creates VMs but runs only guest kernels built for
+/// PVM; Debian's kernel is not, and libvirt's QEMU hangs with it.
+pub fn unusable_kvm_flavour(module_loaded: impl Fn(&str) -> bool) -> Option<String> {
+    (module_loaded("kvm_pvm") && !module_loaded("kvm_intel") && !module_loaded("kvm_amd")).then(|| {
+        "/dev/kvm is kvm-pvm (paravirtual KVM), which runs only PVM-enabled guest kernels, not the images' Debian kernel".into()
+    })
+}
+
 /// The probe itself: open /dev/kvm, check the API version, create (and drop) a VM.
 pub fn run_probe() -> std::process::ExitCode {
     use std::os::fd::AsRawFd;
+    if let Some(why) = unusable_kvm_flavour(|m| std::path::Path::new("/sys/module").join(m).exists()) {
+        eprintln!("{why}");
+        return std::process::ExitCode::FAILURE;
+    }
     const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
     const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
     let kvm = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
@@ -83,6 +96,14 @@ pub fn run_probe() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pvm_kvm_is_not_used() {
+        let loaded = |mods: &'static [&'static str]| move |m: &str| mods.contains(&m);
+        assert!(unusable_kvm_flavour(loaded(&["kvm", "kvm_pvm"])).unwrap().contains("kvm-pvm"));
+        assert_eq!(unusable_kvm_flavour(loaded(&["kvm", "kvm_intel"])), None);
+        assert_eq!(unusable_kvm_flavour(loaded(&["kvm", "kvm_amd", "kvm_pvm"])), None);
+    }
 
     #[test]
     fn explicit_choice_and_bad_value() {
