@@ -6,6 +6,7 @@
   console_screen.py qmp-dump QMP_SOCKET OUT.png        # screendump through QMP
   console_screen.py vnc VNC_SOCKET|HOST:PORT OUT.png [PASSWORD]  # one full frame over RFB 3.8
   console_screen.py vnc-click VNC_SOCKET|HOST:PORT X Y [PASSWORD]  # a left click
+  console_screen.py vnc-key VNC_SOCKET|HOST:PORT KEYSYM [PASSWORD]  # a key, e.g. 0xff1b (Escape)
   console_screen.py passwd-file PASSWORD OUT            # TigerVNC's password file (vncpasswd -f)
   console_screen.py qmp QMP_SOCKET 'COMMAND-JSON'      # one QMP command, its answer as JSON
 
@@ -202,6 +203,17 @@ def vnc_click(target, x, y, password=None):
     s.close()
 
 
+def vnc_key(target, keysym, password=None):
+    """One key pressed and released (an X keysym, e.g. 0xff1b Escape)."""
+    s, _, _ = vnc_connect(target, password)
+    s.sendall(struct.pack(">BxHi", 2, 1, 0))
+    for down in (1, 0):
+        s.sendall(struct.pack(">BBxxI", 4, down, keysym))
+    s.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, 1, 1))
+    recv_exact(s, 1)
+    s.close()
+
+
 def vnc_frame(target, password=None):
     s, w, h = vnc_connect(target, password)
     # SetPixelFormat: 32 bpp, depth 24, little endian, true colour, 8 bits each, r<<16 g<<8 b.
@@ -253,6 +265,9 @@ def main(argv):
         w, h, rgb = vnc_frame(argv[2], argv[4] if len(argv) > 4 else None)
     elif len(argv) >= 5 and argv[1] == "vnc-click":
         vnc_click(argv[2], int(argv[3]), int(argv[4]), argv[5] if len(argv) > 5 else None)
+        return
+    elif len(argv) >= 4 and argv[1] == "vnc-key":
+        vnc_key(argv[2], int(argv[3], 0), argv[4] if len(argv) > 4 else None)
         return
     elif len(argv) == 4 and argv[1] == "passwd-file":
         with open(argv[3], "wb") as f:
