@@ -5,15 +5,16 @@
 # password) and reads the console through QEMU's VNC server.
 #   sudo hack/bench/vm-desktop.sh                  # single-host: Xfce on the VM's own display
 #   sudo MODE=tigervnc hack/bench/vm-desktop.sh    # KubeVirt: /etc/noexit/vnc/passwd present
-# console (default): waits until the console shows Xfce (QMP screendump, polled), reads one frame
-#   over RFB with the console password, checks that noexit-console-desktop started and
-#   TigerVNC did not, then lets the desktop idle (IDLE s, default 60) and reads the guest's
+# console (default): waits until the console shows Xfce with its panel (QMP screendump, polled),
+#   reads one frame over RFB with the console password (a wrong one must be refused), opens the
+#   applications menu with a click and closes it with Escape through the VNC console, checks
+#   that noexit-console-desktop started and TigerVNC did not, then lets the desktop idle (IDLE s, default 60) and reads the guest's
 #   memory (virtio-balloon statistics: this device is the bench's, the domain has none).
 # tigervnc: the same disk with a password file written into the root file system (as cloud-init
 #   would): TigerVNC answers on the guest's port 5901 (forwarded to 127.0.0.1) with that
 #   password and shows Xfce, the console desktop does not start and the console shows no desktop.
 # Prints figures, keeps screenshots (PNG) and the serial console log in OUT (default a new
-# directory under /tmp, printed). On demand only: the image takes ~18 min to build cold.
+# directory under /tmp, printed). On demand only: the image takes 6-18 min to build cold.
 # Needs: root (the image build), qemu-system-x86, qemu-utils, xorriso, openssl, e2fsprogs
 # (debugfs, for MODE=tigervnc), python3 with python3-cryptography (VNC authentication).
 set -euo pipefail
