@@ -6,7 +6,8 @@
 #                                 # mkfs.ext4, virtio/ext4/iso9660/nftables modules) and a root
 #                                 # shell on ttyS1 when booted with noexit.test=1
 #   images/vm/build.sh workspace  # the workspace disk: workspace.qcow2 (Debian 12, agent, nftables,
-#                                 # R, TigerVNC + Xfce; no SSH, no spice agent, USB storage off)
+#                                 # R, Xfce on TigerVNC (KubeVirt) or on Xorg on the VM's own display
+#                                 # (single-host); no SSH, no spice agent, USB storage off)
 #                                 # with vmlinuz + initrd.img beside it for direct kernel boot
 # Both follow the boot contract in images/README.md (the seed ISO NOEXITSEED, disks by serial).
 # Inputs: AGENT (the noexit-agent binary; default target/debug/noexit-agent of this repository),
@@ -204,6 +205,9 @@ build_workspace() {
   local pkgs=systemd-sysv,udev,kmod,linux-image-amd64,initramfs-tools,nftables,udhcpc,e2fsprogs,util-linux,iproute2
   pkgs=$pkgs,ca-certificates,r-base-core,tigervnc-standalone-server,tigervnc-tools,xfce4-session,xfwm4,xfce4-panel
   pkgs=$pkgs,xfdesktop4,xfce4-terminal,thunar,dbus-x11,fonts-dejavu-core,locales
+  # The console desktop (single-host mode): Xorg with its built-in modesetting driver, libinput
+  # for the PS/2 keyboard and the virtio tablet, xinit, and logind sessions for rootless Xorg.
+  pkgs=$pkgs,xserver-xorg-core,xserver-xorg-input-libinput,xinit,libpam-systemd
   log "mmdebstrap $suite (install): $pkgs"
   mmdebstrap --quiet --variant=apt --include="$pkgs" "$suite" "$rootfs" "$mirror" >&2
   install -m 0755 -D "$here/guest/noexit-boot" "$rootfs/usr/lib/noexit/noexit-boot"
@@ -217,11 +221,16 @@ build_workspace() {
   # delivered (/etc/noexit/vnc/passwd; see the unit).
   install -m 0644 "$here/workspace/noexit-desktop.service" "$rootfs/etc/systemd/system/noexit-desktop.service"
   install -m 0755 "$here/../r-desktop/start-desktop" "$rootfs/usr/local/bin/start-desktop"
+  # Or, without that file (single-host mode), Xorg + Xfce on the VM's own display, which the host
+  # shows through QEMU's VNC console (see the unit). Exactly one of the two starts.
+  install -m 0644 "$here/workspace/noexit-console-desktop.service" "$rootfs/etc/systemd/system/noexit-console-desktop.service"
+  install -m 0644 "$here/workspace/pam-noexit-desktop" "$rootfs/etc/pam.d/noexit-desktop"
+  install -m 0644 "$here/workspace/xorg-noexit.conf" -D "$rootfs/etc/X11/xorg.conf.d/10-noexit.conf"
   install -m 0644 "$here/workspace/journald-console.conf" -D "$rootfs/etc/systemd/journald.conf.d/noexit-console.conf"
   install -m 0644 "$here/../r-desktop/Rprofile.site" "$rootfs/etc/R/Rprofile.site"
   install -m 0644 "$here/../r-desktop/vnc.conf" -D "$rootfs/etc/tigervnc/vncserver-config-mandatory"
   chroot "$rootfs" useradd --uid 1000 --user-group --no-create-home --home-dir /home/researcher --shell /bin/bash researcher
-  chroot "$rootfs" systemctl enable noexit-boot.service noexit-agent.service noexit-desktop.service >&2
+  chroot "$rootfs" systemctl enable noexit-boot.service noexit-agent.service noexit-desktop.service noexit-console-desktop.service >&2
   # Nothing listens or configures the network but noexit-boot.
   chroot "$rootfs" systemctl mask systemd-networkd.service serial-getty@ttyS0.service getty@tty1.service >&2 || true
   echo noexit-workspace >"$rootfs/etc/hostname"

@@ -3,6 +3,12 @@
 //! What is deliberately absent: a USB controller (`model='none'`), SPICE and its agent channel
 //! (no shared clipboard), any `<filesystem>` share, a balloon. The VNC console listens on the
 //! address only the gateway uses, with the workspace's own password.
+//!
+//! The console shows the guest's own display (the workspace image runs Xorg + Xfce there in
+//! single-host mode): standard VGA, which the guest drives with the kernel's bochs DRM driver
+//! and Xorg's modesetting; the pointer is a virtio tablet (absolute, so the gateway's pointer
+//! and the guest's agree) because a USB tablet would need the USB controller left out above;
+//! the keyboard is the machine's built-in PS/2 one.
 
 use std::fmt::Write;
 
@@ -88,6 +94,7 @@ fn body(spec: &DomainSpec) -> String {
             path(sock)
         );
     }
+    x.push_str("    <input type=\"tablet\" bus=\"virtio\"/>\n");
     let _ = write!(
         x,
         "    <graphics type=\"vnc\" autoport=\"yes\" passwd=\"{pw}\">\n      <listen type=\"address\" address=\"{ip}\"/>\n    </graphics>\n",
@@ -168,6 +175,9 @@ pub(crate) mod tests {
         let home = xml.split("<disk").find(|d| d.contains("<serial>home")).unwrap();
         assert!(!home.contains("<readonly/>"));
         assert!(xml.contains("passwd=\"s3cr&amp;t\""));
+        // The pointer needs no USB: an absolute virtio tablet.
+        assert!(xml.contains("<input type=\"tablet\" bus=\"virtio\"/>"));
+        assert!(!xml.contains("bus=\"usb\""));
     }
 
     #[test]
