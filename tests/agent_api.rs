@@ -257,8 +257,12 @@ async fn agent_reports_to_the_real_api() {
     // Desktop session hooks: each event lands once in the table and once in the audit log.
     env.hook("connect");
     env.hook("disconnect");
-    until("the two desktop events", t, &[&api, &agent], || async { count(&db, SESSIONS).await == 2 }).await;
-    assert_eq!(count(&db, SESSION_ENTRIES).await, 2);
+    // Table row and audit entry are written side by side (acknowledged when both are in), so
+    // wait for both rather than read one right after seeing the other.
+    until("the two desktop events, in the table and the log", t, &[&api, &agent], || async {
+        count(&db, SESSIONS).await == 2 && count(&db, SESSION_ENTRIES).await == 2
+    })
+    .await;
     assert_eq!(count(&db, UNMATCHED).await, 0);
     let actions: Vec<String> = sqlx::query_scalar(
         "SELECT action FROM audit_log WHERE action LIKE 'agent.session.%' AND actor = 'workspace:ward-7/alice-r' ORDER BY seq",
