@@ -14,9 +14,9 @@
 #      agent, ~1 min the first time, cached in ~/.cache/noexit/vm) and copies it to
 #      /var/lib/noexit/images/tiny (vmlinuz, initrd.img, cmdline), where qemu can read it;
 #      with IMAGE=workspace the workspace image instead (images/vm/build.sh workspace: Debian 12
-#      with R and Xfce, ~18 min the first time) to /var/lib/noexit/images/workspace (vmlinuz,
-#      initrd.img, workspace.qcow2: kernel boot of an overlay of the root disk per workspace),
-#      and runs a copy of the example that names it (in the state directory);
+#      with R and Xfce, ~18 min the first time) to /var/lib/noexit/images/workspace-<build hash>
+#      (vmlinuz, initrd.img, workspace.qcow2: kernel boot of an overlay of the root disk per
+#      workspace), and runs a copy of the example that names it (in the state directory);
 #   5. makes the datasets: read-only ext4 disk images of SYNTHETIC CSV data (generated here, no
 #      real patients) at /var/lib/noexit/datasets/{icu-2019,cohort-2024}.img, unless present;
 #   6. execs `noexit-operator up -f examples/single-host/ward-7.yaml`, which prints each step
@@ -83,17 +83,22 @@ virsh -c "$uri" version >/dev/null || {
   exit 1
 }
 
-say "4/6 the VM image (images/vm/build.sh $image) -> $images/$image"
 built=$(images/vm/build.sh "$image")
-install -d -m 0755 "$images" "$images/$image"
+# tiny: one directory, replaced file by file. workspace: a directory per build (the build's
+# cache name, e.g. workspace-a84704d78d5d410f), never replaced in place: each workspace's root
+# is an overlay on workspace.qcow2, which reads garbage on a changed base; a new directory makes
+# `up` redefine the domains and start their roots afresh on the new disk (homes stay).
+dest=$images/tiny
+[ "$image" = workspace ] && dest=$images/$(basename "$built")
+say "4/6 the VM image (images/vm/build.sh $image) -> $dest"
+install -d -m 0755 "$images" "$dest"
 files="vmlinuz initrd.img"
 [ "$image" = workspace ] && files="$files workspace.qcow2"
 for f in $files; do
-  # A new copy beside, then renamed: a running VM keeps the file it booted. (Workspaces' root
-  # overlays point at workspace.qcow2: a new one is for new workspaces, docs/admin.md.)
-  cmp -s "$built/$f" "$images/$image/$f" || {
-    install -m 0644 "$built/$f" "$images/$image/.$f.new"
-    mv "$images/$image/.$f.new" "$images/$image/$f"
+  # A new copy beside, then renamed: a running VM keeps the file it booted.
+  cmp -s "$built/$f" "$dest/$f" || {
+    install -m 0644 "$built/$f" "$dest/.$f.new"
+    mv "$dest/.$f.new" "$dest/$f"
   }
 done
 if [ "$image" = tiny ]; then
@@ -101,15 +106,15 @@ if [ "$image" = tiny ]; then
   echo "console=ttyS0 quiet" >"$images/tiny/cmdline"
 else
   # No cmdline file: `up` boots kernel + root disk with `console=ttyS0 root=LABEL=noexit-root ro`.
-  rm -f "$images/workspace/cmdline"
   # The example names the tiny image; this copy names the workspace image, with the memory
   # Debian + Xfce need. `up` re-reads this copy, not the example.
   state=${NOEXIT_STATE_DIR:-/var/lib/noexit/host}
   install -d -m 0700 "$state"
-  sed -e "s#image: $images/tiny#image: $images/workspace#" -e 's#memory: 256Mi#memory: 1Gi#' \
+  sed -e "s#image: $images/tiny#image: $dest#" -e 's#memory: 256Mi#memory: 1Gi#' \
     "$manifest" >"$state/ward-7-workspace.yaml"
   manifest=$state/ward-7-workspace.yaml
-  say "   manifest: $manifest (examples/single-host/ward-7.yaml with the workspace image, 1Gi)"
+  say "   manifest: $manifest (examples/single-host/ward-7.yaml with $dest, 1Gi)"
+  say "   older $images/workspace-* directories are not removed: delete those no workspace names"
 fi
 
 say "5/6 synthetic datasets -> $datasets"

@@ -152,6 +152,9 @@ pub struct DomainSpec {
     pub test_console: Option<PathBuf>,
     /// Hash of the seed's files, so a changed seed redefines the domain.
     pub seed_digest: String,
+    /// The image disk the root overlay is made on, so a new base redefines the domain (and the
+    /// overlay is made again on it: `files::ensure_overlay`).
+    pub root_base: Option<PathBuf>,
 }
 
 impl Boot {

@@ -477,14 +477,13 @@ spec:
     /// per workspace (its sed): that copy must pass too, booting kernel + root disk.
     #[test]
     fn the_workspace_image_copy_of_the_example_passes_ups_checks() {
-        let (from, to) = ("image: $images/tiny", "image: $images/workspace");
-        assert!(UP_SCRIPT.contains(&format!("s#{from}#{to}#")), "hack/up.sh no longer rewrites the image");
+        assert!(UP_SCRIPT.contains("s#image: $images/tiny#image: $dest#"), "hack/up.sh no longer rewrites the image");
         assert!(UP_SCRIPT.contains("s#memory: 256Mi#memory: 1Gi#"), "hack/up.sh no longer rewrites the memory");
+        let img = "/var/lib/noexit/images/workspace-a84704d78d5d410f";
         let text = EXAMPLE
-            .replace("image: /var/lib/noexit/images/tiny", "image: /var/lib/noexit/images/workspace")
+            .replace("image: /var/lib/noexit/images/tiny", &format!("image: {img}"))
             .replace("memory: 256Mi", "memory: 1Gi");
         let mut f = example_files();
-        let img = "/var/lib/noexit/images/workspace";
         f.0.insert(img.into(), None);
         for n in ["vmlinuz", "initrd.img", "workspace.qcow2"] {
             f.0.insert(format!("{img}/{n}").into(), Some(String::new()));

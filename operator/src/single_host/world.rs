@@ -178,6 +178,7 @@ pub fn world(checked: &Checked, settings: &Settings, alloc: &Allocations) -> Wor
             console_log: dir.join("console.log"),
             test_console: test_console.clone(),
             seed_digest: seed::digest(&seed_files),
+            root_base: w.boot.base_disk().cloned(),
         };
         let name = domain_name(&w.project, &w.name);
         out.desired.domains.insert(

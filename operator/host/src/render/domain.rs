@@ -108,6 +108,10 @@ fn body(spec: &DomainSpec) -> String {
     x.push_str("    <memballoon model=\"none\"/>\n");
     x.push_str("  </devices>\n");
     let _ = writeln!(x, "  <!-- seed {} -->", spec.seed_digest);
+    if let Some(base) = &spec.root_base {
+        // `--` may not appear in an XML comment; a path with it still changes the hash.
+        let _ = writeln!(x, "  <!-- root on {} -->", path(base).replace("--", "-\u{2010}"));
+    }
     x
 }
 
@@ -157,6 +161,7 @@ pub(crate) mod tests {
             console_log: "/var/lib/noexit/host/ward-7/alice-vm/console.log".into(),
             test_console: Some("/var/lib/noexit/host/ward-7/alice-vm/ttyS1.sock".into()),
             seed_digest: "0".repeat(64),
+            root_base: None,
         }
     }
 
@@ -176,6 +181,7 @@ pub(crate) mod tests {
             root: Some("/var/lib/noexit/host/ward-7/alice-vm/root.qcow2".into()),
         };
         s.test_console = None;
+        s.root_base = Some("/var/lib/noexit/images/workspace-a84704d78d5d410f/workspace.qcow2".into());
         let xml = render(&s);
         insta::assert_snapshot!(xml);
         assert!(!xml.contains("<boot dev="), "a kernel boot needs no boot device:\n{xml}");
@@ -188,6 +194,10 @@ pub(crate) mod tests {
             *root = None;
         }
         assert_ne!(hash(&s), hash(&without));
+        // So does a new base under it (the overlay is made again on it).
+        let mut rebased = s.clone();
+        rebased.root_base = Some("/var/lib/noexit/images/workspace-0000000000000000/workspace.qcow2".into());
+        assert_ne!(hash(&s), hash(&rebased));
     }
 
     #[test]
