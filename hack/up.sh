@@ -109,7 +109,7 @@ else
   # The example names the tiny image; this copy names the workspace image, with the memory
   # Debian + Xfce need. `up` re-reads this copy, not the example.
   state=${NOEXIT_STATE_DIR:-/var/lib/noexit/host}
-  install -d -m 0700 "$state"
+  mkdir -p "$state" # `up` sets its mode
   sed -e "s#image: $images/tiny#image: $dest#" -e 's#memory: 256Mi#memory: 1Gi#' \
     "$manifest" >"$state/ward-7-workspace.yaml"
   manifest=$state/ward-7-workspace.yaml
