@@ -13,11 +13,16 @@
 #   4. builds the tiny VM image (images/vm/build.sh tiny: Debian's kernel + an initramfs with the
 #      agent, ~1 min the first time, cached in ~/.cache/noexit/vm) and copies it to
 #      /var/lib/noexit/images/tiny (vmlinuz, initrd.img, cmdline), where qemu can read it;
+#      with IMAGE=workspace the workspace image instead (images/vm/build.sh workspace: Debian 12
+#      with R and Xfce, ~18 min the first time) to /var/lib/noexit/images/workspace-<build hash>
+#      (vmlinuz, initrd.img, workspace.qcow2: kernel boot of an overlay of the root disk per
+#      workspace), and runs a copy of the example that names it (in the state directory);
 #   5. makes the datasets: read-only ext4 disk images of SYNTHETIC CSV data (generated here, no
 #      real patients) at /var/lib/noexit/datasets/{icu-2019,cohort-2024}.img, unless present;
 #   6. execs `noexit-operator up -f examples/single-host/ward-7.yaml`, which prints each step
 #      (define network, apply table, define domain, start …) and re-reads the file every 5 s.
-# Environment: NOEXIT_STATE_DIR (default /var/lib/noexit/host), NOEXIT_VIRT_TYPE (auto, kvm or
+# Environment: IMAGE (tiny or workspace; default tiny), AGENT (the agent baked into the image;
+# default target/debug/noexit-agent), NOEXIT_STATE_DIR (default /var/lib/noexit/host), NOEXIT_VIRT_TYPE (auto, kvm or
 # qemu; default: the probe above), NOEXIT_LIBVIRT_URI (default qemu:///system). Arguments go to
 # `up`, e.g. hack/up.sh --api-port 18443 --mirror-port 18080 --dns-port 15353 --subnet-base 10.150.0.0
 # Then: target/debug/noexit-operator status   (phases, last heartbeat, egress lock)
@@ -32,11 +37,11 @@ images=/var/lib/noexit/images
 datasets=/var/lib/noexit/datasets
 manifest=examples/single-host/ward-7.yaml
 uri=${NOEXIT_LIBVIRT_URI:-qemu:///system}
-case ${IMAGE:-tiny} in
-tiny) ;;
+image=${IMAGE:-tiny}
+case $image in
+tiny | workspace) ;;
 *)
-  say "IMAGE=${IMAGE}: only the tiny image runs here yet. The workspace image (images/vm/build.sh workspace, ~18 min)"
-  say "boots its root disk by direct kernel boot, which single-host mode does not attach yet (images/README.md)"
+  say "IMAGE=${IMAGE}: the image is tiny (default) or workspace"
   exit 2
   ;;
 esac
@@ -78,18 +83,39 @@ virsh -c "$uri" version >/dev/null || {
   exit 1
 }
 
-say "4/6 the VM image (images/vm/build.sh tiny) -> $images/tiny"
-built=$(images/vm/build.sh tiny)
-install -d -m 0755 "$images" "$images/tiny"
-for f in vmlinuz initrd.img; do
+built=$(images/vm/build.sh "$image")
+# tiny: one directory, replaced file by file. workspace: a directory per build (the build's
+# cache name, e.g. workspace-a84704d78d5d410f), never replaced in place: each workspace's root
+# is an overlay on workspace.qcow2, which reads garbage on a changed base; a new directory makes
+# `up` redefine the domains and start their roots afresh on the new disk (homes stay).
+dest=$images/tiny
+[ "$image" = workspace ] && dest=$images/$(basename "$built")
+say "4/6 the VM image (images/vm/build.sh $image) -> $dest"
+install -d -m 0755 "$images" "$dest"
+files="vmlinuz initrd.img"
+[ "$image" = workspace ] && files="$files workspace.qcow2"
+for f in $files; do
   # A new copy beside, then renamed: a running VM keeps the file it booted.
-  cmp -s "$built/$f" "$images/tiny/$f" || {
-    install -m 0644 "$built/$f" "$images/tiny/.$f.new"
-    mv "$images/tiny/.$f.new" "$images/tiny/$f"
+  cmp -s "$built/$f" "$dest/$f" || {
+    install -m 0644 "$built/$f" "$dest/.$f.new"
+    mv "$dest/.$f.new" "$dest/$f"
   }
 done
-# No noexit.test=1: the test image's root shell on ttyS1 stays closed.
-echo "console=ttyS0 quiet" >"$images/tiny/cmdline"
+if [ "$image" = tiny ]; then
+  # No noexit.test=1: the test image's root shell on ttyS1 stays closed.
+  echo "console=ttyS0 quiet" >"$images/tiny/cmdline"
+else
+  # No cmdline file: `up` boots kernel + root disk with `console=ttyS0 root=LABEL=noexit-root ro`.
+  # The example names the tiny image; this copy names the workspace image, with the memory
+  # Debian + Xfce need. `up` re-reads this copy, not the example.
+  state=${NOEXIT_STATE_DIR:-/var/lib/noexit/host}
+  mkdir -p "$state" # `up` sets its mode
+  sed -e "s#image: $images/tiny#image: $dest#" -e 's#memory: 256Mi#memory: 1Gi#' \
+    "$manifest" >"$state/ward-7-workspace.yaml"
+  manifest=$state/ward-7-workspace.yaml
+  say "   manifest: $manifest (examples/single-host/ward-7.yaml with $dest, 1Gi)"
+  say "   older $images/workspace-* directories are not removed: delete those no workspace names"
+fi
 
 say "5/6 synthetic datasets -> $datasets"
 install -d -m 0755 "$datasets"

@@ -52,10 +52,37 @@ pub fn ensure_home(path: &Path, size_bytes: u64) -> Result<bool, FileError> {
     Ok(true)
 }
 
-/// A qcow2 overlay on a base image (the workspace's root disk), if missing.
-pub fn ensure_overlay(path: &Path, base: &Path) -> Result<(), FileError> {
+/// The backing file a qcow2 image was made on (`qemu-img info`; `-U`: a running VM holds it).
+pub fn backing_file(path: &Path) -> Result<Option<PathBuf>, FileError> {
+    let out = Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(path).output().map_err(|e| {
+        FileError::Tool { program: "qemu-img", path: path.to_owned(), message: format!("cannot run qemu-img: {e}") }
+    })?;
+    if !out.status.success() {
+        return Err(FileError::Tool {
+            program: "qemu-img",
+            path: path.to_owned(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| FileError::Tool {
+        program: "qemu-img",
+        path: path.to_owned(),
+        message: format!("unreadable `info` output: {e}"),
+    })?;
+    Ok(info.get("backing-filename").and_then(|b| b.as_str()).map(PathBuf::from))
+}
+
+/// A qcow2 overlay on a base image (the workspace's root disk): made if missing, and made again
+/// if it was made on another base (a new image), because an overlay reads its base's blocks and
+/// on any other base reads garbage. The root holds nothing of the researcher's (that is the home
+/// disk), so starting it afresh from the new image loses nothing meant to be kept. Returns
+/// whether it made one.
+pub fn ensure_overlay(path: &Path, base: &Path) -> Result<bool, FileError> {
     if path.exists() {
-        return Ok(());
+        if backing_file(path)?.as_deref() == Some(base) {
+            return Ok(false);
+        }
+        std::fs::remove_file(path).map_err(io("removing the overlay on the old image", path))?;
     }
     tool(
         "qemu-img",
@@ -71,7 +98,8 @@ pub fn ensure_overlay(path: &Path, base: &Path) -> Result<(), FileError> {
             base.as_os_str(),
             path.as_os_str(),
         ],
-    )
+    )?;
+    Ok(true)
 }
 
 /// Write the seed ISO (ISO9660 with Rock Ridge, label [`LABEL`]) atomically: a temporary file
@@ -149,6 +177,26 @@ mod tests {
         assert!(!root.path().join("ward-7").exists(), "an empty workspaces/<project>/ is left behind");
         assert!(root.path().exists());
         remove_workspace(&b).unwrap(); // gone already: fine
+    }
+
+    #[test]
+    fn an_overlay_is_made_again_on_a_new_base() {
+        if Command::new("qemu-img").arg("--version").output().is_err() {
+            assert!(std::env::var_os("NOEXIT_CI").is_none(), "qemu-img missing (hack/install-deps.sh installs it)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new, overlay) =
+            (dir.path().join("old.qcow2"), dir.path().join("new.qcow2"), dir.path().join("root.qcow2"));
+        for base in [&old, &new] {
+            ensure_home(base, 1 << 20).unwrap();
+        }
+        assert!(ensure_overlay(&overlay, &old).unwrap(), "made");
+        assert_eq!(backing_file(&overlay).unwrap(), Some(old.clone()));
+        assert!(!ensure_overlay(&overlay, &old).unwrap(), "the same base: kept");
+        assert!(ensure_overlay(&overlay, &new).unwrap(), "a new base: made again");
+        assert_eq!(backing_file(&overlay).unwrap(), Some(new));
+        assert_eq!(backing_file(&old).unwrap(), None);
     }
 
     #[test]

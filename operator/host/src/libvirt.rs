@@ -129,10 +129,17 @@ impl Libvirt {
 
     /// Define a domain (replacing our old definition: it is stopped first).
     pub fn define_domain(&self, name: &str, xml: &str, replace: bool) -> Result<(), LibvirtError> {
+        let mut xml = xml.to_owned();
         if replace {
             self.stop_domain(name)?;
+            // libvirt refuses a definition without the existing domain's UUID ("already exists
+            // with uuid …"): the rendered XML has none, so carry the old one over.
+            if let Ok(d) = Domain::lookup_by_name(&self.conn, name) {
+                let uuid = d.get_uuid_string().map_err(err("reading", "domain", name))?;
+                xml = with_uuid(&xml, &uuid);
+            }
         }
-        Domain::define_xml(&self.conn, xml).map_err(err("defining", "domain", name))?;
+        Domain::define_xml(&self.conn, &xml).map_err(err("defining", "domain", name))?;
         Ok(())
     }
 
@@ -169,6 +176,17 @@ impl Libvirt {
     }
 }
 
+/// `xml` with `<uuid>` right after its `<name>` (the rendered domain has none).
+fn with_uuid(xml: &str, uuid: &str) -> String {
+    match xml.find("</name>\n") {
+        Some(i) => {
+            let at = i + "</name>\n".len();
+            format!("{}  <uuid>{}</uuid>\n{}", &xml[..at], render::xml_escape(uuid), &xml[at..])
+        }
+        None => xml.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +220,33 @@ mod tests {
         assert!(lv.networks("noexit-").unwrap()["noexit-t1"].leases.is_empty());
         lv.delete_network("noexit-t1").unwrap();
         assert!(!lv.networks("noexit-").unwrap().contains_key("noexit-t1"));
+    }
+
+    /// A changed workspace (memory, seed, image) redefines its domain under the same name.
+    #[test]
+    fn a_domain_is_redefined_in_place() {
+        let lv = test_driver();
+        let mut spec = crate::render::domain::tests::spec();
+        spec.workspace = "redefine".into();
+        let name = spec.name();
+        lv.define_domain(&name, &crate::render::domain::render(&spec), false).unwrap();
+        lv.start_domain(&name).unwrap();
+        spec.memory_mib = 1024;
+        let xml = crate::render::domain::render(&spec);
+        lv.define_domain(&name, &xml, true).unwrap();
+        let d = &lv.domains("noexit-").unwrap()[&name];
+        assert!(!d.active, "stopped for the new definition");
+        assert_eq!(d.owner.as_ref().map(|o| o.hash.as_str()), Some(crate::render::domain::hash(&spec).as_str()));
+        lv.delete_domain(&name).unwrap();
+    }
+
+    #[test]
+    fn the_existing_uuid_goes_into_the_new_definition() {
+        let xml = "<domain type=\"qemu\">\n  <name>a</name>\n  <memory>1</memory>\n</domain>\n";
+        assert_eq!(
+            with_uuid(xml, "6f1c"),
+            "<domain type=\"qemu\">\n  <name>a</name>\n  <uuid>6f1c</uuid>\n  <memory>1</memory>\n</domain>\n"
+        );
     }
 
     #[test]

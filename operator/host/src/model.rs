@@ -110,9 +110,12 @@ pub fn domain_name(project: &str, workspace: &str) -> String {
 /// How the VM boots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Boot {
-    /// Direct kernel boot (the tiny test image: `vmlinuz` + `initrd.img`).
-    Kernel { kernel: PathBuf, initrd: PathBuf, cmdline: String },
-    /// A root disk: a qcow2 overlay (per workspace) on the image.
+    /// Direct kernel boot: `vmlinuz` + `initrd.img`, and for an image whose root file system is
+    /// on a disk (the workspace image, which has no boot loader) a qcow2 overlay (per workspace)
+    /// of that disk, attached as the first virtio disk with serial `root`. Without one the root
+    /// is the initramfs (the tiny test image).
+    Kernel { kernel: PathBuf, initrd: PathBuf, cmdline: String, root: Option<PathBuf> },
+    /// A root disk booted by its own boot loader: a qcow2 overlay (per workspace) on the image.
     Disk { overlay: PathBuf },
 }
 
@@ -149,6 +152,19 @@ pub struct DomainSpec {
     pub test_console: Option<PathBuf>,
     /// Hash of the seed's files, so a changed seed redefines the domain.
     pub seed_digest: String,
+    /// The image disk the root overlay is made on, so a new base redefines the domain (and the
+    /// overlay is made again on it: `files::ensure_overlay`).
+    pub root_base: Option<PathBuf>,
+}
+
+impl Boot {
+    /// The workspace's root disk (an overlay), if it has one.
+    pub fn root_disk(&self) -> Option<&PathBuf> {
+        match self {
+            Self::Kernel { root, .. } => root.as_ref(),
+            Self::Disk { overlay } => Some(overlay),
+        }
+    }
 }
 
 impl DomainSpec {

@@ -3,9 +3,17 @@
 //! host path, datasets that are host files. Pure: the filesystem is behind [`Files`].
 //!
 //! Conventions of single-host mode (docs/admin.md):
-//! - `Workspace.spec.image` is an absolute host path: a directory holding `vmlinuz` and
-//!   `initrd.img` (direct kernel boot; an optional `cmdline` file gives the kernel command
-//!   line), or a `.qcow2` disk image (each workspace boots a copy-on-write overlay of it).
+//! - `Workspace.spec.image` is an absolute host path, one of
+//!   - a directory holding `vmlinuz` and `initrd.img`: direct kernel boot, the root file system
+//!     is the initramfs (the tiny test image);
+//!   - the same directory with a root disk beside them, `root.qcow2` or `workspace.qcow2` (the
+//!     name `images/vm/build.sh workspace` gives it; both at once is refused as ambiguous):
+//!     direct kernel boot of a copy-on-write overlay of that disk, per workspace (the workspace
+//!     image has no boot loader);
+//!   - a `.qcow2` disk image with its own boot loader (a copy-on-write overlay per workspace).
+//!
+//!   In a directory an optional `cmdline` file gives the kernel command line; without one it is
+//!   [`DEFAULT_CMDLINE`], or [`DEFAULT_ROOT_CMDLINE`] with a root disk.
 //! - `Dataset.spec.source.hostPath.path` names a disk image file on the host (raw, or qcow2 by
 //!   its `.qcow2` extension), attached read-only with serial `ds-<name>`. `nfs` and `csi`
 //!   sources are Kubernetes-only and refused here.
@@ -26,8 +34,13 @@ use crate::manifests::Manifest;
 
 /// Namespace the control plane would run in on Kubernetes (no project may take its name).
 pub const OPERATOR_NAMESPACE: &str = "noexit-system";
-/// Kernel command line when the image directory has no `cmdline` file.
+/// Kernel command line when the image directory has no `cmdline` file (and no root disk).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+/// Kernel command line when the image directory has a root disk and no `cmdline` file: the
+/// workspace image's (images/README.md), its root file system found by label.
+pub const DEFAULT_ROOT_CMDLINE: &str = "console=ttyS0 root=LABEL=noexit-root ro";
+/// Names a root disk may have in an image directory, in the order looked for.
+pub const ROOT_DISK_NAMES: [&str; 2] = ["root.qcow2", "workspace.qcow2"];
 
 /// What a path is, as far as the checks care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,17 +91,36 @@ pub struct RunnableWorkspace {
 /// How the image boots (the overlay path is per workspace, chosen later).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageBoot {
-    Kernel { kernel: PathBuf, initrd: PathBuf, cmdline: String },
-    Disk { base: PathBuf },
+    /// `root`: the image's root disk, which each workspace boots an overlay of.
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+        root: Option<PathBuf>,
+    },
+    Disk {
+        base: PathBuf,
+    },
 }
 
 impl ImageBoot {
     pub fn boot(&self, overlay: PathBuf) -> Boot {
         match self {
-            Self::Kernel { kernel, initrd, cmdline } => {
-                Boot::Kernel { kernel: kernel.clone(), initrd: initrd.clone(), cmdline: cmdline.clone() }
-            }
+            Self::Kernel { kernel, initrd, cmdline, root } => Boot::Kernel {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: cmdline.clone(),
+                root: root.as_ref().map(|_| overlay),
+            },
             Self::Disk { .. } => Boot::Disk { overlay },
+        }
+    }
+
+    /// The disk image each workspace gets a copy-on-write overlay of, if any.
+    pub fn base_disk(&self) -> Option<&PathBuf> {
+        match self {
+            Self::Kernel { root, .. } => root.as_ref(),
+            Self::Disk { base } => Some(base),
         }
     }
 
@@ -229,7 +261,7 @@ fn image(image: &str, files: &dyn Files) -> Result<ImageBoot, String> {
     let path = PathBuf::from(image);
     if !path.is_absolute() {
         return Err(format!(
-            "{image:?}: in single-host mode the image is an absolute host path (a directory with vmlinuz and initrd.img, or a .qcow2 file)"
+            "{image:?}: in single-host mode the image is an absolute host path (a directory with vmlinuz and initrd.img, and root.qcow2 or workspace.qcow2 if the root is on a disk; or a .qcow2 file with a boot loader)"
         ));
     }
     match files.kind(&path) {
@@ -248,8 +280,20 @@ fn image(image: &str, files: &dyn Files) -> Result<ImageBoot, String> {
                     ));
                 }
             }
+            let roots: Vec<PathBuf> =
+                ROOT_DISK_NAMES.iter().map(|n| path.join(n)).filter(|p| files.kind(p) == FileKind::File).collect();
+            if roots.len() > 1 {
+                return Err(format!(
+                    "{} has both {} and {}: keep one root disk (which one boots would be a guess)",
+                    path.display(),
+                    ROOT_DISK_NAMES[0],
+                    ROOT_DISK_NAMES[1]
+                ));
+            }
+            let root = roots.into_iter().next();
+            let default = if root.is_some() { DEFAULT_ROOT_CMDLINE } else { DEFAULT_CMDLINE };
             let cmdline = files.read(&path.join("cmdline")).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
-            Ok(ImageBoot::Kernel { kernel, initrd, cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()) })
+            Ok(ImageBoot::Kernel { kernel, initrd, cmdline: cmdline.unwrap_or_else(|| default.into()), root })
         }
     }
 }
@@ -375,6 +419,84 @@ spec:
             assert!(UP_SCRIPT.contains(path), "hack/up.sh does not make {path}");
         }
         assert!(UP_SCRIPT.contains("examples/single-host/ward-7.yaml"));
+    }
+
+    /// The three image forms, and the default command line of each.
+    #[test]
+    fn image_forms() {
+        let mut f = files();
+        let ws = "/img/ws";
+        f.0.insert(ws.into(), None);
+        for n in ["vmlinuz", "initrd.img", "workspace.qcow2"] {
+            f.0.insert(format!("{ws}/{n}").into(), Some(String::new()));
+        }
+        f.0.insert("/img/disk.qcow2".into(), Some(String::new()));
+        let kernel = |root: Option<&str>, cmdline: &str| ImageBoot::Kernel {
+            kernel: format!("{ws}/vmlinuz").into(),
+            initrd: format!("{ws}/initrd.img").into(),
+            cmdline: cmdline.into(),
+            root: root.map(PathBuf::from),
+        };
+        // A root disk beside the kernel: booted by the kernel, root found by label.
+        let b = image(ws, &f).unwrap();
+        assert_eq!(b, kernel(Some("/img/ws/workspace.qcow2"), "console=ttyS0 root=LABEL=noexit-root ro"));
+        assert_eq!(b.base_disk(), Some(&PathBuf::from("/img/ws/workspace.qcow2")));
+        let overlay = PathBuf::from("/state/ws/root.qcow2");
+        assert_eq!(
+            b.boot(overlay.clone()),
+            Boot::Kernel {
+                kernel: "/img/ws/vmlinuz".into(),
+                initrd: "/img/ws/initrd.img".into(),
+                cmdline: "console=ttyS0 root=LABEL=noexit-root ro".into(),
+                root: Some(overlay.clone()),
+            }
+        );
+        assert!(!b.test_console());
+        // A `cmdline` file still wins.
+        f.0.insert(format!("{ws}/cmdline").into(), Some("console=ttyS0 root=/dev/vda rw\n".into()));
+        assert_eq!(image(ws, &f).unwrap(), kernel(Some("/img/ws/workspace.qcow2"), "console=ttyS0 root=/dev/vda rw"));
+        // Two root disks: refused, naming both.
+        f.0.insert(format!("{ws}/root.qcow2").into(), Some(String::new()));
+        let e = image(ws, &f).unwrap_err();
+        assert!(e.contains("has both root.qcow2 and workspace.qcow2"), "{e}");
+        // Without a root disk: the initramfs is the root, no overlay.
+        f.0.remove(Path::new("/img/ws/root.qcow2"));
+        f.0.remove(Path::new("/img/ws/workspace.qcow2"));
+        f.0.remove(Path::new("/img/ws/cmdline"));
+        let b = image(ws, &f).unwrap();
+        assert_eq!(b, kernel(None, "console=ttyS0"));
+        assert_eq!(b.base_disk(), None);
+        assert!(matches!(b.boot(overlay.clone()), Boot::Kernel { root: None, .. }));
+        // A disk with its own boot loader.
+        let b = image("/img/disk.qcow2", &f).unwrap();
+        assert_eq!(b.base_disk(), Some(&PathBuf::from("/img/disk.qcow2")));
+        assert_eq!(b.boot(overlay.clone()), Boot::Disk { overlay });
+    }
+
+    /// `IMAGE=workspace hack/up.sh` runs a copy of the example with the workspace image and 1Gi
+    /// per workspace (its sed): that copy must pass too, booting kernel + root disk.
+    #[test]
+    fn the_workspace_image_copy_of_the_example_passes_ups_checks() {
+        assert!(UP_SCRIPT.contains("s#image: $images/tiny#image: $dest#"), "hack/up.sh no longer rewrites the image");
+        assert!(UP_SCRIPT.contains("s#memory: 256Mi#memory: 1Gi#"), "hack/up.sh no longer rewrites the memory");
+        let img = "/var/lib/noexit/images/workspace-a84704d78d5d410f";
+        let text = EXAMPLE
+            .replace("image: /var/lib/noexit/images/tiny", &format!("image: {img}"))
+            .replace("memory: 256Mi", "memory: 1Gi");
+        let mut f = example_files();
+        f.0.insert(img.into(), None);
+        for n in ["vmlinuz", "initrd.img", "workspace.qcow2"] {
+            f.0.insert(format!("{img}/{n}").into(), Some(String::new()));
+        }
+        let c = check(&parse_documents(&text).unwrap(), &f, Utc::now()).unwrap();
+        let w = &c.workspaces[0];
+        assert_eq!(w.memory_mib, 1024);
+        assert_eq!(w.boot.base_disk(), Some(&PathBuf::from(format!("{img}/workspace.qcow2"))));
+        assert!(
+            matches!(&w.boot, ImageBoot::Kernel { cmdline, .. } if cmdline == DEFAULT_ROOT_CMDLINE),
+            "{:?}",
+            w.boot
+        );
     }
 
     #[test]

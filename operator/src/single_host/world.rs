@@ -15,7 +15,7 @@ use noexit_host::plan::{Desired, DesiredDomain, DesiredNetwork, DesiredTable};
 use noexit_host::render::seed::{self, GUEST_DIR, GuestNetwork, SeedFile};
 use noexit_host::render::{domain, network, nft};
 
-use super::check::{Checked, ImageBoot};
+use super::check::Checked;
 
 /// Host name of the control-plane API inside the guests (an `/etc/hosts` entry from the seed).
 pub const API_NAME: &str = "api.noexit";
@@ -157,10 +157,8 @@ pub fn world(checked: &Checked, settings: &Settings, alloc: &Allocations) -> Wor
         };
         let seed_files = seed::files(&config_yaml, &alloc.ca_pem, cert, key_pem, Some(&guest_net));
         let dir = workspace_dir(&settings.state_dir, &w.project, &w.name);
-        let overlay = match &w.boot {
-            ImageBoot::Disk { base } => Some((base.clone(), dir.join("root.qcow2"))),
-            ImageBoot::Kernel { .. } => None,
-        };
+        // Made with the workspace's files and removed with its directory (reconcile).
+        let overlay = w.boot.base_disk().map(|base| (base.clone(), dir.join("root.qcow2")));
         let test_console = w.boot.test_console().then(|| dir.join("ttyS1.sock"));
         let spec = DomainSpec {
             instance: settings.instance.clone(),
@@ -180,6 +178,7 @@ pub fn world(checked: &Checked, settings: &Settings, alloc: &Allocations) -> Wor
             console_log: dir.join("console.log"),
             test_console: test_console.clone(),
             seed_digest: seed::digest(&seed_files),
+            root_base: w.boot.base_disk().cloned(),
         };
         let name = domain_name(&w.project, &w.name);
         out.desired.domains.insert(
@@ -272,5 +271,31 @@ mod tests {
         let mut a = alloc();
         a.credentials.clear();
         assert!(world(&checked, &settings(), &a).desired.domains.is_empty());
+    }
+
+    /// The workspace image's form: kernel + initrd + a root disk in one directory. Each
+    /// workspace gets its own overlay of the disk in its directory, attached as `root`.
+    #[test]
+    fn a_kernel_image_with_a_root_disk_gets_an_overlay() {
+        let mut f = files();
+        f.0.insert("/img/tiny/workspace.qcow2".into(), Some(String::new()));
+        f.0.remove(std::path::Path::new("/img/tiny/cmdline"));
+        let checked = check(&parse_documents(MANIFESTS).unwrap(), &f, Utc::now()).unwrap();
+        let w = world(&checked, &settings(), &alloc());
+        let files = &w.workspaces["noexit-ward-7-alice-vm"];
+        let overlay = std::path::PathBuf::from("/var/lib/noexit/host/workspaces/ward-7/alice-vm/root.qcow2");
+        assert_eq!(files.dir.join("root.qcow2"), overlay, "the overlay lives (and goes) with the workspace directory");
+        assert_eq!(files.overlay, Some(("/img/tiny/workspace.qcow2".into(), overlay.clone())));
+        let xml = &w.desired.domains["noexit-ward-7-alice-vm"].xml;
+        assert!(xml.contains("<kernel>/img/tiny/vmlinuz</kernel>"), "{xml}");
+        assert!(xml.contains("<cmdline>console=ttyS0 root=LABEL=noexit-root ro</cmdline>"), "{xml}");
+        assert!(xml.contains(&format!("<source file=\"{}\"/>", overlay.display())), "{xml}");
+        assert!(xml.contains("<serial>root</serial>"), "{xml}");
+        // The tiny form has none.
+        let checked =
+            check(&parse_documents(MANIFESTS).unwrap(), &super::super::check::tests::files(), Utc::now()).unwrap();
+        let w = world(&checked, &settings(), &alloc());
+        assert_eq!(w.workspaces["noexit-ward-7-alice-vm"].overlay, None);
+        assert!(!w.desired.domains["noexit-ward-7-alice-vm"].xml.contains("<serial>root</serial>"));
     }
 }

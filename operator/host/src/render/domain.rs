@@ -47,7 +47,7 @@ fn body(spec: &DomainSpec) -> String {
     let _ = writeln!(x, "  <vcpu>{}</vcpu>", spec.vcpus.max(1));
     x.push_str("  <os>\n    <type arch=\"x86_64\" machine=\"pc\">hvm</type>\n");
     match &spec.boot {
-        Boot::Kernel { kernel, initrd, cmdline } => {
+        Boot::Kernel { kernel, initrd, cmdline, .. } => {
             let _ = writeln!(x, "    <kernel>{}</kernel>", path(kernel));
             let _ = writeln!(x, "    <initrd>{}</initrd>", path(initrd));
             let _ = writeln!(x, "    <cmdline>{}</cmdline>", xml_escape(cmdline));
@@ -64,7 +64,9 @@ fn body(spec: &DomainSpec) -> String {
     x.push_str("  <devices>\n");
     let mut letters = b'a'..=b'z';
     let mut next = || format!("vd{}", letters.next().map(char::from).unwrap_or('z'));
-    if let Boot::Disk { overlay } = &spec.boot {
+    // The root disk first (vda): the guest finds it by label, but its boot loader (if any)
+    // and anyone reading `lsblk` expect it there.
+    if let Some(overlay) = spec.boot.root_disk() {
         disk(&mut x, overlay, "qcow2", &next(), "root", false);
     }
     disk(&mut x, &spec.home, "qcow2", &next(), "home", false);
@@ -106,6 +108,10 @@ fn body(spec: &DomainSpec) -> String {
     x.push_str("    <memballoon model=\"none\"/>\n");
     x.push_str("  </devices>\n");
     let _ = writeln!(x, "  <!-- seed {} -->", spec.seed_digest);
+    if let Some(base) = &spec.root_base {
+        // `--` may not appear in an XML comment; a path with it still changes the hash.
+        let _ = writeln!(x, "  <!-- root on {} -->", path(base).replace("--", "-\u{2010}"));
+    }
     x
 }
 
@@ -139,6 +145,7 @@ pub(crate) mod tests {
                 kernel: "/var/cache/noexit/tiny/vmlinuz".into(),
                 initrd: "/var/cache/noexit/tiny/initrd.img".into(),
                 cmdline: "console=ttyS0 noexit.test=1".into(),
+                root: None,
             },
             home: "/var/lib/noexit/host/ward-7/alice-vm/home.qcow2".into(),
             datasets: vec![DatasetDisk {
@@ -154,12 +161,43 @@ pub(crate) mod tests {
             console_log: "/var/lib/noexit/host/ward-7/alice-vm/console.log".into(),
             test_console: Some("/var/lib/noexit/host/ward-7/alice-vm/ttyS1.sock".into()),
             seed_digest: "0".repeat(64),
+            root_base: None,
         }
     }
 
     #[test]
     fn domain_xml() {
         insta::assert_snapshot!(render(&spec()));
+    }
+
+    /// The workspace image: direct kernel boot of a root disk that has no boot loader.
+    #[test]
+    fn domain_xml_kernel_and_root_disk() {
+        let mut s = spec();
+        s.boot = Boot::Kernel {
+            kernel: "/var/lib/noexit/images/workspace/vmlinuz".into(),
+            initrd: "/var/lib/noexit/images/workspace/initrd.img".into(),
+            cmdline: "console=ttyS0 root=LABEL=noexit-root ro".into(),
+            root: Some("/var/lib/noexit/host/ward-7/alice-vm/root.qcow2".into()),
+        };
+        s.test_console = None;
+        s.root_base = Some("/var/lib/noexit/images/workspace-a84704d78d5d410f/workspace.qcow2".into());
+        let xml = render(&s);
+        insta::assert_snapshot!(xml);
+        assert!(!xml.contains("<boot dev="), "a kernel boot needs no boot device:\n{xml}");
+        let root = xml.split("<disk").find(|d| d.contains("<serial>root")).unwrap();
+        assert!(root.contains("root.qcow2") && root.contains("dev=\"vda\"") && !root.contains("<readonly/>"));
+        assert!(xml.contains("<serial>home</serial>") && xml.contains("dev=\"vdb\""));
+        // The root disk changes the domain.
+        let mut without = s.clone();
+        if let Boot::Kernel { root, .. } = &mut without.boot {
+            *root = None;
+        }
+        assert_ne!(hash(&s), hash(&without));
+        // So does a new base under it (the overlay is made again on it).
+        let mut rebased = s.clone();
+        rebased.root_base = Some("/var/lib/noexit/images/workspace-0000000000000000/workspace.qcow2".into());
+        assert_ne!(hash(&s), hash(&rebased));
     }
 
     #[test]
