@@ -1,5 +1,6 @@
 //! The control-plane API, the mirror and the DNS server, run in this process with the options
-//! their own subcommands take (so they behave exactly as `noexit-operator api|mirror|dns`).
+//! their own subcommands take (so they behave exactly as `noexit-operator api|mirror|dns`). All
+//! three append to the one audit log in the API's database, each signing as its own writer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::task::JoinSet;
 
-use super::UpArgs;
 use super::world::{API_NAME, MIRROR_NAME};
+use super::{UpArgs, audit};
 use crate::api::{Cluster, MemoryCluster};
+use crate::audit::writers;
 use crate::pki::Ca;
 
 /// Files the services read, under the state directory.
@@ -80,9 +82,9 @@ pub fn start(
             "--client-ca".into(),
             s(&pki.join("ca.crt")),
             "--database-url".into(),
-            format!("sqlite:{}", s(&state.join("api.db"))),
+            audit::database_url(state),
             "--audit-key".into(),
-            s(&state.join("audit-signing.pem")),
+            s(&audit::key_path(state, writers::API)),
             "--data-dir".into(),
             s(&state.join("api-data")),
         ],
@@ -102,11 +104,10 @@ pub fn start(
         s(&paths.policy),
         "--clients".into(),
         s(&paths.clients),
-        "--audit-file".into(),
-        s(&state.join("mirror-audit.jsonl")),
         "--cache-dir".into(),
         s(&state.join("mirror-cache")),
     ];
+    mirror_args.extend(audit_args(state, writers::MIRROR));
     match &args.mirror_upstream {
         Some(up) => mirror_args.extend(["--upstream".into(), up.clone()]),
         None => mirror_args.extend(["--snapshot".into(), s(&snapshot)]),
@@ -114,21 +115,18 @@ pub fn start(
     let mirror: crate::mirror::Args = parse("mirror", mirror_args)?;
     let site = paths.dir.join("dns-site.yaml");
     std::fs::write(&site, dns_site())?;
-    let dns: crate::dns::Args = parse(
-        "DNS server",
-        vec![
-            "--listen".into(),
-            listen(args.dns_port),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-            "--site".into(),
-            s(&site),
-            "--clients".into(),
-            s(&paths.clients),
-            "--audit-file".into(),
-            s(&state.join("dns-audit.jsonl")),
-        ],
-    )?;
+    let mut dns_args = vec![
+        "--listen".into(),
+        listen(args.dns_port),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+        "--site".into(),
+        s(&site),
+        "--clients".into(),
+        s(&paths.clients),
+    ];
+    dns_args.extend(audit_args(state, writers::DNS));
+    let dns: crate::dns::Args = parse("DNS server", dns_args)?;
     let mut set = JoinSet::new();
     let cluster: Arc<dyn Cluster> = cluster;
     set.spawn(async move {
@@ -139,9 +137,40 @@ pub fn start(
     Ok(set)
 }
 
+/// Where a writer's audit entries go: the API's database, signed with its own key
+/// ([`audit::prepare`] made the key and migrated the database).
+fn audit_args(state: &Path, writer: &str) -> [String; 4] {
+    ["--database-url".into(), audit::database_url(state), "--audit-key".into(), s(&audit::key_path(state, writer))]
+}
+
 /// The DNS server's site: its zone holds the Kubernetes service names only. In single-host mode
 /// the guests find the API and the mirror through the seed's hosts entries (each project on its
 /// own gateway address); the DNS server's job is to refuse every other name without recursing.
 fn dns_site() -> String {
     "operatorNamespace: noexit-system\n".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_and_dns_audit_into_the_apis_database_as_themselves() {
+        let state = Path::new("/st");
+        let mirror: crate::mirror::Args = parse(
+            "mirror",
+            [
+                vec!["--snapshot".into(), "/snap".into(), "--policy".into(), "/p".into()],
+                audit_args(state, writers::MIRROR).to_vec(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(mirror.database_url.as_deref(), Some("sqlite:/st/api.db"));
+        assert_eq!(mirror.audit_key.as_deref(), Some(Path::new("/st/audit-keys/mirror.pem")));
+        assert!(mirror.audit_file.is_none());
+        let dns: crate::dns::Args = parse("DNS server", audit_args(state, writers::DNS).to_vec()).unwrap();
+        assert_eq!(dns.database_url.as_deref(), Some("sqlite:/st/api.db"));
+        assert_eq!(dns.audit_key.as_deref(), Some(Path::new("/st/audit-keys/dns.pem")));
+    }
 }
