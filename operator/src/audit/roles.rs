@@ -208,6 +208,9 @@ mod tests {
         assert!(sql.contains("'mirror.'"), "{sql}");
         assert!(!sql.contains("UPDATE ON audit_log") && !sql.contains("agent_sessions"), "{sql}");
         let gw = super::sql(&[Role { writer: "gateway", name: "g".into(), password: None }]).join("\n");
-        assert!(gw.contains("'gateway.'") && gw.contains("GRANT SELECT (id), INSERT ON agent_sessions TO \"g\""), "{gw}");
+        assert!(
+            gw.contains("'gateway.'") && gw.contains("GRANT SELECT (id), INSERT ON agent_sessions TO \"g\""),
+            "{gw}"
+        );
     }
 }

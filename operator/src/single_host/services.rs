@@ -173,4 +173,101 @@ mod tests {
         assert_eq!(dns.database_url.as_deref(), Some("sqlite:/st/api.db"));
         assert_eq!(dns.audit_key.as_deref(), Some(Path::new("/st/audit-keys/dns.pem")));
     }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// `up`'s three services as `start` runs them, against a temporary state directory: a
+    /// request to the mirror and a query to the DNS server from an address that is no
+    /// workspace are refused and audited, and those entries land in the API's chain signed by
+    /// the mirror and the DNS server, beside the API's, so the command `up` prints verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_services_audit_signed_into_the_apis_chain() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        let (api_port, mirror_port, dns_port) = (free_port(), free_port(), free_port());
+        let port = |p: u16| p.to_string();
+        let args: UpArgs = parse(
+            "up",
+            vec![
+                "-f".into(),
+                "unused.yaml".into(),
+                "--state-dir".into(),
+                s(state),
+                "--listen-address".into(),
+                "127.0.0.1".into(),
+                "--api-port".into(),
+                port(api_port),
+                "--mirror-port".into(),
+                port(mirror_port),
+                "--dns-port".into(),
+                port(dns_port),
+            ],
+        )
+        .unwrap();
+        let paths = Paths::new(state);
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        // What the reconcile loop writes: no workspaces yet.
+        std::fs::write(&paths.clients, crate::mirror::clients::clients_yaml(&[])).unwrap();
+        std::fs::write(&paths.policy, crate::mirror::policy::policy_from_projects(&[]).to_yaml()).unwrap();
+        audit::prepare(state).await.unwrap();
+        let ca = super::super::load_or_make_ca(state).unwrap();
+        let mut services = start(&args, &paths, &ca, Arc::new(MemoryCluster::new())).unwrap();
+
+        let url = audit::database_url(state);
+        let actions = || async {
+            let store = crate::audit::Store::open_read_only(&url).await.ok()?;
+            let rows = store.tail(1000).await.ok();
+            store.pool_close().await;
+            rows.map(|r| r.into_iter().map(|e| (e.event.action, e.writer)).collect::<Vec<_>>())
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut query = hickory_proto::op::Message::query();
+        query.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_ascii("exfil.example.org.").unwrap(),
+            hickory_proto::rr::RecordType::A,
+        ));
+        let query = query.to_vec().unwrap();
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let seen = loop {
+            if let Some(Some(done)) = futures::FutureExt::now_or_never(services.join_next()) {
+                panic!("a service stopped: {:?}", done.map(|r| r.map_err(|e| format!("{e:#}"))));
+            }
+            // Until each has audited once: a GET from an address that is no workspace, a name
+            // workspaces may not resolve.
+            if let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", mirror_port)).await {
+                let _ = c.write_all(b"GET /src/contrib/PACKAGES HTTP/1.0\r\n\r\n").await;
+                let mut sink = Vec::new();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), c.read_to_end(&mut sink)).await;
+            }
+            let _ = udp.send_to(&query, ("127.0.0.1", dns_port)).await;
+            let seen = actions().await.unwrap_or_default();
+            let has = |prefix: &str| seen.iter().any(|(a, _)| a.starts_with(prefix));
+            if has("mirror.") && has("dns.") {
+                break seen;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no mirror.* and dns.* entries: {seen:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        services.abort_all();
+        while services.join_next().await.is_some() {}
+        for (action, writer) in &seen {
+            let want = crate::audit::writers::owner_of(action.as_bytes());
+            assert_eq!(writer.as_deref(), Some(want), "{action} written by {writer:?}");
+        }
+
+        let verify: crate::cli::audit::AuditArgs = parse("audit", audit::verify_args(state)[1..].to_vec()).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = crate::cli::audit::run_with(verify, &mut out, &mut err).await;
+        let report = String::from_utf8_lossy(&out).into_owned() + &String::from_utf8_lossy(&err);
+        eprintln!("{report}");
+        assert_eq!(code, 0, "{report}");
+        assert!(
+            report.contains("audit log intact") && report.contains("mirror ") && report.contains("dns "),
+            "{report}"
+        );
+        assert!(!state.join("mirror-audit.jsonl").exists() && !state.join("dns-audit.jsonl").exists());
+    }
 }
