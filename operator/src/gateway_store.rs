@@ -93,3 +93,23 @@ pub async fn run(args: GatewayCommand) -> anyhow::Result<()> {
     audit.close().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: super::GatewayCommand,
+    }
+
+    #[test]
+    fn the_gateway_takes_its_audit_key_like_the_other_writers() {
+        Cli::command().debug_assert();
+        let cmd = Cli::command();
+        let key = cmd.get_arguments().find(|a| a.get_id() == "audit_key").expect("--audit-key");
+        assert_eq!(key.get_long(), Some("audit-key"));
+        assert_eq!(key.get_env().and_then(|e| e.to_str()), Some("NOEXIT_AUDIT_KEY"));
+    }
+}
