@@ -107,7 +107,7 @@ db=postgres.noexit-db.svc:5432/noexit
 secret() { kubectl -n "$NS" create secret generic "$1" --dry-run=client -o yaml "${@:2}" | kubectl apply -f -; }
 secret noexit-audit-db-owner --from-literal=url="postgres://noexit:$password@$db"
 secret noexit-audit-db --from-literal=url="postgres://noexit_api:$(openssl rand -hex 16)@$db"
-for writer in mirror webhook dns; do
+for writer in mirror webhook dns gateway; do
   secret "noexit-audit-db-$writer" --from-literal=url="postgres://noexit_$writer:$(openssl rand -hex 16)@$db"
   if ! kubectl -n "$NS" get secret "noexit-audit-key-$writer" >/dev/null 2>&1; then
     key=$(mktemp)

@@ -794,3 +794,50 @@ fn the_gateway_is_on_and_alone_reaches_desktops_and_reads_only_vnc_secrets_by_na
         }
     }
 }
+
+/// Every audit writer but the API (which makes its own key on its volume) runs as its own
+/// database role and signs with its own key: its Deployment takes `NOEXIT_DATABASE_URL` from
+/// `audit.<writer>.databaseSecretName`, mounts `audit.<writer>.keySecretName` and points
+/// `NOEXIT_AUDIT_KEY` at it; the audit-roles Job gives that writer's URL to `audit-roles`, so
+/// the role it connects as is the one the trigger restricts to its own actions.
+#[test]
+fn each_audit_writer_connects_as_its_own_role_and_signs_with_its_own_key() {
+    let values = values();
+    let roles = read("templates/audit-roles.yaml");
+    for (writer, file, deployment) in [
+        ("mirror", "mirror.yaml", "noexit-mirror"),
+        ("webhook", "webhook.yaml", "noexit-webhook"),
+        ("dns", "dns.yaml", "noexit-dns"),
+        ("gateway", "gateway.yaml", "noexit-gateway"),
+    ] {
+        for key in ["databaseSecretName", "keySecretName"] {
+            assert!(values["audit"][writer][key].is_string(), "values audit.{writer}.{key}");
+        }
+        let text = read(&format!("templates/{file}"));
+        let url = format!("secretKeyRef: {{name: {{{{ .Values.audit.{writer}.databaseSecretName }}}}, key: url}}");
+        assert!(text.contains(&url), "{file}: NOEXIT_DATABASE_URL is not the {writer}'s own URL");
+        let secret = format!("secret: {{secretName: {{{{ .Values.audit.{writer}.keySecretName }}}}");
+        assert!(text.contains(&secret), "{file}: the {writer}'s key Secret is not mounted");
+        let objects = objects();
+        let d = objects
+            .iter()
+            .find(|(f, o)| f == file && o["kind"] == "Deployment" && o["metadata"]["name"] == deployment)
+            .map(|(_, o)| o)
+            .unwrap_or_else(|| panic!("{file}: no Deployment {deployment}"));
+        let pod = &d["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let env = container["env"].as_sequence().unwrap();
+        let key = env.iter().find(|e| e["name"] == "NOEXIT_AUDIT_KEY").unwrap_or_else(|| panic!("{file}: no key"));
+        assert_eq!(key["value"], "/audit-key/key.pem", "{file}");
+        assert!(env.iter().any(|e| e["name"] == "NOEXIT_DATABASE_URL"), "{file}");
+        let mounts = container["volumeMounts"].as_sequence().unwrap();
+        assert!(
+            mounts.iter().any(|m| m["name"] == "audit-key" && m["mountPath"] == "/audit-key" && m["readOnly"] == true),
+            "{file}: {mounts:?}"
+        );
+        assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["name"] == "audit-key"), "{file}");
+        let var = format!("NOEXIT_{}_DATABASE_URL", writer.to_uppercase());
+        let role_url = format!("- name: {var}\n              valueFrom:\n                {url}");
+        assert!(roles.contains(&role_url), "audit-roles.yaml does not pass {var} from the {writer}'s Secret");
+    }
+}

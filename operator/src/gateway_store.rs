@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use crate::api::ApiStore;
-use crate::audit::{AuditEvent, Outcome, Store};
+use crate::audit::writers::{self, Writer};
+use crate::audit::{AuditEvent, Outcome, Store, StoreOptions};
 use futures::future::BoxFuture;
 use noexit_crds::agent::{SessionEvent, WorkspaceIdentity};
 use noexit_gateway::record::{GatewayEvent, Recorder};
@@ -19,6 +20,11 @@ pub struct GatewayCommand {
     /// The shared database (`sqlite:/path/noexit.db` or `postgres://…`): audit log and sessions.
     #[arg(long, env = "NOEXIT_DATABASE_URL", default_value = "sqlite:/var/lib/noexit/noexit.db")]
     pub database_url: String,
+    /// The gateway's audit key (ed25519 PKCS#8 PEM, `noexit-operator audit-keygen`): signs its
+    /// `gateway.*` entries as the writer `gateway`. Without it they are unsigned and an
+    /// authenticated `noexit audit verify` reports them.
+    #[arg(long, env = "NOEXIT_AUDIT_KEY")]
+    pub audit_key: Option<std::path::PathBuf>,
 }
 
 /// A [`Recorder`] writing into the shared database.
@@ -66,9 +72,44 @@ impl Recorder for StoreRecorder {
 }
 
 pub async fn run(args: GatewayCommand) -> anyhow::Result<()> {
-    let audit = Arc::new(Store::connect(&args.database_url).await?);
+    use anyhow::Context;
+    let writer = match &args.audit_key {
+        Some(path) => {
+            Some(Writer::load(writers::GATEWAY, path).with_context(|| format!("--audit-key {}", path.display()))?)
+        }
+        None => {
+            tracing::warn!("no --audit-key: the gateway's audit entries are unsigned and verify will report them");
+            None
+        }
+    };
+    let options = StoreOptions { writer, ..Default::default() };
+    let audit = Arc::new(
+        Store::connect_with(&args.database_url, options)
+            .await
+            .with_context(|| format!("--database-url {}", crate::audit::store::redact(&args.database_url)))?,
+    );
     let recorder = Arc::new(StoreRecorder::new(audit.clone()));
     let result = noexit_gateway::run(*args.gateway, recorder).await;
     audit.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: super::GatewayCommand,
+    }
+
+    #[test]
+    fn the_gateway_takes_its_audit_key_like_the_other_writers() {
+        Cli::command().debug_assert();
+        let cmd = Cli::command();
+        let key = cmd.get_arguments().find(|a| a.get_id() == "audit_key").expect("--audit-key");
+        assert_eq!(key.get_long(), Some("audit-key"));
+        assert_eq!(key.get_env().and_then(|e| e.to_str()), Some("NOEXIT_AUDIT_KEY"));
+    }
 }

@@ -42,7 +42,7 @@ enum Command {
     /// Write a new ed25519 key pair for signing audit checkpoints (PKCS#8 PEM).
     AuditKeygen(audit::keys::KeygenArgs),
     /// Migrate the database as its owner and give each audit writer (api, mirror, webhook,
-    /// dns) its own PostgreSQL role that may only append its own kind of entry.
+    /// dns, gateway) its own PostgreSQL role that may only append its own kind of entry.
     AuditRoles(audit::roles::RolesArgs),
 }
 

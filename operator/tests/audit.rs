@@ -180,6 +180,7 @@ on_both!(
     forged_checkpoint_signature_is_detected,
     truncated_tail_is_detected,
     a_mirror_forging_an_approval_is_named,
+    gateway_entries_verify_as_the_gateways_and_not_as_the_apis,
     rollback_of_the_newest_checkpoint_is_caught_by_the_published_copy,
     rollback_of_every_checkpoint_is_caught_by_the_published_copy,
     sigterm_style_close_publishes_a_checkpoint_covering_the_last_entry,
@@ -552,11 +553,20 @@ fn mirror_key() -> ed25519_dalek::SigningKey {
     ed25519_dalek::SigningKey::from_bytes(&[43; 32])
 }
 
+fn gateway_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[44; 32])
+}
+
 fn all_writer_keys() -> WriterKeys {
     let mut k = WriterKeys::new();
     k.add(writers::API, api_key().verifying_key());
     k.add(writers::MIRROR, mirror_key().verifying_key());
+    k.add(writers::GATEWAY, gateway_key().verifying_key());
     k
+}
+
+fn connect(actor: &str) -> AuditEvent {
+    AuditEvent::allowed(actor, "gateway.connect", "workspace:ward-7/alice-r")
 }
 
 fn fetch(i: usize) -> AuditEvent {
@@ -781,6 +791,44 @@ async fn sigterm_style_close_publishes_a_checkpoint_covering_the_last_entry(db: 
     assert!(report.is_intact() && report.unsealed == 0, "{report:?}");
 }
 
+/// The gateway signs its `gateway.*` entries as the writer `gateway`; the API's key, which
+/// signed them before the gateway had its own, no longer makes them good.
+async fn gateway_entries_verify_as_the_gateways_and_not_as_the_apis(db: TestDb) {
+    let api = db
+        .store_with(StoreOptions {
+            writer: Some(Writer::new(writers::API, api_key())),
+            signing_key: Some(api_key()),
+            ..StoreOptions::default()
+        })
+        .await;
+    let gateway = db
+        .store_with(StoreOptions {
+            writer: Some(Writer::new(writers::GATEWAY, gateway_key())),
+            ..StoreOptions::default()
+        })
+        .await;
+    api.append(event(1)).await.unwrap();
+    gateway.append(connect("user:alice@ward7.example")).await.unwrap();
+    gateway.close().await;
+    let report = db.verify_with(None).await;
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.entries_authenticated, 2);
+    assert_eq!(report.writers.get("gateway"), Some(&1));
+
+    // Without the gateway's public key the log is not authenticated (never "intact" by default).
+    let store = Store::open_read_only(&db.url).await.unwrap();
+    let mut without = WriterKeys::new();
+    without.add(writers::API, api_key().verifying_key());
+    let options = VerifyOptions { keys: vec![api_key().verifying_key()], writers: Some(without), published: None };
+    let r = verify(&store, &options).await.unwrap();
+    assert_eq!(r.writers_without_key, vec!["gateway".to_owned()], "{r:?}");
+
+    // A gateway.* entry signed by the API (as single-host mode once did) is the wrong writer's.
+    let seq = api.append(connect("user:mallory@ward7.example")).await.unwrap();
+    api.close().await;
+    assert_finding(&db.verify_with(None).await, Tamper::WrongWriter, seq);
+}
+
 /// Each writer its own PostgreSQL role: the mirror's role appends only `mirror.*` entries as
 /// writer `mirror`, cannot change, delete or read back entries, and cannot drop the triggers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -792,6 +840,7 @@ async fn postgres_writer_roles_may_append_only_their_own_entries() {
         mirror: "noexit_mirror".into(),
         webhook: "noexit_webhook".into(),
         dns: "noexit_dns".into(),
+        gateway: "noexit_gateway".into(),
         print_sql: false,
     };
     let message = noexit_operator::audit::roles::run(&args).await.unwrap();
@@ -831,6 +880,27 @@ async fn postgres_writer_roles_may_append_only_their_own_entries() {
     // The API may not write the mirror's entries either.
     let err = api.append(fetch(3)).await.unwrap_err().to_string();
     assert!(err.contains("belongs to another writer"), "{err}");
+    // The gateway appends its own entries and sessions, nothing of others'; nor may the API
+    // write as the gateway.
+    let gateway = Store::connect_with(
+        &as_role("noexit_gateway"),
+        StoreOptions { writer: Some(Writer::new(writers::GATEWAY, gateway_key())), ..StoreOptions::default() },
+    )
+    .await
+    .unwrap();
+    gateway.append(connect("user:alice@ward7.example")).await.unwrap();
+    let err = gateway.append(event(4)).await.unwrap_err().to_string();
+    assert!(err.contains("may append only gateway.* entries"), "{err}");
+    let err = api.append(connect("user:mallory@ward7.example")).await.unwrap_err().to_string();
+    assert!(err.contains("belongs to another writer"), "{err}");
+    let sessions = noexit_operator::api::ApiStore::new(gateway.pool().clone());
+    let ws = noexit_crds::agent::WorkspaceIdentity { project: "ward-7".into(), name: "alice-r".into() };
+    let ev: noexit_crds::agent::SessionEvent = serde_json::from_value(serde_json::json!({
+        "action": "desktopConnect", "user": "alice", "session": "s1", "source": "gateway"
+    }))
+    .unwrap();
+    sessions.insert_session(uuid::Uuid::now_v7(), &ws, chrono::Utc::now(), &ev).await.expect("the gateway's sessions");
+    gateway.close().await;
 
     let mirror_sql = |sql: &'static str| {
         let url = as_role("noexit_mirror");
@@ -876,6 +946,7 @@ async fn postgres_writer_roles_may_append_only_their_own_entries() {
     api.close().await;
     let report = db.verify_with(Some(export.path())).await;
     assert!(report.is_intact(), "{report:?}");
-    assert_eq!((report.entries, report.entries_authenticated, report.unsealed), (3, 3, 0));
+    assert_eq!((report.entries, report.entries_authenticated, report.unsealed), (4, 4, 0));
     assert_eq!(report.writers.get("mirror"), Some(&1));
+    assert_eq!(report.writers.get("gateway"), Some(&1));
 }

@@ -498,15 +498,13 @@ async fn single_host_gateway_end_to_end() {
     let mallory = browser.sign_in(&issuer, OUTSIDER).await;
     assert_eq!(browser.open(&mallory, &project, "w1").await.err(), Some(403));
     refused(&db, OUTSIDER, &format!("{OUTSIDER} is not a member of project {project}")).await;
-    // The owner's connect is there too, and the log authenticates with the API's key.
-    let verify = Command::new(CLI)
-        .args(["audit", "--database-url", &db, "verify", "--checkpoint-key-pub"])
-        .arg(state.join("audit-signing.pub.pem"))
-        .output()
-        .unwrap();
+    // The owner's connect is there too, and the log authenticates with the writers' keys
+    // (the command `up` prints: the gateway's entries are signed as the gateway's).
+    let verify = Command::new(CLI).args(noexit_operator::single_host::audit::verify_args(&state)).output().unwrap();
     let report = String::from_utf8_lossy(&verify.stdout).into_owned() + &String::from_utf8_lossy(&verify.stderr);
     eprintln!("{report}");
     assert!(verify.status.success() && report.contains("audit log intact"), "{report}");
+    assert!(report.contains("gateway "), "the gateway's entries are its own writer's: {report}");
 
     // ---- Stopped: no console offered, a connect refused. Deleted: gone from the directory. ----
     manifests(&file, &tag, &image, Some(false));

@@ -4,8 +4,9 @@
 //! - the owner (the URL given here) owns every table and trigger; only it can drop them;
 //! - `noexit_api`: reads and writes the API's tables; appends to `audit_log` (any action no
 //!   other writer owns) and `audit_checkpoint`; never updates or deletes them;
-//! - `noexit_mirror`, `noexit_webhook`, `noexit_dns`: append `mirror.*`, `admission.*`, `dns.*`
-//!   entries and read back only the chain head and idempotency keys.
+//! - `noexit_mirror`, `noexit_webhook`, `noexit_dns`, `noexit_gateway`: append `mirror.*`,
+//!   `admission.*`, `dns.*`, `gateway.*` entries and read back only the chain head and
+//!   idempotency keys; the gateway also inserts the desktop sessions it opens.
 //!
 //! The trigger of `0003_audit_writers.sql` enforces the action prefixes per role from the table
 //! `audit_writers`, which this command fills. Run it after every upgrade (new tables).
@@ -37,6 +38,9 @@ pub struct RolesArgs {
     /// The DNS server's role, or its URL.
     #[arg(long, env = "NOEXIT_DNS_DATABASE_URL", default_value = "noexit_dns", hide_env_values = true)]
     pub dns: String,
+    /// The remote-desktop gateway's role, or its URL.
+    #[arg(long, env = "NOEXIT_GATEWAY_DATABASE_URL", default_value = "noexit_gateway", hide_env_values = true)]
+    pub gateway: String,
     /// Print the SQL instead of running it (for a DBA to review).
     #[arg(long)]
     pub print_sql: bool,
@@ -143,6 +147,11 @@ pub fn sql(roles: &[Role]) -> Vec<String> {
             // The head of the chain and the idempotency keys, nothing else of the log.
             out.push(format!("GRANT SELECT (seq, hash, idempotency_key) ON audit_log TO {id}"));
             out.push(format!("GRANT INSERT ON audit_log TO {id}"));
+            if r.writer == super::writers::GATEWAY {
+                // The desktop sessions it opens, beside the agents' reports (`noexit sessions`);
+                // `ON CONFLICT (id)` reads the id.
+                out.push(format!("GRANT SELECT (id), INSERT ON agent_sessions TO {id}"));
+            }
         }
     }
     out
@@ -155,6 +164,7 @@ pub async fn run(args: &RolesArgs) -> Result<String, AuditError> {
         Role::parse(super::writers::MIRROR, &args.mirror)?,
         Role::parse(super::writers::WEBHOOK, &args.webhook)?,
         Role::parse(super::writers::DNS, &args.dns)?,
+        Role::parse(super::writers::GATEWAY, &args.gateway)?,
     ];
     let statements = sql(&roles);
     if args.print_sql {
@@ -196,6 +206,11 @@ mod tests {
         let sql = sql(&[Role { writer: "mirror", name: "m".into(), password: Some("it's".into()) }]).join("\n");
         assert!(sql.contains("PASSWORD 'it''s'"), "{sql}");
         assert!(sql.contains("'mirror.'"), "{sql}");
-        assert!(!sql.contains("UPDATE ON audit_log"), "{sql}");
+        assert!(!sql.contains("UPDATE ON audit_log") && !sql.contains("agent_sessions"), "{sql}");
+        let gw = super::sql(&[Role { writer: "gateway", name: "g".into(), password: None }]).join("\n");
+        assert!(
+            gw.contains("'gateway.'") && gw.contains("GRANT SELECT (id), INSERT ON agent_sessions TO \"g\""),
+            "{gw}"
+        );
     }
 }

@@ -112,7 +112,7 @@ pub struct Entry {
     pub idempotency_key: Option<String>,
     pub prev_hash: Hash,
     pub hash: Hash,
-    /// The component that wrote it (`api`, `mirror`, `webhook`, `dns`), if named.
+    /// The component that wrote it (`api`, `mirror`, `webhook`, `dns`, `gateway`), if named.
     pub writer: Option<String>,
     /// The writer's ed25519 signature over the entry hash.
     pub signature: Option<Vec<u8>>,

@@ -27,12 +27,15 @@ pub const MIRROR: &str = "mirror";
 pub const WEBHOOK: &str = "webhook";
 /// The workspace DNS server: `dns.*`.
 pub const DNS: &str = "dns";
+/// The browser remote-desktop gateway: sign-ins, connects, refusals, relayed reviews, `gateway.*`.
+pub const GATEWAY: &str = "gateway";
 
-pub const WRITERS: [WriterRule; 4] = [
+pub const WRITERS: [WriterRule; 5] = [
     WriterRule { name: API, prefix: None, default_role: "noexit_api" },
     WriterRule { name: MIRROR, prefix: Some("mirror."), default_role: "noexit_mirror" },
     WriterRule { name: WEBHOOK, prefix: Some("admission."), default_role: "noexit_webhook" },
     WriterRule { name: DNS, prefix: Some("dns."), default_role: "noexit_dns" },
+    WriterRule { name: GATEWAY, prefix: Some("gateway."), default_role: "noexit_gateway" },
 ];
 
 /// The writer that owns `action`.
@@ -173,6 +176,8 @@ mod tests {
         assert_eq!(owner_of(b"mirror.fetch"), MIRROR);
         assert_eq!(owner_of(b"admission.update"), WEBHOOK);
         assert_eq!(owner_of(b"dns.refused"), DNS);
+        assert_eq!(owner_of(b"gateway.connect"), GATEWAY);
+        assert_eq!(owner_of(b"gateway.review.approve"), GATEWAY);
         assert_eq!(owner_of(b"mirrorx"), API, "a prefix includes its dot");
     }
 
@@ -191,6 +196,15 @@ mod tests {
         assert_eq!(keys.check(Some(b"api"), Some(&sig), b"request.approve", &h), EntryAuth::BadSignature);
         assert_eq!(keys.check(None, None, b"request.approve", &h), EntryAuth::Unsigned);
         assert_eq!(keys.check(Some(b"webhook"), Some(&sig), b"admission.create", &h), EntryAuth::NoKey);
+        // The gateway's entries are its own: the API's key does not make them good.
+        let gateway = Writer::new(GATEWAY, SigningKey::from_bytes(&[3; 32]));
+        keys.add(GATEWAY, gateway.key.verifying_key());
+        assert_eq!(keys.check(Some(b"gateway"), Some(&gateway.sign(&h)), b"gateway.signin", &h), EntryAuth::Good);
+        assert_eq!(keys.check(Some(b"api"), Some(&api.sign(&h)), b"gateway.signin", &h), EntryAuth::WrongWriter);
+        assert_eq!(
+            keys.check(Some(b"gateway"), Some(&gateway.sign(&h)), b"request.approve", &h),
+            EntryAuth::WrongWriter
+        );
         // The auditor may say which actions a writer owns.
         keys.set_actions(MIRROR, Some("cran."));
         assert_eq!(keys.owner_of(b"cran.fetch"), Some(MIRROR));

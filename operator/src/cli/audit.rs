@@ -70,14 +70,14 @@ pub enum AuditCommand {
         /// It also authenticates the `api` writer unless --writer-key api=… is given.
         #[arg(long = "checkpoint-key-pub", value_name = "FILE")]
         keys: Vec<PathBuf>,
-        /// A writer's public key, WRITER=FILE (writers: api, mirror, webhook, dns); repeat for
+        /// A writer's public key, WRITER=FILE (writers: api, mirror, webhook, dns, gateway); repeat for
         /// each writer and for rotated keys. Every entry must be signed by the writer that owns
         /// its action.
         #[arg(long = "writer-key", value_name = "WRITER=FILE", value_parser = parse_writer_key)]
         writer_keys: Vec<(String, PathBuf)>,
         /// Which actions a writer may write, WRITER=PREFIX (`mirror=mirror.`), or WRITER=* for
         /// every action no other writer owns. Default: api=*, mirror=mirror., webhook=admission.,
-        /// dns=dns.
+        /// dns=dns., gateway=gateway.
         #[arg(long = "writer-actions", value_name = "WRITER=PREFIX", value_parser = parse_writer_actions)]
         writer_actions: Vec<(String, Option<String>)>,
         /// Checkpoints published outside the database (the API's --checkpoint-export

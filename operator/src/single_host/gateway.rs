@@ -15,7 +15,7 @@ use anyhow::Context;
 use super::desktops::Publish;
 use super::services::{Paths, parse};
 use crate::audit::writers::{self, Writer};
-use crate::audit::{Store, StoreOptions, keys};
+use crate::audit::{Store, StoreOptions};
 use crate::gateway_store::StoreRecorder;
 use crate::pki::Ca;
 
@@ -68,8 +68,9 @@ pub struct Planned {
     pub args: noexit_gateway::Args,
     /// Issue the certificate at start (none was given).
     issue_cert: bool,
-    api_db: PathBuf,
-    /// The API's audit signing key (`services` passes the same path).
+    /// The API's database, where the one audit log is.
+    database_url: String,
+    /// The gateway's own audit key.
     audit_key: PathBuf,
 }
 
@@ -128,8 +129,8 @@ pub fn plan(opts: &GatewayOptions, state_dir: &Path, paths: &Paths) -> anyhow::R
     Ok(Some(Planned {
         args,
         issue_cert,
-        api_db: state_dir.join("api.db"),
-        audit_key: state_dir.join("audit-signing.pem"),
+        database_url: super::audit::database_url(state_dir),
+        audit_key: super::audit::key_path(state_dir, writers::GATEWAY),
     }))
 }
 
@@ -151,7 +152,7 @@ impl Planned {
     }
 
     /// Issue the certificate and open the database; the returned task serves until shutdown.
-    /// Call before the API starts: the store migrates the database first, not both at once.
+    /// Call after `audit::prepare` (the key, the migrated database).
     pub async fn prepare(
         self,
         ca: &Ca,
@@ -170,18 +171,15 @@ impl Planned {
                 .with_context(|| format!("writing {}", self.args.tls_cert.display()))?;
             super::write_private(&self.args.tls_key, &server.key_pem)?;
         }
-        // One process, one key: the gateway's entries are signed as the API's (whose key also
-        // signs the checkpoints), so `noexit audit verify --checkpoint-key-pub` authenticates them.
-        let key = if self.audit_key.exists() {
-            keys::load_signing_key(&self.audit_key)?
-        } else {
-            keys::write_key_pair(&self.audit_key, &self.audit_key.with_extension("pub.pem"))?;
-            keys::load_signing_key(&self.audit_key)?
-        };
-        let options = StoreOptions { writer: Some(Writer::new(writers::API, key)), ..Default::default() };
-        let url = format!("sqlite:{}", self.api_db.display());
+        // The gateway signs its entries as the writer `gateway`, with its own key
+        // (`audit::prepare` made it and migrated the database).
+        let writer = Writer::load(writers::GATEWAY, &self.audit_key)
+            .with_context(|| format!("the gateway's audit key {}", self.audit_key.display()))?;
+        let options = StoreOptions { writer: Some(writer), ..Default::default() };
         let store = Arc::new(
-            Store::connect_with(&url, options).await.with_context(|| format!("opening {url} for the gateway"))?,
+            Store::connect_with(&self.database_url, options)
+                .await
+                .with_context(|| format!("opening {} for the gateway", self.database_url))?,
         );
         let recorder = Arc::new(StoreRecorder::new(store.clone()));
         let args = self.args;

@@ -10,6 +10,7 @@
 //! [`gateway`] (the remote-desktop gateway in-process) and [`desktops`] (its directory, pure),
 //! [`virt_type`] (KVM or TCG), [`status`], [`refusals`] (what `up` refused, in the audit log).
 
+pub mod audit;
 pub mod check;
 pub mod desktops;
 pub mod gateway;
@@ -236,7 +237,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     std::fs::write(pid_file(state_dir), std::process::id().to_string())?;
-    // Before the API starts: the gateway's store migrates the shared database first.
+    // Before any writer opens the shared database: its keys, and the migrations run once.
+    audit::prepare(state_dir).await?;
+    println!("audit: {}", audit::verify_command(state_dir));
     let desktop_gateway = match desktop_gateway {
         Some(g) => Some(g.prepare(&ca).await?),
         None => None,

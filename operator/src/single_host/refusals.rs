@@ -19,16 +19,6 @@ pub const ACTION_START: &str = "host.up";
 /// A refusal by a later reconcile pass (what runs keeps running).
 pub const ACTION_PASS: &str = "host.reconcile";
 
-/// The API's audit database in the state directory (the store `up`'s API writes).
-pub fn audit_url(state_dir: &Path) -> String {
-    format!("sqlite:{}", state_dir.join("api.db").display())
-}
-
-/// The API's audit key in the state directory (public half beside it: `audit-signing.pub.pem`).
-pub fn audit_key(state_dir: &Path) -> PathBuf {
-    state_dir.join("audit-signing.pem")
-}
-
 /// One refused thing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -162,14 +152,14 @@ impl Recorder {
     /// first start), appended to, and closed, which seals the new entries with a checkpoint.
     pub async fn record(&self, action: &str, refusals: &[Refusal]) -> anyhow::Result<()> {
         super::secure_dir(&self.state_dir)?;
-        let key_path = audit_key(&self.state_dir);
+        let key_path = super::audit::key_path(&self.state_dir, writers::API);
         let (key, _) = keys::load_or_create_signing_key(&key_path).context("the audit key")?;
         let options = StoreOptions {
             writer: Some(writers::Writer::new(writers::API, key.clone())),
             signing_key: Some(key),
             ..Default::default()
         };
-        let url = audit_url(&self.state_dir);
+        let url = super::audit::database_url(&self.state_dir);
         let store = Store::connect_with(&url, options).await.with_context(|| format!("opening {url}"))?;
         let mut result = Ok(());
         for event in events(&self.actor, action, &self.files, refusals) {
@@ -279,12 +269,15 @@ mod tests {
         let bad = PassError::Refused(vec!["dataset d: spec.source.hostPath.path: /d.img does not exist".into()]);
         rec.pass(Err(&bad)).await;
         rec.pass(Err(&bad)).await;
-        let store = Store::open_read_only(&audit_url(&state)).await.unwrap();
+        let store = Store::open_read_only(&crate::single_host::audit::database_url(&state)).await.unwrap();
         let entries = store.tail(10).await.unwrap();
         let seen: Vec<_> = entries.iter().map(|e| (e.event.action.as_str(), e.event.object.as_str())).collect();
         assert_eq!(seen, [("host.up", "libvirt:qemu:///system"), ("host.reconcile", "dataset:d")]);
         let mut wk = crate::audit::writers::WriterKeys::new();
-        let public = keys::load_verifying_key(&audit_key(&state).with_extension("pub.pem")).unwrap();
+        let public = keys::load_verifying_key(&crate::single_host::audit::public_path(
+            &crate::single_host::audit::key_path(&state, writers::API),
+        ))
+        .unwrap();
         wk.add(writers::API, public);
         let options =
             crate::audit::verify::VerifyOptions { keys: vec![public], writers: Some(wk), ..Default::default() };

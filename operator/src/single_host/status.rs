@@ -47,6 +47,9 @@ pub async fn render(state_dir: &Path) -> anyhow::Result<String> {
     let beats = heartbeats(&state_dir.join("api.db")).await;
     let gateway = state.setting("gateway").await?.unwrap_or_else(|| "?".into());
     let mut out = format!("virtualisation: {virt} ({why})\ngateway: {gateway}\n");
+    if state_dir.join("api.db").exists() {
+        out.push_str(&format!("audit: {}\n", super::audit::verify_command(state_dir)));
+    }
     out.push_str(&format!(
         "{:<16} {:<20} {:<9} {:<21} {:<7} {:<8} {}\n",
         "PROJECT", "WORKSPACE", "PHASE", "LAST HEARTBEAT", "EGRESS", "SESSIONS", "MESSAGE"
