@@ -414,12 +414,13 @@ async fn single_host_gateway_end_to_end() {
     let issuer = Issuer::builder().start().await;
     let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let base = Ipv4Addr::new(10, 100 + (rand_u32() % 100) as u8, 0, 0);
+    let api_port = free_port();
     let log = dir.path().join("up.log");
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(BIN)
         .arg("up")
         .args(["--state-dir", state.to_str().unwrap(), "--libvirt-uri", URI, "--virt-type", "qemu"])
-        .args(["--api-port", &free_port().to_string(), "--mirror-port", &free_port().to_string()])
+        .args(["--api-port", &api_port.to_string(), "--mirror-port", &free_port().to_string()])
         .args(["--dns-port", &free_port().to_string(), "--subnet-base", &base.to_string(), "--interval", "1"])
         .args(["--oidc-issuer", &issuer.url, "--gateway-listen", &gateway.to_string()])
         .args(["--gateway-metrics-listen", "127.0.0.1:0"])
@@ -493,6 +494,26 @@ async fn single_host_gateway_end_to_end() {
         assert!(Instant::now() < until, "no session recorded for {project}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // ---- The same people use the `noexit` CLI against the local API (same issuer). ----
+    let cli = |user: &str| {
+        let out = Command::new(CLI)
+            .env("NOEXIT_API", format!("https://127.0.0.1:{api_port}"))
+            .env("NOEXIT_CA", state.join("pki/ca.crt"))
+            .env("NOEXIT_TOKEN", issuer.token(user))
+            .args(["sessions", "--project", &project])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, sessions) = cli(OWNER);
+    eprintln!("$ noexit sessions --project {project}  # as {OWNER}\n{sessions}");
+    assert!(ok && sessions.contains("w1"), "the project admin lists the desktop session: {sessions}");
+    let (ok, refused_cli) = cli(OUTSIDER);
+    assert!(!ok, "a non-member lists nothing: {refused_cli}");
 
     // ---- A non-member is refused, and the refusal is audited. ----
     let mallory = browser.sign_in(&issuer, OUTSIDER).await;

@@ -78,8 +78,30 @@ pub struct Planned {
 pub const OFF: &str =
     "off (no --oidc-issuer: nobody could sign in, so no desktop can be opened; give the site's issuer to start it)";
 
+/// The API's options for people signing in: the gateway's issuer, so a person who opens a
+/// desktop can also use the `noexit` CLI and the review pages against this host. Empty without
+/// an issuer (then only workspaces, by certificate, reach the API).
+pub fn api_sign_in_args(opts: &GatewayOptions) -> Vec<String> {
+    let Some(issuer) = &opts.oidc_issuer else { return Vec::new() };
+    let mut v = vec!["--oidc-issuer".into(), issuer.clone(), "--oidc-user-claim".into(), opts.oidc_user_claim.clone()];
+    if let Some(f) = &opts.oidc_ca {
+        v.extend(["--oidc-ca".into(), f.display().to_string()]);
+    }
+    // The API accepts a plain-HTTP issuer only on a loopback address (it checks), as the
+    // gateway does; an `https://` issuer needs nothing more.
+    if issuer.starts_with("http://") {
+        v.push("--oidc-allow-http-loopback".into());
+    }
+    v
+}
+
 /// The gateway's options, checked (before anything is made), or `None` without an issuer.
-pub fn plan(opts: &GatewayOptions, state_dir: &Path, paths: &Paths) -> anyhow::Result<Option<Planned>> {
+pub fn plan(
+    opts: &GatewayOptions,
+    state_dir: &Path,
+    paths: &Paths,
+    api: std::net::SocketAddrV4,
+) -> anyhow::Result<Option<Planned>> {
     let Some(issuer) = &opts.oidc_issuer else { return Ok(None) };
     let public =
         opts.gateway_public_url.clone().unwrap_or_else(|| format!("https://localhost:{}", opts.gateway_listen.port()));
@@ -110,6 +132,11 @@ pub fn plan(opts: &GatewayOptions, state_dir: &Path, paths: &Paths) -> anyhow::R
         s(&paths.gateway_directory),
         "--novnc-dir".into(),
         s(&opts.novnc_dir),
+        // The review pages call the in-process API (its certificate names this address).
+        "--api-url".into(),
+        format!("https://{api}"),
+        "--api-ca".into(),
+        s(&pki.join("ca.crt")),
     ];
     if let Some(f) = &opts.gateway_client_secret_file {
         v.extend(["--oidc-client-secret-file".into(), s(f)]);
@@ -214,6 +241,8 @@ mod tests {
         o: GatewayOptions,
     }
 
+    const API: std::net::SocketAddrV4 = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8443);
+
     fn opts(extra: &[&str]) -> GatewayOptions {
         Cli::try_parse_from([&["x"], extra].concat()).unwrap().o
     }
@@ -221,7 +250,7 @@ mod tests {
     #[test]
     fn no_issuer_no_gateway() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(plan(&opts(&[]), dir.path(), &Paths::new(dir.path())).unwrap().is_none());
+        assert!(plan(&opts(&[]), dir.path(), &Paths::new(dir.path()), API).unwrap().is_none());
     }
 
     #[test]
@@ -239,18 +268,41 @@ mod tests {
             novnc.to_str().unwrap(),
         ]);
         let paths = Paths::new(dir.path());
-        let p = plan(&o, dir.path(), &paths).unwrap().unwrap();
+        let p = plan(&o, dir.path(), &paths, API).unwrap().unwrap();
         assert_eq!(p.args.public_url, "https://localhost:9444");
         assert_eq!(p.args.directory.as_deref(), Some(paths.gateway_directory.as_path()));
         assert_eq!(p.args.tls_cert, dir.path().join("pki/gateway.crt"));
         assert!(p.issue_cert && !p.args.allow_single_factor);
         assert_eq!(p.publish().site.max_session_seconds, 8 * 60 * 60);
+        // The review pages reach the in-process API, trusting the single-host CA.
+        assert_eq!(p.args.api_url.as_deref(), Some("https://127.0.0.1:8443"));
+        assert_eq!(p.args.api_ca, Some(dir.path().join("pki/ca.crt")));
         // No noVNC: refused before anything is made, naming the option.
-        let e =
-            plan(&opts(&["--oidc-issuer", "https://id.example", "--novnc-dir", "/nonexistent"]), dir.path(), &paths)
-                .err()
-                .unwrap();
+        let e = plan(
+            &opts(&["--oidc-issuer", "https://id.example", "--novnc-dir", "/nonexistent"]),
+            dir.path(),
+            &paths,
+            API,
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("--novnc-dir /nonexistent"), "{e}");
+    }
+
+    #[test]
+    fn people_sign_in_to_the_api_at_the_gateways_issuer() {
+        assert!(api_sign_in_args(&opts(&[])).is_empty());
+        let https = api_sign_in_args(&opts(&["--oidc-issuer", "https://id.example", "--oidc-ca", "/ca.pem"]));
+        assert_eq!(
+            https,
+            ["--oidc-issuer", "https://id.example", "--oidc-user-claim", "email", "--oidc-ca", "/ca.pem"]
+        );
+        // A plain-HTTP issuer is a loopback test issuer: the API accepts it only there (it checks).
+        let http = api_sign_in_args(&opts(&["--oidc-issuer", "http://127.0.0.1:5556"]));
+        assert_eq!(http.last().map(String::as_str), Some("--oidc-allow-http-loopback"));
+        // And the API takes these options as its own.
+        let parsed: crate::api::Args = crate::single_host::services::parse("API", https).unwrap();
+        assert_eq!(parsed.options.oidc_issuer.as_deref(), Some("https://id.example"));
     }
 
     #[test]

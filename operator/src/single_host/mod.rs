@@ -160,11 +160,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Ok(v) => v,
         Err(e) => return Err(audit.refuse_start(refusals::host_refusal("virt-type", &e), e).await),
     };
-    let desktop_gateway =
-        match gateway::plan(&args.gateway, &args.common.state_dir, &services::Paths::new(&args.common.state_dir)) {
-            Ok(g) => g,
-            Err(e) => return Err(audit.refuse_start(refusals::host_refusal("gateway", &e), e).await),
-        };
+    let desktop_gateway = match gateway::plan(
+        &args.gateway,
+        &args.common.state_dir,
+        &services::Paths::new(&args.common.state_dir),
+        services::api_address(&args),
+    ) {
+        Ok(g) => g,
+        Err(e) => return Err(audit.refuse_start(refusals::host_refusal("gateway", &e), e).await),
+    };
     let libvirt = match tokio::task::block_in_place(|| Libvirt::open(&args.common.libvirt_uri)) {
         Ok(l) => Arc::new(l),
         Err(e) => {

@@ -52,6 +52,12 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Where processes on this host reach the API (the gateway's review pages, the `noexit` CLI).
+pub fn api_address(args: &UpArgs) -> std::net::SocketAddrV4 {
+    let ip = if args.listen_address.is_unspecified() { std::net::Ipv4Addr::LOCALHOST } else { args.listen_address };
+    std::net::SocketAddrV4::new(ip, args.api_port)
+}
+
 /// Start the three services; each task ends with its name (or its error).
 pub fn start(
     args: &UpArgs,
@@ -62,36 +68,38 @@ pub fn start(
     std::fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
     let state = &args.common.state_dir;
     let pki = state.join("pki");
-    let server = ca.issue_server(
-        &[API_NAME.into(), MIRROR_NAME.into(), "localhost".into(), "127.0.0.1".into()],
-        chrono::Duration::days(365),
-    )?;
+    let mut names = vec![API_NAME.to_owned(), MIRROR_NAME.into(), "localhost".into(), "127.0.0.1".into()];
+    if !args.listen_address.is_unspecified() && !args.listen_address.is_loopback() {
+        names.push(args.listen_address.to_string());
+    }
+    let server = ca.issue_server(&names, chrono::Duration::days(365))?;
     std::fs::write(pki.join("server.crt"), &server.cert_pem)?;
     super::write_private(&pki.join("server.key"), &server.key_pem)?;
     let listen = |port: u16| format!("{}:{port}", args.listen_address);
 
-    let api: crate::api::Args = parse(
-        "API",
-        vec![
-            "--listen".into(),
-            listen(args.api_port),
-            "--tls-cert".into(),
-            s(&pki.join("server.crt")),
-            "--tls-key".into(),
-            s(&pki.join("server.key")),
-            "--client-ca".into(),
-            s(&pki.join("ca.crt")),
-            "--database-url".into(),
-            audit::database_url(state),
-            "--audit-key".into(),
-            s(&audit::key_path(state, writers::API)),
-            "--data-dir".into(),
-            s(&state.join("api-data")),
-            // Not the API's default under /var/lib/noexit: each state directory is one instance.
-            "--seal-key".into(),
-            s(&state.join("airlock-seal.key")),
-        ],
-    )?;
+    let mut api_args: Vec<String> = vec![
+        "--listen".into(),
+        listen(args.api_port),
+        "--tls-cert".into(),
+        s(&pki.join("server.crt")),
+        "--tls-key".into(),
+        s(&pki.join("server.key")),
+        "--client-ca".into(),
+        s(&pki.join("ca.crt")),
+        "--database-url".into(),
+        audit::database_url(state),
+        "--audit-key".into(),
+        s(&audit::key_path(state, writers::API)),
+        "--data-dir".into(),
+        s(&state.join("api-data")),
+        // Not the API's default under /var/lib/noexit: each state directory is one instance.
+        "--seal-key".into(),
+        s(&state.join("airlock-seal.key")),
+    ];
+    // People sign in to the API (the `noexit` CLI, the airlock's review pages) at the same issuer
+    // as at the gateway.
+    api_args.extend(super::gateway::api_sign_in_args(&args.gateway));
+    let api: crate::api::Args = parse("API", api_args)?;
     // Without an upstream the mirror serves an offline snapshot: an empty one by default.
     let snapshot = state.join("mirror-snapshot");
     let packages = snapshot.join("src/contrib/PACKAGES");
