@@ -11,40 +11,14 @@
 
 mod support;
 
-use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use support::libvirt::{Cleanup, URI, daemons, have, ok, rand_u32, sh, skip_or_fail, tiny_image};
+
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
-const URI: &str = "qemu:///system";
-
-fn skip_or_fail(msg: &str) -> bool {
-    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
-        panic!("{msg} (NOEXIT_CI=1: not skipping)");
-    }
-    eprintln!("SKIP: {msg}");
-    false
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn sh(cmd: &str) -> Output {
-    Command::new("sh").args(["-c", cmd]).output().expect("sh")
-}
-
-fn ok(cmd: &str) -> String {
-    let o = sh(cmd);
-    assert!(o.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -55,41 +29,6 @@ fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-fn pid_alive(pidfile: &str) -> bool {
-    std::fs::read_to_string(pidfile)
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
-}
-
-/// libvirtd and virtlogd, started if not running (their pidfiles say); never stopped here.
-/// libvirtd is started with /dev/kvm hidden (a private mount namespace): on hosts where KVM
-/// hangs, its QEMU capability probe (`accel=kvm:tcg`) would hang every call; the test runs TCG.
-fn daemons() {
-    if !pid_alive("/run/virtlogd.pid") {
-        ok("virtlogd -d");
-    }
-    if !pid_alive("/run/libvirtd.pid") {
-        ok(
-            "unshare -m --propagation private sh -c 'if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi; exec libvirtd -d'",
-        );
-    }
-    poll("libvirtd to answer", Duration::from_secs(30), || {
-        sh(&format!("virsh -c {URI} version")).status.success().then_some(())
-    });
-}
-
-fn tiny_image() -> Option<PathBuf> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(repo.join("images/vm/build.sh"))
-        .arg("tiny")
-        .current_dir(repo)
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 fn free_port() -> u16 {
@@ -301,26 +240,6 @@ impl Drop for Outside {
     }
 }
 
-/// Cleanup of everything named with the tag, whatever happened.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let tag = &self.0;
-        let list = sh(&format!("virsh -c {URI} list --all --name; virsh -c {URI} net-list --all --name"));
-        for name in String::from_utf8_lossy(&list.stdout).lines().filter(|n| n.contains(tag.as_str())) {
-            let _ = sh(&format!("virsh -c {URI} destroy {name}; virsh -c {URI} undefine {name}"));
-            let _ = sh(&format!("virsh -c {URI} net-destroy {name}; virsh -c {URI} net-undefine {name}"));
-        }
-        let tables = sh("nft list tables inet");
-        for t in String::from_utf8_lossy(&tables.stdout).lines().filter_map(|l| l.strip_prefix("table inet ")) {
-            if t.contains(tag.as_str()) {
-                let _ = sh(&format!("nft delete table inet {t}"));
-            }
-        }
-    }
-}
-
 /// An HTTP GET from the guest with busybox nc (the static busybox's wget crashes resolving):
 /// `(reached, output)`; reached means an HTTP response came back.
 fn get(c: &mut GuestConsole, host: impl std::fmt::Display, port: u16, path: &str) -> (bool, String) {
@@ -527,12 +446,6 @@ fn single_host_end_to_end() {
             && !exists("net", &format!("noexit-{pa}"))
             && !table_exists(&table_a)
     );
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
-    u32::from_le_bytes(b)
 }
 
 /// `noexit audit …` on a state directory's audit store (the API's, where `up` records refusals).

@@ -14,10 +14,9 @@
 //!
 //!   cargo test -p noexit-operator --test host_gateway -- --nocapture
 
-use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,36 +30,14 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+mod support;
+
+use support::libvirt::{Cleanup, URI, daemons, have, rand_u32, skip_or_fail, tiny_image};
+
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
 const CLI: &str = env!("CARGO_BIN_EXE_noexit");
-const URI: &str = "qemu:///system";
 const OWNER: &str = "r@x";
 const OUTSIDER: &str = "mallory@x";
-
-fn skip_or_fail(msg: &str) -> bool {
-    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
-        panic!("{msg} (NOEXIT_CI=1: not skipping)");
-    }
-    eprintln!("SKIP: {msg}");
-    false
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn sh(cmd: &str) -> Output {
-    Command::new("sh").args(["-c", cmd]).output().expect("sh")
-}
-
-fn ok(cmd: &str) {
-    let o = sh(cmd);
-    assert!(o.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&o.stderr));
-}
 
 async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -73,68 +50,8 @@ async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-fn pid_alive(pidfile: &str) -> bool {
-    std::fs::read_to_string(pidfile)
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
-}
-
-/// libvirtd and virtlogd as `tests/host.rs` starts them (/dev/kvm hidden: KVM hangs here).
-async fn daemons() {
-    if !pid_alive("/run/virtlogd.pid") {
-        ok("virtlogd -d");
-    }
-    if !pid_alive("/run/libvirtd.pid") {
-        ok(
-            "unshare -m --propagation private sh -c 'if [ -e /dev/kvm ]; then mount --bind /dev/null /dev/kvm; fi; exec libvirtd -d'",
-        );
-    }
-    poll("libvirtd to answer", Duration::from_secs(30), || {
-        sh(&format!("virsh -c {URI} version")).status.success().then_some(())
-    })
-    .await;
-}
-
-fn tiny_image() -> Option<PathBuf> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(repo.join("images/vm/build.sh"))
-        .arg("tiny")
-        .current_dir(repo)
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
-    u32::from_le_bytes(b)
-}
-
-/// Removes every libvirt object and nft table named with the tag, whatever happened.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let tag = &self.0;
-        let list = sh(&format!("virsh -c {URI} list --all --name; virsh -c {URI} net-list --all --name"));
-        for name in String::from_utf8_lossy(&list.stdout).lines().filter(|n| n.contains(tag.as_str())) {
-            let _ = sh(&format!("virsh -c {URI} destroy {name}; virsh -c {URI} undefine {name}"));
-            let _ = sh(&format!("virsh -c {URI} net-destroy {name}; virsh -c {URI} net-undefine {name}"));
-        }
-        let tables = sh("nft list tables inet");
-        for t in String::from_utf8_lossy(&tables.stdout).lines().filter_map(|l| l.strip_prefix("table inet ")) {
-            if t.contains(tag.as_str()) {
-                let _ = sh(&format!("nft delete table inet {t}"));
-            }
-        }
-    }
 }
 
 /// `up`, stopped with SIGTERM on drop; its output is printed if the test fails.
@@ -396,7 +313,7 @@ async fn single_host_gateway_end_to_end() {
         skip_or_fail("the tiny VM image cannot be built (images/vm/build.sh tiny)");
         return;
     };
-    daemons().await;
+    daemons();
     let started = Instant::now();
     let tag: String = format!("{:06x}", rand_u32() & 0xff_ffff);
     let _cleanup = Cleanup(tag.clone());

@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod guest_console;
+pub mod libvirt;
 pub mod pg;
