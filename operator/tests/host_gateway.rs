@@ -358,7 +358,13 @@ async fn single_host_gateway_end_to_end() {
         listed(&directory).flatten().and_then(|(running, d)| d.filter(|_| running))
     })
     .await;
-    assert!(desktop.starts_with("127.0.0.1:59"), "{desktop}");
+    // A unix socket in libvirt's private directory for the domain: no TCP port, and a directory
+    // only root and QEMU's user may enter (no other local user reaches the console).
+    let socket = desktop.strip_prefix("unix:").unwrap_or_else(|| panic!("not a console socket: {desktop}"));
+    let parent = Path::new(socket).parent().unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(parent).unwrap();
+    assert_eq!(meta.mode() & 0o007, 0, "{} is open to other users: {:o}", parent.display(), meta.mode());
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&directory).unwrap().permissions().mode() & 0o777, 0o600);
     let printed = std::fs::read_to_string(&log).unwrap();
@@ -373,7 +379,7 @@ async fn single_host_gateway_end_to_end() {
     assert!(status.contains(&format!("gateway: https://localhost:{}", gateway.port())), "{status}");
 
     // The console asks for the password: VNC authentication (2) is the only security type.
-    let mut direct = TcpStream::connect(&desktop).await.unwrap();
+    let mut direct = tokio::net::UnixStream::connect(socket).await.unwrap();
     let mut hello = [0u8; 12];
     direct.read_exact(&mut hello).await.unwrap();
     direct.write_all(handshake::VERSION_3_8).await.unwrap();

@@ -25,6 +25,23 @@ const DESKTOP_TIMEOUT: Duration = Duration::from_secs(10);
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(20);
 const READ_CHUNK: usize = 64 * 1024;
 
+/// A byte stream to a desktop.
+trait DesktopStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> DesktopStream for T {}
+
+/// Connects to a desktop: `host:port` over TCP, or `unix:<path>` (a VM console's socket on this
+/// host, which only the gateway's user can open).
+async fn connect(address: &str) -> std::io::Result<Box<dyn DesktopStream>> {
+    match address.strip_prefix("unix:") {
+        Some(path) => Ok(Box::new(tokio::net::UnixStream::connect(path).await?)),
+        None => {
+            let tcp = tokio::net::TcpStream::connect(address).await?;
+            let _ = tcp.set_nodelay(true);
+            Ok(Box::new(tcp))
+        }
+    }
+}
+
 /// Authenticate to the desktop and read its ServerInit; afterwards the desktop is told the
 /// gateway's pixel format, so every rectangle can be sized.
 pub async fn desktop_handshake<S: AsyncRead + AsyncWrite + Unpin>(
@@ -216,13 +233,11 @@ async fn relay(
     session: &mut Session,
 ) -> End {
     let grant = session.grant.clone();
-    let tcp = match tokio::time::timeout(DESKTOP_TIMEOUT, tokio::net::TcpStream::connect(&grant.address)).await {
+    let mut tcp = match tokio::time::timeout(DESKTOP_TIMEOUT, connect(&grant.address)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return End::DesktopUnreachable(format!("{}: {e}", grant.address)),
         Err(_) => return End::DesktopUnreachable(format!("{}: connect timed out", grant.address)),
     };
-    let _ = tcp.set_nodelay(true);
-    let mut tcp = tcp;
     let init = match tokio::time::timeout(DESKTOP_TIMEOUT, desktop_handshake(&mut tcp, &grant.password)).await {
         Ok(Ok(init)) => init,
         Ok(Err(e)) => return End::Violation(e),
@@ -264,7 +279,7 @@ async fn relay(
     let mut server = ServerFilter::new(init.width, init.height);
     let mut client =
         ClientFilter::new(PastePolicy { allowed: grant.policy.clipboard_in, max_bytes: grant.policy.paste_max_bytes });
-    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    let (mut tcp_r, mut tcp_w) = tokio::io::split(tcp);
     let mut sbuf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut audited: HashSet<DropReason> = HashSet::new();

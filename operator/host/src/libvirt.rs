@@ -167,13 +167,26 @@ impl Libvirt {
         Ok(())
     }
 
-    /// The VNC port libvirt gave a running domain (autoport), read from its live XML.
-    pub fn vnc_port(&self, name: &str) -> Option<u16> {
+    /// Where a running domain's VNC console is, from its live XML (see [`vnc_address`]).
+    pub fn vnc_address(&self, name: &str) -> Option<String> {
         let d = Domain::lookup_by_name(&self.conn, name).ok()?;
-        let xml = d.get_xml_desc(0).ok()?;
-        let g = &xml[xml.find("<graphics type='vnc'")?..];
-        render::attr(&g[..g.find('>')?], "port")?.parse().ok()
+        vnc_address(&d.get_xml_desc(0).ok()?)
     }
+}
+
+/// The VNC console of a live domain XML: `unix:<path>` for a socket (the path libvirt chose),
+/// `<address>:<port>` for TCP (the port autoport gave).
+pub fn vnc_address(xml: &str) -> Option<String> {
+    let g = &xml[xml.find("<graphics type='vnc'")?..];
+    let g = &g[..g.find("</graphics>").or_else(|| g.find("/>"))?];
+    let opening = &g[..g.find('>')?];
+    if let Some(listen) = g.find("<listen type='socket'").map(|i| &g[i..]) {
+        return render::attr(&listen[..listen.find('>')?], "socket").map(|p| format!("unix:{p}"));
+    }
+    let port: i32 = render::attr(opening, "port")?.parse().ok()?;
+    let port = u16::try_from(port).ok()?;
+    let address = render::attr(opening, "listen").unwrap_or_else(|| "127.0.0.1".into());
+    Some(format!("{address}:{port}"))
 }
 
 /// `xml` with `<uuid>` right after its `<name>` (the rendered domain has none).
@@ -190,6 +203,17 @@ fn with_uuid(xml: &str, uuid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vnc_addresses_from_live_xml() {
+        let socket = "<domain>\n    <graphics type='vnc' socket='/var/lib/libvirt/qemu/domain-3-x/vnc.sock'>\n      <listen type='socket' socket='/var/lib/libvirt/qemu/domain-3-x/vnc.sock'/>\n    </graphics>\n</domain>";
+        assert_eq!(vnc_address(socket).as_deref(), Some("unix:/var/lib/libvirt/qemu/domain-3-x/vnc.sock"));
+        let tcp = "<graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'>\n      <listen type='address' address='127.0.0.1'/>\n    </graphics>";
+        assert_eq!(vnc_address(tcp).as_deref(), Some("127.0.0.1:5901"));
+        // Not started yet (port -1), or no console at all.
+        assert_eq!(vnc_address("<graphics type='vnc' port='-1' autoport='yes'>\n</graphics>"), None);
+        assert_eq!(vnc_address("<domain/>"), None);
+    }
 
     /// libvirt's test driver: in-process, no daemon.
     fn test_driver() -> Libvirt {

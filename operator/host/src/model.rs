@@ -144,7 +144,9 @@ pub struct DomainSpec {
     pub seed: PathBuf,
     pub network: String,
     pub mac: String,
-    pub vnc_listen: Ipv4Addr,
+    /// TCP address of the VNC console; `None`: a unix socket in libvirt's private directory for
+    /// the domain, which only root (the gateway in `up`) can open.
+    pub vnc_listen: Option<Ipv4Addr>,
     pub vnc_password: String,
     /// The first serial port (kernel console) goes to this file.
     pub console_log: PathBuf,

@@ -5,11 +5,11 @@
 //! Projects are decided exactly as on Kubernetes ([`project_access`]); a project that passed
 //! the checks counts as approved (the checks refuse an expired one, and the approval date is
 //! carried so one that expires while `up` runs is refused at once). A workspace's desktop is
-//! its domain's VNC console, `<vnc-listen>:<port>`, with the port libvirt chose (autoport) and
-//! the password stored for it; only a running domain has one.
+//! its domain's VNC console, as the live domain XML says: `unix:<socket>` (libvirt's private
+//! directory for the domain; the default) or `<vnc-listen>:<port>` (autoport), with the
+//! password stored for it; only a running domain has one.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use noexit_gateway::directory::{DesktopPolicy, DirectoryFile, WorkspaceAccess, WorkspaceAccessFile, project_access};
@@ -23,11 +23,12 @@ use super::world::Allocations;
 pub const VNC_PASSWORD_MAX: usize = 8;
 
 /// A domain as libvirt reports it now.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LiveConsole {
     pub active: bool,
-    /// The VNC port of the running domain (libvirt's autoport), from its live XML.
-    pub vnc_port: Option<u16>,
+    /// Where the running domain's VNC console is, from its live XML: `unix:<socket>` (the
+    /// default) or `<address>:<port>` (`--vnc-listen`).
+    pub address: Option<String>,
 }
 
 /// Where the reconcile loop writes the directory, and the site's desktop limits.
@@ -43,7 +44,6 @@ pub fn directory(
     checked: &Checked,
     alloc: &Allocations,
     live: &BTreeMap<String, LiveConsole>,
-    vnc_listen: Ipv4Addr,
     site: &DesktopPolicy,
 ) -> DirectoryFile {
     let projects: Vec<_> = checked.projects.iter().map(|p| project_access(p, true, site)).collect();
@@ -53,7 +53,7 @@ pub fn directory(
         if !projects.iter().any(|p| p.name == w.project) {
             continue;
         }
-        let console = live.get(&domain_name(&w.project, &w.name)).copied().unwrap_or_default();
+        let console = live.get(&domain_name(&w.project, &w.name)).cloned().unwrap_or_default();
         let running = w.running && console.active;
         workspaces.push(WorkspaceAccessFile {
             access: WorkspaceAccess {
@@ -61,7 +61,7 @@ pub fn directory(
                 name: w.name.clone(),
                 owner: w.workspace.spec.owner.clone(),
                 running,
-                desktop: console.vnc_port.filter(|_| running).map(|port| format!("{vnc_listen}:{port}")),
+                desktop: console.address.filter(|_| running),
                 vnc_password: None,
             },
             vnc_password_file: None,
@@ -101,18 +101,19 @@ mod tests {
     }
 
     const DOMAIN: &str = "noexit-ward-7-alice-vm";
+    const SOCKET: &str = "unix:/var/lib/libvirt/qemu/domain-3-noexit-ward-7-alice-vm/vnc.sock";
 
     #[tokio::test]
     async fn the_gateway_reads_the_owner_console_and_password_of_a_running_domain() {
-        let live = [(DOMAIN.to_owned(), LiveConsole { active: true, vnc_port: Some(5903) })].into();
-        let file = directory(&checked(), &alloc("pw123456"), &live, Ipv4Addr::LOCALHOST, &DesktopPolicy::default());
+        let live = [(DOMAIN.to_owned(), LiveConsole { active: true, address: Some(SOCKET.into()) })].into();
+        let file = directory(&checked(), &alloc("pw123456"), &live, &DesktopPolicy::default());
         let text = render(&file);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway-directory.yaml");
         std::fs::write(&path, &text).unwrap();
         let owner = &file.workspaces[0].access.owner;
         let grant = resolve(&FileDirectory::new(&path), owner, true, "ward-7", "alice-vm").await.unwrap();
-        assert_eq!(grant.address, "127.0.0.1:5903");
+        assert_eq!(grant.address, SOCKET);
         assert_eq!(grant.password, b"pw123456");
         // The same project facts as the Kubernetes directory, approval date included.
         let p = &file.projects[0];
@@ -126,17 +127,18 @@ mod tests {
     #[test]
     fn a_stopped_domain_has_no_console_and_an_unmade_workspace_is_not_listed() {
         let c = checked();
-        let stopped = [(DOMAIN.to_owned(), LiveConsole { active: false, vnc_port: None })].into();
-        let file = directory(&c, &alloc("pw"), &stopped, Ipv4Addr::LOCALHOST, &DesktopPolicy::default());
+        let stopped = [(DOMAIN.to_owned(), LiveConsole { active: false, address: None })].into();
+        let file = directory(&c, &alloc("pw"), &stopped, &DesktopPolicy::default());
         let w = &file.workspaces[0].access;
         assert!(!w.running && w.desktop.is_none(), "{w:?}");
         // A domain libvirt still runs while the manifest says stopped: not offered.
         let mut c2 = c.clone();
         c2.workspaces[0].running = false;
-        let running = [(DOMAIN.to_owned(), LiveConsole { active: true, vnc_port: Some(5900) })].into();
-        let file = directory(&c2, &alloc("pw"), &running, Ipv4Addr::LOCALHOST, &DesktopPolicy::default());
+        let running =
+            [(DOMAIN.to_owned(), LiveConsole { active: true, address: Some("127.0.0.1:5900".into()) })].into();
+        let file = directory(&c2, &alloc("pw"), &running, &DesktopPolicy::default());
         assert!(file.workspaces[0].access.desktop.is_none());
-        let file = directory(&c, &Allocations::default(), &running, Ipv4Addr::LOCALHOST, &DesktopPolicy::default());
+        let file = directory(&c, &Allocations::default(), &running, &DesktopPolicy::default());
         assert!(file.workspaces.is_empty() && file.projects.len() == 1);
     }
 

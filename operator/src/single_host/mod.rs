@@ -76,9 +76,11 @@ pub struct UpArgs {
     /// First address of the range project subnets (/24 each) are cut from.
     #[arg(long, default_value_t = DEFAULT_SUBNET_BASE)]
     pub subnet_base: Ipv4Addr,
-    /// Address the VNC consoles listen on: only the gateway (on this host) connects there.
-    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
-    pub vnc_listen: Ipv4Addr,
+    /// TCP address for the VMs' VNC consoles, for a gateway that runs elsewhere. Default: each
+    /// console is a unix socket in libvirt's private directory for the domain, which only root
+    /// (the gateway in this process) can open.
+    #[arg(long)]
+    pub vnc_listen: Option<Ipv4Addr>,
     /// Seconds between reconcile passes.
     #[arg(long, default_value_t = 5)]
     pub interval: u64,

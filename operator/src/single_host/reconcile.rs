@@ -227,12 +227,12 @@ impl Host {
                 .keys()
                 .map(|name| {
                     let active = domains.get(name).is_some_and(|d| d.active);
-                    let vnc_port = if active { self.libvirt.vnc_port(name) } else { None };
-                    (name.clone(), LiveConsole { active, vnc_port })
+                    let address = if active { self.libvirt.vnc_address(name) } else { None };
+                    (name.clone(), LiveConsole { active, address })
                 })
                 .collect())
         })?;
-        let file = desktops::directory(checked, alloc, &live, self.settings.vnc_listen, &d.site);
+        let file = desktops::directory(checked, alloc, &live, &d.site);
         write_private_if_changed(&d.path, &desktops::render(&file))
     }
 

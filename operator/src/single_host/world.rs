@@ -33,7 +33,8 @@ pub struct Settings {
     pub virt_type: VirtType,
     pub ports: HostPorts,
     pub subnet_base: Ipv4Addr,
-    pub vnc_listen: Ipv4Addr,
+    /// TCP address of the VNC consoles; `None`: unix sockets (only root reaches them).
+    pub vnc_listen: Option<Ipv4Addr>,
 }
 
 /// What the state database holds for the manifests' objects.
@@ -237,7 +238,7 @@ mod tests {
             virt_type: VirtType::Qemu,
             ports: HostPorts { api: 8443, mirror: 8080, dns: 5353 },
             subnet_base: noexit_host::model::DEFAULT_SUBNET_BASE,
-            vnc_listen: Ipv4Addr::LOCALHOST,
+            vnc_listen: None,
         }
     }
 

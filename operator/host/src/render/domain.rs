@@ -97,12 +97,17 @@ fn body(spec: &DomainSpec) -> String {
         );
     }
     x.push_str("    <input type=\"tablet\" bus=\"virtio\"/>\n");
-    let _ = write!(
-        x,
-        "    <graphics type=\"vnc\" autoport=\"yes\" passwd=\"{pw}\">\n      <listen type=\"address\" address=\"{ip}\"/>\n    </graphics>\n",
-        pw = xml_escape(&spec.vnc_password),
-        ip = spec.vnc_listen
-    );
+    let pw = xml_escape(&spec.vnc_password);
+    let _ = match spec.vnc_listen {
+        Some(ip) => write!(
+            x,
+            "    <graphics type=\"vnc\" autoport=\"yes\" passwd=\"{pw}\">\n      <listen type=\"address\" address=\"{ip}\"/>\n    </graphics>\n"
+        ),
+        // libvirt makes the socket in the domain's private directory (root and QEMU only).
+        None => {
+            write!(x, "    <graphics type=\"vnc\" passwd=\"{pw}\">\n      <listen type=\"socket\"/>\n    </graphics>\n")
+        }
+    };
     x.push_str("    <video>\n      <model type=\"vga\"/>\n    </video>\n");
     x.push_str("    <controller type=\"usb\" model=\"none\"/>\n");
     x.push_str("    <memballoon model=\"none\"/>\n");
@@ -156,7 +161,7 @@ pub(crate) mod tests {
             seed: "/var/lib/noexit/host/ward-7/alice-vm/seed.iso".into(),
             network: "noexit-ward-7".into(),
             mac: "52:54:00:d5:00:0a".into(),
-            vnc_listen: Ipv4Addr::LOCALHOST,
+            vnc_listen: None,
             vnc_password: "s3cr&t".into(),
             console_log: "/var/lib/noexit/host/ward-7/alice-vm/console.log".into(),
             test_console: Some("/var/lib/noexit/host/ward-7/alice-vm/ttyS1.sock".into()),
@@ -213,6 +218,12 @@ pub(crate) mod tests {
         let home = xml.split("<disk").find(|d| d.contains("<serial>home")).unwrap();
         assert!(!home.contains("<readonly/>"));
         assert!(xml.contains("passwd=\"s3cr&amp;t\""));
+        // The console is a unix socket (no TCP port) unless an address is asked for.
+        assert!(xml.contains("<listen type=\"socket\"/>") && !xml.contains("autoport"), "{xml}");
+        let mut tcp = spec();
+        tcp.vnc_listen = Some(Ipv4Addr::LOCALHOST);
+        let tcp = render(&tcp);
+        assert!(tcp.contains("autoport=\"yes\"") && tcp.contains("address=\"127.0.0.1\""), "{tcp}");
         // The pointer needs no USB: an absolute virtio tablet.
         assert!(xml.contains("<input type=\"tablet\" bus=\"virtio\"/>"));
         assert!(!xml.contains("bus=\"usb\""));
