@@ -9,6 +9,8 @@
 # needs; the agent binary (AGENT, default target/debug/noexit-agent).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=hack/bench/lib/seed.sh
+. "$repo/hack/bench/lib/seed.sh"
 runs=${RUNS:-5}
 mem=${MEM:-256}
 machine=${MACHINE:-q35}
@@ -35,16 +37,7 @@ mode: vm
 desktop: none
 outbox: /home/researcher/outbox
 EOF
-# A CA and a client certificate the agent accepts (it stops at startup without them).
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
-  -keyout "$work/ca.key" -out "$work/seed/tls/ca.crt" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=boot \
-  -addext subjectAltName=URI:noexit://workspace/bench/boot -keyout "$work/seed/tls/client.key" \
-  -out "$work/client.csr" 2>/dev/null
-openssl x509 -req -in "$work/client.csr" -CA "$work/seed/tls/ca.crt" -CAkey "$work/ca.key" -days 2 \
-  -copy_extensions copy -out "$work/seed/tls/client.crt" 2>/dev/null
-printf 'ADDRESS=10.0.2.15/24\nGATEWAY=10.0.2.2\nDNS=10.0.2.3\nHOSTS="10.0.2.2 api.noexit"\n' >"$work/seed/network.env"
-xorriso -as mkisofs -quiet -V NOEXITSEED -J -R -o "$work/seed.iso" "$work/seed" 2>/dev/null
+bench_seed "$work" boot
 echo data >"$work/ds/readme.txt"
 mkfs.ext4 -q -d "$work/ds" "$work/ds.img" 16M
 

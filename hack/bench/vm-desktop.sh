@@ -19,6 +19,8 @@
 # (debugfs, for MODE=tigervnc), python3 with python3-cryptography (VNC authentication).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=hack/bench/lib/seed.sh
+. "$repo/hack/bench/lib/seed.sh"
 mode=${MODE:-console}
 mem=${MEM:-1024}
 cpus=${CPUS:-1}
@@ -58,15 +60,7 @@ mode: vm
 desktop: vnc
 outbox: /outbox
 EOF
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
-  -keyout "$work/ca.key" -out "$work/seed/tls/ca.crt" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=desktop \
-  -addext subjectAltName=URI:noexit://workspace/bench/desktop -keyout "$work/seed/tls/client.key" \
-  -out "$work/client.csr" 2>/dev/null
-openssl x509 -req -in "$work/client.csr" -CA "$work/seed/tls/ca.crt" -CAkey "$work/ca.key" -days 2 \
-  -copy_extensions copy -out "$work/seed/tls/client.crt" 2>/dev/null
-printf 'ADDRESS=10.0.2.15/24\nGATEWAY=10.0.2.2\nDNS=10.0.2.3\nHOSTS="10.0.2.2 api.noexit"\n' >"$work/seed/network.env"
-xorriso -as mkisofs -quiet -V NOEXITSEED -J -R -o "$work/seed.iso" "$work/seed" 2>/dev/null
+bench_seed "$work" desktop
 qemu-img create -q -f qcow2 "$work/home.qcow2" 2G
 
 password=$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n') # 12 hex digits; VNC uses 8
