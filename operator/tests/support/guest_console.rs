@@ -21,6 +21,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// How often [`GuestConsole::wait_ready`] probes the shell.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// How much of the console's recent output an error carries.
 const TRANSCRIPT_TAIL: usize = 4096;
 
@@ -94,15 +97,26 @@ impl GuestConsole {
 
     /// Wait until the guest's shell answers: sends a probe every second (earlier ones may have
     /// been lost while the guest booted) and returns at the first answer to any of them.
+    ///
+    /// Probes sent before the shell opened the port queue up, and the guest drops what its UART
+    /// held when the port opens, so the shell's first line can be the tail of a probe. A probe
+    /// therefore has no quotes: a tail with one open quote left the shell waiting for the closing
+    /// one, reading every later probe into that string. (^C would get the shell out, but the test
+    /// shell of the tiny image exits on it and is started afresh, losing the probe.)
     pub fn wait_ready(&mut self, bound: Duration) -> Result<(), ConsoleError> {
+        self.wait_ready_probing(bound, PROBE_EVERY)
+    }
+
+    fn wait_ready_probing(&mut self, bound: Duration, every: Duration) -> Result<(), ConsoleError> {
         let start = Instant::now();
         let mut sent: Vec<String> = Vec::new();
         loop {
             self.seq += 1;
             let n = self.seq;
-            self.send(&format!("echo __NX_READY_{n}_\"\"OK"))?;
+            // `\O` reads as `O` to the shell but keeps the echoed command line from matching.
+            self.send(&format!("echo __NX_READY_{n}_\\OK"))?;
             sent.push(format!("__NX_READY_{n}_OK"));
-            let probe_until = (Instant::now() + Duration::from_secs(1)).min(start + bound);
+            let probe_until = (Instant::now() + every).min(start + bound);
             loop {
                 if let Some(pos) = sent.iter().filter_map(|m| find(&self.pending, m.as_bytes())).max() {
                     self.pending.drain(..pos);
@@ -243,6 +257,58 @@ mod tests {
         let (code, out) = c.run("printf 'hello\\nworld\\n'; exit 3", Duration::from_secs(5)).unwrap();
         assert_eq!((code, out.as_str()), (3, "hello\nworld\n"));
         assert_eq!(c.pending, b"next");
+    }
+
+    /// A model of the guest's shell: it keeps an open quote across lines (printing the
+    /// continuation prompt) and runs `echo` once the command is whole; a backslash quotes the
+    /// next character.
+    fn shell(mut s: UnixStream, mut dropped: usize) {
+        let mut command = String::new();
+        let mut open: Option<char> = None;
+        loop {
+            let mut line = read_line(&mut s);
+            if line.is_empty() && command.is_empty() {
+                return;
+            }
+            // The UART's lost bytes: the shell's first line is the tail of what was sent.
+            let lost = dropped.min(line.len());
+            line.drain(..lost);
+            dropped -= lost;
+            let mut chars = line.chars();
+            while let Some(ch) = chars.next() {
+                match (open, ch) {
+                    (None, '\\') => command.extend(chars.next()),
+                    (None, '"' | '\'') => open = Some(ch),
+                    (Some(q), c) if c == q => open = None,
+                    (_, c) => command.push(c),
+                }
+            }
+            let reply = if open.is_some() {
+                command.push('\n');
+                "> ".to_owned()
+            } else {
+                let out = std::mem::take(&mut command);
+                match out.strip_prefix("echo ") {
+                    Some(args) => format!("{args}\r\n# "),
+                    None => format!("sh: {out}: not found\r\n# "),
+                }
+            };
+            if s.write_all(format!("{line}\r\n{reply}").as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whatever the shell loses of the first probe, a later probe is answered.
+    #[test]
+    fn the_shell_answers_whatever_tail_of_a_probe_it_read_first() {
+        let probe_len = "echo __NX_READY_1_\\OK".len();
+        for dropped in 0..=probe_len {
+            let mut c = fake(move |s| shell(s, dropped));
+            c.wait_ready_probing(Duration::from_secs(2), Duration::from_millis(20))
+                .unwrap_or_else(|e| panic!("first {dropped} bytes lost: {e}"));
+            assert!(c.pending.starts_with(b"__NX_READY_"), "{}", c.recent());
+        }
     }
 
     #[test]
