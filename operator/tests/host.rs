@@ -355,6 +355,21 @@ fn single_host_end_to_end() {
     let (reached, out) = get(&mut a, gw_a, w.ports[1], "/healthz");
     assert!(reached, "mirror from a/w1: {out}");
     assert!(get(&mut b, gw_b, w.ports[1], "/healthz").0, "b cannot reach its own mirror");
+    // DNS too: port 53 on the gateway, redirected to the server, which answers (refusing a name
+    // outside its zone, without recursing).
+    let (_, out) = a.run(&format!("nslookup example.org {gw_a}"));
+    assert!(
+        !out.contains("timed out") && ["REFUSED", "NXDOMAIN", "can't find"].iter().any(|s| out.contains(s)),
+        "DNS from a/w1: {out}"
+    );
+    // The API (heartbeats), the mirror and DNS were reached through the services table as well,
+    // which names both projects' bridges.
+    let instance = ok(&format!("sqlite3 -readonly {} 'SELECT id FROM instance'", w.state().join("host.db").display()));
+    let services = ok(&format!("nft list table inet noexit-services.{}", instance.trim()));
+    for p in [&pa, &pb] {
+        let br = ok(&format!("virsh -c {URI} net-info noexit-{p} | awk '/Bridge/ {{print $2}}'"));
+        assert!(services.contains(&format!("\"{}\"", br.trim())), "{p}'s bridge {br}: {services}");
+    }
     // The dataset is there and read-only; the home is writable.
     assert_eq!(a.run(&format!("cat /data/ds{tag}/hello.txt")), (0, "dataset-content".into()));
     let (code, out) = a.run(&format!("touch /data/ds{tag}/x"));
