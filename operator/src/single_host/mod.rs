@@ -319,7 +319,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     result
 }
 
-/// What `up` says about the services table, first thing.
+/// What `up` says about the services table, before its first pass.
 fn services_line(args: &UpArgs, instance: &str) -> String {
     let allow = if args.api_allow.is_empty() {
         String::new()
