@@ -149,7 +149,7 @@ impl World {
             }
         }
         let path = self.state().join(name);
-        std::fs::write(&path, text).unwrap();
+        write_atomically(&path, &text);
         path
     }
 
@@ -171,6 +171,14 @@ impl World {
         let [a, b, c, _] = self.base.octets();
         Ipv4Addr::new(a, b, c + index, 1)
     }
+}
+
+/// Replaces a manifest file `up` may be reading: a pass that read it between the truncation and
+/// the write of a plain `std::fs::write` would see no objects at all and delete everything.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 fn exists(kind: &str, name: &str) -> bool {
@@ -441,11 +449,10 @@ fn single_host_end_to_end() {
     });
     assert!(exists("net", &format!("noexit-{pb}")), "project b's network went with its workspace");
     assert!(!w.state().join("workspaces").join(&pb).exists(), "an empty workspaces/{pb}/ was left behind");
-    std::fs::write(
+    write_atomically(
         &only_a_and_b,
-        std::fs::read_to_string(w.manifests("a-only.yaml", &[("a", &[("w1", true)])])).unwrap(),
-    )
-    .unwrap();
+        &std::fs::read_to_string(w.manifests("a-only.yaml", &[("a", &[("w1", true)])])).unwrap(),
+    );
     poll("project b's network and wall to be removed", Duration::from_secs(60), || {
         (!exists("net", &format!("noexit-{pb}")) && !table_exists(&format!("noexit-{pb}"))).then_some(())
     });
