@@ -611,6 +611,20 @@ fn tcp(ns: Option<&str>, ip: Ipv4Addr, port: u16) -> Reach {
     }
 }
 
+/// Whether a DNS query over UDP (`example.org A`) to `ip:port` is answered within 3 s, from
+/// network namespace `ns` or (None) from the host.
+fn udp_dns_answered(ns: Option<&str>, ip: Ipv4Addr, port: u16) -> bool {
+    let query = "123401000001000000000000076578616d706c65036f72670000010001";
+    let probe = format!(
+        "python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.sendto(bytes.fromhex('{query}'), ('{ip}', {port})); s.recvfrom(512)\""
+    );
+    let cmd = match ns {
+        Some(ns) => format!("ip netns exec {ns} {probe}"),
+        None => probe,
+    };
+    sh(&cmd).status.success()
+}
+
 /// A network namespace joined to the host by a veth pair: the host's side and its address.
 struct Netns {
     ns: String,
@@ -637,7 +651,7 @@ impl Drop for DropTable {
 /// `up` closes the API, mirror and DNS ports to everything but loopback and the project
 /// bridges (its services table), with no VM: a Project without workspaces. From an "outside"
 /// network namespace behind a veth (another network the host is on), TCP to the API and the
-/// mirror on the host's address there is dropped (and counted) while a port `up` does not
+/// mirror (and DNS, TCP and UDP) on the host's address there is dropped (and counted) while a port `up` does not
 /// serve answers and loopback reaches both; `--api-allow <outside>/32` opens the API to it and
 /// not the mirror; the table goes when `up` stops, and `down` removes it after an `up` that
 /// was killed; each apply and removal is audited.
@@ -647,7 +661,7 @@ fn up_closes_its_service_ports_to_other_networks() {
         skip_or_fail("needs root (libvirt system daemon, nftables, network namespaces)");
         return;
     }
-    for tool in ["libvirtd", "virtlogd", "virsh", "nft", "ip", "bash", "timeout", "sqlite3"] {
+    for tool in ["libvirtd", "virtlogd", "virsh", "nft", "ip", "bash", "timeout", "sqlite3", "python3"] {
         if !have(tool) {
             skip_or_fail(&format!("{tool} is not installed (hack/install-deps.sh)"));
             return;
@@ -747,9 +761,11 @@ fn up_closes_its_service_ports_to_other_networks() {
         // The host's own address on that network: local traffic, through loopback.
         assert_eq!(tcp(None, host_ip, port), Reach::Connected, "{what} from the host to {host_ip}");
     }
+    assert!(!udp_dns_answered(Some(ns), host_ip, dns), "DNS (udp) answered the outside");
+    assert!(udp_dns_answered(None, Ipv4Addr::LOCALHOST, dns), "DNS (udp) from loopback");
     assert_eq!(tcp(Some(ns), host_ip, control_port), Reach::Connected, "the outside lost the host");
     let dropped = counter(&table, "blocked_services") - before;
-    assert!(dropped >= 3, "the table counted {dropped} dropped packets");
+    assert!(dropped >= 4, "the table counted {dropped} dropped packets");
     eprintln!("dropped from the outside: {dropped} packets (SYNs and their retries)");
     // Stopping `up` stops the services, and their table goes with them.
     drop(running);
@@ -801,6 +817,11 @@ fn up_closes_its_service_ports_to_other_networks() {
     );
     assert_eq!(entries[2]["detail"]["apiAllow"], serde_json::json!([format!("{out_ip}/32")]), "{entries:?}");
     assert_eq!(entries[0]["detail"]["bridges"], serde_json::json!([bridge]), "{entries:?}");
-    verify_audit(&state);
+    // The whole log (the DNS server's entries for the loopback queries too), with the command
+    // `up` printed.
+    let command = log().lines().find_map(|l| l.strip_prefix("audit: noexit ").map(str::to_owned)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_noexit")).args(command.split_whitespace()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("audit log intact"), "{out}{}", stderr(&o));
     drop(control);
 }
