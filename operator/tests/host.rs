@@ -149,7 +149,7 @@ impl World {
             }
         }
         let path = self.state().join(name);
-        std::fs::write(&path, text).unwrap();
+        write_atomically(&path, &text);
         path
     }
 
@@ -171,6 +171,14 @@ impl World {
         let [a, b, c, _] = self.base.octets();
         Ipv4Addr::new(a, b, c + index, 1)
     }
+}
+
+/// Replaces a manifest file `up` may be reading: a pass that read it between the truncation and
+/// the write of a plain `std::fs::write` would see no objects at all and delete everything.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 fn exists(kind: &str, name: &str) -> bool {
@@ -355,6 +363,21 @@ fn single_host_end_to_end() {
     let (reached, out) = get(&mut a, gw_a, w.ports[1], "/healthz");
     assert!(reached, "mirror from a/w1: {out}");
     assert!(get(&mut b, gw_b, w.ports[1], "/healthz").0, "b cannot reach its own mirror");
+    // DNS too: port 53 on the gateway, redirected to the server, which answers (refusing a name
+    // outside its zone, without recursing).
+    let (_, out) = a.run(&format!("nslookup example.org {gw_a}"));
+    assert!(
+        !out.contains("timed out") && ["REFUSED", "NXDOMAIN", "can't find"].iter().any(|s| out.contains(s)),
+        "DNS from a/w1: {out}"
+    );
+    // The API (heartbeats), the mirror and DNS were reached through the services table as well,
+    // which names both projects' bridges.
+    let instance = ok(&format!("sqlite3 -readonly {} 'SELECT id FROM instance'", w.state().join("host.db").display()));
+    let services = ok(&format!("nft list table inet noexit-services.{}", instance.trim()));
+    for p in [&pa, &pb] {
+        let br = ok(&format!("virsh -c {URI} net-info noexit-{p} | awk '/Bridge/ {{print $2}}'"));
+        assert!(services.contains(&format!("\"{}\"", br.trim())), "{p}'s bridge {br}: {services}");
+    }
     // The dataset is there and read-only; the home is writable.
     assert_eq!(a.run(&format!("cat /data/ds{tag}/hello.txt")), (0, "dataset-content".into()));
     let (code, out) = a.run(&format!("touch /data/ds{tag}/x"));
@@ -426,11 +449,10 @@ fn single_host_end_to_end() {
     });
     assert!(exists("net", &format!("noexit-{pb}")), "project b's network went with its workspace");
     assert!(!w.state().join("workspaces").join(&pb).exists(), "an empty workspaces/{pb}/ was left behind");
-    std::fs::write(
+    write_atomically(
         &only_a_and_b,
-        std::fs::read_to_string(w.manifests("a-only.yaml", &[("a", &[("w1", true)])])).unwrap(),
-    )
-    .unwrap();
+        &std::fs::read_to_string(w.manifests("a-only.yaml", &[("a", &[("w1", true)])])).unwrap(),
+    );
     poll("project b's network and wall to be removed", Duration::from_secs(60), || {
         (!exists("net", &format!("noexit-{pb}")) && !table_exists(&format!("noexit-{pb}"))).then_some(())
     });
@@ -562,4 +584,244 @@ fn up_refusals_are_audited() {
     assert_eq!(refused(&state).len(), entries, "the same refusal was recorded again");
     drop(running);
     verify_audit(&state);
+}
+
+/// How a TCP connect ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Reach {
+    Connected,
+    /// Refused or reset: a packet came back.
+    Refused,
+    /// Nothing came back within the bound: dropped on the way.
+    Dropped,
+}
+
+/// A TCP connect to `ip:port`, from network namespace `ns` or (None) from the host; silence
+/// for 3 s counts as dropped.
+fn tcp(ns: Option<&str>, ip: Ipv4Addr, port: u16) -> Reach {
+    let probe = format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}'");
+    let cmd = match ns {
+        Some(ns) => format!("ip netns exec {ns} {probe}"),
+        None => probe,
+    };
+    match sh(&cmd).status.code() {
+        Some(0) => Reach::Connected,
+        Some(124) => Reach::Dropped,
+        _ => Reach::Refused,
+    }
+}
+
+/// Whether a DNS query over UDP (`example.org A`) to `ip:port` is answered within 3 s, from
+/// network namespace `ns` or (None) from the host.
+fn udp_dns_answered(ns: Option<&str>, ip: Ipv4Addr, port: u16) -> bool {
+    let query = "123401000001000000000000076578616d706c65036f72670000010001";
+    let probe = format!(
+        "python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.sendto(bytes.fromhex('{query}'), ('{ip}', {port})); s.recvfrom(512)\""
+    );
+    let cmd = match ns {
+        Some(ns) => format!("ip netns exec {ns} {probe}"),
+        None => probe,
+    };
+    sh(&cmd).status.success()
+}
+
+/// A network namespace joined to the host by a veth pair: the host's side and its address.
+struct Netns {
+    ns: String,
+    host_if: String,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip link del {}", self.host_if));
+        let _ = sh(&format!("ip netns del {}", self.ns));
+    }
+}
+
+/// Removes a table by name whatever happened (the services table is named by the instance,
+/// not the run's tag, so [`Cleanup`] does not see it).
+struct DropTable(String);
+
+impl Drop for DropTable {
+    fn drop(&mut self) {
+        let _ = sh(&format!("nft delete table inet {}", self.0));
+    }
+}
+
+/// `up` closes the API, mirror and DNS ports to everything but loopback and the project
+/// bridges (its services table), with no VM: a Project without workspaces. From an "outside"
+/// network namespace behind a veth (another network the host is on), TCP to the API and the
+/// mirror (and DNS, TCP and UDP) on the host's address there is dropped (and counted) while a port `up` does not
+/// serve answers and loopback reaches both; `--api-allow <outside>/32` opens the API to it and
+/// not the mirror; the table goes when `up` stops, and `down` removes it after an `up` that
+/// was killed; each apply and removal is audited.
+#[test]
+fn up_closes_its_service_ports_to_other_networks() {
+    if unsafe { libc::geteuid() } != 0 {
+        skip_or_fail("needs root (libvirt system daemon, nftables, network namespaces)");
+        return;
+    }
+    for tool in ["libvirtd", "virtlogd", "virsh", "nft", "ip", "bash", "timeout", "sqlite3", "python3"] {
+        if !have(tool) {
+            skip_or_fail(&format!("{tool} is not installed (hack/install-deps.sh)"));
+            return;
+        }
+    }
+    daemons();
+    let tag = format!("{:06x}", rand_u32() & 0xff_ffff);
+    let _cleanup = Cleanup(tag.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ds = dir.path().join("ds.img");
+    std::fs::write(&ds, "").unwrap();
+    let project = format!("sw{tag}");
+    let file = dir.path().join("m.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: noexit.io/v1alpha1\nkind: Project\nmetadata: {{name: {project}}}\nspec:\n  displayName: t\n  members: [{{user: r@x, roles: [researcher, admin]}}]\n  approval: {{reference: T-1, expires: \"2099-01-01\"}}\n  datasets: [d{tag}]\n---\napiVersion: noexit.io/v1alpha1\nkind: Dataset\nmetadata: {{name: d{tag}}}\nspec:\n  classification: Synthetic\n  source: {{hostPath: {{path: {}}}}}\n  size: 8Mi\n  grantedTo: [{project}]\n",
+            ds.display()
+        ),
+    )
+    .unwrap();
+    let r = rand_u32();
+    let subnet_base = Ipv4Addr::new(10, 100 + (r % 100) as u8, ((r >> 8) % 200) as u8, 0);
+    let [api, mirror, dns] = [free_port(), free_port(), free_port()];
+    let up = |extra: &[&str]| {
+        let log = std::fs::File::options().create(true).append(true).open(dir.path().join("up.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("up")
+            .args(["--state-dir", state.to_str().unwrap(), "--libvirt-uri", URI, "--virt-type", "qemu"])
+            .args(["-f", file.to_str().unwrap(), "--subnet-base", &subnet_base.to_string(), "--interval", "1"])
+            .args([
+                "--api-port",
+                &api.to_string(),
+                "--mirror-port",
+                &mirror.to_string(),
+                "--dns-port",
+                &dns.to_string(),
+            ])
+            .args(extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let up = Up { child };
+        // The table is applied by the first pass, before anything listens.
+        poll("the API on loopback", Duration::from_secs(60), || {
+            (tcp(None, Ipv4Addr::LOCALHOST, api) == Reach::Connected).then_some(())
+        });
+        up
+    };
+
+    // The outside: a namespace on a /30 of its own (172.16.0.0/12, random), like a LAN.
+    let o = 4 * (rand_u32() % (1 << 18));
+    let net = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + o;
+    let (host_ip, out_ip) = (Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2));
+    let outside = Netns { ns: format!("nxsw{tag}"), host_if: format!("nxsw{tag}") };
+    let ns = outside.ns.as_str();
+    ok(&format!("ip netns add {ns}"));
+    ok(&format!("ip link add {} type veth peer name eth0 netns {ns}", outside.host_if));
+    ok(&format!("ip addr add {host_ip}/30 dev {0} && ip link set {0} up", outside.host_if));
+    ok(&format!(
+        "ip -n {ns} addr add {out_ip}/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"
+    ));
+    // A port `up` does not serve, open on every address: the outside reaches the host.
+    let control = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let control_port = control.local_addr().unwrap().port();
+    poll("the outside to reach the host", Duration::from_secs(20), || {
+        (tcp(Some(ns), host_ip, control_port) == Reach::Connected).then_some(())
+    });
+
+    let running = up(&[]);
+    let instance = ok(&format!("sqlite3 -readonly {} 'SELECT id FROM instance'", state.join("host.db").display()))
+        .trim()
+        .to_owned();
+    let table = format!("noexit-services.{instance}");
+    let _drop_table = DropTable(table.clone());
+    let listed = ok(&format!("nft list table inet {table}"));
+    eprintln!("{listed}");
+    let bridge = String::from_utf8_lossy(
+        &sh(&format!("virsh -c {URI} net-info noexit-{project} | awk '/Bridge/ {{print $2}}'")).stdout,
+    )
+    .trim()
+    .to_owned();
+    assert!(!bridge.is_empty() && listed.contains(&format!("\"{bridge}\"")), "the project's bridge: {listed}");
+    let log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+    assert!(
+        log().contains(&format!("reached from loopback and the project bridges only (table inet {table})")),
+        "{}",
+        log()
+    );
+
+    let before = counter(&table, "blocked_services");
+    for (what, port) in [("API", api), ("mirror", mirror), ("DNS (tcp)", dns)] {
+        assert_eq!(tcp(Some(ns), host_ip, port), Reach::Dropped, "{what} from the outside");
+        assert_eq!(tcp(None, Ipv4Addr::LOCALHOST, port), Reach::Connected, "{what} from loopback");
+        // The host's own address on that network: local traffic, through loopback.
+        assert_eq!(tcp(None, host_ip, port), Reach::Connected, "{what} from the host to {host_ip}");
+    }
+    assert!(!udp_dns_answered(Some(ns), host_ip, dns), "DNS (udp) answered the outside");
+    assert!(udp_dns_answered(None, Ipv4Addr::LOCALHOST, dns), "DNS (udp) from loopback");
+    assert_eq!(tcp(Some(ns), host_ip, control_port), Reach::Connected, "the outside lost the host");
+    let dropped = counter(&table, "blocked_services") - before;
+    assert!(dropped >= 4, "the table counted {dropped} dropped packets");
+    eprintln!("dropped from the outside: {dropped} packets (SYNs and their retries)");
+    // Stopping `up` stops the services, and their table goes with them.
+    drop(running);
+    assert!(!table_exists(&table), "the services table outlived `up`");
+
+    // The API, and only the API, opened to the outside.
+    let running = up(&["--api-allow", &format!("{out_ip}/32")]);
+    let listed = ok(&format!("nft list table inet {table}"));
+    assert!(listed.contains(&format!("ip saddr {out_ip} tcp dport {api} accept")), "{listed}");
+    assert_eq!(tcp(Some(ns), host_ip, api), Reach::Connected, "API from an --api-allow network");
+    assert_eq!(tcp(Some(ns), host_ip, mirror), Reach::Dropped, "mirror from an --api-allow network");
+    drop(running);
+
+    // `up` killed (no chance to clean up): the table stays, closing the ports, until `down`.
+    let mut running = up(&[]);
+    running.child.kill().unwrap();
+    running.child.wait().unwrap();
+    std::mem::forget(running);
+    assert!(table_exists(&table), "the table went with a killed `up`");
+    let o = Command::new(BIN)
+        .args(["down", "--state-dir", state.to_str().unwrap(), "--libvirt-uri", URI])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains(&format!("delete table inet {table}")), "{said}");
+    assert!(!table_exists(&table), "down left the services table");
+
+    // Audited: each apply (the second with the allowance) and each removal (by `up` as it
+    // stopped, then by `down`).
+    let q = audit(&state, &["query", "--action", "host.services-table.*", "--json"]);
+    assert!(q.status.success(), "{}", stderr(&q));
+    let entries: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&q.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seen: Vec<(&str, &str)> =
+        entries.iter().map(|e| (e["action"].as_str().unwrap(), e["object"].as_str().unwrap())).collect();
+    let object = format!("nft-table:inet {table}");
+    assert_eq!(
+        seen,
+        [
+            ("host.services-table.apply", object.as_str()),
+            ("host.services-table.remove", object.as_str()),
+            ("host.services-table.apply", object.as_str()),
+            ("host.services-table.remove", object.as_str()),
+            ("host.services-table.apply", object.as_str()),
+            ("host.services-table.remove", object.as_str())
+        ],
+        "{entries:?}"
+    );
+    assert_eq!(entries[2]["detail"]["apiAllow"], serde_json::json!([format!("{out_ip}/32")]), "{entries:?}");
+    assert_eq!(entries[0]["detail"]["bridges"], serde_json::json!([bridge]), "{entries:?}");
+    // The whole log (the DNS server's entries for the loopback queries too), with the command
+    // `up` printed.
+    let command = log().lines().find_map(|l| l.strip_prefix("audit: noexit ").map(str::to_owned)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_noexit")).args(command.split_whitespace()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("audit log intact"), "{out}{}", stderr(&o));
+    drop(control);
 }

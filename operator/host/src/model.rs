@@ -192,6 +192,55 @@ pub struct HostPorts {
     pub dns: u16,
 }
 
+/// An IPv4 network in CIDR form (`192.0.2.0/24`; a bare address is a `/32`), as an admin gives
+/// it on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not an IPv4 address or network (like 192.0.2.7 or 192.0.2.0/24)")]
+    Syntax(String),
+    #[error("{0:?}: the prefix length must be 0 to 32")]
+    Prefix(String),
+    /// Refused rather than masked: `10.1.2.3/24` may be a typo for `10.1.2.3/32`, and guessing
+    /// wrong would open the port to a whole network.
+    #[error("{given:?} has bits set past the prefix: write {network} (the whole network) or {address}/32 (one host)")]
+    HostBits { given: String, network: String, address: Ipv4Addr },
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
+        let prefix: u8 = prefix.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
+        if prefix > 32 {
+            return Err(CidrError::Prefix(s.to_owned()));
+        }
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        if network != addr {
+            return Err(CidrError::HostBits {
+                given: s.to_owned(),
+                network: Self { network, prefix }.to_string(),
+                address: addr,
+            });
+        }
+        Ok(Self { network, prefix })
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +256,21 @@ mod tests {
         assert!(n.bridge().len() <= 15, "{}", n.bridge());
         assert_ne!(n.bridge(), ProjectNet { project: "ward-9".into(), ..n.clone() }.bridge());
         assert_eq!(domain_name("ward-7", "alice-vm"), "noexit-ward-7-alice-vm");
+    }
+
+    #[test]
+    fn cidrs() {
+        let c: Ipv4Cidr = "192.0.2.0/24".parse().unwrap();
+        assert_eq!(c.to_string(), "192.0.2.0/24");
+        assert_eq!("192.0.2.7".parse::<Ipv4Cidr>().unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Cidr>().unwrap().prefix, 0);
+        let e = "10.1.2.3/24".parse::<Ipv4Cidr>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "\"10.1.2.3/24\" has bits set past the prefix: write 10.1.2.0/24 (the whole network) or 10.1.2.3/32 (one host)"
+        );
+        assert!(matches!("10.0.0.0/33".parse::<Ipv4Cidr>(), Err(CidrError::Prefix(_))));
+        assert!(matches!("ward-7".parse::<Ipv4Cidr>(), Err(CidrError::Syntax(_))));
+        assert!(matches!("::1/128".parse::<Ipv4Cidr>(), Err(CidrError::Syntax(_))));
     }
 }

@@ -363,4 +363,46 @@ mod tests {
     fn down_stops_domains_and_removes_walls_and_networks() {
         assert_eq!(names(&down(ME, &converged())), ["stop noexit-p-w", "delete-table noexit-p", "delete-net noexit-p"]);
     }
+
+    /// The services table is one more table of ours: applied with the project tables (after the
+    /// networks whose bridges it names, before any domain starts), re-applied when its input
+    /// changes, removed when no longer wanted (`up --once`) and by `down`, and never touched
+    /// when someone else holds its name.
+    #[test]
+    fn the_services_table_is_planned_like_the_project_tables() {
+        const SVC: &str = "noexit-services.i1";
+        let with_services = |hash: &str| {
+            let mut d = desired();
+            d.tables.insert(SVC.into(), DesiredTable { script: "services".into(), hash: hash.into() });
+            d
+        };
+        assert_eq!(
+            names(&plan(&with_services("s1"), &Actual::default()).unwrap()),
+            [
+                "define-net noexit-p false",
+                "table noexit-p",
+                format!("table {SVC}").as_str(),
+                "define noexit-p-w false",
+                "start noexit-p-w"
+            ]
+        );
+        let mut a = converged();
+        a.tables.insert(SVC.into(), Some("s1".into()));
+        assert_eq!(plan(&with_services("s1"), &a).unwrap(), vec![]);
+        // A project (bridge) more or less, or another --api-allow: the new table, one step.
+        let steps = plan(&with_services("s2"), &a).unwrap();
+        assert_eq!(steps, [Step::ApplyTable { name: SVC.into(), script: "services".into(), hash: "s2".into() }]);
+        // Nothing to serve: removed.
+        assert_eq!(names(&plan(&desired(), &a).unwrap()), [format!("delete-table {SVC}")]);
+        assert_eq!(
+            names(&down(ME, &a)),
+            ["stop noexit-p-w", "delete-table noexit-p", format!("delete-table {SVC}").as_str(), "delete-net noexit-p"]
+        );
+        // Someone else's table of that name: a clash, nothing done; and never deleted.
+        let mut foreign = converged();
+        foreign.tables.insert(SVC.into(), None);
+        assert_eq!(plan(&with_services("s1"), &foreign).unwrap_err(), vec![Clash::Table(SVC.into())]);
+        assert_eq!(plan(&desired(), &foreign).unwrap(), vec![]);
+        assert!(!names(&down(ME, &foreign)).contains(&format!("delete-table {SVC}")));
+    }
 }

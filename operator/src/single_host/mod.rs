@@ -8,7 +8,8 @@
 //! Pieces: [`check`] (which manifests can run here, pure), [`world`] (what must exist, pure),
 //! [`reconcile`] (one pass of I/O), [`services`] (the API, mirror and DNS in-process),
 //! [`gateway`] (the remote-desktop gateway in-process) and [`desktops`] (its directory, pure),
-//! [`virt_type`] (KVM or TCG), [`status`], [`refusals`] (what `up` refused, in the audit log).
+//! [`virt_type`] (KVM or TCG), [`status`], [`refusals`] (what `up` refused, in the audit log),
+//! [`wall`] (the services table's changes, in the audit log).
 
 pub mod audit;
 pub mod check;
@@ -19,6 +20,7 @@ pub mod refusals;
 pub mod services;
 pub mod status;
 pub mod virt_type;
+pub mod wall;
 pub mod world;
 
 use std::net::Ipv4Addr;
@@ -28,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use noexit_host::libvirt::Libvirt;
-use noexit_host::model::{DEFAULT_SUBNET_BASE, HostPorts};
+use noexit_host::model::{DEFAULT_SUBNET_BASE, HostPorts, Ipv4Cidr};
 use noexit_host::nft::Nft;
 use noexit_host::state::State;
 
@@ -60,9 +62,14 @@ pub struct UpArgs {
     #[arg(long, env = "NOEXIT_VIRT_TYPE", default_value = "auto")]
     pub virt_type: String,
     /// Address the API, mirror and DNS server listen on (the project tables let each project's
-    /// VMs reach them on its gateway address only).
+    /// VMs reach them on its gateway address only; the services table closes their ports to
+    /// everything but loopback, the project bridges and --api-allow).
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_address: Ipv4Addr,
+    /// Also let this IPv4 network (CIDR, or one address) reach the API port, e.g. the admins'
+    /// network for the `noexit` CLI. Repeatable. The mirror and DNS stay closed to it.
+    #[arg(long = "api-allow", value_name = "CIDR")]
+    pub api_allow: Vec<Ipv4Cidr>,
     #[arg(long, default_value_t = 8443)]
     pub api_port: u16,
     #[arg(long, default_value_t = 8080)]
@@ -204,11 +211,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ports,
         subnet_base: args.subnet_base,
         vnc_listen: args.vnc_listen,
+        // Nothing listens with --once: no services table (an earlier one is removed).
+        services: (!args.once).then(|| args.api_allow.clone()),
     };
     let cluster = Arc::new(crate::api::MemoryCluster::new());
     let svc = services::Paths::new(state_dir);
     let gateway_line = desktop_gateway.as_ref().map_or_else(|| gateway::OFF.to_owned(), |g| g.describe());
     if !args.once {
+        println!("services: {}", services_line(&args, &settings.instance));
         println!("gateway: {gateway_line}");
         state.set_setting("gateway", &gateway_line).await?;
     }
@@ -236,9 +246,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     print_pass(&first);
+    audit.services_table(&first.services_table).await;
     if args.once {
         for _ in 1..args.passes {
-            print_pass(&host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?);
+            let pass = host.pass().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            audit.services_table(&pass.services_table).await;
+            print_pass(&pass);
         }
         return Ok(());
     }
@@ -271,6 +284,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 let pass = host.pass().await;
                 audit.pass(pass.as_ref().map(|_| ())).await;
+                if let Ok(r) = &pass {
+                    audit.services_table(&r.services_table).await;
+                }
                 match pass {
                     Ok(r) if r.steps.is_empty() && r.failed.is_empty() => {}
                     Ok(r) => print_pass(&r),
@@ -282,10 +298,43 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     };
-    services.abort_all();
+    // Nothing of ours listens on the service ports any more: their table goes too. Only once
+    // the services have stopped, so no port is ever open without it.
+    let stopped = tokio::time::timeout(Duration::from_secs(10), services.shutdown()).await.is_ok();
+    let removed = if stopped {
+        reconcile::remove_services_table(&host.nft, &state).await
+    } else {
+        Err(anyhow::anyhow!("the services did not stop within 10 s; the table stays until `down`"))
+    };
+    match removed {
+        Ok(Some(step)) => {
+            println!("  {}", reconcile::describe(&step));
+            audit.services_table(&wall::change_of(&step, None).into_iter().collect::<Vec<_>>()).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "could not remove the services table"),
+    }
     let _ = state.set_setting("gateway", "off (`up` is not running)").await;
     let _ = std::fs::remove_file(pid_file(state_dir));
     result
+}
+
+/// What `up` says about the services table, before its first pass.
+fn services_line(args: &UpArgs, instance: &str) -> String {
+    let allow = if args.api_allow.is_empty() {
+        String::new()
+    } else {
+        let nets: Vec<String> = args.api_allow.iter().map(ToString::to_string).collect();
+        format!(", and the API from {}", nets.join(", "))
+    };
+    format!(
+        "API tcp {}, mirror tcp {}, DNS {} on {}, reached from loopback and the project bridges only{allow} (table inet {})",
+        args.api_port,
+        args.mirror_port,
+        args.dns_port,
+        args.listen_address,
+        noexit_host::render::services::table_name(instance)
+    )
 }
 
 fn print_pass(r: &reconcile::PassReport) {
@@ -324,11 +373,14 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
     anyhow::ensure!(db.exists(), "{}: no single-host state here (nothing to bring down)", state_dir.display());
     let state = State::open(&db).await?;
     let libvirt = tokio::task::block_in_place(|| Libvirt::open(&args.common.libvirt_uri))?;
-    for s in reconcile::down(&libvirt, &Nft::default(), &state).await? {
-        println!("  {s}");
+    let steps = reconcile::down(&libvirt, &Nft::default(), &state).await?;
+    for s in &steps {
+        println!("  {}", reconcile::describe(s));
     }
+    let removed: Vec<_> = steps.iter().filter_map(|s| wall::change_of(s, None)).collect();
+    refusals::Recorder::new(state_dir, &[]).services_table(&removed).await;
     println!(
-        "down: workspaces stopped, project networks and walls removed; home disks kept in {}",
+        "down: workspaces stopped, project networks, walls and the services table removed; home disks kept in {}",
         state_dir.join("workspaces").display()
     );
     Ok(())

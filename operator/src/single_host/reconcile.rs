@@ -16,6 +16,7 @@ use noexit_host::{files, model};
 
 use super::check::{self, Checked, HostFiles};
 use super::desktops::{self, LiveConsole};
+use super::wall;
 use super::world::{self, Allocations, Settings, World};
 use crate::api::MemoryCluster;
 use crate::manifests::{Manifest, parse_documents};
@@ -41,6 +42,8 @@ pub struct PassReport {
     pub failed: Vec<String>,
     pub elapsed: Duration,
     pub workspaces: usize,
+    /// What the pass did to the services table (for the audit log).
+    pub services_table: Vec<wall::Change>,
 }
 
 pub struct Host {
@@ -143,7 +146,10 @@ impl Host {
         for step in steps {
             let what = describe(&step);
             match self.run_step(&step, &world, &known).await {
-                Ok(()) => report.steps.push(what),
+                Ok(()) => {
+                    report.services_table.extend(wall::change_of(&step, world.services.as_ref()));
+                    report.steps.push(what)
+                }
                 Err(e) => {
                     tracing::error!(step = %what, error = %format!("{e:#}"), "step failed");
                     if let Step::DefineDomain { name, .. } | Step::StartDomain { name } = &step
@@ -309,8 +315,9 @@ impl Host {
     }
 }
 
-/// Run `down`'s steps: stop our domains (files kept), remove our tables and networks.
-pub async fn down(libvirt: &Libvirt, nft: &Nft, state: &State) -> anyhow::Result<Vec<String>> {
+/// Run `down`'s steps: stop our domains (files kept), remove our tables (the services table
+/// too) and networks. The steps done, in order.
+pub async fn down(libvirt: &Libvirt, nft: &Nft, state: &State) -> anyhow::Result<Vec<Step>> {
     let instance = state.instance().await?;
     let actual = actual(libvirt, nft, state).await?;
     let mut done = Vec::new();
@@ -324,12 +331,26 @@ pub async fn down(libvirt: &Libvirt, nft: &Nft, state: &State) -> anyhow::Result
             Step::DeleteNetwork { name } => blocking(|| libvirt.delete_network(name))?,
             _ => {}
         }
-        done.push(describe(&step));
+        done.push(step);
     }
     for row in state.workspaces().await? {
         state.set_phase(&row.project, &row.workspace, "Stopped", None).await?;
     }
     Ok(done)
+}
+
+/// Removes this instance's services table if this instance applied it (its hash recorded; no
+/// error if it is gone already): when `up` stops serving, nothing of noexit's listens on those
+/// ports any more. The step done, if any.
+pub async fn remove_services_table(nft: &Nft, state: &State) -> anyhow::Result<Option<Step>> {
+    let name = noexit_host::render::services::table_name(&state.instance().await?);
+    let recorded: BTreeMap<String, String> = state.tables().await?.into_iter().collect();
+    if !recorded.contains_key(&name) {
+        return Ok(None);
+    }
+    blocking(|| nft.apply(&format!("deleting table inet {name}"), &noexit_host::render::nft::delete_script(&name)))?;
+    state.set_table(&name, None).await?;
+    Ok(Some(Step::DeleteTable { name }))
 }
 
 pub fn describe(step: &Step) -> String {

@@ -134,7 +134,8 @@ fn user_name(uid: libc::uid_t) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// Appends refusals to the state directory's audit store.
+/// Appends `up`'s entries (its refusals, and the services table's changes) to the state
+/// directory's audit store.
 #[derive(Debug)]
 pub struct Recorder {
     state_dir: PathBuf,
@@ -148,9 +149,26 @@ impl Recorder {
         Self { state_dir: state_dir.to_owned(), files: files.to_vec(), actor: actor(), dedup: Dedup::default() }
     }
 
-    /// Records the refusals now: the store is opened with the API's key (made if this is the
-    /// first start), appended to, and closed, which seals the new entries with a checkpoint.
+    /// Records the refusals now (see [`Self::append`]).
     pub async fn record(&self, action: &str, refusals: &[Refusal]) -> anyhow::Result<()> {
+        self.append(events(&self.actor, action, &self.files, refusals)).await
+    }
+
+    /// Records what was done to the services table ([`super::wall`]); a failure is logged
+    /// (the table is in place either way).
+    pub async fn services_table(&self, changes: &[super::wall::Change]) {
+        if changes.is_empty() {
+            return;
+        }
+        let entries = changes.iter().map(|c| super::wall::event(&self.actor, c)).collect();
+        if let Err(e) = self.append(entries).await {
+            tracing::error!(error = %format!("{e:#}"), "the services table change is not in the audit log");
+        }
+    }
+
+    /// Appends entries now: the store is opened with the API's key (made if this is the first
+    /// start), appended to, and closed, which seals the new entries with a checkpoint.
+    pub async fn append(&self, entries: Vec<AuditEvent>) -> anyhow::Result<()> {
         super::secure_dir(&self.state_dir)?;
         let key_path = super::audit::key_path(&self.state_dir, writers::API);
         let (key, _) = keys::load_or_create_signing_key(&key_path).context("the audit key")?;
@@ -162,7 +180,7 @@ impl Recorder {
         let url = super::audit::database_url(&self.state_dir);
         let store = Store::connect_with(&url, options).await.with_context(|| format!("opening {url}"))?;
         let mut result = Ok(());
-        for event in events(&self.actor, action, &self.files, refusals) {
+        for event in entries {
             if let Err(e) = store.append(event).await {
                 result = Err(anyhow::Error::from(e).context(format!("appending to {url}")));
                 break;

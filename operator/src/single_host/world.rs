@@ -10,9 +10,10 @@ use kube::ResourceExt;
 use noexit_crds::agent::{
     AgentConfig, AgentMode, ControlPlane, DesktopKind, DlpConfig, EgressAllowlist, Endpoint, WorkspaceIdentity,
 };
-use noexit_host::model::{DomainSpec, HostPorts, Lease, ProjectNet, VirtType, domain_name};
+use noexit_host::model::{DomainSpec, HostPorts, Ipv4Cidr, Lease, ProjectNet, VirtType, domain_name};
 use noexit_host::plan::{Desired, DesiredDomain, DesiredNetwork, DesiredTable};
 use noexit_host::render::seed::{self, GUEST_DIR, GuestNetwork, SeedFile};
+use noexit_host::render::services::ServicesWall;
 use noexit_host::render::{domain, network, nft};
 
 use super::check::Checked;
@@ -35,6 +36,10 @@ pub struct Settings {
     pub subnet_base: Ipv4Addr,
     /// TCP address of the VNC consoles; `None`: unix sockets (only root reaches them).
     pub vnc_listen: Option<Ipv4Addr>,
+    /// The services table: `Some` (with the networks `--api-allow` opens the API to) while `up`
+    /// serves the API, mirror and DNS; `None` with `--once`, where nothing listens and the
+    /// table goes.
+    pub services: Option<Vec<Ipv4Cidr>>,
 }
 
 /// What the state database holds for the manifests' objects.
@@ -73,6 +78,8 @@ pub struct World {
     pub workspaces: BTreeMap<String, WorkspaceFiles>,
     /// Workspace addresses, for the mirror's and the DNS server's attribution.
     pub clients: Vec<(IpAddr, String, String)>,
+    /// What the services table is made from (also in `desired.tables`), when there is one.
+    pub services: Option<ServicesWall>,
 }
 
 /// Directory of a workspace's files.
@@ -219,7 +226,23 @@ pub fn world(checked: &Checked, settings: &Settings, alloc: &Allocations) -> Wor
             DesiredNetwork { xml: network::render(&settings.instance, &net, &l), hash: network::hash(&net), leases: l },
         );
     }
+    if let Some(api_allow) = &settings.services {
+        let wall = services_wall(checked, settings, alloc, api_allow);
+        out.desired.tables.insert(wall.table_name(), DesiredTable { script: wall.replace_script(), hash: wall.hash() });
+        out.services = Some(wall);
+    }
     out
+}
+
+/// The services table's input: the ports, every project's bridge (a project without workspaces
+/// too: its network exists), and the `--api-allow` networks.
+fn services_wall(checked: &Checked, settings: &Settings, alloc: &Allocations, api_allow: &[Ipv4Cidr]) -> ServicesWall {
+    let bridges = checked
+        .projects
+        .iter()
+        .filter_map(|p| alloc.projects.get(&p.name_any()).map(|&i| project_net(settings, &p.name_any(), i).bridge()))
+        .collect();
+    ServicesWall { instance: settings.instance.clone(), ports: settings.ports, bridges, api_allow: api_allow.to_vec() }
 }
 
 #[cfg(test)]
@@ -239,6 +262,7 @@ mod tests {
             ports: HostPorts { api: 8443, mirror: 8080, dns: 5353 },
             subnet_base: noexit_host::model::DEFAULT_SUBNET_BASE,
             vnc_listen: None,
+            services: Some(vec![]),
         }
     }
 
@@ -257,7 +281,7 @@ mod tests {
         let checked = check(&parse_documents(MANIFESTS).unwrap(), &files(), Utc::now()).unwrap();
         let w = world(&checked, &settings(), &alloc());
         assert_eq!(w.desired.networks.keys().collect::<Vec<_>>(), ["noexit-ward-7"]);
-        assert_eq!(w.desired.tables.keys().collect::<Vec<_>>(), ["noexit-ward-7"]);
+        assert_eq!(w.desired.tables.keys().collect::<Vec<_>>(), ["noexit-services.i1", "noexit-ward-7"]);
         let d = &w.desired.domains["noexit-ward-7-alice-vm"];
         assert!(d.xml.contains("<serial>ds-icu</serial>") && d.xml.contains("ttyS1.sock"), "{}", d.xml);
         assert_eq!(w.desired.networks["noexit-ward-7"].leases[0].ip, Ipv4Addr::new(10, 213, 0, 10));
@@ -298,5 +322,31 @@ mod tests {
         let w = world(&checked, &settings(), &alloc());
         assert_eq!(w.workspaces["noexit-ward-7-alice-vm"].overlay, None);
         assert!(!w.desired.domains["noexit-ward-7-alice-vm"].xml.contains("<serial>root</serial>"));
+    }
+
+    /// The services table names every project's bridge (the same name the project's network
+    /// and table use) and the --api-allow networks; with `--once` there is none.
+    #[test]
+    fn the_services_table_follows_the_projects_and_the_options() {
+        let checked = check(&parse_documents(MANIFESTS).unwrap(), &files(), Utc::now()).unwrap();
+        let allow: Vec<Ipv4Cidr> = vec!["192.0.2.0/24".parse().unwrap()];
+        let s = Settings { services: Some(allow.clone()), ..settings() };
+        let w = world(&checked, &s, &alloc());
+        let wall = w.services.as_ref().unwrap();
+        let net = project_net(&s, "ward-7", 0);
+        assert_eq!(wall.bridges, [net.bridge()]);
+        assert!(w.desired.networks["noexit-ward-7"].xml.contains(&format!("<bridge name=\"{}\"", net.bridge())));
+        assert!(w.desired.tables["noexit-ward-7"].script.contains(&format!("iifname \"{}\"", net.bridge())));
+        assert_eq!((wall.api_allow.clone(), wall.ports), (allow, s.ports));
+        let t = &w.desired.tables["noexit-services.i1"];
+        assert_eq!(t.hash, wall.hash());
+        assert!(t.script.contains("ip saddr { 192.0.2.0/24 } tcp dport 8443 accept"), "{}", t.script);
+        // A project without an allocation yet has no network, so no bridge.
+        let none = world(&checked, &s, &Allocations { projects: Default::default(), ..alloc() });
+        assert!(none.services.unwrap().bridges.is_empty());
+        // Nothing served (`--once`): no services table.
+        let once = world(&checked, &Settings { services: None, ..settings() }, &alloc());
+        assert!(once.services.is_none());
+        assert_eq!(once.desired.tables.keys().collect::<Vec<_>>(), ["noexit-ward-7"]);
     }
 }

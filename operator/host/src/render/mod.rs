@@ -1,9 +1,11 @@
-//! Pure renderers: what libvirt, nftables and the seed must hold. No I/O.
+//! Pure renderers: what libvirt, nftables (the project tables and the services table) and the
+//! seed must hold. No I/O.
 
 pub mod domain;
 pub mod network;
 pub mod nft;
 pub mod seed;
+pub mod services;
 
 /// Escape text for XML element content and attribute values.
 pub fn xml_escape(s: &str) -> String {
