@@ -582,6 +582,20 @@ fn up_refusals_are_audited() {
     let (entries, seen) = (refused(&state).len(), passes());
     poll("three more refusing passes", Duration::from_secs(60), || (passes() >= seen + 3).then_some(()));
     assert_eq!(refused(&state).len(), entries, "the same refusal was recorded again");
+    // A file still being written (here: emptied, its time ahead of the clock so it never looks
+    // settled) is not taken for the admin's intent: refused, nothing deleted.
+    std::fs::write(&file, "").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    let want = format!("manifest:{}", file.display());
+    let (_, _, reason) = poll("the unsettled file's refusal in the audit log", Duration::from_secs(60), || {
+        refused(&state).into_iter().find(|(a, o, _)| a == "host.reconcile" && *o == want)
+    });
+    assert!(reason.contains("still being written"), "{reason}");
     drop(running);
     verify_audit(&state);
 }

@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod reconcile;
 pub mod refusals;
 pub mod services;
+pub mod settle;
 pub mod status;
 pub mod virt_type;
 pub mod wall;
@@ -158,7 +159,7 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Everything that can refuse comes before anything is made (but the audit entry saying so).
     let mut audit = refusals::Recorder::new(&args.common.state_dir, &args.files);
-    let checked = match reconcile::checked(&args.files) {
+    let checked = match tokio::task::block_in_place(|| reconcile::checked(&args.files)) {
         Ok(c) => c,
         Err(e) => {
             let r = refusals::refusals_of(&e).unwrap_or_default();

@@ -16,6 +16,7 @@ use noexit_host::{files, model};
 
 use super::check::{self, Checked, HostFiles};
 use super::desktops::{self, LiveConsole};
+use super::settle;
 use super::wall;
 use super::world::{self, Allocations, Settings, World};
 use crate::api::MemoryCluster;
@@ -62,17 +63,15 @@ pub struct Host {
     pub desktops: Option<desktops::Publish>,
 }
 
-/// Every document of every file, errors prefixed with the file.
+/// Every document of every file, read once the files have settled (see [`settle`]), errors
+/// prefixed with the file.
 pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<Manifest>, Vec<String>> {
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    for p in paths {
-        match std::fs::read_to_string(p) {
-            Ok(text) => match parse_documents(&text) {
-                Ok(docs) => out.extend(docs),
-                Err(e) => problems.push(format!("{}: {e}", p.display())),
-            },
-            Err(e) => problems.push(format!("{}: cannot read: {e}", p.display())),
+    for (p, text) in settle::read_settled(paths, settle::SETTLE)? {
+        match parse_documents(&text) {
+            Ok(docs) => out.extend(docs),
+            Err(e) => problems.push(format!("{}: {e}", p.display())),
         }
     }
     if problems.is_empty() { Ok(out) } else { Err(problems) }
@@ -129,7 +128,7 @@ impl Host {
     /// One pass. `Refused` and `Clash` change nothing on the host.
     pub async fn pass(&self) -> Result<PassReport, PassError> {
         let start = Instant::now();
-        let checked = checked(&self.manifests)?;
+        let checked = blocking(|| checked(&self.manifests))?;
         let alloc = self.allocate(&checked).await?;
         let world = world::world(&checked, &self.settings, &alloc);
         let actual = actual(&self.libvirt, &self.nft, &self.state).await?;
