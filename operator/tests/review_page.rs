@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,20 +48,9 @@ const API_AUDIENCE: &str = "noexit";
 const TABLE: &str = "region,men,women\nNorth,25,31\nSouth,30,7\nEast,44,52\n";
 const OUTPUT_ID: &str = "3f6c2a9e-review-e2e";
 
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/test-support/browser")
-}
-
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready() -> bool {
-    let mut missing = deps::missing_tools(&["chromium", "node"]);
-    if !Path::new("/usr/share/novnc/core/rfb.js").exists() {
-        missing.push("novnc".into());
-    }
-    if !browser_dir().join("node_modules/playwright-core").exists() {
-        missing.push("playwright-core (npm ci in hack/test-support/browser)".into());
-    }
-    deps::ready("review page e2e", &missing, "run hack/install-deps.sh")
+    deps::ready("review page e2e", &deps::missing_for_browser(), "run hack/install-deps.sh")
 }
 
 // ---- a stub of the API's output endpoints, verifying tokens as the API does -----------------
@@ -205,9 +194,9 @@ fn hex(b: &[u8]) -> String {
 /// Run one browser scenario and return its result object.
 fn browser(opts: Value) -> Value {
     let mut child = Command::new("node")
-        .arg(browser_dir().join("review-e2e.mjs"))
+        .arg(deps::browser_dir().join("review-e2e.mjs"))
         .arg(opts.to_string())
-        .current_dir(browser_dir())
+        .current_dir(deps::browser_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
