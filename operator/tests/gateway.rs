@@ -12,7 +12,6 @@
 //! `NOEXIT_CI=1`, where it fails.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,7 +22,7 @@ use noexit_operator::audit::{Outcome, Store};
 use noexit_test_support::netns::{self, End, Netns};
 use noexit_test_support::oidc::Issuer;
 use noexit_test_support::process::{OnDrop, Proc};
-use noexit_test_support::{deps, net, pki, poll, rfb};
+use noexit_test_support::{browser, deps, net, pki, poll, rfb};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
@@ -33,7 +32,7 @@ const CLIENT_ID: &str = "noexit-gateway";
 
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready() -> bool {
-    let mut missing = deps::missing_for_browser();
+    let mut missing = browser::missing();
     missing.extend(deps::missing_tools(&["ip", "Xvnc", "xterm", "xclip"]));
     if !deps::is_root() {
         missing.push("root".into());
@@ -166,7 +165,7 @@ workspaces:
     }
 
     /// Run one browser scenario; `on_line` sees progress lines. Returns the result object.
-    fn browser(&self, scenario: &str, extra: Value, mut on_line: impl FnMut(&Value)) -> Value {
+    fn browser(&self, scenario: &str, extra: Value, on_line: impl FnMut(&Value)) -> Value {
         let profile = tempfile::tempdir().unwrap();
         let mut opts = json!({
             "scenario": scenario, "gateway": self.gateway_url(), "spki": self.spki,
@@ -177,32 +176,7 @@ workspaces:
         for (k, v) in extra.as_object().unwrap() {
             opts[k] = v.clone();
         }
-        let mut child = Command::new("node")
-            .arg(deps::browser_dir().join("gateway-e2e.mjs"))
-            .arg(opts.to_string())
-            .current_dir(deps::browser_dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut result = Value::Null;
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                eprintln!("browser: {line}");
-                continue;
-            };
-            if let Some(r) = v.get("result") {
-                result = r.clone();
-            } else {
-                on_line(&v);
-            }
-        }
-        let _ = child.wait();
-        eprintln!("browser {scenario}: {result:#}");
-        assert_eq!(result["ok"], json!(true), "browser scenario {scenario} failed: {result:#}");
-        result
+        browser::scenario("gateway-e2e.mjs", &opts, on_line)
     }
 
     fn start() -> World {

@@ -1,7 +1,6 @@
 //! Missing system tools: a test skips with a message, except under `NOEXIT_CI=1`, where a
 //! missing dependency is a failure (a skipped test proves nothing).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Whether this is CI (`NOEXIT_CI=1`).
@@ -18,24 +17,6 @@ pub fn have(tool: &str) -> bool {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// `hack/test-support/browser`: the Playwright scripts that drive headless Chromium.
-pub fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/test-support/browser")
-}
-
-/// What a test driving Debian's Chromium at the gateway's noVNC page needs and this machine
-/// lacks: `chromium`, `node`, noVNC, and playwright-core in [`browser_dir`].
-pub fn missing_for_browser() -> Vec<String> {
-    let mut missing = missing_tools(&["chromium", "node"]);
-    if !Path::new("/usr/share/novnc/core/rfb.js").exists() {
-        missing.push("novnc".into());
-    }
-    if !browser_dir().join("node_modules/playwright-core").exists() {
-        missing.push("playwright-core (npm ci in hack/test-support/browser)".into());
-    }
-    missing
 }
 
 /// The tools of `tools` that are not on `PATH`.
