@@ -11,7 +11,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -504,14 +504,14 @@ fn apply_failure_reports_not_locked_and_opens_nothing() {
     let config = lab.path("agent.yaml");
     // A config the plan refuses (port 0) never reaches nft.
     std::fs::write(&config, config_yaml().replace("port: 8443", "port: 0")).unwrap();
-    let (code, state) = lab.egress(&ns, &["apply", "--config", config.to_str().unwrap()]);
+    let (code, state) = lab.egress(ns, &["apply", "--config", config.to_str().unwrap()]);
     assert_eq!(code, Some(3), "{state}");
     assert_eq!(state["locked"], false);
     assert!(state["detail"].as_str().unwrap().contains("egress.endpoints[2].port (controlPlane)"), "{state}");
 
     // nft itself failing (missing binary) is reported the same way.
     std::fs::write(&config, config_yaml()).unwrap();
-    let (code, state) = lab.egress(&ns, &["apply", "--config", config.to_str().unwrap(), "--nft", "/nonexistent/nft"]);
+    let (code, state) = lab.egress(ns, &["apply", "--config", config.to_str().unwrap(), "--nft", "/nonexistent/nft"]);
     assert_eq!(code, Some(3), "{state}");
     assert!(state["detail"].as_str().unwrap().contains("egress lock not in force"), "{state}");
     let listing = run(&mut ns.exec(["nft", "list", "ruleset"]));

@@ -48,7 +48,7 @@ async fn desktop(listener: TcpListener) {
                 let init = rfb::ServerInit {
                     width: 1024,
                     height: 768,
-                    pixel_format: noexit_gateway::rfb::PixelFormat::GATEWAY.encode().try_into().unwrap(),
+                    pixel_format: noexit_gateway::rfb::PixelFormat::GATEWAY.encode(),
                     name: b"fake".to_vec(),
                 };
                 rfb::serve_handshake(&mut s, None, &init).await?;

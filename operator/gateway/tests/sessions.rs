@@ -27,7 +27,7 @@ async fn desktop(listener: TcpListener, connections: Arc<AtomicUsize>) {
     let init = rfb::ServerInit {
         width: 64,
         height: 48,
-        pixel_format: noexit_gateway::rfb::PixelFormat::GATEWAY.encode().try_into().unwrap(),
+        pixel_format: noexit_gateway::rfb::PixelFormat::GATEWAY.encode(),
         name: b"fake".to_vec(),
     };
     loop {
