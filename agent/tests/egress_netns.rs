@@ -27,10 +27,7 @@ const SHORT: Duration = Duration::from_millis(700);
 
 /// True when the test should return early (after saying why; under NOEXIT_CI=1 it fails).
 fn skip() -> bool {
-    let mut missing = deps::missing_tools(&["ip", "nft", "ping", "sysctl"]);
-    if !deps::is_root() {
-        missing.push("root".into());
-    }
+    let missing = deps::missing_as_root(&["ip", "nft", "ping", "sysctl"]);
     !deps::ready("egress netns test", &missing, "apt-get install nftables iproute2 iputils-ping")
 }
 

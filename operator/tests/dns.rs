@@ -31,10 +31,7 @@ use noexit_test_support::process::{run, run_ok};
 use noexit_test_support::{deps, poll};
 
 fn ready() -> bool {
-    let mut missing = deps::missing_tools(&["ip", "dig", "dnsmasq", "curl", "getent"]);
-    if !deps::is_root() {
-        missing.push("root (network namespaces)".into());
-    }
+    let missing = deps::missing_as_root(&["ip", "dig", "dnsmasq", "curl", "getent"]);
     deps::ready("dns test", &missing, "hack/install-deps.sh")
 }
 

@@ -33,10 +33,7 @@ const CLIENT_ID: &str = "noexit-gateway";
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready() -> bool {
     let mut missing = browser::missing();
-    missing.extend(deps::missing_tools(&["ip", "Xvnc", "xterm", "xclip"]));
-    if !deps::is_root() {
-        missing.push("root".into());
-    }
+    missing.extend(deps::missing_as_root(&["ip", "Xvnc", "xterm", "xclip"]));
     deps::ready("gateway e2e", &missing, "run sudo hack/install-deps.sh")
 }
 

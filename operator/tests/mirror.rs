@@ -27,12 +27,7 @@ use noexit_test_support::{deps, poll};
 fn ready(needs_netns: bool) -> bool {
     let mut missing = deps::missing_tools(&["Rscript", "curl"]);
     if needs_netns {
-        if !deps::have("ip") {
-            missing.push("ip (iproute2)".into());
-        }
-        if !deps::is_root() {
-            missing.push("root (network namespaces)".into());
-        }
+        missing.extend(deps::missing_as_root(&["ip"]));
     }
     deps::ready("mirror test", &missing, "hack/install-deps.sh")
 }

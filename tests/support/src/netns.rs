@@ -198,8 +198,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     fn can_run() -> bool {
-        let missing = if crate::deps::is_root() { crate::deps::missing_tools(&["ip"]) } else { vec!["root".into()] };
-        crate::deps::ready("netns unit test", &missing, "run as root with iproute2")
+        crate::deps::ready("netns unit test", &crate::deps::missing_as_root(&["ip"]), "run as root with iproute2")
     }
 
     #[test]
