@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use noexit_test_support::netns::{self, End, Netns};
 use noexit_test_support::poll::blocking as poll;
-use support::libvirt::{Cleanup, URI, daemons, have, ok, rand_u32, sh, skip_or_fail, tiny_image};
+use support::libvirt::{Cleanup, URI, daemons, have, image_dir, ok, rand_u32, sh, skip_or_fail, tiny_image};
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
 
@@ -267,11 +267,7 @@ fn single_host_end_to_end() {
     let _cleanup = Cleanup(tag.clone());
     let dir = tempfile::tempdir().unwrap();
     // The image: the tiny kernel and initramfs, booted with the test shell on ttyS1.
-    let image = dir.path().join("image");
-    std::fs::create_dir(&image).unwrap();
-    std::fs::copy(tiny.join("vmlinuz"), image.join("vmlinuz")).unwrap();
-    std::fs::copy(tiny.join("initrd.img"), image.join("initrd.img")).unwrap();
-    std::fs::write(image.join("cmdline"), "console=ttyS0 noexit.test=1 quiet\n").unwrap();
+    let image = image_dir(&tiny, dir.path(), "console=ttyS0 noexit.test=1 quiet");
     // A dataset disk: ext4 with one file.
     let content = dir.path().join("dscontent");
     std::fs::create_dir(&content).unwrap();

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 mod support;
 
-use support::libvirt::{Cleanup, URI, daemons, have, rand_u32, skip_or_fail, tiny_image};
+use support::libvirt::{Cleanup, URI, daemons, have, image_dir, rand_u32, skip_or_fail, tiny_image};
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
 const CLI: &str = env!("CARGO_BIN_EXE_noexit");
@@ -248,11 +248,7 @@ async fn single_host_gateway_end_to_end() {
     let _cleanup = Cleanup(tag.clone());
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let image = dir.path().join("image");
-    std::fs::create_dir(&image).unwrap();
-    std::fs::copy(tiny.join("vmlinuz"), image.join("vmlinuz")).unwrap();
-    std::fs::copy(tiny.join("initrd.img"), image.join("initrd.img")).unwrap();
-    std::fs::write(image.join("cmdline"), "console=ttyS0\n").unwrap();
+    let image = image_dir(&tiny, dir.path(), "console=ttyS0");
     let file = dir.path().join("manifests.yaml");
     manifests(&file, &tag, &image, Some(true));
     let project = format!("g{tag}");
