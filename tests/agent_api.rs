@@ -21,7 +21,7 @@ use noexit_operator::controllers::revoke::{HttpRevoker, Revocation, Revoker};
 use noexit_operator::pki::Ca;
 use noexit_test_support::oidc::Issuer;
 use noexit_test_support::process::{self, Proc};
-use noexit_test_support::{net, poll};
+use noexit_test_support::{agent, net, poll};
 use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 
@@ -46,47 +46,24 @@ impl Env {
         let day = chrono::Duration::days(1);
         let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], day).unwrap();
         let ws = WorkspaceIdentity { project: "ward-7".into(), name: "alice-r".into() };
-        let agent = ca.issue_workspace_client(&ws, day).unwrap();
+        let agent_cert = ca.issue_workspace_client(&ws, day).unwrap();
         for (name, text) in [
             ("ca.crt", ca.cert_pem()),
             ("api.crt", &server.cert_pem),
             ("api.key", &server.key_pem),
-            ("agent.crt", &agent.cert_pem),
-            ("agent.key", &agent.key_pem),
+            ("agent.crt", &agent_cert.cert_pem),
+            ("agent.key", &agent_cert.key_pem),
         ] {
             std::fs::write(p.join(name), text).unwrap();
         }
-        for d in ["outbox", "spool", "root", "api-data"] {
-            std::fs::create_dir_all(p.join(d)).unwrap();
-        }
-        std::fs::write(p.join("wtmp"), b"").unwrap();
-        std::fs::write(p.join("utmp"), b"").unwrap();
+        agent::prepare(p);
+        std::fs::create_dir_all(p.join("api-data")).unwrap();
         let port = net::free_port();
         // Nothing listens on the canary port: the probe's "outside" address is refused.
         let canary = net::free_port();
-        let cfg = format!(
-            r#"workspace: {{ project: ward-7, name: alice-r }}
-controlPlane:
-  url: https://localhost:{port}
-  caFile: {p}/ca.crt
-  certFile: {p}/agent.crt
-  keyFile: {p}/agent.key
-egress:
-  resolvers: [127.0.0.53]
-  endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {port} }}]
-  desktopPort: 5901
-  canary: {{ name: outside, address: 127.0.0.1, port: {canary} }}
-outbox: {p}/outbox
-spool: {p}/spool
-mode: pod
-desktop: none
-heartbeatSeconds: 1
-"#,
-            p = p.display()
-        );
-        std::fs::write(p.join("agent.yaml"), cfg).unwrap();
+        agent::pod_config(p, port).client_cert("agent.crt", "agent.key").canary(canary).without_inbox().write();
         let db_url = format!("sqlite://{}", p.join("api.db").display());
-        Self { port, db_url, agent_serial: agent.serial, ca: Arc::new(ca), dir }
+        Self { port, db_url, agent_serial: agent_cert.serial, ca: Arc::new(ca), dir }
     }
 
     /// A new client certificate for the agent, written as a rotation does (each file replaced
@@ -142,30 +119,14 @@ heartbeatSeconds: 1
     }
 
     fn start_agent(&self) -> Proc {
-        let mut cmd = Command::new(bin("noexit-agent"));
-        cmd.arg("--config")
-            .arg(self.path("agent.yaml"))
-            .arg("run")
-            .arg("--wtmp")
-            .arg(self.path("wtmp"))
-            .arg("--utmp")
-            .arg(self.path("utmp"))
-            .arg("--root")
-            .arg(self.path("root"))
-            .args(["--outbox-interval", "1", "--guard-interval", "1"])
-            .env("RUST_LOG", "info");
+        let mut cmd = agent::run_command(&bin("noexit-agent"), self.dir.path());
+        cmd.args(["--outbox-interval", "1", "--guard-interval", "1"]).env("RUST_LOG", "info");
         Proc::spawn(&mut cmd, self.path("agent.log"))
     }
 
     /// `noexit-agent session <action> --user alice`, as the desktop's session scripts call it.
     fn hook(&self, action: &str) {
-        let out = Command::new(bin("noexit-agent"))
-            .arg("--config")
-            .arg(self.path("agent.yaml"))
-            .args(["session", action, "--user", "alice", "--session", ":1", "--source", "10.9.8.7"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "hook failed: {}", String::from_utf8_lossy(&out.stderr));
+        agent::session_hook(&bin("noexit-agent"), self.dir.path(), action, "alice");
     }
 
     /// Login and logout records of `n` terminal sessions, appended to wtmp at once.

@@ -26,6 +26,7 @@ use noexit_e2e::{
     Example, Run, apply, apply_admitted, as_user, cluster, dev_env, kubectl, kubectl_stdin, refusal, repo, run,
     wait_for, with_project,
 };
+use noexit_test_support::agent;
 use serde_json::json;
 
 const SHORT: Duration = Duration::from_secs(60);
@@ -872,42 +873,19 @@ async fn the_real_agent_reports_through_the_api_and_the_workspace_runs() -> anyh
             let value = data.get(key).ok_or_else(|| anyhow::anyhow!("Secret ws-alice-r-agent has no {key}"))?;
             std::fs::write(p.join(key), &value.0)?;
         }
-        for d in ["outbox", "spool", "root"] {
-            std::fs::create_dir_all(p.join(d))?;
-        }
-        std::fs::write(p.join("wtmp"), b"")?;
-        std::fs::write(p.join("utmp"), b"")?;
+        agent::prepare(p);
         let api = dev_env("NOEXIT_DEV_API")?;
-        let api_port = api.rsplit(':').next().unwrap_or_default().to_owned();
-        let config = format!(
-            "workspace: {{ project: {project}, name: alice-r }}
-controlPlane: {{ url: {api}, caFile: {p}/ca.crt, certFile: {p}/tls.crt, keyFile: {p}/tls.key }}
-egress:
-  resolvers: [127.0.0.53]
-  endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {api_port} }}]
-  desktopPort: 5901
-  canary: {{ name: outside, address: 127.0.0.1, port: {canary} }}
-outbox: {p}/outbox
-spool: {p}/spool
-mode: pod
-desktop: none
-heartbeatSeconds: 1
-",
-            p = p.display(),
-            canary = closed_port()?,
-        );
-        std::fs::write(p.join("agent.yaml"), config)?;
+        let api_port = api.rsplit(':').next().unwrap_or_default();
+        let api_port: u16 =
+            api_port.parse().map_err(|e| anyhow::anyhow!("NOEXIT_DEV_API {api}: port {api_port}: {e}"))?;
+        agent::pod_config(p, api_port)
+            .project(&project)
+            .control_plane_url(&api)
+            .canary(closed_port()?)
+            .without_inbox()
+            .write();
         let log = std::fs::File::create(p.join("agent.log"))?;
-        let mut agent = tokio::process::Command::new(repo().join("target/debug/noexit-agent"))
-            .arg("--config")
-            .arg(p.join("agent.yaml"))
-            .arg("run")
-            .arg("--wtmp")
-            .arg(p.join("wtmp"))
-            .arg("--utmp")
-            .arg(p.join("utmp"))
-            .arg("--root")
-            .arg(p.join("root"))
+        let mut agent = tokio::process::Command::from(agent::run_command(&repo().join("target/debug/noexit-agent"), p))
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)

@@ -8,15 +8,16 @@
 //!
 //!   cargo test -p noexit-agent --test egress_netns -- --nocapture
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use noexit_test_support::deps;
+use noexit_test_support::netns::{self, End, Netns};
+use noexit_test_support::process::run;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-egress");
@@ -24,37 +25,16 @@ const SHORT: Duration = Duration::from_millis(700);
 
 // ---- environment ---------------------------------------------------------------------------
 
-/// `Some(reason)` when this machine cannot run the test.
-fn missing_tools() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    for (tool, arg) in [("ip", "-V"), ("nft", "--version"), ("ping", "-V"), ("sysctl", "-V")] {
-        if !Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success()) {
-            return Some(format!("`{tool}` not available (apt-get install nftables iproute2 iputils-ping)"));
-        }
-    }
-    None
-}
-
-/// True when the test should return early (after saying why).
+/// True when the test should return early (after saying why; under NOEXIT_CI=1 it fails).
 fn skip() -> bool {
-    let Some(reason) = missing_tools() else { return false };
-    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
-        panic!("egress netns test cannot run: {reason} (NOEXIT_CI=1 forbids skipping)");
-    }
-    eprintln!("SKIPPED egress netns test: {reason}");
-    true
+    let missing = deps::missing_as_root(&["ip", "nft", "ping", "sysctl"]);
+    !deps::ready("egress netns test", &missing, "apt-get install nftables iproute2 iputils-ping")
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn sh(args: &[&str]) {
-    let out = run(Command::new(args[0]).args(&args[1..]));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+/// `nft <args>` inside `ns`, failing the test when it fails.
+fn nft(ns: &Netns, args: &[&str]) {
+    let out = run(ns.exec(["nft"]).args(args));
+    assert!(out.status.success(), "nft {args:?} in {ns} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 // ---- the lab -------------------------------------------------------------------------------
@@ -97,58 +77,41 @@ impl Host {
     }
 }
 
-/// Namespaces of one test; deleted on drop, also when an assertion failed.
+/// Namespaces of one test, by role; deleted on drop, also when an assertion failed.
 struct Lab {
     prefix: String,
-    created: Vec<String>,
+    namespaces: Vec<(String, Netns)>,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.created {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
 }
 
 impl Lab {
     fn new(tag: &str) -> Self {
-        Self {
-            prefix: format!("nx{}{tag}", std::process::id()),
-            created: Vec::new(),
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Self { prefix: format!("nx{}{tag}", netns::tag()), namespaces: Vec::new(), dir: tempfile::tempdir().unwrap() }
     }
 
-    fn ns(&self, role: &str) -> String {
-        format!("{}-{role}", self.prefix)
+    fn ns(&self, role: &str) -> &Netns {
+        self.namespaces.iter().find(|(r, _)| r == role).map(|(_, ns)| ns).unwrap_or_else(|| panic!("no {role}"))
     }
 
-    fn add_ns(&mut self, role: &str) -> String {
-        let ns = self.ns(role);
-        sh(&["ip", "netns", "add", &ns]);
-        self.created.push(ns.clone());
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    fn add_ns(&mut self, role: &str) {
+        let ns = Netns::new(format!("{}-{role}", self.prefix));
         // Links made from now on skip duplicate address detection (link-local included).
-        sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
-        ns
+        ns.sysctl("net.ipv6.conf.default.accept_dad=0");
+        self.namespaces.push((role.to_owned(), ns));
     }
 
     /// Workspace plus every host, linked and addressed (IPv6 without duplicate address
     /// detection, so addresses are usable at once).
     fn build(tag: &str) -> Self {
         let mut lab = Self::new(tag);
-        let ws = lab.add_ns("ws");
+        lab.add_ns("ws");
         for host in HOSTS {
-            let ns = lab.add_ns(host.role());
+            lab.add_ns(host.role());
             let i = host as u8;
             let ws_if = format!("to-{}", host.role());
-            sh(&["ip", "link", "add", &ws_if, "netns", &ws, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
-            for (n, dev, last) in [(&ws, ws_if.as_str(), 1), (&ns, "eth0", 2)] {
-                sh(&["ip", "-n", n, "addr", "add", &format!("10.77.{i}.{last}/24"), "dev", dev]);
-                sh(&["ip", "-n", n, "-6", "addr", "add", &format!("fd77:{i}::{last}/64"), "dev", dev, "nodad"]);
-                sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+            let (ws_end, host_end) = netns::veth(End::In(lab.ws(), &ws_if), End::In(lab.host_ns(host), "eth0"));
+            for (link, last) in [(ws_end, 1), (host_end, 2)] {
+                link.addr(&format!("10.77.{i}.{last}/24")).addr(&format!("fd77:{i}::{last}/64")).up();
             }
         }
         // A veth link needs a moment before it carries traffic: poll until every host
@@ -156,7 +119,7 @@ impl Lab {
         for host in HOSTS {
             for ip in [host.v4(), host.v6()] {
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while !ping(&ws, ip) {
+                while !ping(lab.ws(), ip) {
                     assert!(Instant::now() < deadline, "lab: {ip} ({}) never answered", host.role());
                 }
             }
@@ -164,11 +127,11 @@ impl Lab {
         lab
     }
 
-    fn host_ns(&self, host: Host) -> String {
+    fn host_ns(&self, host: Host) -> &Netns {
         self.ns(host.role())
     }
 
-    fn ws(&self) -> String {
+    fn ws(&self) -> &Netns {
         self.ns("ws")
     }
 
@@ -177,8 +140,8 @@ impl Lab {
     }
 
     /// `noexit-egress` inside namespace `ns`.
-    fn egress(&self, ns: &str, args: &[&str]) -> (Option<i32>, Value) {
-        let out = run(Command::new("ip").args(["netns", "exec", ns, BIN]).args(args));
+    fn egress(&self, ns: &Netns, args: &[&str]) -> (Option<i32>, Value) {
+        let out = run(ns.exec([BIN]).args(args));
         let stdout = String::from_utf8_lossy(&out.stdout);
         let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
             panic!("noexit-egress {args:?}: {e}\nstdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
@@ -217,23 +180,9 @@ desktop: vnc
 
 // ---- sockets inside namespaces -------------------------------------------------------------
 
-/// Runs `f` on a thread that has entered network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: a valid namespace fd; only this thread changes namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
-}
-
 /// TCP listener on `[::]:port` in `ns` (both IPv4 and IPv6) answering `hello <tag>`.
-fn serve_tcp(ns: &str, port: u16, tag: &'static str) {
-    let listener = in_netns(ns, move || TcpListener::bind(("::", port)).unwrap());
+fn serve_tcp(ns: &Netns, port: u16, tag: &'static str) {
+    let listener = ns.enter(move || TcpListener::bind(("::", port)).unwrap());
     std::thread::spawn(move || {
         for mut s in listener.incoming().flatten() {
             let _ = s.write_all(format!("hello {tag}").as_bytes());
@@ -243,8 +192,8 @@ fn serve_tcp(ns: &str, port: u16, tag: &'static str) {
 
 /// UDP responder on `[::]:port` in `ns`: answers every datagram with `<tag>:<datagram>`
 /// (a stand-in for a DNS server: the wall only looks at addresses and ports).
-fn serve_udp(ns: &str, port: u16, tag: &'static str) {
-    let socket = in_netns(ns, move || UdpSocket::bind(("::", port)).unwrap());
+fn serve_udp(ns: &Netns, port: u16, tag: &'static str) {
+    let socket = ns.enter(move || UdpSocket::bind(("::", port)).unwrap());
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
@@ -255,8 +204,8 @@ fn serve_udp(ns: &str, port: u16, tag: &'static str) {
 }
 
 /// Echo server on `[::]:port` in `ns`, one thread per connection.
-fn serve_echo(ns: &str, port: u16) {
-    let listener = in_netns(ns, move || TcpListener::bind(("::", port)).unwrap());
+fn serve_echo(ns: &Netns, port: u16) {
+    let listener = ns.enter(move || TcpListener::bind(("::", port)).unwrap());
     std::thread::spawn(move || {
         for mut s in listener.incoming().flatten() {
             std::thread::spawn(move || {
@@ -272,8 +221,8 @@ fn serve_echo(ns: &str, port: u16) {
 }
 
 /// A connection from `ns` kept open across steps (the socket stays in `ns`).
-fn hold(ns: &str, ip: IpAddr, port: u16) -> TcpStream {
-    let s = in_netns(ns, move || TcpStream::connect_timeout(&SocketAddr::new(ip, port), SHORT).unwrap());
+fn hold(ns: &Netns, ip: IpAddr, port: u16) -> TcpStream {
+    let s = ns.enter(move || TcpStream::connect_timeout(&SocketAddr::new(ip, port), SHORT).unwrap());
     s.set_read_timeout(Some(SHORT)).unwrap();
     s.set_write_timeout(Some(SHORT)).unwrap();
     s
@@ -286,8 +235,8 @@ fn echoes(mut s: &TcpStream) -> bool {
 }
 
 /// Connects from `ns`; `Ok(greeting)` or the error text.
-fn tcp(ns: &str, ip: IpAddr, port: u16) -> Result<String, String> {
-    in_netns(ns, move || {
+fn tcp(ns: &Netns, ip: IpAddr, port: u16) -> Result<String, String> {
+    ns.enter(move || {
         let mut s = TcpStream::connect_timeout(&SocketAddr::new(ip, port), SHORT).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(SHORT)).map_err(|e| e.to_string())?;
         let mut got = String::new();
@@ -297,8 +246,8 @@ fn tcp(ns: &str, ip: IpAddr, port: u16) -> Result<String, String> {
 }
 
 /// One datagram from `ns` and its answer, or the error text (refused at send or no answer).
-fn udp(ns: &str, ip: IpAddr, port: u16) -> Result<String, String> {
-    in_netns(ns, move || {
+fn udp(ns: &Netns, ip: IpAddr, port: u16) -> Result<String, String> {
+    ns.enter(move || {
         let s = UdpSocket::bind(if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(SHORT)).map_err(|e| e.to_string())?;
         s.send_to(b"query", (ip, port)).map_err(|e| e.to_string())?;
@@ -308,10 +257,8 @@ fn udp(ns: &str, ip: IpAddr, port: u16) -> Result<String, String> {
     })
 }
 
-fn ping(ns: &str, ip: IpAddr) -> bool {
-    run(Command::new("ip").args(["netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "1", &ip.to_string()]))
-        .status
-        .success()
+fn ping(ns: &Netns, ip: IpAddr) -> bool {
+    run(&mut ns.exec(["ping", "-n", "-c", "1", "-W", "1", &ip.to_string()])).status.success()
 }
 
 // ---- assertions ----------------------------------------------------------------------------
@@ -322,20 +269,20 @@ fn forbidden(lab: &Lab) -> Vec<(String, bool)> {
     let ws = lab.ws();
     let mut out = Vec::new();
     let mut add = |what: String, reached: bool| out.push((what, reached));
-    add("tcp outside:443".into(), tcp(&ws, Outside.v4(), 443).is_ok());
-    add("tcp outside v6:443".into(), tcp(&ws, Outside.v6(), 443).is_ok());
-    add("tcp mirror:8080 (port not allowed)".into(), tcp(&ws, Mirror.v4(), 8080).is_ok());
-    add("udp outside:9999".into(), udp(&ws, Outside.v4(), 9999).is_ok());
-    add("udp outside v6:9999".into(), udp(&ws, Outside.v6(), 9999).is_ok());
-    add("dns udp outside".into(), udp(&ws, Outside.v4(), 53).is_ok());
-    add("dns tcp outside".into(), tcp(&ws, Outside.v4(), 53).is_ok());
-    add("dns udp second resolver".into(), udp(&ws, Resolver2.v4(), 53).is_ok());
-    add("dns tcp second resolver".into(), tcp(&ws, Resolver2.v4(), 53).is_ok());
-    add("dns udp second resolver v6".into(), udp(&ws, Resolver2.v6(), 53).is_ok());
-    add("icmp outside".into(), ping(&ws, Outside.v4()));
-    add("icmp v6 outside".into(), ping(&ws, Outside.v6()));
-    add("icmp mirror".into(), ping(&ws, Mirror.v4()));
-    add("desktop from outside".into(), tcp(&lab.host_ns(Outside), Outside.ws_v4(), 5901).is_ok());
+    add("tcp outside:443".into(), tcp(ws, Outside.v4(), 443).is_ok());
+    add("tcp outside v6:443".into(), tcp(ws, Outside.v6(), 443).is_ok());
+    add("tcp mirror:8080 (port not allowed)".into(), tcp(ws, Mirror.v4(), 8080).is_ok());
+    add("udp outside:9999".into(), udp(ws, Outside.v4(), 9999).is_ok());
+    add("udp outside v6:9999".into(), udp(ws, Outside.v6(), 9999).is_ok());
+    add("dns udp outside".into(), udp(ws, Outside.v4(), 53).is_ok());
+    add("dns tcp outside".into(), tcp(ws, Outside.v4(), 53).is_ok());
+    add("dns udp second resolver".into(), udp(ws, Resolver2.v4(), 53).is_ok());
+    add("dns tcp second resolver".into(), tcp(ws, Resolver2.v4(), 53).is_ok());
+    add("dns udp second resolver v6".into(), udp(ws, Resolver2.v6(), 53).is_ok());
+    add("icmp outside".into(), ping(ws, Outside.v4()));
+    add("icmp v6 outside".into(), ping(ws, Outside.v6()));
+    add("icmp mirror".into(), ping(ws, Mirror.v4()));
+    add("desktop from outside".into(), tcp(lab.host_ns(Outside), Outside.ws_v4(), 5901).is_ok());
     out
 }
 
@@ -343,12 +290,12 @@ fn assert_allowed_paths_work(lab: &Lab, when: &str) {
     use Host::*;
     let ws = lab.ws();
     let checks = [
-        ("tcp mirror:443", tcp(&ws, Mirror.v4(), 443), "hello mirror"),
-        ("tcp mirror v6:443", tcp(&ws, Mirror.v6(), 443), "hello mirror"),
-        ("tcp control plane:8443", tcp(&ws, ControlPlane.v4(), 8443), "hello cp"),
-        ("dns udp resolver", udp(&ws, Resolver.v4(), 53), "dns:query"),
-        ("dns tcp resolver", tcp(&ws, Resolver.v4(), 53), "hello dns"),
-        ("desktop from gateway", tcp(&lab.host_ns(Gateway), Gateway.ws_v4(), 5901), "hello desktop"),
+        ("tcp mirror:443", tcp(ws, Mirror.v4(), 443), "hello mirror"),
+        ("tcp mirror v6:443", tcp(ws, Mirror.v6(), 443), "hello mirror"),
+        ("tcp control plane:8443", tcp(ws, ControlPlane.v4(), 8443), "hello cp"),
+        ("dns udp resolver", udp(ws, Resolver.v4(), 53), "dns:query"),
+        ("dns tcp resolver", tcp(ws, Resolver.v4(), 53), "hello dns"),
+        ("desktop from gateway", tcp(lab.host_ns(Gateway), Gateway.ws_v4(), 5901), "hello desktop"),
     ];
     let broken: Vec<String> = checks
         .into_iter()
@@ -366,7 +313,7 @@ fn diagnose(lab: &Lab) -> String {
         (lab.ws(), vec!["ip", "-6", "neigh"]),
         (lab.host_ns(Host::Mirror), vec!["ip", "-6", "neigh"]),
     ] {
-        let o = run(Command::new("ip").args(["netns", "exec", &ns]).args(&args));
+        let o = run(&mut ns.exec(&args));
         out.push_str(&format!("--- {ns}: {}\n{}\n", args.join(" "), String::from_utf8_lossy(&o.stdout)));
     }
     out
@@ -427,20 +374,20 @@ fn egress_lock_holds_in_network_namespaces() {
     use Host::*;
     let lab = Lab::build("a");
     let ws = lab.ws();
-    serve_tcp(&lab.host_ns(Mirror), 443, "mirror");
-    serve_tcp(&lab.host_ns(Mirror), 8080, "mirror-other-port");
-    serve_tcp(&lab.host_ns(ControlPlane), 8443, "cp");
-    serve_tcp(&lab.host_ns(Outside), 443, "outside");
-    serve_tcp(&lab.host_ns(Outside), 53, "outside-dns");
-    serve_udp(&lab.host_ns(Outside), 9999, "outside");
-    serve_udp(&lab.host_ns(Outside), 53, "outside-dns");
+    serve_tcp(lab.host_ns(Mirror), 443, "mirror");
+    serve_tcp(lab.host_ns(Mirror), 8080, "mirror-other-port");
+    serve_tcp(lab.host_ns(ControlPlane), 8443, "cp");
+    serve_tcp(lab.host_ns(Outside), 443, "outside");
+    serve_tcp(lab.host_ns(Outside), 53, "outside-dns");
+    serve_udp(lab.host_ns(Outside), 9999, "outside");
+    serve_udp(lab.host_ns(Outside), 53, "outside-dns");
     for (host, tag) in [(Resolver, "dns"), (Resolver2, "dns2")] {
-        serve_tcp(&lab.host_ns(host), 53, tag);
-        serve_udp(&lab.host_ns(host), 53, tag);
+        serve_tcp(lab.host_ns(host), 53, tag);
+        serve_udp(lab.host_ns(host), 53, tag);
     }
-    serve_tcp(&ws, 5901, "desktop");
-    serve_echo(&lab.host_ns(Outside), 7);
-    serve_echo(&lab.host_ns(ControlPlane), 7);
+    serve_tcp(ws, 5901, "desktop");
+    serve_echo(lab.host_ns(Outside), 7);
+    serve_echo(lab.host_ns(ControlPlane), 7);
     let config = lab.path("agent.yaml");
     std::fs::write(&config, config_yaml()).unwrap();
     let config = config.to_str().unwrap();
@@ -449,14 +396,14 @@ fn egress_lock_holds_in_network_namespaces() {
     let open: Vec<String> = forbidden(&lab).into_iter().filter(|(_, r)| !*r).map(|(w, _)| w).collect();
     assert!(open.is_empty(), "lab broken, unreachable before the lock: {open:?}");
     assert_allowed_paths_work(&lab, "before the lock");
-    let opened_before = hold(&ws, Outside.v4(), 7);
+    let opened_before = hold(ws, Outside.v4(), 7);
     assert!(echoes(&opened_before));
     // The pod-mode probe sees the open wall for what it is.
-    let (code, probe) = lab.egress(&ws, &["probe", "--config", config]);
+    let (code, probe) = lab.egress(ws, &["probe", "--config", config]);
     assert_eq!(code, Some(3), "{probe}");
     assert!(probe["detail"].as_str().unwrap().contains("is reachable: the network wall is open"), "{probe}");
 
-    let (code, state) = lab.egress(&ws, &["apply", "--config", config]);
+    let (code, state) = lab.egress(ws, &["apply", "--config", config]);
     assert_eq!(code, Some(0), "{state}");
     assert_eq!(state["locked"], true, "{state}");
     assert_eq!(state["mode"], "vm");
@@ -464,7 +411,7 @@ fn egress_lock_holds_in_network_namespaces() {
     assert_allowed_paths_work(&lab, "after apply");
     assert_all_blocked(&lab, "after apply");
     // A blocked TCP connection fails at once with a clear error instead of hanging.
-    let err = tcp(&ws, Outside.v4(), 443).unwrap_err();
+    let err = tcp(ws, Outside.v4(), 443).unwrap_err();
     assert!(err.contains("No route to host") || err.contains("not permitted"), "{err}");
 
     // A connection opened before the lock does not survive it: only flows that started
@@ -472,11 +419,11 @@ fn egress_lock_holds_in_network_namespaces() {
     assert!(!echoes(&opened_before), "a flow from before the lock still gets out");
 
     // The live table equals the plan exactly (a fresh process has only the plan to go by).
-    let (code, check) = lab.egress(&ws, &["check", "--config", config]);
+    let (code, check) = lab.egress(ws, &["check", "--config", config]);
     assert_eq!((code, &check["outcome"]), (Some(0), &Value::from("intact")), "{check}");
 
     // Pod-mode probe from the same place: canary blocked, mirror reachable.
-    let (code, probe) = lab.egress(&ws, &["probe", "--config", config]);
+    let (code, probe) = lab.egress(ws, &["probe", "--config", config]);
     assert_eq!(code, Some(0), "{probe}");
     assert_eq!(probe["mode"], "pod");
     assert!(probe["detail"].as_str().unwrap().contains("canary outside 10.77.3.2:443 blocked"), "{probe}");
@@ -484,29 +431,29 @@ fn egress_lock_holds_in_network_namespaces() {
     // A rule slipped in by hand is found and removed by `check`.
     // (Both directions: replies of an unmarked flow are not let in either.)
     for chain in ["output", "input"] {
-        sh(&["ip", "netns", "exec", &ws, "nft", "insert", "rule", "inet", "noexit", chain, "accept"]);
+        nft(ws, &["insert", "rule", "inet", "noexit", chain, "accept"]);
     }
-    assert!(tcp(&ws, Outside.v4(), 443).is_ok(), "the inserted rules should open the wall");
-    let (code, check) = lab.egress(&ws, &["check", "--config", config]);
+    assert!(tcp(ws, Outside.v4(), 443).is_ok(), "the inserted rules should open the wall");
+    let (code, check) = lab.egress(ws, &["check", "--config", config]);
     assert_eq!((code, &check["outcome"]), (Some(0), &Value::from("restored")), "{check}");
     assert!(check["tamper"].as_str().unwrap().contains("chain output"), "{check}");
     assert_all_blocked(&lab, "after check restored an inserted rule");
 
     // Whatever is opened while the table is gone is cut when it comes back; allowed flows
     // opened under the lock keep working across the restore.
-    let allowed = hold(&ws, ControlPlane.v4(), 7);
+    let allowed = hold(ws, ControlPlane.v4(), 7);
     assert!(echoes(&allowed));
-    sh(&["ip", "netns", "exec", &ws, "nft", "flush", "ruleset"]);
-    let opened_in_gap = hold(&ws, Outside.v4(), 7);
+    nft(ws, &["flush", "ruleset"]);
+    let opened_in_gap = hold(ws, Outside.v4(), 7);
     assert!(echoes(&opened_in_gap));
-    let (_, check) = lab.egress(&ws, &["check", "--config", config]);
+    let (_, check) = lab.egress(ws, &["check", "--config", config]);
     assert_eq!(check["outcome"], "restored", "{check}");
     assert!(!echoes(&opened_in_gap), "a flow opened while the table was gone survived the restore");
     assert!(echoes(&allowed), "an allowed flow was cut by the restore");
 
     // The watcher: flush everything by hand, it is put back and reported as tamper.
-    let mut watcher = Command::new("ip")
-        .args(["netns", "exec", &ws, BIN, "watch", "--config", config])
+    let mut watcher = ws
+        .exec([BIN, "watch", "--config", config])
         .args(["--interval-ms", "200", "--report-every-ms", "300"])
         .stdout(Stdio::piped())
         .spawn()
@@ -514,17 +461,17 @@ fn egress_lock_holds_in_network_namespaces() {
     let rx = lines_of(&mut watcher);
     let _reaper = Reaper(watcher);
     wait_for(&rx, "locked state", Duration::from_secs(10), |v| v["event"] == "state" && v["state"]["locked"] == true);
-    sh(&["ip", "netns", "exec", &ws, "nft", "flush", "ruleset"]);
+    nft(ws, &["flush", "ruleset"]);
     let v = wait_for(&rx, "tamper violation", Duration::from_secs(10), |v| v["violation"]["kind"] == "tamper");
     assert!(v["violation"]["detail"].as_str().unwrap().contains("is gone"), "{v}");
-    let (_, check) = lab.egress(&ws, &["check", "--config", config]);
+    let (_, check) = lab.egress(ws, &["check", "--config", config]);
     assert_eq!(check["outcome"], "intact", "{check}");
     assert_all_blocked(&lab, "after the watcher restored a flushed ruleset");
     assert_allowed_paths_work(&lab, "after the watcher restored a flushed ruleset");
 
     // Blocked attempts are counted and reported as one summed, rate-limited violation.
     for _ in 0..3 {
-        assert!(tcp(&ws, Outside.v4(), 443).is_err());
+        assert!(tcp(ws, Outside.v4(), 443).is_err());
     }
     // Earlier drops may share a report with these; the sum must cover at least these three.
     let mut reported = 0;
@@ -536,7 +483,7 @@ fn egress_lock_holds_in_network_namespaces() {
     }
 
     // A failing apply (here: nft cannot run) reports not locked and leaves the table alone.
-    let (code, state) = lab.egress(&ws, &["apply", "--config", config, "--nft", "/bin/false"]);
+    let (code, state) = lab.egress(ws, &["apply", "--config", config, "--nft", "/bin/false"]);
     assert_eq!(code, Some(3), "{state}");
     assert_eq!(state["locked"], false, "{state}");
     assert!(state["detail"].as_str().unwrap().contains("applying the egress table"), "{state}");
@@ -549,29 +496,30 @@ fn apply_failure_reports_not_locked_and_opens_nothing() {
         return;
     }
     let mut lab = Lab::new("b");
-    let ns = lab.add_ns("ws");
+    lab.add_ns("ws");
+    let ns = lab.ws();
     let config = lab.path("agent.yaml");
     // A config the plan refuses (port 0) never reaches nft.
     std::fs::write(&config, config_yaml().replace("port: 8443", "port: 0")).unwrap();
-    let (code, state) = lab.egress(&ns, &["apply", "--config", config.to_str().unwrap()]);
+    let (code, state) = lab.egress(ns, &["apply", "--config", config.to_str().unwrap()]);
     assert_eq!(code, Some(3), "{state}");
     assert_eq!(state["locked"], false);
     assert!(state["detail"].as_str().unwrap().contains("egress.endpoints[2].port (controlPlane)"), "{state}");
 
     // nft itself failing (missing binary) is reported the same way.
     std::fs::write(&config, config_yaml()).unwrap();
-    let (code, state) = lab.egress(&ns, &["apply", "--config", config.to_str().unwrap(), "--nft", "/nonexistent/nft"]);
+    let (code, state) = lab.egress(ns, &["apply", "--config", config.to_str().unwrap(), "--nft", "/nonexistent/nft"]);
     assert_eq!(code, Some(3), "{state}");
     assert!(state["detail"].as_str().unwrap().contains("egress lock not in force"), "{state}");
-    let listing = run(Command::new("ip").args(["netns", "exec", &ns, "nft", "list", "ruleset"]));
+    let listing = run(&mut ns.exec(["nft", "list", "ruleset"]));
     assert!(String::from_utf8_lossy(&listing.stdout).trim().is_empty(), "nothing may be half-applied");
 }
 
 /// Sends one ICMPv6 neighbour solicitation for `to` from `ns` with the given hop limit (raw
 /// socket; needs root). `Err` carries the sender's error (the lock rejects with `EPERM`).
-fn send_neighbour_solicitation(ns: &str, to: IpAddr, hops: i32) -> Result<(), String> {
+fn send_neighbour_solicitation(ns: &Netns, to: IpAddr, hops: i32) -> Result<(), String> {
     let IpAddr::V6(to) = to else { panic!("{to} is not IPv6") };
-    in_netns(ns, move || {
+    ns.enter(move || {
         // SAFETY: plain socket calls on a descriptor this closure owns and closes; every pointer
         // passed points to a live local of the size given.
         unsafe {
@@ -600,8 +548,8 @@ fn send_neighbour_solicitation(ns: &str, to: IpAddr, hops: i32) -> Result<(), St
 }
 
 /// Whether the workspace holds our table with its final rule (fully applied).
-fn table_in_force(ns: &str) -> bool {
-    let out = run(Command::new("ip").args(["netns", "exec", ns, "nft", "list", "table", "inet", "noexit"]));
+fn table_in_force(ns: &Netns) -> bool {
+    let out = run(&mut ns.exec(["nft", "list", "table", "inet", "noexit"]));
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains("noexit: blocked")
 }
 
@@ -613,48 +561,22 @@ fn the_lock_replaces_a_table_tampered_before_it_started_and_restores_a_flush_at_
     use Host::*;
     let lab = Lab::build("c");
     let ws = lab.ws();
-    serve_tcp(&lab.host_ns(Outside), 443, "outside");
-    serve_tcp(&lab.host_ns(Mirror), 443, "mirror");
+    serve_tcp(lab.host_ns(Outside), 443, "outside");
+    serve_tcp(lab.host_ns(Mirror), 443, "mirror");
     let config = lab.path("agent.yaml");
     std::fs::write(&config, config_yaml()).unwrap();
     let config = config.to_str().unwrap();
 
     // Before the agent starts, someone (root in the guest) left a table of the same name that
     // lets everything out, with rule comments copied from ours.
-    sh(&["ip", "netns", "exec", &ws, "nft", "add", "table", "inet", "noexit"]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ws,
-        "nft",
-        "add",
-        "chain",
-        "inet",
-        "noexit",
-        "output",
-        "{ type filter hook output priority 0; policy accept; }",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ws,
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "noexit",
-        "output",
-        "accept",
-        "comment",
-        "\"noexit: blocked\"",
-    ]);
-    assert!(tcp(&ws, Outside.v4(), 443).is_ok(), "the planted table should let traffic out");
+    nft(ws, &["add", "table", "inet", "noexit"]);
+    nft(ws, &["add", "chain", "inet", "noexit", "output", "{ type filter hook output priority 0; policy accept; }"]);
+    nft(ws, &["add", "rule", "inet", "noexit", "output", "accept", "comment", "\"noexit: blocked\""]);
+    assert!(tcp(ws, Outside.v4(), 443).is_ok(), "the planted table should let traffic out");
 
     // The interval is an hour: only the kernel's change notifications can make it react.
-    let mut watcher = Command::new("ip")
-        .args(["netns", "exec", &ws, BIN, "watch", "--config", config])
+    let mut watcher = ws
+        .exec([BIN, "watch", "--config", config])
         .args(["--interval-ms", "3600000"])
         .stdout(Stdio::piped())
         .spawn()
@@ -663,23 +585,23 @@ fn the_lock_replaces_a_table_tampered_before_it_started_and_restores_a_flush_at_
     let _reaper = Reaper(watcher);
     wait_for(&rx, "locked state", Duration::from_secs(10), |v| v["event"] == "state" && v["state"]["locked"] == true);
     // Replaced, not adopted: a fresh process comparing with the plan finds it intact.
-    let (code, check) = lab.egress(&ws, &["check", "--config", config]);
+    let (code, check) = lab.egress(ws, &["check", "--config", config]);
     assert_eq!((code, &check["outcome"]), (Some(0), &Value::from("intact")), "{check}");
-    assert!(tcp(&ws, Outside.v4(), 443).is_err(), "the planted table was adopted");
-    assert_eq!(tcp(&ws, Mirror.v4(), 443).as_deref(), Ok("hello mirror"));
+    assert!(tcp(ws, Outside.v4(), 443).is_err(), "the planted table was adopted");
+    assert_eq!(tcp(ws, Mirror.v4(), 443).as_deref(), Ok("hello mirror"));
 
     // Neighbour discovery passes only with hop limit 255: a neighbour solicitation with any
     // other hop limit (one a router would forward) is refused like any other packet.
-    assert_eq!(send_neighbour_solicitation(&ws, Outside.v6(), 255), Ok(()));
-    let err = send_neighbour_solicitation(&ws, Outside.v6(), 64).unwrap_err();
+    assert_eq!(send_neighbour_solicitation(ws, Outside.v6(), 255), Ok(()));
+    let err = send_neighbour_solicitation(ws, Outside.v6(), 64).unwrap_err();
     assert!(err.contains("not permitted"), "{err}");
 
     // A flush is put back well under a second later (bounded poll), and reported.
     for attempt in 0..3 {
         let flushed = Instant::now();
-        sh(&["ip", "netns", "exec", &ws, "nft", "flush", "ruleset"]);
+        nft(ws, &["flush", "ruleset"]);
         let deadline = flushed + Duration::from_secs(5);
-        while !table_in_force(&ws) {
+        while !table_in_force(ws) {
             assert!(Instant::now() < deadline, "flush not restored within 5 s");
         }
         let took = flushed.elapsed();
@@ -690,12 +612,12 @@ fn the_lock_replaces_a_table_tampered_before_it_started_and_restores_a_flush_at_
     }
     // A rule slipped in is removed as quickly.
     let inserted = Instant::now();
-    sh(&["ip", "netns", "exec", &ws, "nft", "insert", "rule", "inet", "noexit", "output", "accept"]);
+    nft(ws, &["insert", "rule", "inet", "noexit", "output", "accept"]);
     let v = wait_for(&rx, "tamper violation", Duration::from_secs(5), |v| v["violation"]["kind"] == "tamper");
     assert!(v["violation"]["detail"].as_str().unwrap().contains("chain output"), "{v}");
     println!("inserted rule removed after {} ms", inserted.elapsed().as_millis());
     assert!(inserted.elapsed() < Duration::from_millis(1000));
-    let (_, check) = lab.egress(&ws, &["check", "--config", config]);
+    let (_, check) = lab.egress(ws, &["check", "--config", config]);
     assert_eq!(check["outcome"], "intact", "{check}");
     assert_all_blocked_minimal(&lab);
 }
@@ -703,6 +625,6 @@ fn the_lock_replaces_a_table_tampered_before_it_started_and_restores_a_flush_at_
 /// The outside host is unreachable (a short form of [`assert_all_blocked`] for labs that serve
 /// only a few ports).
 fn assert_all_blocked_minimal(lab: &Lab) {
-    assert!(tcp(&lab.ws(), Host::Outside.v4(), 443).is_err(), "outside reachable");
-    assert!(tcp(&lab.ws(), Host::Outside.v6(), 443).is_err(), "outside v6 reachable");
+    assert!(tcp(lab.ws(), Host::Outside.v4(), 443).is_err(), "outside reachable");
+    assert!(tcp(lab.ws(), Host::Outside.v6(), 443).is_err(), "outside v6 reachable");
 }

@@ -21,56 +21,18 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
-use noexit_test_support::poll;
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use noexit_test_support::netns::{self, End, Netns};
+use noexit_test_support::process::{run, run_ok};
+use noexit_test_support::{deps, poll};
 
 fn ready() -> bool {
-    let mut missing: Vec<&str> = ["ip", "dig", "dnsmasq", "curl", "getent"].into_iter().filter(|t| !have(t)).collect();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (network namespaces)");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("dns test needs {} (hack/install-deps.sh)", missing.join(", "));
-    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
-        panic!("{msg} (NOEXIT_CI=1: not skipping)");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ip(args: &[&str]) {
-    run_ok(Command::new("ip").args(args));
+    let missing = deps::missing_as_root(&["ip", "dig", "dnsmasq", "curl", "getent"]);
+    deps::ready("dns test", &missing, "hack/install-deps.sh")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -78,9 +40,9 @@ fn ip(args: &[&str]) {
 
 struct Lab {
     tag: String,
-    ws: String,
-    dns: String,
-    out: String,
+    ws: Netns,
+    dns: Netns,
+    out: Netns,
     /// The workspace's address (in the clients file) and a second one (another source).
     ws_ip: String,
     ws_ip2: String,
@@ -92,12 +54,12 @@ struct Lab {
 
 impl Lab {
     fn create() -> Self {
-        let tag = uuid::Uuid::new_v4().simple().to_string()[..6].to_owned();
+        let tag = netns::tag();
         let octet = u8::from_str_radix(&tag[..2], 16).unwrap_or(1) % 250 + 1;
         let me = Self {
-            ws: format!("nxd-ws-{tag}"),
-            dns: format!("nxd-dns-{tag}"),
-            out: format!("nxd-out-{tag}"),
+            ws: Netns::new(format!("nxd-ws-{tag}")),
+            dns: Netns::new(format!("nxd-dns-{tag}")),
+            out: Netns::new(format!("nxd-out-{tag}")),
             ws_ip: format!("10.253.{octet}.2"),
             ws_ip2: format!("10.253.{octet}.4"),
             dns_ip: format!("10.253.{octet}.1"),
@@ -105,87 +67,42 @@ impl Lab {
             out_ip: format!("10.254.{octet}.2"),
             tag,
         };
-        for ns in [&me.ws, &me.dns, &me.out] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
         let t = &me.tag;
         // Workspace <-> DNS, a /29: the DNS side holds noexit dns (.1) and the stand-in (.3).
-        let (w, d) = (format!("nxd{t}w"), format!("nxd{t}d"));
-        ip(&["link", "add", &w, "type", "veth", "peer", "name", &d]);
-        ip(&["link", "set", &w, "netns", &me.ws]);
-        ip(&["link", "set", &d, "netns", &me.dns]);
+        let (w, d) = netns::veth(End::In(&me.ws, &format!("nxd{t}w")), End::In(&me.dns, &format!("nxd{t}d")));
         for a in [&me.ws_ip, &me.ws_ip2] {
-            ip(&["-n", &me.ws, "addr", "add", &format!("{a}/29"), "dev", &w]);
+            w.addr(&format!("{a}/29"));
         }
         for a in [&me.dns_ip, &me.standin_ip] {
-            ip(&["-n", &me.dns, "addr", "add", &format!("{a}/29"), "dev", &d]);
+            d.addr(&format!("{a}/29"));
         }
-        ip(&["-n", &me.ws, "link", "set", &w, "up"]);
-        ip(&["-n", &me.dns, "link", "set", &d, "up"]);
+        w.up();
+        d.up();
         // Everything the workspace sends goes to the DNS namespace, which does not forward.
-        ip(&["-n", &me.ws, "route", "add", "default", "via", &me.dns_ip]);
-        run_ok(Command::new("ip").args(["netns", "exec", &me.dns, "sysctl", "-qw", "net.ipv4.ip_forward=0"]));
+        me.ws.ip(&["route", "add", "default", "via", &me.dns_ip]);
+        me.dns.sysctl("net.ipv4.ip_forward=0");
         // DNS <-> outside, a /30.
-        let (o, p) = (format!("nxd{t}o"), format!("nxd{t}p"));
-        ip(&["link", "add", &o, "type", "veth", "peer", "name", &p]);
-        ip(&["link", "set", &o, "netns", &me.dns]);
-        ip(&["link", "set", &p, "netns", &me.out]);
-        let dns_out = format!("10.254.{octet}.1");
-        ip(&["-n", &me.dns, "addr", "add", &format!("{dns_out}/30"), "dev", &o]);
-        ip(&["-n", &me.out, "addr", "add", &format!("{}/30", me.out_ip), "dev", &p]);
-        ip(&["-n", &me.dns, "link", "set", &o, "up"]);
-        ip(&["-n", &me.out, "link", "set", &p, "up"]);
+        let (o, p) = netns::veth(End::In(&me.dns, &format!("nxd{t}o")), End::In(&me.out, &format!("nxd{t}p")));
+        o.addr(&format!("10.254.{octet}.1/30")).up();
+        p.addr(&format!("{}/30", me.out_ip)).up();
         me
-    }
-
-    /// `ip netns exec` bind-mounts `/etc/netns/<ns>/resolv.conf` over `/etc/resolv.conf`.
-    fn set_resolv_conf(&self, ns: &str, nameserver: &str) {
-        let dir = PathBuf::from(format!("/etc/netns/{ns}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("resolv.conf"), format!("nameserver {nameserver}\n")).unwrap();
-    }
-
-    fn exec(&self, ns: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).args(args);
-        c
     }
 
     /// `dig` from the workspace; returns (status, flags, answers).
     fn dig(&self, server: &str, extra: &[&str]) -> Dig {
-        let out = run(self.exec(&self.ws, &["dig", &format!("@{server}"), "+tries=1", "+time=3"]).args(extra));
+        let out = run(self.ws.exec(["dig", &format!("@{server}"), "+tries=1", "+time=3"]).args(extra));
         Dig::parse(&String::from_utf8_lossy(&out.stdout))
     }
 
     fn curl_in_dns(&self, url: &str) -> Option<String> {
-        let out = run(&mut self.exec(&self.dns, &["curl", "-sf", "--max-time", "5", url]));
+        let out = run(&mut self.dns.exec(["curl", "-sf", "--max-time", "5", url]));
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// A UDP socket bound to `addr` inside the workspace namespace (a thread enters the
-    /// namespace, binds, and ends; the socket stays there).
+    /// A UDP socket bound to `addr` inside the workspace namespace.
     fn udp_in_ws(&self, addr: &str) -> UdpSocket {
-        let (ns, addr) = (self.ws.clone(), format!("{addr}:0"));
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            UdpSocket::bind(addr).unwrap()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in [&self.ws, &self.dns, &self.out] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
-        }
+        let addr = format!("{addr}:0");
+        self.ws.enter(move || UdpSocket::bind(addr).unwrap())
     }
 }
 
@@ -243,22 +160,19 @@ impl Drop for Proc {
     }
 }
 
-fn dnsmasq(lab: &Lab, ns: &str, listen: &str, log: &Path, forward_to: Option<&str>) -> Proc {
-    let mut cmd = lab.exec(
-        ns,
-        &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--port=53",
-            "--user=root",
-            "--pid-file=",
-            "--log-queries",
-        ],
-    );
+fn dnsmasq(ns: &Netns, listen: &str, log: &Path, forward_to: Option<&str>) -> Proc {
+    let mut cmd = ns.exec([
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--port=53",
+        "--user=root",
+        "--pid-file=",
+        "--log-queries",
+    ]);
     cmd.arg(format!("--listen-address={listen}")).arg(format!("--log-facility={}", log.display()));
     if let Some(upstream) = forward_to {
         cmd.arg(format!("--server={upstream}"));
@@ -369,12 +283,12 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     std::fs::write(&site, site_yaml(&lab.dns_ip)).unwrap();
     let nameservers = rendered_nameservers(&site, &lab.dns_ip);
     // The kubelet writes a dnsPolicy: None pod's resolv.conf from dnsConfig alone.
-    lab.set_resolv_conf(&lab.ws, &nameservers[0]);
+    lab.ws.set_resolv_conf(&nameservers[0]);
     // Were noexit dns to use a system resolver, it would be the outside one, and be seen.
-    lab.set_resolv_conf(&lab.dns, &lab.out_ip);
+    lab.dns.set_resolv_conf(&lab.out_ip);
 
-    let outside = dnsmasq(&lab, &lab.out, &lab.out_ip, &dir.path().join("outside.log"), None);
-    let standin = dnsmasq(&lab, &lab.dns, &lab.standin_ip, &dir.path().join("standin.log"), Some(&lab.out_ip));
+    let outside = dnsmasq(&lab.out, &lab.out_ip, &dir.path().join("outside.log"), None);
+    let standin = dnsmasq(&lab.dns, &lab.standin_ip, &dir.path().join("standin.log"), Some(&lab.out_ip));
 
     let clients = dir.path().join("clients.yaml");
     std::fs::write(&clients, format!("clients:\n  {}: ward-7/alice-r\n", lab.ws_ip)).unwrap();
@@ -383,7 +297,8 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     let dns_key = noexit_operator::audit::keys::write_key_pair(&key, &public).unwrap();
     let log = dir.path().join("dns.log");
     let child = lab
-        .exec(&lab.dns, &[env!("CARGO_BIN_EXE_noexit-operator"), "dns"])
+        .dns
+        .exec([env!("CARGO_BIN_EXE_noexit-operator"), "dns"])
         .args(["--listen", &format!("{}:53", lab.dns_ip), "--metrics-addr", "127.0.0.1:9090"])
         .arg("--site")
         .arg(&site)
@@ -409,7 +324,7 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
     let started = Instant::now();
 
     // The names a workspace needs resolve, through the resolver the pod was given (glibc).
-    let getent = |name: &str| run(&mut lab.exec(&lab.ws, &["getent", "ahostsv4", name]));
+    let getent = |name: &str| run(&mut lab.ws.exec(["getent", "ahostsv4", name]));
     let mirror = getent(MIRROR);
     assert!(mirror.status.success(), "getent {MIRROR}: {}\n{}", String::from_utf8_lossy(&mirror.stderr), dns.log());
     assert!(String::from_utf8_lossy(&mirror.stdout).starts_with("10.96.100.11 "));
@@ -503,7 +418,7 @@ fn workspaces_resolve_only_their_names_and_nothing_reaches_the_outside() {
 
     // The outside resolver never saw any of it; through a forwarder (kube-dns), it would have.
     let control = format!("control-{}.example.org", lab.tag);
-    run(&mut lab.exec(&lab.ws, &["dig", &format!("@{}", lab.standin_ip), "+tries=1", "+time=3", &control, "A"]));
+    run(&mut lab.ws.exec(["dig", &format!("@{}", lab.standin_ip), "+tries=1", "+time=3", &control, "A"]));
     let seen = poll::blocking("the control name in the outside resolver's log", Duration::from_secs(10), || {
         let log = outside.log();
         log.contains(&control).then_some(log)

@@ -12,18 +12,17 @@
 //! `NOEXIT_CI=1`, where it fails.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use noexit_operator::audit::store::Filter;
 use noexit_operator::audit::{Outcome, Store};
+use noexit_test_support::netns::{self, End, Netns};
 use noexit_test_support::oidc::Issuer;
 use noexit_test_support::process::{OnDrop, Proc};
-use noexit_test_support::{deps, net, pki, poll};
+use noexit_test_support::{browser, deps, net, pki, poll, rfb};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
@@ -31,141 +30,73 @@ const ALICE: &str = "alice@ward7.example";
 const BOB: &str = "bob@ward7.example";
 const CLIENT_ID: &str = "noexit-gateway";
 
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/test-support/browser")
-}
-
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready() -> bool {
-    let mut missing = deps::missing_tools(&["ip", "Xvnc", "xterm", "xclip", "chromium", "node"]);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root".into());
-    }
-    if !Path::new("/usr/share/novnc/core/rfb.js").exists() {
-        missing.push("novnc".into());
-    }
-    if !browser_dir().join("node_modules/playwright-core").exists() {
-        missing.push("playwright-core (npm ci in hack/test-support/browser)".into());
-    }
+    let mut missing = browser::missing();
+    missing.extend(deps::missing_as_root(&["ip", "Xvnc", "xterm", "xclip"]));
     deps::ready("gateway e2e", &missing, "run sudo hack/install-deps.sh")
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ip(args: &[&str]) {
-    sh(Command::new("ip").args(args));
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: a valid namespace fd; only this thread changes namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
 }
 
 /// Two namespaces: `gw` (the gateway) linked to the host, `desk` (the desktop) linked to `gw`
 /// only. Deleted on drop.
 struct Net {
-    gw: String,
-    desk: String,
+    gw: Netns,
+    desk: Netns,
     host_ip: String,
     gw_ip: String,
     desk_ip: String,
-    host_if: String,
 }
 
 impl Net {
     fn new(tag: &str, a: u8, b: u8) -> Net {
         let net = Net {
-            gw: format!("nx-gw-{tag}"),
-            desk: format!("nx-desk-{tag}"),
+            gw: Netns::new(format!("nx-gw-{tag}")),
+            desk: Netns::new(format!("nx-desk-{tag}")),
             host_ip: format!("10.{a}.{b}.1"),
             gw_ip: format!("10.{a}.{b}.2"),
             desk_ip: format!("10.{a}.{b}.6"),
-            host_if: format!("nxg{tag}"),
         };
+        let host_if = format!("nxg{tag}");
         let gd_if = format!("nxd{tag}");
-        for ns in [&net.gw, &net.desk] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        let (host, gw_up) = netns::veth(End::Host(&host_if), End::In(&net.gw, "eth0"));
+        let (gw_down, desk) = netns::veth(End::In(&net.gw, &gd_if), End::In(&net.desk, "eth0"));
+        for (link, ip) in
+            [(&host, &net.host_ip), (&gw_up, &net.gw_ip), (&gw_down, &format!("10.{a}.{b}.5")), (&desk, &net.desk_ip)]
+        {
+            // No IPv6 link-local addresses: their late arrival makes Chromium abort page loads.
+            link.no_link_local().addr(&format!("{ip}/30")).up();
         }
-        ip(&["link", "add", &net.host_if, "type", "veth", "peer", "name", "eth0", "netns", &net.gw]);
-        ip(&["link", "add", &gd_if, "netns", &net.gw, "type", "veth", "peer", "name", "eth0", "netns", &net.desk]);
-        // No IPv6 link-local addresses: their late arrival makes Chromium abort page loads.
-        ip(&["link", "set", &net.host_if, "addrgenmode", "none"]);
-        ip(&["-n", &net.gw, "link", "set", "eth0", "addrgenmode", "none"]);
-        ip(&["-n", &net.gw, "link", "set", &gd_if, "addrgenmode", "none"]);
-        ip(&["-n", &net.desk, "link", "set", "eth0", "addrgenmode", "none"]);
-        ip(&["addr", "add", &format!("{}/30", net.host_ip), "dev", &net.host_if]);
-        ip(&["-n", &net.gw, "addr", "add", &format!("{}/30", net.gw_ip), "dev", "eth0"]);
-        ip(&["-n", &net.gw, "addr", "add", &format!("10.{a}.{b}.5/30"), "dev", &gd_if]);
-        ip(&["-n", &net.desk, "addr", "add", &format!("{}/30", net.desk_ip), "dev", "eth0"]);
-        ip(&["link", "set", &net.host_if, "up"]);
-        ip(&["-n", &net.gw, "link", "set", "eth0", "up"]);
-        ip(&["-n", &net.gw, "link", "set", &gd_if, "up"]);
-        ip(&["-n", &net.desk, "link", "set", "eth0", "up"]);
         net
-    }
-
-    fn exec(&self, ns: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]);
-        c
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
-        for ns in [&self.gw, &self.desk] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
     }
 }
 
 // ---- a hostile VNC server -------------------------------------------------------------------
 
 /// Completes a valid RFB 3.8 handshake (accepting any VNC-auth response), reads the gateway's
-/// SetPixelFormat, then sends `payload`.
-fn hostile_server(net: &Net, port: u16, payload: Vec<u8>) {
+/// SetPixelFormat, then sends `payload`. Served on `rt`.
+fn hostile_server(net: &Net, rt: &tokio::runtime::Runtime, port: u16, payload: Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr: SocketAddr = format!("{}:{port}", net.desk_ip).parse().unwrap();
-    let listener = in_netns(&net.desk, move || TcpListener::bind(addr).unwrap());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let payload = payload.clone();
-            std::thread::spawn(move || -> std::io::Result<()> {
-                s.set_read_timeout(Some(Duration::from_secs(20)))?;
-                let mut b = [0u8; 64];
-                s.write_all(b"RFB 003.008\n")?;
-                s.read_exact(&mut b[..12])?;
-                s.write_all(&[1, 2])?;
-                s.read_exact(&mut b[..1])?;
-                s.write_all(&[7; 16])?;
-                s.read_exact(&mut b[..16])?;
-                s.write_all(&[0, 0, 0, 0])?;
-                s.read_exact(&mut b[..1])?;
-                let mut init = vec![0, 64, 0, 48, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
-                init.extend(1u32.to_be_bytes());
-                init.push(b'h');
-                s.write_all(&init)?;
-                s.read_exact(&mut b[..20])?;
-                s.write_all(&payload)?;
-                // Keep the connection until the gateway closes it.
-                while s.read(&mut b)? > 0 {}
-                Ok(())
+    let listener = net.desk.enter(move || TcpListener::bind(addr).unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let init = rfb::ServerInit { width: 64, height: 48, pixel_format: rfb::PIXEL_FORMAT_32, name: b"h".to_vec() };
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            let (payload, init) = (payload.clone(), init.clone());
+            tokio::spawn(async move {
+                let r: std::io::Result<()> = async {
+                    rfb::serve_handshake(&mut s, None, &init).await?;
+                    let mut b = [0u8; 64];
+                    s.read_exact(&mut b[..20]).await?;
+                    s.write_all(&payload).await?;
+                    // Keep the connection until the gateway closes it.
+                    while s.read(&mut b).await? > 0 {}
+                    Ok(())
+                }
+                .await;
+                drop(r);
             });
         }
     });
@@ -180,7 +111,7 @@ struct World {
     display: u32,
     spki: String,
     db_url: String,
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
     xvnc: Option<Proc>,
     xterm: Option<Proc>,
     gateway: Option<Proc>,
@@ -221,16 +152,17 @@ workspaces:
     }
 
     fn x(&self, args: &[&str]) -> Vec<String> {
-        let mut v: Vec<String> = ["ip", "netns", "exec", &self.net.desk, "env", &format!("DISPLAY=:{}", self.display)]
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        let mut v: Vec<String> =
+            ["ip", "netns", "exec", self.net.desk.name(), "env", &format!("DISPLAY=:{}", self.display)]
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
         v.extend(args.iter().map(|s| s.to_string()));
         v
     }
 
     /// Run one browser scenario; `on_line` sees progress lines. Returns the result object.
-    fn browser(&self, scenario: &str, extra: Value, mut on_line: impl FnMut(&Value)) -> Value {
+    fn browser(&self, scenario: &str, extra: Value, on_line: impl FnMut(&Value)) -> Value {
         let profile = tempfile::tempdir().unwrap();
         let mut opts = json!({
             "scenario": scenario, "gateway": self.gateway_url(), "spki": self.spki,
@@ -241,32 +173,7 @@ workspaces:
         for (k, v) in extra.as_object().unwrap() {
             opts[k] = v.clone();
         }
-        let mut child = Command::new("node")
-            .arg(browser_dir().join("gateway-e2e.mjs"))
-            .arg(opts.to_string())
-            .current_dir(browser_dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut result = Value::Null;
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                eprintln!("browser: {line}");
-                continue;
-            };
-            if let Some(r) = v.get("result") {
-                result = r.clone();
-            } else {
-                on_line(&v);
-            }
-        }
-        let _ = child.wait();
-        eprintln!("browser {scenario}: {result:#}");
-        assert_eq!(result["ok"], json!(true), "browser scenario {scenario} failed: {result:#}");
-        result
+        browser::scenario("gateway-e2e.mjs", &opts, on_line)
     }
 
     fn start() -> World {
@@ -294,12 +201,11 @@ workspaces:
             })
             .unwrap();
         let db_url = format!("sqlite:{}", dir.path().join("noexit.db").display());
-        let mut world =
-            World { net, dir, issuer, display, spki, db_url, _rt: rt, xvnc: None, xterm: None, gateway: None };
+        let mut world = World { net, dir, issuer, display, spki, db_url, rt, xvnc: None, xterm: None, gateway: None };
         let xvnc = world
             .net
-            .exec(&world.net.desk)
-            .args(["Xvnc", &format!(":{display}"), "-geometry", "1024x768", "-depth", "24", "-rfbport", "5901"])
+            .desk
+            .exec(["Xvnc", &format!(":{display}"), "-geometry", "1024x768", "-depth", "24", "-rfbport", "5901"])
             .args(["-SecurityTypes", "VncAuth", "-PasswordFile"])
             .arg(&vnc_file)
             .args(["-nolisten", "tcp", "-desktop", "noexit-e2e", "-AcceptCutText=1", "-SendCutText=1"])
@@ -325,15 +231,15 @@ workspaces:
         let xterm = Command::new(&x[0]).args(&x[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         world.xterm = Some(Proc::new(xterm).on_drop(OnDrop::Terminate));
 
-        hostile_server(&world.net, 5902, [vec![3, 0, 0, 0], 0x7fff_ff00u32.to_be_bytes().to_vec()].concat());
-        hostile_server(&world.net, 5903, vec![0xEE, 1, 2, 3]);
+        hostile_server(&world.net, &world.rt, 5902, [vec![3, 0, 0, 0], 0x7fff_ff00u32.to_be_bytes().to_vec()].concat());
+        hostile_server(&world.net, &world.rt, 5903, vec![0xEE, 1, 2, 3]);
         world.write_directory(&[ALICE, BOB], true);
 
         let d = world.dir.path();
         let gateway = world
             .net
-            .exec(&world.net.gw)
-            .arg(BIN)
+            .gw
+            .exec([BIN])
             .args(["gateway", "--listen", &format!("{}:8443", world.net.gw_ip)])
             .args(["--metrics-listen", &format!("{}:9090", world.net.gw_ip)])
             .arg("--tls-cert")

@@ -16,20 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::libvirt::{Cleanup, URI, daemons, have, ok, rand_u32, sh, skip_or_fail, tiny_image};
+use noexit_test_support::netns::{self, End, Netns};
+use noexit_test_support::poll::blocking as poll;
+use support::libvirt::{Cleanup, URI, daemons, have, image_dir, ok, rand_u32, sh, skip_or_fail, tiny_image};
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
-
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
@@ -207,27 +198,24 @@ fn stderr(o: &Output) -> String {
 /// The outside: a network namespace behind a veth, with an HTTP server; reached from the host,
 /// and through neither wall from the VMs.
 struct Outside {
-    ns: String,
-    host_if: String,
+    // Dropped first: the server lives in the namespace.
     server: Child,
+    _ns: Netns,
     address: Ipv4Addr,
 }
 
 impl Outside {
     fn new(tag: &str, base: Ipv4Addr) -> Self {
-        let ns = format!("nxout{tag}");
-        let host_if = format!("nxo{tag}");
+        let ns = Netns::new(format!("nxout{tag}"));
         let [a, b, c, _] = base.octets();
         let host = Ipv4Addr::new(a, b, c + 200, 1);
         let address = Ipv4Addr::new(a, b, c + 200, 2);
-        ok(&format!("ip netns add {ns}"));
-        ok(&format!("ip link add {host_if} type veth peer name eth0 netns {ns}"));
-        ok(&format!("ip addr add {host}/30 dev {host_if} && ip link set {host_if} up"));
-        ok(&format!(
-            "ip -n {ns} addr add {address}/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up && ip -n {ns} route add default via {host}"
-        ));
-        let server = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3", "-m", "http.server", "--bind", &address.to_string(), "8000"])
+        let (host_end, inside) = netns::veth(End::Host(&format!("nxo{tag}")), End::In(&ns, "eth0"));
+        host_end.addr(&format!("{host}/30")).up();
+        inside.addr(&format!("{address}/30")).up();
+        ns.ip(&["route", "add", "default", "via", &host.to_string()]);
+        let server = ns
+            .exec(["python3", "-m", "http.server", "--bind", &address.to_string(), "8000"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -235,7 +223,7 @@ impl Outside {
         poll("the outside server", Duration::from_secs(20), || {
             sh(&format!("curl -s -o /dev/null --max-time 2 http://{address}:8000/")).status.success().then_some(())
         });
-        Self { ns, host_if, server, address }
+        Self { server, _ns: ns, address }
     }
 }
 
@@ -243,8 +231,6 @@ impl Drop for Outside {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = sh(&format!("ip link del {}", self.host_if));
-        let _ = sh(&format!("ip netns del {}", self.ns));
     }
 }
 
@@ -289,11 +275,7 @@ fn single_host_end_to_end() {
     let _cleanup = Cleanup(tag.clone());
     let dir = tempfile::tempdir().unwrap();
     // The image: the tiny kernel and initramfs, booted with the test shell on ttyS1.
-    let image = dir.path().join("image");
-    std::fs::create_dir(&image).unwrap();
-    std::fs::copy(tiny.join("vmlinuz"), image.join("vmlinuz")).unwrap();
-    std::fs::copy(tiny.join("initrd.img"), image.join("initrd.img")).unwrap();
-    std::fs::write(image.join("cmdline"), "console=ttyS0 noexit.test=1 quiet\n").unwrap();
+    let image = image_dir(&tiny, dir.path(), "console=ttyS0 noexit.test=1 quiet");
     // A dataset disk: ext4 with one file.
     let content = dir.path().join("dscontent");
     std::fs::create_dir(&content).unwrap();

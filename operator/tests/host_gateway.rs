@@ -20,39 +20,23 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
-use noexit_gateway::rfb::handshake;
 use noexit_operator::audit::store::Filter;
 use noexit_operator::audit::{Outcome, Store};
+use noexit_test_support::net::free_port;
 use noexit_test_support::oidc::{Issuer, SignIn};
+use noexit_test_support::poll;
+use noexit_test_support::rfb::{self, Viewer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 mod support;
 
-use support::libvirt::{Cleanup, URI, daemons, have, rand_u32, skip_or_fail, tiny_image};
+use support::libvirt::{Cleanup, URI, daemons, have, image_dir, rand_u32, skip_or_fail, tiny_image};
 
 const BIN: &str = env!("CARGO_BIN_EXE_noexit-operator");
 const CLI: &str = env!("CARGO_BIN_EXE_noexit");
 const OWNER: &str = "r@x";
 const OUTSIDER: &str = "mallory@x";
-
-async fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `up`, stopped with SIGTERM on drop; its output is printed if the test fails.
 struct Up {
@@ -116,26 +100,22 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 struct Browser {
     gateway: SocketAddr,
     origin: String,
+    ca_pem: Vec<u8>,
     tls: tokio_rustls::TlsConnector,
 }
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl Browser {
     /// Trusts the single-host CA only, as a person's browser would after importing it.
     fn new(ca: &Path, gateway: SocketAddr) -> Browser {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut &std::fs::read(ca).unwrap()[..]) {
-            roots.add(c.unwrap()).unwrap();
-        }
+        let ca_pem = std::fs::read(ca).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_root_certificates(roots)
+            .with_root_certificates(rfb::roots(&ca_pem))
             .with_no_client_auth();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
-        Browser { gateway, origin: format!("https://localhost:{}", gateway.port()), tls }
+        Browser { gateway, origin: format!("https://localhost:{}", gateway.port()), ca_pem, tls }
     }
 
     async fn connect_tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
@@ -168,79 +148,28 @@ impl Browser {
     }
 
     /// Open a desktop's WebSocket; `Err(status)` when refused.
-    async fn open(&self, session: &str, project: &str, workspace: &str) -> Result<Ws, u16> {
-        let tls = self.connect_tls().await;
-        let mut req =
-            format!("wss://localhost:{}/ws/{project}/{workspace}", self.gateway.port()).into_client_request().unwrap();
-        req.headers_mut().insert("origin", self.origin.parse().unwrap());
-        req.headers_mut().insert("cookie", format!("__Host-noexit-gateway={session}").parse().unwrap());
-        match tokio_tungstenite::client_async(req, tls).await {
-            Ok((ws, _)) => Ok(ws),
-            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-            Err(e) => panic!("WebSocket: {e}"),
-        }
+    async fn open(&self, session: &str, project: &str, workspace: &str) -> Result<rfb::Wss, u16> {
+        let path = format!("/ws/{project}/{workspace}");
+        rfb::open(self.gateway, rfb::roots(&self.ca_pem), &path, &format!("__Host-noexit-gateway={session}")).await
     }
 }
 
-/// The browser's side of RFB over the gateway's WebSocket.
-struct Rfb {
-    ws: Ws,
-    buf: Vec<u8>,
-}
-
-impl Rfb {
-    async fn send(&mut self, b: &[u8]) {
-        self.ws.send(Message::Binary(b.to_vec().into())).await.expect("send");
-    }
-
-    async fn read(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            match self.ws.next().await {
-                Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
-                Some(Ok(Message::Close(c))) => panic!("the gateway closed the session: {c:?}"),
-                Some(Ok(_)) => {}
-                other => panic!("the session ended: {other:?}"),
-            }
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// How the session ended: the close frame's reason, or why the stream stopped.
-    async fn ended(&mut self) -> String {
-        loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Close(c))) => return format!("closed: {c:?}"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return format!("error: {e}"),
-                None => return "ended".into(),
-            }
-        }
-    }
-
-    /// Handshake (the gateway offers "None": it authenticated to the console itself), then one
-    /// full-screen FramebufferUpdateRequest; returns (width, height, desktop name, first
-    /// rectangle's header) and the live session.
-    async fn handshake_and_update(ws: Ws) -> (u16, u16, String, Vec<u8>, Rfb) {
-        let mut c = Rfb { ws, buf: Vec::new() };
-        assert_eq!(c.read(12).await, handshake::VERSION_3_8);
-        c.send(handshake::VERSION_3_8).await;
-        assert_eq!(c.read(2).await, [1, handshake::SECURITY_NONE]);
-        c.send(&[handshake::SECURITY_NONE]).await;
-        assert_eq!(c.read(4).await, [0, 0, 0, 0], "security result");
-        c.send(&[1]).await;
-        let init = c.read(24).await;
-        let (w, h) = (u16::from_be_bytes([init[0], init[1]]), u16::from_be_bytes([init[2], init[3]]));
-        let len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
-        let name = String::from_utf8_lossy(&c.read(len).await).into_owned();
-        let [w0, w1] = w.to_be_bytes();
-        let [h0, h1] = h.to_be_bytes();
-        c.send(&[3, 0, 0, 0, 0, 0, w0, w1, h0, h1]).await;
-        let head = c.read(4).await;
-        assert_eq!(head[0], 0, "expected a FramebufferUpdate, got message type {}", head[0]);
-        assert!(u16::from_be_bytes([head[2], head[3]]) >= 1, "an update without rectangles");
-        let rect = c.read(12).await;
-        (w, h, name, rect, c)
-    }
+/// The browser's side of RFB through the gateway: the handshake (the gateway offers "None": it
+/// authenticated to the console itself), then one full-screen FramebufferUpdateRequest; returns
+/// (width, height, desktop name, first rectangle's header) and the live session.
+async fn handshake_and_update(ws: rfb::Wss) -> (u16, u16, String, Vec<u8>, Viewer) {
+    let mut c = Viewer::new(ws);
+    let init = c.handshake().await.expect("the RFB handshake through the gateway");
+    let (w, h) = (init.width, init.height);
+    let name = String::from_utf8_lossy(&init.name).into_owned();
+    let [w0, w1] = w.to_be_bytes();
+    let [h0, h1] = h.to_be_bytes();
+    c.send(&[3, 0, 0, 0, 0, 0, w0, w1, h0, h1]).await;
+    let head = c.read(4).await.expect("the session closed before an update");
+    assert_eq!(head[0], 0, "expected a FramebufferUpdate, got message type {}", head[0]);
+    assert!(u16::from_be_bytes([head[2], head[3]]) >= 1, "an update without rectangles");
+    let rect = c.read(12).await.expect("the session closed in an update");
+    (w, h, name, rect, c)
 }
 
 fn manifests(path: &Path, tag: &str, image: &Path, workspace: Option<bool>) {
@@ -319,11 +248,7 @@ async fn single_host_gateway_end_to_end() {
     let _cleanup = Cleanup(tag.clone());
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let image = dir.path().join("image");
-    std::fs::create_dir(&image).unwrap();
-    std::fs::copy(tiny.join("vmlinuz"), image.join("vmlinuz")).unwrap();
-    std::fs::copy(tiny.join("initrd.img"), image.join("initrd.img")).unwrap();
-    std::fs::write(image.join("cmdline"), "console=ttyS0\n").unwrap();
+    let image = image_dir(&tiny, dir.path(), "console=ttyS0");
     let file = dir.path().join("manifests.yaml");
     manifests(&file, &tag, &image, Some(true));
     let project = format!("g{tag}");
@@ -351,13 +276,16 @@ async fn single_host_gateway_end_to_end() {
 
     // The directory: the owner's running workspace with its console on 127.0.0.1, file 0600.
     let directory = state.join("services/gateway-directory.yaml");
-    let desktop = poll("the workspace's console in the gateway's directory", Duration::from_secs(120), || {
-        if let Some(code) = up.child.try_wait().unwrap() {
-            panic!("`up` exited ({code})");
-        }
-        listed(&directory).flatten().and_then(|(running, d)| d.filter(|_| running))
-    })
-    .await;
+    let desktop =
+        poll::eventually("the workspace's console in the gateway's directory", Duration::from_secs(120), || {
+            std::future::ready({
+                if let Some(code) = up.child.try_wait().unwrap() {
+                    panic!("`up` exited ({code})");
+                }
+                listed(&directory).flatten().and_then(|(running, d)| d.filter(|_| running))
+            })
+        })
+        .await;
     // A unix socket in libvirt's private directory for the domain: no TCP port, and a directory
     // only root and QEMU's user may enter (no other local user reaches the console).
     let socket = desktop.strip_prefix("unix:").unwrap_or_else(|| panic!("not a console socket: {desktop}"));
@@ -369,8 +297,8 @@ async fn single_host_gateway_end_to_end() {
     assert_eq!(std::fs::metadata(&directory).unwrap().permissions().mode() & 0o777, 0o600);
     let printed = std::fs::read_to_string(&log).unwrap();
     assert!(printed.contains(&format!("gateway: https://localhost:{}", gateway.port())), "{printed}");
-    poll("the gateway listening", Duration::from_secs(30), || {
-        std::net::TcpStream::connect_timeout(&gateway, Duration::from_millis(200)).ok()
+    poll::eventually("the gateway listening", Duration::from_secs(30), || {
+        std::future::ready(std::net::TcpStream::connect_timeout(&gateway, Duration::from_millis(200)).ok())
     })
     .await;
     let status = Command::new(BIN).args(["status", "--state-dir", state.to_str().unwrap()]).output().unwrap();
@@ -382,15 +310,15 @@ async fn single_host_gateway_end_to_end() {
     let mut direct = tokio::net::UnixStream::connect(socket).await.unwrap();
     let mut hello = [0u8; 12];
     direct.read_exact(&mut hello).await.unwrap();
-    direct.write_all(handshake::VERSION_3_8).await.unwrap();
+    direct.write_all(rfb::VERSION_3_8).await.unwrap();
     let mut types = [0u8; 2];
     direct.read_exact(&mut types).await.unwrap();
-    assert_eq!(types, [1, handshake::SECURITY_VNC_AUTH], "the console offers other security types");
+    assert_eq!(types, [1, rfb::SECURITY_VNC_AUTH], "the console offers other security types");
     drop(direct);
     // The tiny kernel is running in the domain.
     let console_log = state.join(format!("workspaces/{project}/w1/console.log"));
-    poll("the tiny kernel on the serial console", Duration::from_secs(120), || {
-        std::fs::read_to_string(&console_log).ok().filter(|t| t.contains("Linux version"))
+    poll::eventually("the tiny kernel on the serial console", Duration::from_secs(120), || {
+        std::future::ready(std::fs::read_to_string(&console_log).ok().filter(|t| t.contains("Linux version")))
     })
     .await;
 
@@ -398,7 +326,7 @@ async fn single_host_gateway_end_to_end() {
     let browser = Browser::new(&state.join("pki/ca.crt"), gateway);
     let session = browser.sign_in(&issuer, OWNER).await;
     let ws = browser.open(&session, &project, "w1").await.expect("the owner's desktop");
-    let (w, h, name, rect, mut live) = tokio::time::timeout(Duration::from_secs(60), Rfb::handshake_and_update(ws))
+    let (w, h, name, rect, mut live) = tokio::time::timeout(Duration::from_secs(60), handshake_and_update(ws))
         .await
         .expect("RFB through the gateway within 60 s");
     eprintln!("desktop {name:?} {w}x{h}; first rectangle {rect:?}; after {:?}", started.elapsed());
@@ -452,18 +380,18 @@ async fn single_host_gateway_end_to_end() {
 
     // ---- Stopped: no console offered, a connect refused. Deleted: gone from the directory. ----
     manifests(&file, &tag, &image, Some(false));
-    poll("the stopped workspace without a console", Duration::from_secs(60), || {
-        listed(&directory).flatten().filter(|(running, d)| !running && d.is_none())
+    poll::eventually("the stopped workspace without a console", Duration::from_secs(60), || {
+        std::future::ready(listed(&directory).flatten().filter(|(running, d)| !running && d.is_none()))
     })
     .await;
     // The owner's session, open all along, has ended (console gone, or the next re-check).
-    let end = tokio::time::timeout(Duration::from_secs(30), live.ended()).await.expect("the session ended");
-    eprintln!("the open session, after the stop: {end}");
+    let end = tokio::time::timeout(Duration::from_secs(30), live.closed()).await.expect("the session ended");
+    eprintln!("the open session, after the stop: {end:?}");
     assert_eq!(browser.open(&session, &project, "w1").await.err(), Some(403));
     refused(&db, OWNER, &format!("workspace {project}/w1 is not running")).await;
     manifests(&file, &tag, &image, None);
-    poll("the deleted workspace to leave the directory", Duration::from_secs(60), || {
-        listed(&directory).filter(Option::is_none)
+    poll::eventually("the deleted workspace to leave the directory", Duration::from_secs(60), || {
+        std::future::ready(listed(&directory).filter(Option::is_none))
     })
     .await;
     assert_eq!(browser.open(&session, &project, "w1").await.err(), Some(403));

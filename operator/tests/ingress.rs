@@ -10,7 +10,6 @@ mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +25,8 @@ use noexit_operator::api::{self, ApiConfig, ApiStore, AppState, server, tls};
 use noexit_operator::audit::{self, Outcome, Store};
 use noexit_operator::pki::Ca;
 use noexit_test_support::oidc::Issuer;
-use noexit_test_support::poll;
 use noexit_test_support::process::{self, Proc};
+use noexit_test_support::{agent, poll};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -201,47 +200,12 @@ impl World {
         let cert = self.ca.issue_workspace_client(&ws, chrono::Duration::days(1)).unwrap();
         std::fs::write(self.path("agent.crt"), &cert.cert_pem).unwrap();
         std::fs::write(self.path("agent.key"), &cert.key_pem).unwrap();
-        for d in ["outbox", "spool", "root"] {
-            std::fs::create_dir_all(self.path(d)).unwrap();
-        }
-        std::fs::write(self.path("wtmp"), b"").unwrap();
-        std::fs::write(self.path("utmp"), b"").unwrap();
+        let dir = self.dir.path();
+        agent::prepare(dir);
         let canary = noexit_test_support::net::free_port();
-        let cfg = format!(
-            r#"workspace: {{ project: ward-7, name: alice-r }}
-controlPlane:
-  url: https://localhost:{port}
-  caFile: {p}/ca.crt
-  certFile: {p}/agent.crt
-  keyFile: {p}/agent.key
-egress:
-  resolvers: [127.0.0.53]
-  endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {port} }}]
-  desktopPort: 5901
-  canary: {{ name: outside, address: 127.0.0.1, port: {canary} }}
-outbox: {p}/outbox
-inbox: {p}/inbox
-spool: {p}/spool
-mode: pod
-desktop: none
-heartbeatSeconds: 1
-"#,
-            port = self.port,
-            p = self.dir.path().display()
-        );
-        std::fs::write(self.path("agent.yaml"), cfg).unwrap();
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg("--config")
-            .arg(self.path("agent.yaml"))
-            .arg("run")
-            .arg("--wtmp")
-            .arg(self.path("wtmp"))
-            .arg("--utmp")
-            .arg(self.path("utmp"))
-            .arg("--root")
-            .arg(self.path("root"))
-            .args(["--outbox-interval", "1", "--guard-interval", "1", "--poll-interval", "1"])
-            .env("RUST_LOG", "info");
+        agent::pod_config(dir, self.port).client_cert("agent.crt", "agent.key").canary(canary).write();
+        let mut cmd = agent::run_command(&agent_bin(), dir);
+        cmd.args(["--outbox-interval", "1", "--guard-interval", "1", "--poll-interval", "1"]).env("RUST_LOG", "info");
         Proc::spawn(&mut cmd, self.path("agent.log"))
     }
 }

@@ -10,66 +10,26 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
-use noexit_test_support::poll;
+use noexit_test_support::netns::{self, End, Netns};
+use noexit_test_support::process::{run, run_ok};
+use noexit_test_support::{deps, poll};
 
 // ---------------------------------------------------------------------------------------------
 // Tools and skipping
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready(needs_netns: bool) -> bool {
-    let mut missing: Vec<&str> = ["Rscript", "curl"].into_iter().filter(|t| !have(t)).collect();
+    let mut missing = deps::missing_tools(&["Rscript", "curl"]);
     if needs_netns {
-        if !have("ip") {
-            missing.push("ip (iproute2)");
-        }
-        if !is_root() {
-            missing.push("root (network namespaces)");
-        }
+        missing.extend(deps::missing_as_root(&["ip"]));
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("mirror test needs {}", missing.join(", "));
-    if std::env::var("NOEXIT_CI").as_deref() == Ok("1") {
-        panic!("{msg} (NOEXIT_CI=1: not skipping)");
-    }
-    eprintln!("SKIP: {msg}");
-    false
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    deps::ready("mirror test", &missing, "hack/install-deps.sh")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,80 +257,38 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 /// Two namespaces, each joined to the host by a veth pair: `up` (the internet, where the fake
 /// upstream lives) and `ws` (the workspace). Neither has a default route: the workspace can
 /// reach only the host side of its own link, where the mirror listens.
-struct Netns {
-    up: String,
-    ws: String,
+struct Namespaces {
+    up: Netns,
+    ws: Netns,
     /// Host side addresses of the links, and the namespace side.
-    up_host: String,
     up_ns: String,
     ws_host: String,
     ws_ns: String,
 }
 
-fn ip(args: &[&str]) {
-    run_ok(Command::new("ip").args(args));
-}
-
-impl Netns {
+impl Namespaces {
     fn create() -> Self {
         let pid = std::process::id();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         // Subnets from the pid so concurrent test binaries on one machine do not collide.
         let octet = (pid as usize * 4 + n) % 250 + 1;
-        let tag = format!("{}{n}", pid % 100_000);
+        let tag = netns::tag();
         let me = Self {
-            up: format!("nxm-up-{tag}"),
-            ws: format!("nxm-ws-{tag}"),
-            up_host: format!("10.251.{octet}.1"),
+            up: Netns::new(format!("nxm-up-{tag}")),
+            ws: Netns::new(format!("nxm-ws-{tag}")),
             up_ns: format!("10.251.{octet}.2"),
             ws_host: format!("10.252.{octet}.1"),
             ws_ns: format!("10.252.{octet}.2"),
         };
         for (ns, host_if, ns_if, host_ip, ns_ip) in [
-            (&me.up, format!("nxu{tag}h"), format!("nxu{tag}n"), &me.up_host, &me.up_ns),
+            (&me.up, format!("nxu{tag}h"), format!("nxu{tag}n"), &format!("10.251.{octet}.1"), &me.up_ns),
             (&me.ws, format!("nxw{tag}h"), format!("nxw{tag}n"), &me.ws_host, &me.ws_ns),
         ] {
-            ip(&["netns", "add", ns]);
-            ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
-            ip(&["link", "set", &ns_if, "netns", ns]);
-            ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
-            ip(&["link", "set", &host_if, "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if]);
-            ip(&["-n", ns, "link", "set", &ns_if, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            let (host, inside) = netns::veth(End::Host(&host_if), End::In(ns, &ns_if));
+            host.addr(&format!("{host_ip}/30")).up();
+            inside.addr(&format!("{ns_ip}/30")).up();
         }
         me
-    }
-
-    /// A listener bound inside namespace `ns` (a thread enters it, binds, and ends; the
-    /// socket stays in that namespace).
-    fn bind_in(ns: &str, addr: &str) -> TcpListener {
-        let (ns, addr) = (ns.to_owned(), addr.to_owned());
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            TcpListener::bind(addr).unwrap()
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn exec(&self, ns: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).args(args);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its veth ends, and with them the host ends.
-        for ns in [&self.up, &self.ws] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
     }
 }
 
@@ -545,8 +463,9 @@ fn r_in_a_workspace_namespace_installs_allowed_packages_only_through_the_mirror(
         return;
     }
     let repo = repo();
-    let net = Netns::create();
-    let upstream = Upstream::start(Netns::bind_in(&net.up, &format!("{}:0", net.up_ns)), repo.root.clone());
+    let net = Namespaces::create();
+    let up_addr = format!("{}:0", net.up_ns);
+    let upstream = Upstream::start(net.up.enter(move || TcpListener::bind(up_addr).unwrap()), repo.root.clone());
     let upstream_url = upstream.url();
     let mirror = Mirror::start(&upstream_url, &[(&net.ws_ns, "ward-7/alice")], POLICY);
     let mirror_url = format!("http://{}:{}", net.ws_host, mirror.port);
@@ -554,7 +473,8 @@ fn r_in_a_workspace_namespace_installs_allowed_packages_only_through_the_mirror(
     std::fs::create_dir_all(&lib).unwrap();
     let rscript = |code: &str| {
         let out = run(net
-            .exec(&net.ws, &["env", "-u", "http_proxy", "-u", "https_proxy", "LANG=C", "Rscript", "-e", code])
+            .ws
+            .exec(["env", "-u", "http_proxy", "-u", "https_proxy", "LANG=C", "Rscript", "-e", code])
             .env("HOME", mirror.dir.path()));
         (
             out.status.success(),
@@ -580,9 +500,8 @@ fn r_in_a_workspace_namespace_installs_allowed_packages_only_through_the_mirror(
     assert!(out.contains("AVAIL") && out.contains("nxallowed") && !out.contains("nxdenied"), "{out}");
 
     // Asking for the tarball directly is refused and audited.
-    let curl = |ns: &str, url: &str| {
-        let out =
-            run(&mut net.exec(ns, &["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", url]));
+    let curl = |ns: &Netns, url: &str| {
+        let out = run(&mut ns.exec(["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", url]));
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (code, _) = curl(&net.ws, &format!("{mirror_url}/src/contrib/nxdenied_2.0.tar.gz"));

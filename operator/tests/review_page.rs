@@ -19,9 +19,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +34,7 @@ use noexit_operator::audit::{Outcome, Store};
 use noexit_test_support::net::{self, free_port};
 use noexit_test_support::oidc::{Issuer, SignIn};
 use noexit_test_support::process::{OnDrop, Proc};
-use noexit_test_support::{deps, pki};
+use noexit_test_support::{browser, deps, pki};
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -48,20 +47,9 @@ const API_AUDIENCE: &str = "noexit";
 const TABLE: &str = "region,men,women\nNorth,25,31\nSouth,30,7\nEast,44,52\n";
 const OUTPUT_ID: &str = "3f6c2a9e-review-e2e";
 
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/test-support/browser")
-}
-
 /// `true` if the test may run; prints why not, or panics under `NOEXIT_CI=1`.
 fn ready() -> bool {
-    let mut missing = deps::missing_tools(&["chromium", "node"]);
-    if !Path::new("/usr/share/novnc/core/rfb.js").exists() {
-        missing.push("novnc".into());
-    }
-    if !browser_dir().join("node_modules/playwright-core").exists() {
-        missing.push("playwright-core (npm ci in hack/test-support/browser)".into());
-    }
-    deps::ready("review page e2e", &missing, "run hack/install-deps.sh")
+    deps::ready("review page e2e", &browser::missing(), "run hack/install-deps.sh")
 }
 
 // ---- a stub of the API's output endpoints, verifying tokens as the API does -----------------
@@ -203,27 +191,8 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// Run one browser scenario and return its result object.
-fn browser(opts: Value) -> Value {
-    let mut child = Command::new("node")
-        .arg(browser_dir().join("review-e2e.mjs"))
-        .arg(opts.to_string())
-        .current_dir(browser_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut result = Value::Null;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        match serde_json::from_str::<Value>(&line) {
-            Ok(v) if v.get("result").is_some() => result = v["result"].clone(),
-            _ => eprintln!("browser: {line}"),
-        }
-    }
-    let _ = child.wait();
-    eprintln!("browser {}: {result:#}", opts["scenario"]);
-    assert_eq!(result["ok"], json!(true), "browser scenario failed: {result:#}");
-    result
+fn run_browser(opts: Value) -> Value {
+    browser::scenario("review-e2e.mjs", &opts, |v| eprintln!("browser: {v}"))
 }
 
 #[test]
@@ -288,7 +257,7 @@ fn a_checker_sees_the_failing_cell_marked_and_approves_in_the_browser() {
     };
 
     // Bob, an output checker: the list, the marked cell, a forged decision, the approval.
-    let r = browser(opts("checker"));
+    let r = run_browser(opts("checker"));
     assert_eq!(r["listStatus"], json!(200), "{}", log_tail());
     assert_eq!(r["listed"], json!(1), "the output is not on /review: {r}");
     assert_eq!(r["user"], json!(BOB));
@@ -315,7 +284,7 @@ fn a_checker_sees_the_failing_cell_marked_and_approves_in_the_browser() {
 
     // Alice, the requester (also a checker of the project): no forms, the API's refusal shown.
     issuer.sign_in(SignIn::new(ALICE));
-    let r = browser(opts("requester"));
+    let r = run_browser(opts("requester"));
     assert_eq!(r["own"], json!(1), "{r}");
     assert_eq!(r["forms"], json!(0), "{r}");
     assert_eq!(r["noContent"], json!("notAChecker"), "{r}");

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::routing::{post, put};
 use noexit_agent::sessions::utmp::{self, Record};
 use noexit_crds::agent::{AgentEvent, EventBatch, EventBatchAck, Heartbeat, OutboxAck, OutboxManifest};
-use noexit_test_support::{net, pki, poll};
+use noexit_test_support::{agent, net, pki, poll};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -152,11 +152,7 @@ impl Env {
         let p = dir.path();
         std::fs::write(p.join("ca.crt"), ca.cert_pem()).unwrap();
         client.write(p, "tls.crt", "tls.key");
-        for d in ["outbox", "spool", "root"] {
-            std::fs::create_dir_all(p.join(d)).unwrap();
-        }
-        std::fs::write(p.join("wtmp"), b"").unwrap();
-        std::fs::write(p.join("utmp"), b"").unwrap();
+        agent::prepare(p);
 
         Self { dir, server_tls: ca.mtls_server_config(&server) }
     }
@@ -166,40 +162,11 @@ impl Env {
     }
 
     pub fn write_config(&self, port: u16) -> PathBuf {
-        let p = self.dir.path();
-        let cfg = format!(
-            r#"workspace: {{ project: ward-7, name: alice-r }}
-controlPlane:
-  url: https://localhost:{port}
-  caFile: {p}/ca.crt
-  certFile: {p}/tls.crt
-  keyFile: {p}/tls.key
-egress:
-  resolvers: [127.0.0.53]
-  endpoints: [{{ name: controlPlane, address: 127.0.0.1, port: {port} }}]
-  desktopPort: 5901
-outbox: {p}/outbox
-inbox: {p}/inbox
-spool: {p}/spool
-mode: pod
-desktop: none
-heartbeatSeconds: 1
-"#,
-            p = p.display()
-        );
-        let path = p.join("agent.yaml");
-        std::fs::write(&path, cfg).unwrap();
-        path
+        agent::pod_config(self.dir.path(), port).write()
     }
 
     pub fn hook(&self, action: &str, user: &str) {
-        let out = Command::new(AGENT)
-            .args(["--config"])
-            .arg(self.path("agent.yaml"))
-            .args(["session", action, "--user", user, "--session", ":1", "--source", "10.9.8.7"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "hook failed: {}", String::from_utf8_lossy(&out.stderr));
+        agent::session_hook(Path::new(AGENT), self.dir.path(), action, user);
     }
 
     pub fn append_wtmp(&self, kind: i16, line: &str, user: &str) {
@@ -216,16 +183,7 @@ pub struct Agent(pub Child);
 impl Agent {
     pub fn start(env: &Env) -> Self {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(env.path("agent.log")).unwrap();
-        let child = Command::new(AGENT)
-            .arg("--config")
-            .arg(env.path("agent.yaml"))
-            .arg("run")
-            .arg("--wtmp")
-            .arg(env.path("wtmp"))
-            .arg("--utmp")
-            .arg(env.path("utmp"))
-            .arg("--root")
-            .arg(env.path("root"))
+        let child = agent::run_command(Path::new(AGENT), env.dir.path())
             .args(["--outbox-interval", "1", "--poll-interval", "1"])
             .env("RUST_LOG", "info,noexit_agent=debug")
             .stdout(Stdio::null())

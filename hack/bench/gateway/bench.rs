@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use noexit_test_support::rfb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -44,20 +45,13 @@ async fn desktop(listener: TcpListener) {
         let _ = s.set_nodelay(true);
         tokio::spawn(async move {
             let r: Res<()> = async {
-                let mut b = [0u8; 64];
-                s.write_all(b"RFB 003.008\n").await?;
-                s.read_exact(&mut b[..12]).await?;
-                s.write_all(&[1, 2]).await?;
-                s.read_exact(&mut b[..1]).await?;
-                s.write_all(&[9; 16]).await?;
-                s.read_exact(&mut b[..16]).await?;
-                s.write_all(&[0, 0, 0, 0]).await?;
-                s.read_exact(&mut b[..1]).await?;
-                let mut init = vec![4, 0, 3, 0];
-                init.extend(noexit_gateway::rfb::PixelFormat::GATEWAY.encode());
-                init.extend(4u32.to_be_bytes());
-                init.extend(b"fake");
-                s.write_all(&init).await?;
+                let init = rfb::ServerInit {
+                    width: 1024,
+                    height: 768,
+                    pixel_format: noexit_gateway::rfb::PixelFormat::GATEWAY.encode(),
+                    name: b"fake".to_vec(),
+                };
+                rfb::serve_handshake(&mut s, None, &init).await?;
                 let build = |side: u16, size: usize| {
                     let mut update = vec![0u8, 0, 0, 1];
                     for n in [0u16, 0, side, side] {

@@ -11,49 +11,36 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
 use noexit_gateway::record::{GatewayEvent, MemoryRecorder};
-use noexit_gateway::rfb::handshake;
 use noexit_gateway::{Gateway, directory::FileDirectory, oidc, state};
+use noexit_test_support::rfb::{self, Closed, Viewer};
 use noexit_test_support::{pki, poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 const PASSWORD: &str = "s3cretpw";
 const USER: &str = "alice@ward7.example";
 
 /// A desktop that refuses a wrong VNC password and answers each FramebufferUpdateRequest with
 /// one 1×1 Raw rectangle. Counts authenticated connections.
 async fn desktop(listener: TcpListener, connections: Arc<AtomicUsize>) {
+    let init = rfb::ServerInit {
+        width: 64,
+        height: 48,
+        pixel_format: noexit_gateway::rfb::PixelFormat::GATEWAY.encode(),
+        name: b"fake".to_vec(),
+    };
     loop {
         let Ok((mut s, _)) = listener.accept().await else { continue };
-        let connections = connections.clone();
+        let (connections, init) = (connections.clone(), init.clone());
         tokio::spawn(async move {
             let r: std::io::Result<()> = async {
-                let mut b = [0u8; 64];
-                s.write_all(handshake::VERSION_3_8).await?;
-                s.read_exact(&mut b[..12]).await?;
-                s.write_all(&[1, handshake::SECURITY_VNC_AUTH]).await?;
-                s.read_exact(&mut b[..1]).await?;
-                let challenge = [7u8; 16];
-                s.write_all(&challenge).await?;
-                let mut answer = [0u8; 16];
-                s.read_exact(&mut answer).await?;
-                if answer != handshake::vnc_auth_response(PASSWORD.as_bytes(), &challenge) {
-                    s.write_all(&[0, 0, 0, 1]).await?;
+                if !rfb::serve_security(&mut s, Some(PASSWORD.as_bytes())).await? {
                     return Ok(());
                 }
-                s.write_all(&[0, 0, 0, 0]).await?;
                 connections.fetch_add(1, Ordering::SeqCst);
-                s.read_exact(&mut b[..1]).await?;
-                let mut init = vec![0, 64, 0, 48];
-                init.extend(noexit_gateway::rfb::PixelFormat::GATEWAY.encode());
-                init.extend(4u32.to_be_bytes());
-                init.extend(b"fake");
-                s.write_all(&init).await?;
+                rfb::serve_init(&mut s, &init).await?;
+                let mut b = [0u8; 64];
                 loop {
                     s.read_exact(&mut b[..1]).await?;
                     let rest = match b[0] {
@@ -156,44 +143,16 @@ impl Rig {
     }
 
     /// Open the WebSocket as sign-in `n`; `Err(status)` when the upgrade is refused.
-    async fn open(&self, n: usize) -> Result<Ws, u16> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut &self.cert_pem[..]) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let tcp = TcpStream::connect(self.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
-        let mut req = format!("wss://localhost:{}/ws/ward-7/alice", self.addr.port()).into_client_request().unwrap();
-        req.headers_mut().insert("origin", format!("https://localhost:{}", self.addr.port()).parse().unwrap());
-        req.headers_mut().insert("cookie", format!("__Host-noexit-gateway=cookie-{n}").parse().unwrap());
-        match tokio_tungstenite::client_async(req, tls).await {
-            Ok((ws, _)) => Ok(ws),
-            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-            Err(e) => panic!("WebSocket: {e}"),
-        }
+    async fn open(&self, n: usize) -> Result<rfb::Wss, u16> {
+        let cookie = format!("__Host-noexit-gateway=cookie-{n}");
+        rfb::open(self.addr, rfb::roots(&self.cert_pem), "/ws/ward-7/alice", &cookie).await
     }
 
     /// Open and do the browser's side of the RFB handshake.
     async fn connect(&self, n: usize) -> Client {
-        let ws = self.open(n).await.expect("upgrade");
-        let mut c = Client { ws, buf: Vec::new() };
-        c.read(12).await.expect("version");
-        c.send(handshake::VERSION_3_8).await;
-        assert_eq!(c.read(2).await.expect("security"), [1, handshake::SECURITY_NONE]);
-        c.send(&[handshake::SECURITY_NONE]).await;
-        assert_eq!(c.read(4).await.expect("result"), [0, 0, 0, 0]);
-        c.send(&[1]).await;
-        let init = c.read(24).await.expect("ServerInit");
-        let name = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
-        c.read(name).await.expect("name");
-        c
+        let mut c = Viewer::new(self.open(n).await.expect("upgrade"));
+        c.handshake().await.expect("the RFB handshake");
+        Client(c)
     }
 
     fn events(&self, action: &str) -> Vec<GatewayEvent> {
@@ -217,49 +176,23 @@ impl Rig {
     }
 }
 
-struct Client {
-    ws: Ws,
-    buf: Vec<u8>,
+/// The browser's side of a session, with what these tests ask of it.
+struct Client(Viewer);
+
+impl std::ops::Deref for Client {
+    type Target = Viewer;
+    fn deref(&self) -> &Viewer {
+        &self.0
+    }
 }
 
-/// How a read ended when it did not get its bytes.
-#[derive(Debug)]
-struct Closed {
-    code: u16,
-    reason: String,
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Viewer {
+        &mut self.0
+    }
 }
 
 impl Client {
-    async fn send(&mut self, b: &[u8]) {
-        self.ws.send(Message::Binary(b.to_vec().into())).await.expect("send");
-    }
-
-    /// Send, or say how the gateway closed the session.
-    async fn try_send(&mut self, b: &[u8]) -> Result<(), Closed> {
-        match self.ws.send(Message::Binary(b.to_vec().into())).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.read(usize::MAX / 2).await.err().unwrap_or(Closed { code: 0, reason: e.to_string() })),
-        }
-    }
-
-    async fn read(&mut self, n: usize) -> Result<Vec<u8>, Closed> {
-        while self.buf.len() < n {
-            match self.ws.next().await {
-                Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
-                Some(Ok(Message::Close(c))) => {
-                    return Err(c.map_or(Closed { code: 0, reason: String::new() }, |c| Closed {
-                        code: c.code.into(),
-                        reason: c.reason.to_string(),
-                    }));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(Closed { code: 0, reason: e.to_string() }),
-                None => return Err(Closed { code: 0, reason: "ended".into() }),
-            }
-        }
-        Ok(self.buf.drain(..n).collect())
-    }
-
     /// One FramebufferUpdateRequest answered (the session works).
     async fn round_trip(&mut self) -> Result<(), Closed> {
         self.try_send(&[3, 1, 0, 0, 0, 0, 0, 1, 0, 1]).await?;
@@ -269,9 +202,8 @@ impl Client {
     /// Wait (bounded) for the gateway to close the session.
     async fn closed_within(&mut self, limit: Duration) -> (Closed, Duration) {
         let start = Instant::now();
-        match tokio::time::timeout(limit, self.read(usize::MAX / 2)).await {
-            Ok(Err(c)) => (c, start.elapsed()),
-            Ok(Ok(_)) => unreachable!(),
+        match tokio::time::timeout(limit, self.closed()).await {
+            Ok(c) => (c, start.elapsed()),
             Err(_) => panic!("session still open after {limit:?}"),
         }
     }

@@ -72,6 +72,18 @@ pub fn tiny_image() -> Option<PathBuf> {
     out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// `<dir>/image`: the tiny image's kernel and initramfs, booted with `cmdline` (what a
+/// Workspace's `spec.image` names in single-host mode).
+pub fn image_dir(tiny: &Path, dir: &Path, cmdline: &str) -> PathBuf {
+    let image = dir.join("image");
+    std::fs::create_dir(&image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+    for file in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(tiny.join(file), image.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+    std::fs::write(image.join("cmdline"), format!("{cmdline}\n")).unwrap();
+    image
+}
+
 pub fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();

@@ -13,6 +13,21 @@ pub fn have(tool: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
 }
 
+/// Whether the test runs as root (network namespaces, nftables, libvirt's system daemon).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// [`missing_tools`], and `root (network namespaces, nftables)` when not root.
+pub fn missing_as_root(tools: &[&str]) -> Vec<String> {
+    let mut missing = missing_tools(tools);
+    if !is_root() {
+        missing.push("root (network namespaces, nftables)".into());
+    }
+    missing
+}
+
 /// The tools of `tools` that are not on `PATH`.
 pub fn missing_tools(tools: &[&str]) -> Vec<String> {
     tools.iter().filter(|t| !have(t)).map(|t| t.to_string()).collect()
