@@ -621,19 +621,6 @@ fn udp_dns_answered(ns: Option<&str>, ip: Ipv4Addr, port: u16) -> bool {
     sh(&cmd).status.success()
 }
 
-/// A network namespace joined to the host by a veth pair: the host's side and its address.
-struct Netns {
-    ns: String,
-    host_if: String,
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = sh(&format!("ip link del {}", self.host_if));
-        let _ = sh(&format!("ip netns del {}", self.ns));
-    }
-}
-
 /// Removes a table by name whatever happened (the services table is named by the instance,
 /// not the run's tag, so [`Cleanup`] does not see it).
 struct DropTable(String);
@@ -714,14 +701,11 @@ fn up_closes_its_service_ports_to_other_networks() {
     let o = 4 * (rand_u32() % (1 << 18));
     let net = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + o;
     let (host_ip, out_ip) = (Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2));
-    let outside = Netns { ns: format!("nxsw{tag}"), host_if: format!("nxsw{tag}") };
-    let ns = outside.ns.as_str();
-    ok(&format!("ip netns add {ns}"));
-    ok(&format!("ip link add {} type veth peer name eth0 netns {ns}", outside.host_if));
-    ok(&format!("ip addr add {host_ip}/30 dev {0} && ip link set {0} up", outside.host_if));
-    ok(&format!(
-        "ip -n {ns} addr add {out_ip}/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"
-    ));
+    let outside = Netns::new(format!("nxsw{tag}"));
+    let ns = outside.name();
+    let (host_end, inside) = netns::veth(End::Host(&format!("nxsw{tag}")), End::In(&outside, "eth0"));
+    host_end.addr(&format!("{host_ip}/30")).up();
+    inside.addr(&format!("{out_ip}/30")).up();
     // A port `up` does not serve, open on every address: the outside reaches the host.
     let control = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let control_port = control.local_addr().unwrap().port();
