@@ -47,7 +47,7 @@ fn chart_metadata_parses() {
 #[test]
 fn site_values_are_a_valid_site_file_equal_to_the_example() {
     let mut from_values: Site = serde_yaml::from_value(values()["site"].clone())
-        .expect("values.site is a valid site file (operator/src/controllers/site.rs)");
+        .expect("values.site is a valid site file (operator/common/src/site.rs)");
     // The chart sets operatorNamespace to the release namespace.
     from_values.operator_namespace = "noexit-system".into();
     let example: Site = serde_yaml::from_str(include_str!("../examples/site.yaml")).expect("examples/site.yaml");
@@ -338,7 +338,7 @@ fn the_schema_names_exactly_the_site_file_keys() {
     assert_eq!(
         keys(&schema()["properties"]["site"]["properties"]),
         keys(&site),
-        "values.schema.json `site` and operator/src/controllers/site.rs disagree"
+        "values.schema.json `site` and operator/common/src/site.rs disagree"
     );
 }
 

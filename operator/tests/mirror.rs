@@ -342,7 +342,7 @@ impl Mirror {
             })
             .args(["--reload-secs", "1", "--upstream-timeout-secs", "5"])
             .args(extra)
-            .env("RUST_LOG", "info,noexit_operator::mirror=debug")
+            .env("RUST_LOG", "info,noexit_mirror=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -340,7 +340,7 @@ mod kube_directory {
     use super::{DesktopPolicy, ProjectAccess, Refusal, WorkspaceAccess};
 
     /// The VNC Secret of a workspace (the operator renders it, see
-    /// `operator/src/controllers/workspace/build.rs`).
+    /// `operator/controller/src/workspace/build.rs`).
     pub fn vnc_secret_name(workspace: &str) -> String {
         format!("ws-{workspace}-vnc")
     }
