@@ -334,7 +334,10 @@ fn single_host_end_to_end() {
     poll("the first heartbeat of b/w1", Duration::from_secs(600), || w.heartbeat(&pb, "w1"));
     let status = String::from_utf8_lossy(&w.cmd("status", &[], &[]).output().unwrap().stdout).into_owned();
     assert!(
-        status.contains("virtualisation: qemu") && status.contains("Running") && status.contains("locked"),
+        status.contains("virtualisation: qemu")
+            && status.contains("services: API tcp")
+            && status.contains("Running")
+            && status.contains("locked"),
         "{status}"
     );
 
@@ -747,6 +750,10 @@ fn up_closes_its_service_ports_to_other_networks() {
     let dropped = counter(&table, "blocked_services") - before;
     assert!(dropped >= 4, "the table counted {dropped} dropped packets");
     eprintln!("dropped from the outside: {dropped} packets (SYNs and their retries)");
+    let o = Command::new(BIN).args(["status", "--state-dir", state.to_str().unwrap()]).output().unwrap();
+    let status = String::from_utf8_lossy(&o.stdout);
+    assert!(status.contains(&format!("services: API tcp {api}, mirror tcp {mirror}")), "{status}");
+    assert!(status.contains(&format!("(table inet {table})")), "{status}");
     // Stopping `up` stops the services, and their table goes with them.
     drop(running);
     assert!(!table_exists(&table), "the services table outlived `up`");
@@ -773,6 +780,9 @@ fn up_closes_its_service_ports_to_other_networks() {
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(said.contains(&format!("delete table inet {table}")), "{said}");
     assert!(!table_exists(&table), "down left the services table");
+    let o = Command::new(BIN).args(["status", "--state-dir", state.to_str().unwrap()]).output().unwrap();
+    let status = String::from_utf8_lossy(&o.stdout);
+    assert!(status.contains("services: off (`up` is not running"), "{status}");
 
     // Audited: each apply (the second with the allowance) and each removal (by `up` as it
     // stopped, then by `down`).

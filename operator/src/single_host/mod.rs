@@ -219,8 +219,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let svc = services::Paths::new(state_dir);
     let gateway_line = desktop_gateway.as_ref().map_or_else(|| gateway::OFF.to_owned(), |g| g.describe());
     if !args.once {
-        println!("services: {}", services_line(&args, &settings.instance));
+        let services_line = services_line(&args, &settings.instance);
+        println!("services: {services_line}");
         println!("gateway: {gateway_line}");
+        state.set_setting("services", &services_line).await?;
         state.set_setting("gateway", &gateway_line).await?;
     }
     std::fs::create_dir_all(&svc.dir).with_context(|| format!("creating {}", svc.dir.display()))?;
@@ -315,10 +317,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Ok(None) => {}
         Err(e) => tracing::error!(error = %format!("{e:#}"), "could not remove the services table"),
     }
+    let _ = state.set_setting("services", SERVICES_OFF).await;
     let _ = state.set_setting("gateway", "off (`up` is not running)").await;
     let _ = std::fs::remove_file(pid_file(state_dir));
     result
 }
+
+/// What `status` says of the services when `up` is not running.
+const SERVICES_OFF: &str = "off (`up` is not running; nothing listens, the services table is removed)";
 
 /// What `up` says about the services table, before its first pass.
 fn services_line(args: &UpArgs, instance: &str) -> String {
@@ -380,6 +386,8 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
     }
     let removed: Vec<_> = steps.iter().filter_map(|s| wall::change_of(s, None)).collect();
     refusals::Recorder::new(state_dir, &[]).services_table(&removed).await;
+    state.set_setting("services", SERVICES_OFF).await?;
+    state.set_setting("gateway", "off (`up` is not running)").await?;
     println!(
         "down: workspaces stopped, project networks, walls and the services table removed; home disks kept in {}",
         state_dir.join("workspaces").display()

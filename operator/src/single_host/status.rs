@@ -46,7 +46,8 @@ pub async fn render(state_dir: &Path) -> anyhow::Result<String> {
     let why = state.setting("virt_type_reason").await?.unwrap_or_default();
     let beats = heartbeats(&state_dir.join("api.db")).await;
     let gateway = state.setting("gateway").await?.unwrap_or_else(|| "?".into());
-    let mut out = format!("virtualisation: {virt} ({why})\ngateway: {gateway}\n");
+    let services = state.setting("services").await?.unwrap_or_else(|| "?".into());
+    let mut out = format!("virtualisation: {virt} ({why})\nservices: {services}\ngateway: {gateway}\n");
     if state_dir.join("api.db").exists() {
         out.push_str(&format!("audit: {}\n", super::audit::verify_command(state_dir)));
     }
