@@ -74,8 +74,13 @@ pub fn table(net: &ProjectNet, ports: &HostPorts) -> String {
 
 /// One transaction replacing the table (created if missing).
 pub fn replace_script(net: &ProjectNet, ports: &HostPorts) -> String {
-    let name = net.table_name();
-    format!("add table {FAMILY} {name}\ndelete table {FAMILY} {name}\n{}", table(net, ports))
+    replace(&net.table_name(), &table(net, ports))
+}
+
+/// One transaction replacing table `name` with `table` (its definition): the table is removed
+/// (made first, so removing never fails) and defined afresh, all or nothing.
+pub fn replace(name: &str, table: &str) -> String {
+    format!("{}{table}", delete_script(name))
 }
 
 /// One transaction removing the table (no error if it is already gone).

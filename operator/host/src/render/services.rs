@@ -92,8 +92,7 @@ impl ServicesWall {
 
     /// One transaction replacing the table (created if missing).
     pub fn replace_script(&self) -> String {
-        let name = self.table_name();
-        format!("add table {FAMILY} {name}\ndelete table {FAMILY} {name}\n{}", self.table())
+        super::nft::replace(&self.table_name(), &self.table())
     }
 
     /// Hash of the table, recorded when applied so an unchanged table is not re-applied.
