@@ -66,15 +66,11 @@ pub struct Host {
 /// Every document of every file, read once the files have settled (see [`settle`]), errors
 /// prefixed with the file.
 pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<Manifest>, Vec<String>> {
-    let mut out = Vec::new();
-    let mut problems = Vec::new();
-    for (p, text) in settle::read_settled(paths, settle::SETTLE)? {
-        match parse_documents(&text) {
-            Ok(docs) => out.extend(docs),
-            Err(e) => problems.push(format!("{}: {e}", p.display())),
-        }
-    }
-    if problems.is_empty() { Ok(out) } else { Err(problems) }
+    let files = settle::read_settled(paths, settle::SETTLE)?;
+    let parsed = settle::every(
+        files.iter().map(|(p, text)| parse_documents(text).map_err(|e| format!("{}: {e}", p.display()))),
+    )?;
+    Ok(parsed.into_iter().flatten().collect())
 }
 
 /// Parse and check the manifests (no side effects).
@@ -256,13 +252,7 @@ impl Host {
                 blocking(|| self.nft.apply(&format!("applying table inet {name}"), script))?;
                 self.state.set_table(name, Some(hash)).await?;
             }
-            Step::DeleteTable { name } => {
-                blocking(|| {
-                    self.nft
-                        .apply(&format!("deleting table inet {name}"), &noexit_host::render::nft::delete_script(name))
-                })?;
-                self.state.set_table(name, None).await?;
-            }
+            Step::DeleteTable { name } => delete_table(&self.nft, &self.state, name).await?,
             Step::DefineDomain { name, xml, replace } => {
                 let f = world.workspaces.get(name).context("no files for the domain")?;
                 let fresh = !f.dir.exists();
@@ -323,10 +313,7 @@ pub async fn down(libvirt: &Libvirt, nft: &Nft, state: &State) -> anyhow::Result
     for step in plan::down(&instance, &actual) {
         match &step {
             Step::StopDomain { name } => blocking(|| libvirt.stop_domain(name))?,
-            Step::DeleteTable { name } => {
-                blocking(|| nft.apply("deleting a table", &noexit_host::render::nft::delete_script(name)))?;
-                state.set_table(name, None).await?;
-            }
+            Step::DeleteTable { name } => delete_table(nft, state, name).await?,
             Step::DeleteNetwork { name } => blocking(|| libvirt.delete_network(name))?,
             _ => {}
         }
@@ -347,9 +334,15 @@ pub async fn remove_services_table(nft: &Nft, state: &State) -> anyhow::Result<O
     if !recorded.contains_key(&name) {
         return Ok(None);
     }
-    blocking(|| nft.apply(&format!("deleting table inet {name}"), &noexit_host::render::nft::delete_script(&name)))?;
-    state.set_table(&name, None).await?;
+    delete_table(nft, state, &name).await?;
     Ok(Some(Step::DeleteTable { name }))
+}
+
+/// Removes one of our tables (no error if it is gone already) and forgets its recorded hash.
+async fn delete_table(nft: &Nft, state: &State, name: &str) -> anyhow::Result<()> {
+    blocking(|| nft.apply(&format!("deleting table inet {name}"), &noexit_host::render::nft::delete_script(name)))?;
+    state.set_table(name, None).await?;
+    Ok(())
 }
 
 pub fn describe(step: &Step) -> String {

@@ -32,15 +32,19 @@ fn stamp(path: &Path) -> Result<Stamp, String> {
 }
 
 fn stamps(paths: &[PathBuf]) -> Result<Vec<Stamp>, Vec<String>> {
-    let mut stamps = Vec::with_capacity(paths.len());
-    let mut problems = Vec::new();
-    for p in paths {
-        match stamp(p) {
-            Ok(s) => stamps.push(s),
+    every(paths.iter().map(|p| stamp(p)))
+}
+
+/// All the values, or every problem (not just the first: an admin fixes them in one go).
+pub fn every<T>(results: impl IntoIterator<Item = Result<T, String>>) -> Result<Vec<T>, Vec<String>> {
+    let (mut values, mut problems) = (Vec::new(), Vec::new());
+    for r in results {
+        match r {
+            Ok(v) => values.push(v),
             Err(e) => problems.push(e),
         }
     }
-    if problems.is_empty() { Ok(stamps) } else { Err(problems) }
+    if problems.is_empty() { Ok(values) } else { Err(problems) }
 }
 
 /// How long until the most recently changed file is `settle` old; zero when all are. A time in
@@ -66,17 +70,9 @@ pub fn read_settled(paths: &[PathBuf], settle: Duration) -> Result<Vec<(PathBuf,
             last = before;
             continue;
         }
-        let mut texts = Vec::with_capacity(paths.len());
-        let mut problems = Vec::new();
-        for p in paths {
-            match std::fs::read_to_string(p) {
-                Ok(t) => texts.push((p.clone(), t)),
-                Err(e) => problems.push(format!("{}: cannot read: {e}", p.display())),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
+        let texts = every(paths.iter().map(|p| {
+            std::fs::read_to_string(p).map(|t| (p.clone(), t)).map_err(|e| format!("{}: cannot read: {e}", p.display()))
+        }))?;
         let after = stamps(paths)?;
         if after == before {
             return Ok(texts);
