@@ -22,21 +22,7 @@ work=$(mktemp -d)
 qpid=
 trap '[ -n "$qpid" ] && kill "$qpid" 2>/dev/null; rm -rf "$work"' EXIT
 mkdir -p "$work/seed/tls" "$work/ds"
-cat >"$work/seed/agent.yaml" <<'EOF'
-workspace: { project: bench, name: boot }
-controlPlane:
-  url: https://api.noexit:8443
-  caFile: /etc/noexit/tls/ca.crt
-  certFile: /etc/noexit/tls/client.crt
-  keyFile: /etc/noexit/tls/client.key
-egress:
-  resolvers: [10.0.2.3]
-  endpoints: [{ name: controlPlane, address: 10.0.2.2, port: 8443 }]
-  desktopPort: 5901
-mode: vm
-desktop: none
-outbox: /home/researcher/outbox
-EOF
+bench_agent_yaml "$work" boot none /home/researcher/outbox
 bench_seed "$work" boot
 echo data >"$work/ds/readme.txt"
 mkfs.ext4 -q -d "$work/ds" "$work/ds.img" 16M

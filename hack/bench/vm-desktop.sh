@@ -44,22 +44,7 @@ trap '[ -n "$qpid" ] && kill "$qpid" 2>/dev/null; rm -rf "$work"' EXIT
 
 # The seed, as single-host mode writes it (agent.yaml with desktop: vnc, a gateway source).
 mkdir -p "$work/seed/tls"
-cat >"$work/seed/agent.yaml" <<'EOF'
-workspace: { project: bench, name: desktop }
-controlPlane:
-  url: https://api.noexit:8443
-  caFile: /etc/noexit/tls/ca.crt
-  certFile: /etc/noexit/tls/client.crt
-  keyFile: /etc/noexit/tls/client.key
-egress:
-  resolvers: [10.0.2.3]
-  endpoints: [{ name: controlPlane, address: 10.0.2.2, port: 8443 }]
-  gatewaySources: [10.0.2.2/32]
-  desktopPort: 5901
-mode: vm
-desktop: vnc
-outbox: /outbox
-EOF
+bench_agent_yaml "$work" desktop vnc /outbox 10.0.2.2/32
 bench_seed "$work" desktop
 qemu-img create -q -f qcow2 "$work/home.qcow2" 2G
 
