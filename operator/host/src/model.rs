@@ -251,11 +251,21 @@ mod tests {
         assert_eq!(n.subnet(), Ipv4Addr::new(10, 213, 3, 0));
         assert_eq!(n.gateway(), Ipv4Addr::new(10, 213, 3, 1));
         assert_eq!(n.address(0), Ipv4Addr::new(10, 213, 3, 10));
+        assert_eq!(n.address(2), Ipv4Addr::new(10, 213, 3, 12));
         assert_eq!(n.mac(2), "52:54:00:d5:03:0c");
         assert_eq!(n.network_name(), "noexit-ward-7");
         assert!(n.bridge().len() <= 15, "{}", n.bridge());
         assert_ne!(n.bridge(), ProjectNet { project: "ward-9".into(), ..n.clone() }.bridge());
         assert_eq!(domain_name("ward-7", "alice-vm"), "noexit-ward-7-alice-vm");
+    }
+
+    #[test]
+    fn virt_types() {
+        for v in [VirtType::Kvm, VirtType::Qemu] {
+            assert_eq!(VirtType::parse(v.as_str()), Some(v));
+        }
+        assert_eq!(VirtType::parse("tcg"), Some(VirtType::Qemu));
+        assert_eq!(VirtType::parse("xen"), None);
     }
 
     #[test]
